@@ -1,0 +1,50 @@
+# memspace: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+DATA ?= ./data
+LISTEN ?= 127.0.0.1:50051
+PYTEST_ARGS ?=
+
+.PHONY: help venv run test lint fmt bench soak clean proto
+
+help:
+	@echo "make run    install and start a standalone memspace server on $(LISTEN) (data in $(DATA))"
+	@echo "make test   install everything, run lint and the whole test suite"
+	@echo "make lint   ruff, mypy --strict, import-linter"
+	@echo "make bench  benchmarks, figures written to benchmarks/results.json"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,bench]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+run: venv
+	$(BIN)/memspace serve --data-root $(DATA) --listen $(LISTEN)
+
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy server contract operator cli tests benchmarks
+	$(BIN)/lint-imports
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+soak: venv
+	MEMSPACE_SOAK=1 $(BIN)/pytest -m soak $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,210 @@
+"""The spaces index: one JSON document per space, written by the operator (or by a standalone
+server for itself) and read by the server. The format is a contract between the two sides.
+
+    {"spaceId": "team-a", "tokenSha256": "<hex>", "embeddingDim": 768,
+     "tiers": {"hotCapacity": 100000, "warmCapacity": 1000000, "coldCompression": "zstd"},
+     "quota": {"maxMemories": null, "maxWritesPerSecond": null},
+     "state": "Active"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from memspace_contract import spaces
+
+SUFFIX = ".json"
+MAX_EMBEDDING_DIM = 4096
+COMPRESSIONS = ("zstd", "lz4", "none")
+STATES = ("Active", "Inactive")
+
+Compression = Literal["zstd", "lz4", "none"]
+State = Literal["Active", "Inactive"]
+
+
+class InvalidIndexEntryError(ValueError):
+    """An index document that does not follow the format; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiers:
+    hot_capacity: int = 100_000
+    """Memories kept in RAM before the least recently recalled move to warm."""
+    warm_capacity: int = 1_000_000
+    """Memories kept in the uncompressed, memory-mapped warm tier before moving to cold."""
+    cold_compression: Compression = "zstd"
+    """Lossless codec of the cold tier."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quota:
+    max_memories: int | None = None
+    """Most memories the space may hold; None: bounded only by its volume."""
+    max_writes_per_second: float | None = None
+    """Sustained Remember/Forget rate (token bucket, burst of one second); None: unlimited."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexEntry:
+    space_id: spaces.SpaceId
+    embedding_dim: int
+    token_sha256: str | None = None
+    tiers: Tiers = Tiers()
+    quota: Quota = Quota()
+    state: State = "Active"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spaceId": self.space_id,
+            "tokenSha256": self.token_sha256,
+            "embeddingDim": self.embedding_dim,
+            "tiers": {
+                "hotCapacity": self.tiers.hot_capacity,
+                "warmCapacity": self.tiers.warm_capacity,
+                "coldCompression": self.tiers.cold_compression,
+            },
+            "quota": {
+                "maxMemories": self.quota.max_memories,
+                "maxWritesPerSecond": self.quota.max_writes_per_second,
+            },
+            "state": self.state,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+def token_sha256(token: str) -> str:
+    """The hex SHA-256 of a token: the only form in which a token leaves its Secret."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _int(doc: Mapping[str, Any], key: str, default: int, low: int, high: int | None) -> int:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidIndexEntryError(f"{key} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f"at least {low}"
+        raise InvalidIndexEntryError(f"{key} is {value}; allowed: {allowed}")
+    return value
+
+
+def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise InvalidIndexEntryError(f"{key} must be an object, got {value!r}")
+    return value
+
+
+def parse_entry(doc: Any) -> IndexEntry:
+    """Parse one index document, raising InvalidIndexEntryError naming the bad field."""
+    if not isinstance(doc, Mapping):
+        raise InvalidIndexEntryError("an index entry must be a JSON object")
+    try:
+        space_id = spaces.parse_space_id(doc.get("spaceId", ""))
+    except spaces.InvalidSpaceIdError as err:
+        raise InvalidIndexEntryError(f"spaceId: {err}") from err
+    dim = _int(doc, "embeddingDim", 768, 1, MAX_EMBEDDING_DIM)
+    token = doc.get("tokenSha256")
+    if token is not None and (
+        not isinstance(token, str)
+        or len(token) != 64
+        or any(c not in "0123456789abcdef" for c in token)
+    ):
+        raise InvalidIndexEntryError("tokenSha256 must be 64 lower-case hex digits or null")
+    tiers_doc = _section(doc, "tiers")
+    compression = tiers_doc.get("coldCompression", "zstd")
+    if compression not in COMPRESSIONS:
+        raise InvalidIndexEntryError(
+            f"tiers.coldCompression is {compression!r}; allowed: {', '.join(COMPRESSIONS)}"
+        )
+    tiers = Tiers(
+        hot_capacity=_int(tiers_doc, "hotCapacity", 100_000, 1, None),
+        warm_capacity=_int(tiers_doc, "warmCapacity", 1_000_000, 1, None),
+        cold_compression=compression,
+    )
+    quota_doc = _section(doc, "quota")
+    max_memories = quota_doc.get("maxMemories")
+    if max_memories is not None:
+        max_memories = _int(quota_doc, "maxMemories", 0, 1, None)
+    rate = quota_doc.get("maxWritesPerSecond")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
+        raise InvalidIndexEntryError(f"quota.maxWritesPerSecond must be a number, got {rate!r}")
+    if rate is not None and rate <= 0:
+        raise InvalidIndexEntryError(f"quota.maxWritesPerSecond is {rate}; allowed: above 0")
+    state = doc.get("state", "Active")
+    if state not in STATES:
+        raise InvalidIndexEntryError(f"state is {state!r}; allowed: {', '.join(STATES)}")
+    return IndexEntry(
+        space_id=space_id,
+        embedding_dim=dim,
+        token_sha256=token,
+        tiers=tiers,
+        quota=Quota(max_memories=max_memories, max_writes_per_second=rate),
+        state=state,
+    )
+
+
+def loads(text: str | bytes) -> IndexEntry:
+    try:
+        doc = json.loads(text)
+    except ValueError as err:
+        raise InvalidIndexEntryError(f"not valid JSON: {err}") from err
+    return parse_entry(doc)
+
+
+def entry_filename(space_id: spaces.SpaceId) -> str:
+    return f"{space_id}{SUFFIX}"
+
+
+def read_directory(directory: Path) -> tuple[dict[spaces.SpaceId, IndexEntry], dict[str, str]]:
+    """Read every `<spaceId>.json` in `directory`. Returns the valid entries and, per bad file,
+    why it was skipped (a file whose name and spaceId disagree is bad: it could shadow a space)."""
+    entries: dict[spaces.SpaceId, IndexEntry] = {}
+    problems: dict[str, str] = {}
+    if not directory.is_dir():
+        return entries, problems
+    for path in sorted(directory.iterdir()):
+        # Kubernetes projects Secret keys through symlinks and `..data` directories.
+        if path.name.startswith(".") or not path.name.endswith(SUFFIX):
+            continue
+        try:
+            entry = loads(path.read_bytes())
+        except (OSError, InvalidIndexEntryError) as err:
+            problems[path.name] = str(err)
+            continue
+        if path.name != entry_filename(entry.space_id):
+            problems[path.name] = f"file name does not match spaceId {entry.space_id!r}"
+            continue
+        entries[entry.space_id] = entry
+    return entries, problems
+
+
+def write_entry(directory: Path, entry: IndexEntry) -> None:
+    """Write one entry atomically (temporary file, fsync, rename)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=SUFFIX)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(entry.dumps())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, directory / entry_filename(entry.space_id))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_entry(directory: Path, space_id: spaces.SpaceId) -> bool:
+    try:
+        (directory / entry_filename(space_id)).unlink()
+    except FileNotFoundError:
+        return False
+    return True

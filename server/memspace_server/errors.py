@@ -1,0 +1,123 @@
+"""Errors of the memspace server, defined once, with no transport imports. The gRPC layer maps
+each class to one status code in a single table.
+
+    MemspaceError
+    ├── InvalidArgumentError          a request that can never succeed as sent
+    │   ├── InvalidSpaceIdError
+    │   └── InvalidMemoryError        wrong embedding size, NaN, oversized content, bad tags, ...
+    ├── UnauthenticatedError          no token where one is needed
+    ├── PermissionDeniedError         a token that does not open the named space
+    ├── NotFoundError
+    │   ├── SpaceNotFoundError
+    │   └── MemoryNotFoundError
+    ├── ResourceExhaustedError
+    │   ├── QuotaExceededError        maxMemories
+    │   ├── RateLimitedError          maxWritesPerSecond
+    │   ├── DiskFullError             the space's volume has no room
+    │   └── SubscriberTooSlowError    a change feed reader fell behind its buffer
+    ├── FailedPreconditionError
+    │   ├── SpaceInactiveError
+    │   ├── ManagedIndexError         CreateSpace/DeleteSpace under the operator
+    │   ├── SpaceConflictError        a space exists with another configuration
+    │   ├── LsnNotRetainedError       a replay from an LSN the WAL no longer holds
+    │   └── SpaceRefusedError         the volume is not this space's, or its WAL is corrupt
+    │       ├── IdentityMismatchError
+    │       └── CorruptWalError
+    └── UnavailableError              being mounted, loaded after a failure, or draining
+"""
+
+from __future__ import annotations
+
+
+class MemspaceError(Exception):
+    """Base of every error the server reports to a client on purpose."""
+
+
+class InvalidArgumentError(MemspaceError):
+    pass
+
+
+class InvalidSpaceIdError(InvalidArgumentError):
+    pass
+
+
+class InvalidMemoryError(InvalidArgumentError):
+    pass
+
+
+class UnauthenticatedError(MemspaceError):
+    pass
+
+
+class PermissionDeniedError(MemspaceError):
+    pass
+
+
+class NotFoundError(MemspaceError):
+    pass
+
+
+class SpaceNotFoundError(NotFoundError):
+    pass
+
+
+class MemoryNotFoundError(NotFoundError):
+    pass
+
+
+class ResourceExhaustedError(MemspaceError):
+    pass
+
+
+class QuotaExceededError(ResourceExhaustedError):
+    pass
+
+
+class RateLimitedError(ResourceExhaustedError):
+    pass
+
+
+class DiskFullError(ResourceExhaustedError):
+    pass
+
+
+class SubscriberTooSlowError(ResourceExhaustedError):
+    def __init__(self, message: str, resume_lsn: int) -> None:
+        super().__init__(message)
+        self.resume_lsn = resume_lsn
+
+
+class FailedPreconditionError(MemspaceError):
+    pass
+
+
+class SpaceInactiveError(FailedPreconditionError):
+    pass
+
+
+class ManagedIndexError(FailedPreconditionError):
+    pass
+
+
+class SpaceConflictError(FailedPreconditionError):
+    pass
+
+
+class LsnNotRetainedError(FailedPreconditionError):
+    pass
+
+
+class SpaceRefusedError(FailedPreconditionError):
+    pass
+
+
+class IdentityMismatchError(SpaceRefusedError):
+    pass
+
+
+class CorruptWalError(SpaceRefusedError):
+    pass
+
+
+class UnavailableError(MemspaceError):
+    pass

@@ -1,0 +1,250 @@
+"""Checkpoints of a space (in `hot/`): what lets recovery skip the WAL it has consolidated.
+
+A checkpoint is a manifest, `checkpoint.json`, replaced atomically, naming:
+- hot runs: append-only files of memories that entered the hot tier, each written once;
+- the hot index: which run holds each live hot memory, with its recall statistics;
+- per Zarr tier: its generation, committed rows and a state file (tombstones, recall statistics).
+A checkpoint writes only the memories that arrived since the previous one; runs are rewritten
+into one when most of their rows are dead. Files the manifest no longer names are deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from memspace_server import errors
+from memspace_server.storage import hot as hot_tier
+from memspace_server.storage import tiers, zarr_tiers
+
+MANIFEST = "checkpoint.json"
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TierRef:
+    generation: int = 1
+    rows: int = 0
+    state: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    seq: int = 0
+    lsn: int = 0
+    runs: tuple[str, ...] = ()
+    index: str | None = None
+    warm: TierRef = TierRef()
+    cold: TierRef = TierRef()
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Live memories per tier when the checkpoint was written."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "seq": self.seq,
+            "lsn": self.lsn,
+            "hot": {"runs": list(self.runs), "index": self.index},
+            "warm": dataclasses.asdict(self.warm),
+            "cold": dataclasses.asdict(self.cold),
+            "counts": self.counts,
+        }
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    with path.open("wb") as out:
+        out.write(buffer.getbuffer())
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _load(path: Path) -> dict[str, npt.NDArray[Any]]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _json_array(value: Any) -> npt.NDArray[np.uint8]:
+    return np.frombuffer(json.dumps(value, separators=(",", ":")).encode(), np.uint8)
+
+
+def _from_json_array(array: npt.NDArray[Any]) -> Any:
+    return json.loads(array.tobytes().decode())
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST
+    if not path.exists():
+        return Manifest()
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT:
+            raise errors.SpaceRefusedError(
+                f"checkpoint format {doc.get('format')} is not supported (expected {FORMAT})"
+            )
+        return Manifest(
+            seq=int(doc["seq"]),
+            lsn=int(doc["lsn"]),
+            runs=tuple(doc["hot"]["runs"]),
+            index=doc["hot"]["index"],
+            warm=TierRef(**doc["warm"]),
+            cold=TierRef(**doc["cold"]),
+            counts={str(k): int(v) for k, v in doc.get("counts", {}).items()},
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise errors.SpaceRefusedError(f"checkpoint manifest {path} is unreadable: {err}") from err
+
+
+class Checkpointer:
+    """Reads and writes the checkpoints of one space. Blocking: call from a worker thread."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.manifest = read_manifest(directory)
+        self._run_of: dict[str, str] = {}
+        self._run_rows: dict[str, int] = {}
+
+    def state(self, ref: TierRef) -> dict[str, npt.NDArray[Any]] | None:
+        return _load(self.directory / ref.state) if ref.state else None
+
+    def restore_hot(self, dim: int) -> hot_tier.HotTier:
+        """The hot tier as of the checkpoint (a missing file is a refused space, never a loss)."""
+        hot = hot_tier.HotTier(dim)
+        manifest = self.manifest
+        if manifest.index is None:
+            return hot
+        try:
+            index = _load(self.directory / manifest.index)
+            ids: list[str] = _from_json_array(index["ids"])
+            runs: list[str] = _from_json_array(index["runs"])
+            stats = {
+                i: (float(r), int(c))
+                for i, r, c in zip(ids, index["recalled"], index["count"], strict=True)
+            }
+            self._run_of = dict(zip(ids, runs, strict=True))
+            for run in manifest.runs:
+                data = _load(self.directory / run)
+                meta = _from_json_array(data["meta"])
+                self._run_rows[run] = len(meta["ids"])
+                keep = [
+                    i
+                    for i, memory_id in enumerate(meta["ids"])
+                    if self._run_of.get(memory_id) == run
+                ]
+                if not keep:
+                    continue
+                batch = tiers.Columns(
+                    ids=[meta["ids"][i] for i in keep],
+                    contents=[meta["contents"][i] for i in keep],
+                    embeddings=data["embeddings"][keep],
+                    confidence=data["confidence"][keep],
+                    tags=[meta["tags"][i] for i in keep],
+                    created_at=data["created_at"][keep],
+                    last_recalled_at=np.array([stats[meta["ids"][i]][0] for i in keep]),
+                    recall_count=np.array([stats[meta["ids"][i]][1] for i in keep], np.uint64),
+                )
+                hot.add(batch)
+        except (OSError, KeyError, ValueError) as err:
+            raise errors.SpaceRefusedError(
+                f"the hot checkpoint in {self.directory} is damaged ({err}); the WAL it replaced "
+                "is gone, so the space is refused rather than served with memories missing"
+            ) from err
+        hot.unsaved.clear()
+        return hot
+
+    def write(
+        self,
+        lsn: int,
+        hot: hot_tier.HotTier,
+        warm: zarr_tiers.ZarrTier,
+        cold: zarr_tiers.ZarrTier,
+    ) -> Manifest:
+        """Write a checkpoint of the current state as of `lsn` and make it the current one."""
+        seq = self.manifest.seq + 1
+        live = list(hot.ids())
+        fresh = [i for i in live if i in hot.unsaved]
+        runs_total = sum(self._run_rows.get(r, 0) for r in set(self._run_of.values()))
+        if runs_total + len(fresh) > 2 * len(live) + 4096:
+            fresh = live
+        if fresh:
+            run = f"run-{seq:08d}.npz"
+            self._write_run(run, hot.columns_for(fresh))
+            self._run_rows[run] = len(fresh)
+            for memory_id in fresh:
+                self._run_of[memory_id] = run
+        self._run_of = {i: self._run_of[i] for i in live}
+        index = f"hot-index-{seq:08d}.npz"
+        batch = hot.columns_for(live)
+        _save(
+            self.directory / index,
+            {
+                "ids": _json_array(live),
+                "runs": _json_array([self._run_of[i] for i in live]),
+                "recalled": batch.last_recalled_at,
+                "count": batch.recall_count,
+            },
+        )
+        refs = {}
+        for tier in (warm, cold):
+            state = f"{tier.name}-state-{seq:08d}.npz"
+            _save(self.directory / state, tier.state())
+            refs[tier.name] = TierRef(generation=tier.generation, rows=tier.rows, state=state)
+        manifest = Manifest(
+            seq=seq,
+            lsn=lsn,
+            runs=tuple(sorted(set(self._run_of.values()))),
+            index=index,
+            warm=refs[tiers.WARM],
+            cold=refs[tiers.COLD],
+            counts={tiers.HOT: len(hot), tiers.WARM: len(warm), tiers.COLD: len(cold)},
+        )
+        tmp = self.directory / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest.to_json(), indent=1))
+        _fsync_file(tmp)
+        os.replace(tmp, self.directory / MANIFEST)
+        _fsync_file(self.directory)
+        self.manifest = manifest
+        hot.unsaved.difference_update(fresh)
+        self._sweep()
+        return manifest
+
+    def _write_run(self, name: str, batch: tiers.Columns) -> None:
+        meta = {"ids": batch.ids, "contents": batch.contents, "tags": batch.tags}
+        _save(
+            self.directory / name,
+            {
+                "embeddings": batch.embeddings,
+                "confidence": batch.confidence,
+                "created_at": batch.created_at,
+                "meta": _json_array(meta),
+            },
+        )
+
+    def _sweep(self) -> None:
+        keep = {MANIFEST, *self.manifest.runs}
+        keep.update(
+            n
+            for n in (self.manifest.index, self.manifest.warm.state, self.manifest.cold.state)
+            if n
+        )
+        for path in self.directory.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+        self._run_rows = {r: n for r, n in self._run_rows.items() if r in keep}

@@ -1,0 +1,196 @@
+"""The hot tier: memories in RAM as growable numpy columns, scanned with one matrix product.
+
+Rows stay dense: a removal moves the last row into the hole. The tier remembers which memories
+arrived since the last checkpoint (`unsaved`), so a checkpoint writes only those."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from memspace_server.storage import memories, tiers
+
+
+class HotTier:
+    name = tiers.HOT
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._n = 0
+        self._emb = np.zeros((0, dim), np.float32)
+        self._norms = np.zeros(0, np.float32)
+        self._confidence = np.zeros(0, np.float32)
+        self._created = np.zeros(0, np.float64)
+        self._recalled = np.zeros(0, np.float64)
+        self._count = np.zeros(0, np.uint64)
+        self._ids: list[str] = []
+        self._contents: list[str] = []
+        self._tags: list[dict[str, str]] = []
+        self._row: dict[str, int] = {}
+        self._tag_index = tiers.TagIndex()
+        self.unsaved: set[str] = set()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, memory_id: object) -> bool:
+        return memory_id in self._row
+
+    def ids(self) -> Iterable[str]:
+        return list(self._ids)
+
+    def nbytes(self) -> int:
+        return int(self._emb.nbytes + self._norms.nbytes + 32 * self._emb.shape[0])
+
+    def _grow(self, need: int) -> None:
+        capacity = self._emb.shape[0]
+        if need <= capacity:
+            return
+        size = max(need, capacity * 2, 64)
+
+        def grown(old: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+            new = np.zeros((size, *old.shape[1:]), old.dtype)
+            new[: self._n] = old[: self._n]
+            return new
+
+        self._emb = grown(self._emb)  # type: ignore[assignment]
+        self._norms = grown(self._norms)  # type: ignore[assignment]
+        self._confidence = grown(self._confidence)  # type: ignore[assignment]
+        self._created = grown(self._created)  # type: ignore[assignment]
+        self._recalled = grown(self._recalled)  # type: ignore[assignment]
+        self._count = grown(self._count)  # type: ignore[assignment]
+
+    def add(self, batch: tiers.Columns) -> None:
+        count = len(batch)
+        if count == 0:
+            return
+        if any(i in self._row for i in batch.ids):
+            raise KeyError("memory already in the hot tier; remove it first")
+        start = self._n
+        end = start + count
+        self._grow(end)
+        self._emb[start:end] = batch.embeddings
+        self._norms[start:end] = np.linalg.norm(batch.embeddings, axis=1)
+        self._confidence[start:end] = batch.confidence
+        self._created[start:end] = batch.created_at
+        self._recalled[start:end] = batch.last_recalled_at
+        self._count[start:end] = batch.recall_count
+        self._ids.extend(batch.ids)
+        self._contents.extend(batch.contents)
+        self._tags.extend(batch.tags)
+        for offset, (memory_id, tags) in enumerate(zip(batch.ids, batch.tags, strict=True)):
+            self._row[memory_id] = start + offset
+            self._tag_index.add(start + offset, tags)
+        self._n = end
+        self.unsaved.update(batch.ids)
+
+    def remove(self, memory_id: str) -> bool:
+        row = self._row.pop(memory_id, None)
+        if row is None:
+            return False
+        last = self._n - 1
+        self._tag_index.discard(row, self._tags[row])
+        if row != last:
+            moved = self._ids[last]
+            self._tag_index.discard(last, self._tags[last])
+            for column in (
+                self._emb,
+                self._norms,
+                self._confidence,
+                self._created,
+                self._recalled,
+                self._count,
+            ):
+                column[row] = column[last]
+            self._ids[row] = moved
+            self._contents[row] = self._contents[last]
+            self._tags[row] = self._tags[last]
+            self._row[moved] = row
+            self._tag_index.add(row, self._tags[row])
+        self._ids.pop()
+        self._contents.pop()
+        self._tags.pop()
+        self._n = last
+        self.unsaved.discard(memory_id)
+        return True
+
+    def get(self, memory_id: str, with_embedding: bool = True) -> memories.Memory | None:
+        row = self._row.get(memory_id)
+        if row is None:
+            return None
+        return self._memory(row, with_embedding)
+
+    def _memory(self, row: int, with_embedding: bool) -> memories.Memory:
+        return memories.Memory(
+            id=memories.MemoryId(self._ids[row]),
+            content=self._contents[row],
+            embedding=self._emb[row].copy() if with_embedding else np.zeros(0, np.float32),
+            confidence=float(self._confidence[row]),
+            tags=dict(self._tags[row]),
+            created_at=float(self._created[row]),
+            last_recalled_at=float(self._recalled[row]),
+            recall_count=int(self._count[row]),
+        )
+
+    def touch(self, memory_id: str, at: float) -> None:
+        row = self._row.get(memory_id)
+        if row is not None:
+            self._recalled[row] = at
+            self._count[row] += 1
+
+    def top_k(
+        self,
+        cue: npt.NDArray[np.float32],
+        k: int,
+        min_score: float,
+        tags: Mapping[str, str],
+    ) -> list[tuple[float, str]]:
+        n = self._n
+        if n == 0:
+            return []
+        if tags:
+            rows = self._tag_index.matching(tags)
+            if rows.shape[0] == 0:
+                return []
+            scores = (self._emb[rows] @ cue) / self._norms[rows]
+            found = tiers.best(scores, rows, k, min_score)
+        else:
+            scores = self._emb[:n] @ cue
+            scores /= self._norms[:n]
+            found = tiers.best(scores, None, k, min_score)
+        return [(score, self._ids[row]) for score, row in found]
+
+    def recency(self) -> npt.NDArray[np.float64]:
+        """When each row was last used: its last recall, else its creation."""
+        return np.maximum(self._recalled[: self._n], self._created[: self._n])
+
+    def take_least_recent(self, count: int) -> tiers.Columns:
+        """Remove and return the `count` least recently used memories, oldest first."""
+        count = min(count, self._n)
+        if count == 0:
+            return tiers.Columns.empty(self.dim)
+        order = np.argsort(self.recency(), kind="stable")[:count]
+        batch = self.rows(order)
+        for memory_id in batch.ids:
+            self.remove(memory_id)
+        return batch
+
+    def rows(self, rows: npt.NDArray[np.int64]) -> tiers.Columns:
+        return tiers.Columns(
+            ids=[self._ids[r] for r in rows],
+            contents=[self._contents[r] for r in rows],
+            embeddings=self._emb[rows].copy(),
+            confidence=self._confidence[rows].copy(),
+            tags=[dict(self._tags[r]) for r in rows],
+            created_at=self._created[rows].copy(),
+            last_recalled_at=self._recalled[rows].copy(),
+            recall_count=self._count[rows].copy(),
+        )
+
+    def all_rows(self) -> tiers.Columns:
+        return self.rows(np.arange(self._n, dtype=np.int64))
+
+    def columns_for(self, memory_ids: list[str]) -> tiers.Columns:
+        return self.rows(np.array([self._row[i] for i in memory_ids], dtype=np.int64))

@@ -1,0 +1,119 @@
+"""WAL record payloads: what a Remember or a Forget writes, in a compact binary form.
+
+payload  = type:u8 lsn:u64 at:f64 body
+remember = id_len:u16 content_len:u32 confidence:f32 created_at:f64 tags_len:u16 dim:u32
+           id content tags_json embedding(dim x float32 little-endian)
+forget   = id_len:u16 id
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+
+import numpy as np
+
+from memspace_server.storage import memories
+
+REMEMBER = 1
+FORGET = 2
+
+_HEAD = struct.Struct("<BQd")
+_REMEMBER = struct.Struct("<HIfdHI")
+_FORGET = struct.Struct("<H")
+
+
+class RecordFormatError(ValueError):
+    """A payload whose CRC matched but whose contents do not parse: a bug or a foreign file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Remembered:
+    lsn: memories.Lsn
+    at: float
+    memory: memories.Memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Forgotten:
+    lsn: memories.Lsn
+    at: float
+    id: memories.MemoryId
+
+
+Record = Remembered | Forgotten
+
+
+def encode_remember(lsn: int, at: float, memory: memories.Memory) -> bytes:
+    mid = memory.id.encode()
+    content = memory.content.encode()
+    tags = json.dumps(dict(memory.tags), separators=(",", ":")).encode() if memory.tags else b""
+    embedding = memory.embedding.astype("<f4", copy=False)
+    return b"".join(
+        (
+            _HEAD.pack(REMEMBER, lsn, at),
+            _REMEMBER.pack(
+                len(mid),
+                len(content),
+                memory.confidence,
+                memory.created_at,
+                len(tags),
+                embedding.shape[0],
+            ),
+            mid,
+            content,
+            tags,
+            embedding.tobytes(),
+        )
+    )
+
+
+def encode_forget(lsn: int, at: float, memory_id: str) -> bytes:
+    mid = memory_id.encode()
+    return _HEAD.pack(FORGET, lsn, at) + _FORGET.pack(len(mid)) + mid
+
+
+def peek_lsn(payload: bytes | memoryview) -> int:
+    return int(_HEAD.unpack_from(payload)[1])
+
+
+def decode(payload: bytes | memoryview) -> Record:
+    try:
+        kind, lsn, at = _HEAD.unpack_from(payload)
+        pos = _HEAD.size
+        if kind == REMEMBER:
+            id_len, content_len, confidence, created, tags_len, dim = _REMEMBER.unpack_from(
+                payload, pos
+            )
+            pos += _REMEMBER.size
+            mid = bytes(payload[pos : pos + id_len]).decode()
+            pos += id_len
+            content = bytes(payload[pos : pos + content_len]).decode()
+            pos += content_len
+            tags = json.loads(bytes(payload[pos : pos + tags_len])) if tags_len else {}
+            pos += tags_len
+            embedding = np.frombuffer(payload, dtype="<f4", count=dim, offset=pos).astype(
+                np.float32
+            )
+            if pos + 4 * dim != len(payload):
+                raise RecordFormatError("remember record has trailing bytes")
+            memory = memories.Memory(
+                id=memories.MemoryId(mid),
+                content=content,
+                embedding=embedding,
+                confidence=confidence,
+                tags=tags,
+                created_at=created,
+            )
+            return Remembered(lsn=memories.Lsn(lsn), at=at, memory=memory)
+        if kind == FORGET:
+            (id_len,) = _FORGET.unpack_from(payload, pos)
+            pos += _FORGET.size
+            if pos + id_len != len(payload):
+                raise RecordFormatError("forget record has a wrong length")
+            mid = bytes(payload[pos : pos + id_len]).decode()
+            return Forgotten(lsn=memories.Lsn(lsn), at=at, id=memories.MemoryId(mid))
+    except (struct.error, UnicodeDecodeError, ValueError) as err:
+        raise RecordFormatError(f"unreadable record: {err}") from err
+    raise RecordFormatError(f"unknown record type {kind}")

@@ -1,0 +1,307 @@
+"""The registry of the spaces one server holds: lazy loading, leases, idle unload.
+
+A space is loaded on its first request and unloaded (consolidated, files closed, RAM freed) when
+idle, Inactive or deleted. Loads of one space are serialised; loads of different spaces run
+concurrently. All methods run on the server's event loop; blocking work goes to the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from memspace_contract import index, spaces
+
+from memspace_server import errors
+from memspace_server.storage import catalogs, checkpoints, layout, tiers
+from memspace_server.storage.settings import EngineSettings
+from memspace_server.storage.spaces import Health, Space
+
+log = logging.getLogger(__name__)
+
+REFUSAL_BACKOFF_S = 5.0
+
+
+class Registry:
+    def __init__(
+        self,
+        catalog: catalogs.Catalog,
+        volumes: Path,
+        settings: EngineSettings | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        idle_unload_s: float = 300.0,
+    ) -> None:
+        self.catalog = catalog
+        self.volumes = volumes
+        self.settings = settings or EngineSettings()
+        self._own_executor = executor is None
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="memspace-io"
+        )
+        self.idle_unload_s = idle_unload_s
+        self._spaces: dict[spaces.SpaceId, Space] = {}
+        self._locks: dict[spaces.SpaceId, asyncio.Lock] = {}
+        self._refused: dict[spaces.SpaceId, tuple[errors.MemspaceError, float]] = {}
+        self._closed = False
+
+    # -- discovery -------------------------------------------------------------------------
+
+    async def refresh(self) -> bool:
+        """Re-read the index; unload spaces that left it or turned Inactive."""
+        changed = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.catalog.refresh
+        )
+        if changed:
+            for space_id, space in list(self._spaces.items()):
+                entry = self.catalog.get(space_id)
+                if entry is None or entry.state == "Inactive":
+                    await self.unload(space_id)
+                else:
+                    try:
+                        space.reconfigure(entry)
+                    except errors.SpaceConflictError as err:
+                        log.error("%s", err)
+        return changed
+
+    def entries(self) -> dict[spaces.SpaceId, index.IndexEntry]:
+        return self.catalog.entries()
+
+    def loaded(self) -> dict[spaces.SpaceId, Space]:
+        return dict(self._spaces)
+
+    def volume(self, space_id: spaces.SpaceId) -> Path:
+        return self.volumes / space_id
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _lock(self, space_id: spaces.SpaceId) -> asyncio.Lock:
+        lock = self._locks.get(space_id)
+        if lock is None:
+            lock = self._locks[space_id] = asyncio.Lock()
+        return lock
+
+    def entry(self, space_id: spaces.SpaceId) -> index.IndexEntry:
+        entry = self.catalog.get(space_id)
+        if entry is None:
+            raise errors.SpaceNotFoundError(f"no space {space_id!r} on this server")
+        return entry
+
+    async def load(self, space_id: spaces.SpaceId) -> Space:
+        if self._closed:
+            raise errors.UnavailableError("the server is shutting down; retry on another shard")
+        entry = self.entry(space_id)
+        if entry.state == "Inactive":
+            raise errors.SpaceInactiveError(
+                f"space {space_id!r} is Inactive: its data is kept but not served. Set its "
+                "state to Active to use it"
+            )
+        space = self._spaces.get(space_id)
+        if space is not None and not space.failed and not space.closed:
+            if space.entry != entry:
+                space.reconfigure(entry)
+            return space
+        async with self._lock(space_id):
+            space = self._spaces.get(space_id)
+            if space is not None and (space.failed or space.closed):
+                log.warning("space %s: reloading after a failure", space_id)
+                del self._spaces[space_id]
+                await space.close(consolidate=False)
+                space = None
+            if space is None:
+                space = await self._open(space_id, entry)
+                self._spaces[space_id] = space
+            return space
+
+    async def _open(self, space_id: spaces.SpaceId, entry: index.IndexEntry) -> Space:
+        refused = self._refused.get(space_id)
+        if refused is not None and time.monotonic() < refused[1]:
+            raise refused[0]
+        try:
+            space = await Space.open(self.volume(space_id), entry, self.settings, self.executor)
+        except errors.SpaceRefusedError as err:
+            if refused is None or str(refused[0]) != str(err):
+                log.error("space %s refused: %s", space_id, err)
+            self._refused[space_id] = (err, time.monotonic() + REFUSAL_BACKOFF_S)
+            raise
+        self._refused.pop(space_id, None)
+        return space
+
+    @contextlib.asynccontextmanager
+    async def lease(self, space_id: spaces.SpaceId) -> AsyncIterator[Space]:
+        """The loaded space, kept loaded while the caller uses it."""
+        space = await self.load(space_id)
+        space.leases += 1
+        try:
+            yield space
+        finally:
+            space.leases -= 1
+            space.last_used = time.monotonic()
+
+    # -- standalone management ---------------------------------------------------------------
+
+    async def create(
+        self,
+        space_id: spaces.SpaceId,
+        embedding_dim: int,
+        tiers_config: index.Tiers | None = None,
+        quota: index.Quota | None = None,
+        token_sha256: str | None = None,
+    ) -> tuple[index.IndexEntry, bool]:
+        """Create a space (standalone only). Creating an existing space with the same
+        embedding size returns it unchanged: (entry, False)."""
+        if not self.catalog.writable:
+            raise errors.ManagedIndexError(
+                "this server's spaces are managed by the memspace operator: create a MemorySpace "
+                "resource instead"
+            )
+        if not 1 <= embedding_dim <= index.MAX_EMBEDDING_DIM:
+            raise errors.InvalidArgumentError(
+                f"embedding_dim is {embedding_dim}; allowed 1..{index.MAX_EMBEDDING_DIM}"
+            )
+        async with self._lock(space_id):
+            existing = self.catalog.get(space_id)
+            if existing is not None:
+                if existing.embedding_dim != embedding_dim:
+                    raise errors.SpaceConflictError(
+                        f"space {space_id!r} exists with embedding_dim {existing.embedding_dim}, "
+                        f"not {embedding_dim}"
+                    )
+                return existing, False
+            entry = index.IndexEntry(
+                space_id=space_id,
+                embedding_dim=embedding_dim,
+                token_sha256=token_sha256,
+                tiers=tiers_config or index.Tiers(),
+                quota=quota or index.Quota(),
+            )
+            root = self.volume(space_id)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.executor, self._make_volume, root, entry)
+            await loop.run_in_executor(self.executor, self.catalog.put, entry)
+            return entry, True
+
+    @staticmethod
+    def _make_volume(root: Path, entry: index.IndexEntry) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        layout.open_dir(root, entry.space_id, entry.embedding_dim)
+
+    async def delete(self, space_id: spaces.SpaceId) -> bool:
+        """Delete a space and its data (standalone only)."""
+        if not self.catalog.writable:
+            raise errors.ManagedIndexError(
+                "this server's spaces are managed by the memspace operator: delete the "
+                "MemorySpace resource instead"
+            )
+        async with self._lock(space_id):
+            if self.catalog.get(space_id) is None:
+                return False
+            space = self._spaces.pop(space_id, None)
+            if space is not None:
+                await space.close(consolidate=False)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.executor, self.catalog.remove, space_id)
+            await loop.run_in_executor(self.executor, shutil.rmtree, self.volume(space_id), True)
+            self._refused.pop(space_id, None)
+            return True
+
+    # -- health and unloading -----------------------------------------------------------------
+
+    async def health(self, space_id: spaces.SpaceId | None = None) -> list[Health]:
+        """Health of one space or of all; an unloaded space is described from its checkpoint
+        without loading it."""
+        wanted = [space_id] if space_id is not None else sorted(self.catalog.entries())
+        found = []
+        for sid in wanted:
+            entry = self.entry(sid)
+            space = self._spaces.get(sid)
+            if space is not None and not space.closed:
+                found.append(space.health())
+            else:
+                found.append(
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self._unloaded_health, entry
+                    )
+                )
+        return found
+
+    def _unloaded_health(self, entry: index.IndexEntry) -> Health:
+        root = self.volume(entry.space_id)
+        counts: dict[str, int] = {}
+        disk = 0
+        state: str = entry.state if root.is_dir() else "Unmounted"
+        if root.is_dir():
+            try:
+                counts = checkpoints.read_manifest(root / "hot").counts
+            except errors.MemspaceError:
+                state = "Failed"
+            disk = layout.SpaceDir(root).disk_bytes()
+        if entry.space_id in self._refused:
+            state = "Failed"
+        tier_counts = {name: counts.get(name, 0) for name in tiers.NAMES}
+        return Health(
+            space=entry.space_id,
+            state=state,
+            memories=sum(tier_counts.values()),
+            tier_memories=tier_counts,
+            pressure=tier_counts[tiers.HOT] / entry.tiers.hot_capacity,
+            wal_lag_ms=0.0,
+            consolidation_rate=0.0,
+            disk_bytes=disk,
+        )
+
+    async def unload(self, space_id: spaces.SpaceId) -> bool:
+        async with self._lock(space_id):
+            space = self._spaces.pop(space_id, None)
+            if space is None:
+                return False
+            await space.close()
+            return True
+
+    async def maintain(self) -> None:
+        """One round of housekeeping: consolidate spaces that are due, unload idle ones."""
+        now = time.monotonic()
+        for space_id, space in list(self._spaces.items()):
+            if space.leases == 0 and now - space.last_used > self.idle_unload_s:
+                await self.unload(space_id)
+            elif space.due_for_consolidation() and not space.failed:
+                with contextlib.suppress(errors.MemspaceError):
+                    await space.consolidate()
+
+    async def close(self) -> None:
+        """Unload every space (flushing its WAL and tiers) and stop the executor."""
+        self._closed = True
+        for space_id in list(self._spaces):
+            await self.unload(space_id)
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Standalone:
+    """Paths of a standalone server's data root."""
+
+    root: Path
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def volumes(self) -> Path:
+        return self.root / "spaces"
+
+
+def standalone(
+    root: Path, settings: EngineSettings | None = None, idle_unload_s: float = 300.0
+) -> Registry:
+    paths = Standalone(root)
+    catalog = catalogs.Catalog(paths.index, writable=True)
+    catalog.refresh()
+    return Registry(catalog, paths.volumes, settings, idle_unload_s=idle_unload_s)

@@ -1,0 +1,34 @@
+"""Settings of the storage engine, the same for every space a server holds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    wal_segment_bytes: int = 64 * 1024 * 1024
+    """A WAL segment is closed past this size; consolidation drops whole segments."""
+    consolidate_wal_bytes: int = 256 * 1024 * 1024
+    """Consolidate once this much WAL has accumulated since the last checkpoint, bounding
+    recovery time (replay) and disk use."""
+    consolidate_interval_s: float = 300.0
+    """Consolidate a space with unconsolidated records at least this often (bounds wal_lag)."""
+    chunk_bytes: int = 4 * 1024 * 1024
+    """Target size of a Zarr embedding chunk: large enough for fast scans, small enough that
+    the last, partly filled chunk is cheap to rewrite."""
+    chunk_rows: int | None = None
+    """Rows per Zarr chunk; None derives it from chunk_bytes and the embedding size."""
+    demote_slack: float = 0.1
+    """A demotion brings a tier this fraction below its capacity, so it does not run again for
+    every single new memory."""
+    compact_ratio: float = 0.5
+    """A Zarr tier is rewritten without its tombstones once they are this fraction of its rows."""
+    subscriber_buffer: int = 1024
+    """Events a subscriber may fall behind before its stream ends with RESOURCE_EXHAUSTED."""
+
+    def rows_per_chunk(self, dim: int) -> int:
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        rows = max(64, self.chunk_bytes // (4 * dim))
+        return 1 << (rows.bit_length() - 1)

@@ -1,0 +1,587 @@
+"""One memory space: its WAL, its three tiers and every operation a client can ask of it.
+
+Writes are applied in memory in LSN order under the space's write lock and acknowledged once
+their WAL record is fsynced (group commit). Scans run in worker threads under the read lock.
+If the log or a checkpoint cannot be written, the space marks itself failed: the registry then
+reopens it from disk, which recovers exactly what was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import functools
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from memspace_contract import index
+
+from memspace_server import errors
+from memspace_server.storage import (
+    checkpoints,
+    feeds,
+    layout,
+    locks,
+    memories,
+    quotas,
+    records,
+    tiers,
+    wal,
+    zarr_tiers,
+)
+from memspace_server.storage.hot import HotTier
+from memspace_server.storage.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    space: str
+    state: str
+    memories: int
+    tier_memories: dict[str, int]
+    pressure: float
+    wal_lag_ms: float
+    consolidation_rate: float
+    disk_bytes: int
+
+
+@dataclasses.dataclass
+class _Recovered:
+    directory: layout.SpaceDir
+    checkpointer: checkpoints.Checkpointer
+    hot: HotTier
+    warm: zarr_tiers.ZarrTier
+    cold: zarr_tiers.ZarrTier
+    next_lsn: int
+    replayed: int
+    oldest_unconsolidated: float | None
+
+
+def _recover(root: Path, entry: index.IndexEntry, settings: EngineSettings) -> _Recovered:
+    """Load a space from its volume (blocking)."""
+    directory = layout.open_dir(root, entry.space_id, entry.embedding_dim)
+    checkpointer = checkpoints.Checkpointer(directory.hot)
+    manifest = checkpointer.manifest
+    dim = entry.embedding_dim
+    rows = settings.rows_per_chunk(dim)
+    hot = checkpointer.restore_hot(dim)
+    warm = zarr_tiers.ZarrTier(
+        directory.warm,
+        tiers.WARM,
+        dim,
+        chunk_rows=rows,
+        compression="none",
+        generation=manifest.warm.generation,
+        rows=manifest.warm.rows,
+        state=checkpointer.state(manifest.warm),
+    )
+    cold = zarr_tiers.ZarrTier(
+        directory.cold,
+        tiers.COLD,
+        dim,
+        chunk_rows=rows,
+        compression=entry.tiers.cold_compression,
+        generation=manifest.cold.generation,
+        rows=manifest.cold.rows,
+        state=checkpointer.state(manifest.cold),
+    )
+    latest: dict[str, memories.Memory | None] = {}
+    oldest: list[float] = []
+
+    def apply(record: records.Record) -> None:
+        if not oldest:
+            oldest.append(record.at)
+        if isinstance(record, records.Remembered):
+            latest.pop(record.memory.id, None)
+            latest[record.memory.id] = record.memory
+        else:
+            latest.pop(record.id, None)
+            latest[record.id] = None
+
+    recovered = wal.recover(directory.wal, manifest.lsn, apply)
+    arriving = []
+    for memory_id, memory in latest.items():
+        for tier in (hot, warm, cold):
+            tier.remove(memory_id)
+        if memory is not None:
+            arriving.append(memory)
+    hot.add(tiers.Columns.of(arriving, dim))
+    if recovered.replayed:
+        log.info(
+            "space %s: replayed %d WAL records after checkpoint LSN %d",
+            entry.space_id,
+            recovered.replayed,
+            manifest.lsn,
+        )
+    return _Recovered(
+        directory=directory,
+        checkpointer=checkpointer,
+        hot=hot,
+        warm=warm,
+        cold=cold,
+        next_lsn=recovered.next_lsn,
+        replayed=recovered.replayed,
+        oldest_unconsolidated=oldest[0] if oldest else None,
+    )
+
+
+def _remembered(memory: memories.Memory, now: float, lsn: int) -> tuple[bytes, feeds.Event]:
+    return (
+        records.encode_remember(lsn, now, memory),
+        feeds.Event(feeds.EventType.REMEMBERED, memory.id, lsn, now),
+    )
+
+
+def _forgotten(memory_id: str, now: float, lsn: int) -> tuple[bytes, feeds.Event]:
+    return (
+        records.encode_forget(lsn, now, memory_id),
+        feeds.Event(feeds.EventType.FORGOTTEN, memory_id, lsn, now),
+    )
+
+
+class Space:
+    """A loaded memory space. Create it with `await Space.open(...)`."""
+
+    def __init__(
+        self,
+        entry: index.IndexEntry,
+        state: _Recovered,
+        settings: EngineSettings,
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        self.entry = entry
+        self.id = entry.space_id
+        self.dim = entry.embedding_dim
+        self.directory = state.directory
+        self.settings = settings
+        self._executor = executor
+        self._checkpointer = state.checkpointer
+        self.hot = state.hot
+        self.warm = state.warm
+        self.cold = state.cold
+        self.feed = feeds.Feed()
+        self._wal: wal.Wal[feeds.Event] = wal.Wal(
+            state.directory.wal,
+            state.next_lsn,
+            executor,
+            self.feed.publish,
+            settings.wal_segment_bytes,
+        )
+        self._lock = locks.ReadWriteLock()
+        self._consolidation_lock = asyncio.Lock()
+        self._consolidation_task: asyncio.Task[int] | None = None
+        self._bucket = self._make_bucket(entry)
+        self._unconsolidated = state.replayed
+        self._oldest_unconsolidated = state.oldest_unconsolidated
+        self._consolidated: collections.deque[tuple[float, int]] = collections.deque()
+        self._failure: errors.MemspaceError | None = None
+        self._closed = False
+        self._disk_bytes: tuple[float, int] | None = None
+        self.last_used = time.monotonic()
+        self.leases = 0
+
+    @classmethod
+    async def open(
+        cls,
+        root: Path,
+        entry: index.IndexEntry,
+        settings: EngineSettings,
+        executor: concurrent.futures.Executor,
+    ) -> Space:
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(executor, _recover, root, entry, settings)
+        return cls(entry, state, settings, executor)
+
+    @staticmethod
+    def _make_bucket(entry: index.IndexEntry) -> quotas.TokenBucket | None:
+        rate = entry.quota.max_writes_per_second
+        return quotas.TokenBucket(rate) if rate else None
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None or self._wal.failure is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def next_lsn(self) -> int:
+        return self._wal.next_lsn
+
+    def count(self) -> int:
+        return len(self.hot) + len(self.warm) + len(self.cold)
+
+    def reconfigure(self, entry: index.IndexEntry) -> None:
+        """Take new tiers and quotas from the index (the embedding size never changes)."""
+        if entry.embedding_dim != self.dim:
+            raise errors.SpaceConflictError(
+                f"space {self.id!r} has embeddingDim {self.dim}; it cannot change to "
+                f"{entry.embedding_dim}"
+            )
+        if entry.quota != self.entry.quota:
+            self._bucket = self._make_bucket(entry)
+        self.entry = entry
+
+    def _check_usable(self) -> None:
+        failure = self._failure or self._wal.failure
+        if failure is not None:
+            raise errors.UnavailableError(
+                f"space {self.id!r} is reloading after a storage error ({failure}); retry shortly"
+            )
+        if self._closed:
+            raise errors.UnavailableError(f"space {self.id!r} is being unloaded; retry shortly")
+
+    def _locate(self, memory_id: str) -> tiers.TierStore | None:
+        for tier in (self.hot, self.warm, self.cold):
+            if memory_id in tier:
+                return tier
+        return None
+
+    async def _durable(self, future: asyncio.Future[None]) -> None:
+        try:
+            await asyncio.shield(future)
+        except errors.MemspaceError as err:
+            self._failure = self._failure or err
+            raise
+
+    def _note_writes(self, count: int, now: float) -> None:
+        self.last_used = time.monotonic()
+        self._unconsolidated += count
+        if self._oldest_unconsolidated is None:
+            self._oldest_unconsolidated = now
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def remember(self, draft: memories.Draft) -> tuple[str, int]:
+        _count, lsn, ids = await self.remember_many([draft])
+        return ids[0], lsn
+
+    async def remember_many(self, drafts: Sequence[memories.Draft]) -> tuple[int, int, list[str]]:
+        """Store every draft or none: all are validated before anything is written."""
+        self._check_usable()
+        now = time.time()
+        batch = [memories.validate_draft(d, self.dim, now) for d in drafts]
+        if not batch:
+            return 0, self._wal.durable_lsn, []
+        if self._bucket is not None:
+            self._bucket.take(len(batch))
+        async with self._lock.write():
+            self._check_usable()
+            limit = self.entry.quota.max_memories
+            if limit is not None:
+                new = {m.id for m in batch if self._locate(m.id) is None}
+                if self.count() + len(new) > limit:
+                    raise errors.QuotaExceededError(
+                        f"space {self.id!r} holds {self.count()} memories; its quota "
+                        f"maxMemories is {limit}. Forget some or raise the quota"
+                    )
+            futures = []
+            lsn = 0
+            for memory in batch:
+                lsn, future = self._wal.submit(functools.partial(_remembered, memory, now))
+                futures.append(future)
+                for tier in (self.hot, self.warm, self.cold):
+                    tier.remove(memory.id)
+                self.hot.add(tiers.Columns.of([memory], self.dim))
+            self._note_writes(len(batch), now)
+        await self._durable(futures[-1])
+        self._maybe_consolidate()
+        return len(batch), lsn, [m.id for m in batch]
+
+    async def forget(self, memory_id: str) -> tuple[bool, int]:
+        self._check_usable()
+        memory_id = memories.check_id(memory_id)
+        if self._bucket is not None:
+            self._bucket.take(1)
+        now = time.time()
+        async with self._lock.write():
+            self._check_usable()
+            tier = self._locate(memory_id)
+            if tier is None:
+                return False, 0
+            lsn, future = self._wal.submit(functools.partial(_forgotten, memory_id, now))
+            tier.remove(memory_id)
+            self._note_writes(1, now)
+        await self._durable(future)
+        self._maybe_consolidate()
+        return True, lsn
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, memory_id: str) -> memories.Memory:
+        self._check_usable()
+        memory_id = memories.check_id(memory_id)
+        self.last_used = time.monotonic()
+        async with self._lock.read():
+            memory = self.hot.get(memory_id)
+            if memory is None:
+                for tier in (self.warm, self.cold):
+                    if memory_id in tier:
+                        memory = await asyncio.get_running_loop().run_in_executor(
+                            self._executor, tier.get, memory_id
+                        )
+                        break
+        if memory is None:
+            raise errors.MemoryNotFoundError(f"no memory {memory_id!r} in space {self.id!r}")
+        return memory
+
+    def _search(self, query: memories.Query) -> list[memories.Hit]:
+        cue = tiers.unit(query.cue)
+        candidates = [
+            (score, tier.name, memory_id)
+            for tier in (self.hot, self.warm, self.cold)
+            for score, memory_id in tier.top_k(cue, query.k, query.min_score, query.tags)
+        ]
+        top = tiers.merge(candidates, query.k)
+        found: dict[str, memories.Memory] = {}
+        for tier in (self.warm, self.cold):
+            wanted = [memory_id for _, name, memory_id in top if name == tier.name]
+            if wanted:
+                found.update(tier.get_many(wanted, query.include_embeddings))
+        hits = []
+        for score, name, memory_id in top:
+            memory = (
+                self.hot.get(memory_id, query.include_embeddings)
+                if name == tiers.HOT
+                else found[memory_id]
+            )
+            if memory is not None:
+                hits.append(memories.Hit(memory=memory, score=score, tier=name))
+        return hits
+
+    async def recall(self, query: memories.Query) -> list[memories.Hit]:
+        self._check_usable()
+        query = memories.validate_query(query, self.dim)
+        self.last_used = time.monotonic()
+        async with self._lock.read():
+            hits = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._search, query
+            )
+        now = time.time()
+        touched = []
+        for hit in hits:
+            tier = self._locate(hit.memory.id)
+            if tier is not None:
+                tier.touch(hit.memory.id, now)
+            memory = dataclasses.replace(
+                hit.memory, last_recalled_at=now, recall_count=hit.memory.recall_count + 1
+            )
+            touched.append(dataclasses.replace(hit, memory=memory))
+        return touched
+
+    async def subscribe(self, since_lsn: int = 0) -> AsyncIterator[feeds.Event]:
+        """Events in LSN order: from `since_lsn` (inclusive) if the WAL still holds it, then
+        live; `since_lsn` 0 means from now on."""
+        self._check_usable()
+        if since_lsn < 0:
+            raise errors.InvalidArgumentError("since_lsn must be 0 or a positive LSN")
+        durable = self._wal.durable_lsn
+        if since_lsn:
+            first = self._wal.first_retained_lsn()
+            if since_lsn < first:
+                raise errors.LsnNotRetainedError(
+                    f"since_lsn {since_lsn} is no longer in the WAL of space {self.id!r} "
+                    f"(it holds LSN {first} onwards); resubscribe with since_lsn >= {first} or 0"
+                )
+        subscription = self.feed.subscribe(self.settings.subscriber_buffer, durable)
+        return self._stream(subscription, since_lsn, durable)
+
+    async def _stream(
+        self, subscription: feeds.Subscription, since_lsn: int, durable: int
+    ) -> AsyncIterator[feeds.Event]:
+        try:
+            if since_lsn and since_lsn <= durable:
+                replay = await asyncio.get_running_loop().run_in_executor(
+                    self._executor,
+                    lambda: list(wal.read_range(self.directory.wal, since_lsn - 1, durable)),
+                )
+                for record in replay:
+                    if isinstance(record, records.Remembered):
+                        event = feeds.Event(
+                            feeds.EventType.REMEMBERED, record.memory.id, record.lsn, record.at
+                        )
+                    else:
+                        event = feeds.Event(
+                            feeds.EventType.FORGOTTEN, record.id, record.lsn, record.at
+                        )
+                    subscription.note_replayed(record.lsn)
+                    yield event
+            async for event in subscription.live():
+                yield event
+        finally:
+            subscription.close()
+
+    # -- consolidation ---------------------------------------------------------------------
+
+    def _needs_consolidation(self) -> bool:
+        tiers_config = self.entry.tiers
+        return (
+            len(self.hot) > tiers_config.hot_capacity
+            or len(self.warm) > tiers_config.warm_capacity
+            or self._wal.appended_bytes > self.settings.consolidate_wal_bytes
+        )
+
+    def _maybe_consolidate(self) -> None:
+        if self._consolidation_task is not None and not self._consolidation_task.done():
+            return
+        if self._needs_consolidation():
+            self._consolidation_task = asyncio.get_running_loop().create_task(
+                self._background_consolidation()
+            )
+
+    async def _background_consolidation(self) -> int:
+        try:
+            return await self.consolidate()
+        except errors.MemspaceError as err:
+            log.warning("space %s: background consolidation failed: %s", self.id, err)
+            return 0
+
+    def due_for_consolidation(self) -> bool:
+        """Unconsolidated records older than the consolidation interval (for the registry)."""
+        oldest = self._oldest_unconsolidated
+        return oldest is not None and time.time() - oldest > self.settings.consolidate_interval_s
+
+    async def consolidate(self) -> int:
+        """Demote over-capacity tiers, write a checkpoint and drop the WAL it covers. Returns the
+        number of WAL records consolidated."""
+        self._check_usable()
+        async with self._consolidation_lock, self._lock.write():
+            self._check_usable()
+            try:
+                await self._wal.roll()
+            except errors.MemspaceError as err:
+                self._failure = self._failure or err
+                raise
+            lsn = self._wal.durable_lsn
+            caps = self.entry.tiers
+            slack = self.settings.demote_slack
+            excess = len(self.hot) - caps.hot_capacity
+            demoted = self.hot.take_least_recent(
+                excess + int(caps.hot_capacity * slack) if excess > 0 else 0
+            )
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._executor, self._consolidate_blocking, demoted, lsn)
+            except Exception as err:
+                log.exception("space %s: consolidation failed; the space will reload", self.id)
+                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                    self._failure = errors.DiskFullError(
+                        "the space's volume is full; consolidation could not write its checkpoint"
+                    )
+                else:
+                    self._failure = errors.UnavailableError(
+                        f"space {self.id!r}: consolidation failed; it reloads from disk"
+                    )
+                raise self._failure from err
+            count = self._unconsolidated
+            self._unconsolidated = 0
+            self._oldest_unconsolidated = None
+            self._wal.appended_bytes = 0
+            now = time.monotonic()
+            self._consolidated.append((now, count + len(demoted)))
+            self._disk_bytes = None
+            return count
+
+    def _consolidate_blocking(self, demoted: tiers.Columns, lsn: int) -> None:
+        caps = self.entry.tiers
+        self.warm.add(demoted)
+        excess = len(self.warm) - caps.warm_capacity
+        if excess > 0:
+            self.cold.add(
+                self.warm.take_least_recent(
+                    excess + int(caps.warm_capacity * self.settings.demote_slack)
+                )
+            )
+        for name in (tiers.WARM, tiers.COLD):
+            tier = self.warm if name == tiers.WARM else self.cold
+            if tier.rows > 1024 and tier.tombstones() > tier.rows * self.settings.compact_ratio:
+                compacted = self._compact(tier)
+                if name == tiers.WARM:
+                    self.warm = compacted
+                else:
+                    self.cold = compacted
+        self._checkpointer.write(lsn, self.hot, self.warm, self.cold)
+        self._wal.drop_through(lsn)
+        for tier in (self.warm, self.cold):
+            for stale in tier.root.glob("g*"):
+                if stale.is_dir() and stale != tier.path:
+                    shutil.rmtree(stale, ignore_errors=True)
+
+    def _compact(self, tier: zarr_tiers.ZarrTier) -> zarr_tiers.ZarrTier:
+        compression = self.entry.tiers.cold_compression if tier.name == tiers.COLD else "none"
+        fresh = zarr_tiers.ZarrTier(
+            tier.root,
+            tier.name,
+            self.dim,
+            chunk_rows=tier.chunk_rows,
+            compression=compression,
+            generation=tier.generation + 1,
+        )
+        for batch in tier.live_batches(tier.chunk_rows * 4):
+            fresh.add(batch)
+        tier.close()
+        return fresh
+
+    # -- metrics and lifecycle -------------------------------------------------------------
+
+    def consolidation_rate(self) -> float:
+        horizon = time.monotonic() - RATE_WINDOW_S
+        while self._consolidated and self._consolidated[0][0] < horizon:
+            self._consolidated.popleft()
+        return sum(n for _, n in self._consolidated) / RATE_WINDOW_S
+
+    def disk_bytes(self) -> int:
+        """Bytes on the space's volume (cached for a few seconds: it walks the directory)."""
+        now = time.monotonic()
+        if self._disk_bytes is None or now - self._disk_bytes[0] > 5.0:
+            self._disk_bytes = (now, self.directory.disk_bytes())
+        return self._disk_bytes[1]
+
+    def health(self) -> Health:
+        oldest = self._oldest_unconsolidated
+        return Health(
+            space=self.id,
+            state="Failed" if self.failed else self.entry.state,
+            memories=self.count(),
+            tier_memories={
+                tiers.HOT: len(self.hot),
+                tiers.WARM: len(self.warm),
+                tiers.COLD: len(self.cold),
+            },
+            pressure=len(self.hot) / self.entry.tiers.hot_capacity,
+            wal_lag_ms=max(0.0, (time.time() - oldest) * 1000.0) if oldest is not None else 0.0,
+            consolidation_rate=self.consolidation_rate(),
+            disk_bytes=self.disk_bytes(),
+        )
+
+    async def close(self, consolidate: bool = True) -> None:
+        """Flush and release everything: no RAM for data, no open files afterwards."""
+        if self._closed:
+            return
+        try:
+            if consolidate and not self.failed and self._unconsolidated:
+                await self.consolidate()
+        except errors.MemspaceError as err:
+            log.warning("space %s: could not consolidate on close: %s", self.id, err)
+        finally:
+            self._closed = True
+            self.feed.close()
+            with contextlib.suppress(errors.MemspaceError):
+                await self._wal.close()
+            self.warm.close()
+            self.cold.close()
+            self.hot = HotTier(self.dim)

@@ -1,0 +1,154 @@
+"""What every tier store offers (the contract its test suite checks), and the pieces they share:
+columnar batches of memories, the tag index and the exact top-k cosine scan."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from memspace_server.storage import memories
+
+HOT = "hot"
+WARM = "warm"
+COLD = "cold"
+NAMES = (HOT, WARM, COLD)
+
+Scores = npt.NDArray[np.float32]
+Rows = npt.NDArray[np.int64]
+
+
+@dataclasses.dataclass
+class Columns:
+    """A batch of memories, column by column (what moves between tiers)."""
+
+    ids: list[str]
+    contents: list[str]
+    embeddings: npt.NDArray[np.float32]
+    confidence: npt.NDArray[np.float32]
+    tags: list[dict[str, str]]
+    created_at: npt.NDArray[np.float64]
+    last_recalled_at: npt.NDArray[np.float64]
+    recall_count: npt.NDArray[np.uint64]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def empty(cls, dim: int) -> Columns:
+        return cls(
+            ids=[],
+            contents=[],
+            embeddings=np.zeros((0, dim), np.float32),
+            confidence=np.zeros(0, np.float32),
+            tags=[],
+            created_at=np.zeros(0, np.float64),
+            last_recalled_at=np.zeros(0, np.float64),
+            recall_count=np.zeros(0, np.uint64),
+        )
+
+    @classmethod
+    def of(cls, items: Sequence[memories.Memory], dim: int) -> Columns:
+        if not items:
+            return cls.empty(dim)
+        return cls(
+            ids=[m.id for m in items],
+            contents=[m.content for m in items],
+            embeddings=np.stack([m.embedding for m in items]).astype(np.float32, copy=False),
+            confidence=np.array([m.confidence for m in items], np.float32),
+            tags=[dict(m.tags) for m in items],
+            created_at=np.array([m.created_at for m in items], np.float64),
+            last_recalled_at=np.array([m.last_recalled_at for m in items], np.float64),
+            recall_count=np.array([m.recall_count for m in items], np.uint64),
+        )
+
+    def memory(self, i: int) -> memories.Memory:
+        return memories.Memory(
+            id=memories.MemoryId(self.ids[i]),
+            content=self.contents[i],
+            embedding=self.embeddings[i].copy(),
+            confidence=float(self.confidence[i]),
+            tags=self.tags[i],
+            created_at=float(self.created_at[i]),
+            last_recalled_at=float(self.last_recalled_at[i]),
+            recall_count=int(self.recall_count[i]),
+        )
+
+    def __iter__(self) -> Iterator[memories.Memory]:
+        return (self.memory(i) for i in range(len(self)))
+
+
+class TierStore(Protocol):
+    """One tier of one space. Blocking methods are called from worker threads; mutations happen
+    under the space's write lock, scans under its read lock."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+    def __contains__(self, memory_id: object) -> bool: ...
+    def ids(self) -> Iterable[str]: ...
+    def get(self, memory_id: str, with_embedding: bool = True) -> memories.Memory | None: ...
+    def add(self, batch: Columns) -> None: ...
+    def remove(self, memory_id: str) -> bool: ...
+    def touch(self, memory_id: str, at: float) -> None: ...
+    def top_k(
+        self, cue: npt.NDArray[np.float32], k: int, min_score: float, tags: Mapping[str, str]
+    ) -> list[tuple[float, str]]: ...
+    def take_least_recent(self, count: int) -> Columns: ...
+
+
+class TagIndex:
+    """(key, value) -> rows holding that tag; answers 'rows matching every filter'."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], set[int]] = {}
+
+    def add(self, row: int, tags: Mapping[str, str]) -> None:
+        for pair in tags.items():
+            self._rows.setdefault(pair, set()).add(row)
+
+    def discard(self, row: int, tags: Mapping[str, str]) -> None:
+        for pair in tags.items():
+            rows = self._rows.get(pair)
+            if rows is not None:
+                rows.discard(row)
+                if not rows:
+                    del self._rows[pair]
+
+    def matching(self, filters: Mapping[str, str]) -> Rows:
+        """Rows that carry every (key, value) of `filters` (which must not be empty)."""
+        sets = [self._rows.get(pair, set()) for pair in filters.items()]
+        sets.sort(key=len)
+        found = set(sets[0]).intersection(*sets[1:]) if sets else set()
+        return np.fromiter(found, dtype=np.int64, count=len(found))
+
+
+def unit(vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    norm = np.float32(np.linalg.norm(vector))
+    return (vector / norm).astype(np.float32, copy=False)
+
+
+def best(scores: Scores, rows: Rows | None, k: int, min_score: float) -> list[tuple[float, int]]:
+    """The top k (score, row) of `scores` at or above min_score, best first. `rows` maps positions
+    of `scores` to row numbers (None: the identity). Rows scored -inf are excluded."""
+    count = scores.shape[0]
+    if count == 0:
+        return []
+    top = np.argpartition(scores, count - k)[count - k :] if k < count else np.arange(count)
+    picked = scores[top]
+    order = np.argsort(-picked, kind="stable")
+    out = []
+    for position in top[order]:
+        score = float(scores[position])
+        if score < min_score or score == -np.inf:
+            break
+        out.append((score, int(rows[position]) if rows is not None else int(position)))
+    return out
+
+
+def merge(candidates: Iterable[tuple[float, str, str]], k: int) -> list[tuple[float, str, str]]:
+    """Merge (score, tier, id) candidates of several tiers into the overall top k."""
+    return sorted(candidates, key=lambda c: (-c[0], c[2]))[:k]

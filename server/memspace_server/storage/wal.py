@@ -1,0 +1,387 @@
+"""The write-ahead log of one space: segmented files of CRC32C-framed records with consecutive
+LSNs, appended by a group commit (concurrent writers share one write and one fsync).
+
+    segment  = magic(8) frame*          named <first LSN, 20 digits>.wal
+    frame    = length:u32 crc32c:u32 payload(length)
+
+Recovery reads every segment, checks every CRC and LSN, truncates a torn final record (a crash
+mid-append), and refuses with CorruptWalError anything damaged before the tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import errno
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import crc32c
+
+from memspace_server import errors
+from memspace_server.storage import records
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MSWAL01\n"
+SUFFIX = ".wal"
+_FRAME = struct.Struct("<II")
+MAX_RECORD = 16 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:020d}{SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in directory.glob(f"*{SUFFIX}"):
+        stem = path.name[: -len(SUFFIX)]
+        if stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found)
+
+
+def frame(payload: bytes) -> bytes:
+    return _FRAME.pack(len(payload), crc32c.crc32c(payload)) + payload
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What reading one segment found."""
+
+    end: int
+    """Offset just past the last valid record."""
+    torn: bool
+    """The bytes after `end` are an incomplete or damaged final record."""
+    last_lsn: int
+
+
+def _scan_segment(
+    path: Path, data: bytes, expect_lsn: int, on_record: Callable[[int, memoryview], None]
+) -> _Scan:
+    """Check every frame of one segment, calling on_record(lsn, payload) for each valid one."""
+    if data[: len(MAGIC)] != MAGIC:
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+            return _Scan(end=0, torn=True, last_lsn=expect_lsn - 1)
+        raise errors.CorruptWalError(f"WAL segment {path.name} does not start with the WAL magic")
+    view = memoryview(data)
+    pos = len(MAGIC)
+    size = len(data)
+    lsn = expect_lsn - 1
+    while pos < size:
+        if size - pos < _FRAME.size:
+            return _Scan(end=pos, torn=True, last_lsn=lsn)
+        length, crc = _FRAME.unpack_from(data, pos)
+        end = pos + _FRAME.size + length
+        if length == 0 or length > MAX_RECORD or end > size:
+            # A frame that runs past the end of the file, or zeros left by a crash, can only be
+            # a torn final write; anything else here is damage.
+            if end > size or not any(view[pos:]):
+                return _Scan(end=pos, torn=True, last_lsn=lsn)
+            raise errors.CorruptWalError(
+                f"WAL segment {path.name}: bad record length {length} at offset {pos}"
+            )
+        payload = view[pos + _FRAME.size : end]
+        if crc32c.crc32c(payload) != crc:
+            if end == size:
+                return _Scan(end=pos, torn=True, last_lsn=lsn)
+            raise errors.CorruptWalError(
+                f"WAL segment {path.name}: checksum mismatch at offset {pos} before the tail; "
+                "refusing to serve a space whose log is damaged"
+            )
+        record_lsn = records.peek_lsn(payload)
+        if record_lsn != lsn + 1:
+            raise errors.CorruptWalError(
+                f"WAL segment {path.name}: LSN {record_lsn} at offset {pos}, expected {lsn + 1}"
+            )
+        lsn = record_lsn
+        on_record(lsn, payload)
+        pos = end
+    return _Scan(end=pos, torn=False, last_lsn=lsn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovered:
+    next_lsn: int
+    replayed: int
+    truncated_bytes: int
+
+
+def recover(directory: Path, floor_lsn: int, apply: Callable[[records.Record], None]) -> Recovered:
+    """Replay every record after `floor_lsn` (the checkpoint's LSN) through `apply`, truncate a
+    torn tail, and return where appends continue. Blocking: call it from a worker thread."""
+    directory.mkdir(parents=True, exist_ok=True)
+    segments = list_segments(directory)
+    expect = segments[0][0] if segments else floor_lsn + 1
+    if expect > floor_lsn + 1:
+        raise errors.CorruptWalError(
+            f"WAL starts at LSN {expect} but the checkpoint ends at {floor_lsn}: "
+            "records are missing"
+        )
+    replayed = 0
+    truncated = 0
+
+    def on_record(lsn: int, payload: memoryview) -> None:
+        nonlocal replayed
+        if lsn > floor_lsn:
+            apply(records.decode(payload))
+            replayed += 1
+
+    for index, (first, path) in enumerate(segments):
+        if first != expect:
+            raise errors.CorruptWalError(
+                f"WAL segment {path.name} starts at LSN {first}, expected {expect}"
+            )
+        data = path.read_bytes()
+        try:
+            scan = _scan_segment(path, data, first, on_record)
+        except records.RecordFormatError as err:
+            raise errors.CorruptWalError(f"WAL segment {path.name}: {err}") from err
+        last = index == len(segments) - 1
+        if scan.torn:
+            if not last:
+                raise errors.CorruptWalError(
+                    f"WAL segment {path.name} ends in a damaged record but is not the last segment"
+                )
+            truncated = len(data) - scan.end
+            log.warning(
+                "truncating a torn record at the tail of WAL segment %s (%d bytes)",
+                path,
+                truncated,
+            )
+            with path.open("r+b") as out:
+                if scan.end < len(MAGIC):
+                    out.write(MAGIC)
+                    out.truncate(len(MAGIC))
+                else:
+                    out.truncate(scan.end)
+                out.flush()
+                os.fsync(out.fileno())
+        expect = scan.last_lsn + 1
+    return Recovered(
+        next_lsn=max(expect, floor_lsn + 1), replayed=replayed, truncated_bytes=truncated
+    )
+
+
+def read_range(directory: Path, after_lsn: int, through_lsn: int) -> Iterator[records.Record]:
+    """Records with after_lsn < LSN <= through_lsn, for change-feed replay (read-only)."""
+    segments = list_segments(directory)
+    for index, (first, path) in enumerate(segments):
+        following = segments[index + 1][0] if index + 1 < len(segments) else None
+        if following is not None and following <= after_lsn + 1:
+            continue
+        if first > through_lsn:
+            return
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise errors.LsnNotRetainedError(
+                f"the WAL no longer holds LSN {after_lsn + 1}; subscribe from a later LSN"
+            ) from err
+        found: list[records.Record] = []
+
+        def collect(lsn: int, payload: memoryview, found: list[records.Record] = found) -> None:
+            if after_lsn < lsn <= through_lsn:
+                found.append(records.decode(payload))
+
+        _scan_segment(path, data, first, collect)
+        yield from found
+
+
+@dataclasses.dataclass
+class _Waiter(Generic[T]):
+    lsn: int
+    future: asyncio.Future[None]
+    event: T
+
+
+class Wal(Generic[T]):
+    """Appends to the WAL of one space with group commit. Writers call `submit` on the event loop
+    (which fixes their LSN and order) and await the returned future: it resolves once the record
+    is on disk and fsynced, after `on_durable` has seen the writer's event in LSN order."""
+
+    def __init__(
+        self,
+        directory: Path,
+        next_lsn: int,
+        executor: concurrent.futures.Executor,
+        on_durable: Callable[[list[T]], None],
+        segment_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.directory = directory
+        self._next_lsn = next_lsn
+        self._durable_lsn = next_lsn - 1
+        self._executor = executor
+        self._on_durable = on_durable
+        self._segment_bytes = segment_bytes
+        self._pending: list[bytes] = []
+        self._waiters: list[_Waiter[T]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._failure: errors.MemspaceError | None = None
+        self._fd: int | None = None
+        self._size = 0
+        self._roll_requested = False
+        self.syncs = 0
+        self.appended_bytes = 0
+        """Bytes appended since the counter was last reset (by consolidation)."""
+        segments = list_segments(directory)
+        if segments:
+            _first, path = segments[-1]
+            self._open_segment(path, create=False)
+
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._durable_lsn
+
+    @property
+    def failure(self) -> errors.MemspaceError | None:
+        return self._failure
+
+    def first_retained_lsn(self) -> int:
+        segments = list_segments(self.directory)
+        return segments[0][0] if segments else self._next_lsn
+
+    def submit(self, build: Callable[[int], tuple[bytes, T]]) -> tuple[int, asyncio.Future[None]]:
+        """Reserve the next LSN, frame the payload `build(lsn)` makes and queue it for the next
+        group commit, with the event `on_durable` gets once it is on disk."""
+        if self._failure is not None:
+            raise self._failure
+        lsn = self._next_lsn
+        payload, event = build(lsn)
+        if len(payload) > MAX_RECORD:
+            raise errors.InvalidMemoryError(f"record of {len(payload)} bytes exceeds the WAL limit")
+        self._next_lsn += 1
+        self.appended_bytes += len(payload) + _FRAME.size
+        self._pending.append(frame(payload))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(_Waiter(lsn, future, event))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        return lsn, future
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is durable."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+        if self._failure is not None:
+            raise self._failure
+
+    async def roll(self) -> None:
+        """Start a new segment with the next append, so older segments can be dropped whole."""
+        await self.flush()
+        self._roll_requested = True
+
+    def drop_through(self, lsn: int) -> int:
+        """Delete segments whose records all have LSN <= lsn. Blocking (unlink)."""
+        segments = list_segments(self.directory)
+        dropped = 0
+        for index, (_, path) in enumerate(segments[:-1]):
+            if segments[index + 1][0] <= lsn + 1:
+                path.unlink(missing_ok=True)
+                dropped += 1
+        if segments and self._roll_requested and segments[-1][0] <= lsn:
+            # The open segment is complete and entirely consolidated too.
+            self._close_fd()
+            segments[-1][1].unlink(missing_ok=True)
+            dropped += 1
+        return dropped
+
+    async def close(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open_segment(self, path: Path, create: bool) -> None:
+        self._close_fd()
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o640)
+        if create:
+            os.write(fd, MAGIC)
+            dfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+
+    def _write(self, data: bytes, first_lsn: int) -> None:
+        """Blocking: append one batch and fsync it (runs in the executor)."""
+        if self._fd is None or self._roll_requested or self._size >= self._segment_bytes:
+            self._open_segment(self.directory / segment_name(first_lsn), create=True)
+            self._roll_requested = False
+        assert self._fd is not None
+        start = self._size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fdatasync(self._fd)
+        except OSError:
+            # Leave no partial batch behind for the next append to follow.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                log.exception("could not cut a failed WAL append back in %s", self.directory)
+            raise
+        self._size = start + len(data)
+        self.syncs += 1
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            waiters, self._waiters = self._waiters, []
+            try:
+                await loop.run_in_executor(
+                    self._executor, self._write, b"".join(batch), waiters[0].lsn
+                )
+            except OSError as err:
+                self._fail(err, waiters)
+                return
+            self._durable_lsn = waiters[-1].lsn
+            try:
+                self._on_durable([w.event for w in waiters])
+            finally:
+                for waiter in waiters:
+                    if not waiter.future.done():
+                        waiter.future.set_result(None)
+
+    def _fail(self, err: OSError, waiters: list[_Waiter[T]]) -> None:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            failure: errors.MemspaceError = errors.DiskFullError(
+                "the space's volume is full; the write was not stored. Free space or grow the "
+                "volume (storage.size), then retry"
+            )
+        else:
+            failure = errors.UnavailableError(
+                f"the space's log could not be written ({os.strerror(err.errno or 0)}); "
+                "the write was not stored, retry shortly"
+            )
+        log.error("WAL append failed in %s: %s", self.directory, err)
+        self._failure = failure
+        waiters = waiters + self._waiters
+        self._waiters = []
+        self._pending = []
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(failure)

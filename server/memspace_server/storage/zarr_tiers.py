@@ -1,0 +1,377 @@
+"""The warm and cold tiers: append-only rows in Zarr v3 arrays on the space's volume.
+
+Warm stores embeddings with the raw `bytes` codec, so each chunk file is the rows themselves and
+is memory-mapped for scans; cold compresses them (zstd, lz4 or none), losslessly. Arrays are
+created with a fixed, very large shape so their metadata is written once and never rewritten;
+the number of committed rows lives in the space's checkpoint. Tombstones and recall statistics
+live in RAM while the space is loaded and are saved with each checkpoint. Every method here
+blocks: the space calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+import zarr.codecs
+
+from memspace_server.storage import memories, tiers
+
+MAX_ROWS = 2**40
+META_CHUNK = 256
+FLOAT_COLUMNS = ("norms", "confidence", "created_at")
+TEXT_COLUMNS = ("ids", "contents", "tags")
+
+
+def _compressors(compression: str) -> Any:
+    if compression == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    if compression == "lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    return None
+
+
+def _fsync_tree(paths: Iterable[Path]) -> None:
+    dirs: set[Path] = set()
+    for path in paths:
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(path.parent)
+    for directory in dirs:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ZarrTier:
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        dim: int,
+        *,
+        chunk_rows: int,
+        compression: str,
+        generation: int = 1,
+        rows: int = 0,
+        state: Mapping[str, npt.NDArray[Any]] | None = None,
+    ) -> None:
+        self.name = name
+        self.root = root
+        self.dim = dim
+        self.chunk_rows = chunk_rows
+        self.compression = compression
+        self.generation = generation
+        self.path = root / f"g{generation:06d}"
+        self.mapped = compression == "none" or name == tiers.WARM
+        self._group = self._open_group(rows)
+        self._n = rows
+        self._ids: list[str] = []
+        self._row: dict[str, int] = {}
+        self._norms = np.zeros(0, np.float32)
+        self._confidence = np.zeros(0, np.float32)
+        self._created = np.zeros(0, np.float64)
+        self._deleted = np.zeros(0, bool)
+        self._recalled = np.zeros(0, np.float64)
+        self._count = np.zeros(0, np.uint64)
+        self._tag_index = tiers.TagIndex()
+        self._maps: list[npt.NDArray[np.float32]] = []
+        self._mmaps: list[mmap.mmap] = []
+        if rows:
+            self._load(rows, state)
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open_group(self, rows: int) -> Any:
+        if (self.path / "zarr.json").exists():
+            group: Any = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            self.chunk_rows = int(group["embeddings"].chunks[0])
+            return group
+        if rows:
+            raise FileNotFoundError(f"{self.path} is missing but the checkpoint names {rows} rows")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / "zarr.json").exists():
+            zarr.open_group(self.root, mode="a", zarr_format=3, attributes={"tier": self.name})
+        group = zarr.open_group(
+            self.path,
+            mode="w",
+            zarr_format=3,
+            attributes={"tier": self.name, "embeddingDim": self.dim},
+        )
+        group.create_array(
+            "embeddings",
+            shape=(MAX_ROWS, self.dim),
+            chunks=(self.chunk_rows, self.dim),
+            dtype="float32",
+            compressors=None if self.mapped else _compressors(self.compression),
+            fill_value=0.0,
+        )
+        for column, dtype in (("norms", "float32"), ("confidence", "float32")):
+            group.create_array(
+                column, shape=(MAX_ROWS,), chunks=(self.chunk_rows,), dtype=dtype, fill_value=0.0
+            )
+        group.create_array(
+            "created_at", shape=(MAX_ROWS,), chunks=(self.chunk_rows,), dtype="float64"
+        )
+        for column in TEXT_COLUMNS:
+            group.create_array(column, shape=(MAX_ROWS,), chunks=(META_CHUNK,), dtype=str)
+        _fsync_tree(p for p in self.path.rglob("zarr.json"))
+        return group
+
+    def _load(self, rows: int, state: Mapping[str, npt.NDArray[Any]] | None) -> None:
+        group = self._group
+        self._ids = [str(i) for i in group["ids"][:rows]]
+        self._norms = np.asarray(group["norms"][:rows], np.float32)
+        self._confidence = np.asarray(group["confidence"][:rows], np.float32)
+        self._created = np.asarray(group["created_at"][:rows], np.float64)
+        if state is not None:
+            self._deleted = np.asarray(state["deleted"], bool)[:rows].copy()
+            self._recalled = np.asarray(state["recalled"], np.float64)[:rows].copy()
+            self._count = np.asarray(state["count"], np.uint64)[:rows].copy()
+        else:
+            self._deleted = np.zeros(rows, bool)
+            self._recalled = np.zeros(rows, np.float64)
+            self._count = np.zeros(rows, np.uint64)
+        for row, tag_text in enumerate(group["tags"][:rows]):
+            if tag_text:
+                self._tag_index.add(row, json.loads(str(tag_text)))
+        for row, memory_id in enumerate(self._ids):
+            if not self._deleted[row]:
+                self._row[memory_id] = row
+        if self.mapped:
+            self._map_chunks(0)
+
+    def _chunk_file(self, chunk: int) -> Path:
+        return self.path / "embeddings" / "c" / str(chunk) / "0"
+
+    def _map_chunks(self, first: int) -> None:
+        """(Re)map the embedding chunk files from chunk `first` on; earlier ones never change.
+        A mapping is released (and its file closed) when no array refers to it any more."""
+        del self._maps[first:]
+        del self._mmaps[first:]
+        last = (self._n + self.chunk_rows - 1) // self.chunk_rows
+        for chunk in range(first, last):
+            with self._chunk_file(chunk).open("rb") as source:
+                mapped = mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mmaps.append(mapped)
+            self._maps.append(np.frombuffer(mapped, dtype="<f4").reshape(self.chunk_rows, self.dim))
+
+    def close(self) -> None:
+        self._maps.clear()
+        self._mmaps.clear()
+
+    # -- the tier contract ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __contains__(self, memory_id: object) -> bool:
+        return memory_id in self._row
+
+    @property
+    def rows(self) -> int:
+        """Committed rows, live and tombstoned."""
+        return self._n
+
+    def ids(self) -> Iterable[str]:
+        return list(self._row)
+
+    def nbytes(self) -> int:
+        return int(self._norms.nbytes * 8 + 100 * self._n)
+
+    def add(self, batch: tiers.Columns) -> None:
+        count = len(batch)
+        if count == 0:
+            return
+        if any(i in self._row for i in batch.ids):
+            raise KeyError(f"memory already in the {self.name} tier; remove it first")
+        start, end = self._n, self._n + count
+        group = self._group
+        norms = np.linalg.norm(batch.embeddings, axis=1).astype(np.float32)
+        group["embeddings"][start:end] = batch.embeddings
+        group["norms"][start:end] = norms
+        group["confidence"][start:end] = batch.confidence
+        group["created_at"][start:end] = batch.created_at
+        group["ids"][start:end] = np.array(batch.ids, dtype=object)
+        group["contents"][start:end] = np.array(batch.contents, dtype=object)
+        group["tags"][start:end] = np.array(
+            [json.dumps(t, separators=(",", ":")) if t else "" for t in batch.tags], dtype=object
+        )
+        self._fsync_rows(start, end)
+        self._ids.extend(batch.ids)
+        self._norms = np.concatenate([self._norms, norms])
+        self._confidence = np.concatenate([self._confidence, batch.confidence])
+        self._created = np.concatenate([self._created, batch.created_at])
+        self._deleted = np.concatenate([self._deleted, np.zeros(count, bool)])
+        self._recalled = np.concatenate([self._recalled, batch.last_recalled_at])
+        self._count = np.concatenate([self._count, batch.recall_count])
+        for offset, (memory_id, tags) in enumerate(zip(batch.ids, batch.tags, strict=True)):
+            self._row[memory_id] = start + offset
+            self._tag_index.add(start + offset, tags)
+        self._n = end
+        if self.mapped:
+            self._map_chunks(start // self.chunk_rows)
+
+    def _fsync_rows(self, start: int, end: int) -> None:
+        paths: list[Path] = []
+        for column in ("embeddings", *FLOAT_COLUMNS, *TEXT_COLUMNS):
+            rows = META_CHUNK if column in TEXT_COLUMNS else self.chunk_rows
+            suffix = ("0",) if column == "embeddings" else ()
+            paths.extend(
+                self.path.joinpath(column, "c", str(chunk), *suffix)
+                for chunk in range(start // rows, (end - 1) // rows + 1)
+            )
+        _fsync_tree(paths)
+
+    def remove(self, memory_id: str) -> bool:
+        row = self._row.pop(memory_id, None)
+        if row is None:
+            return False
+        self._deleted[row] = True
+        return True
+
+    def tombstones(self) -> int:
+        return self._n - len(self._row)
+
+    def touch(self, memory_id: str, at: float) -> None:
+        row = self._row.get(memory_id)
+        if row is not None:
+            self._recalled[row] = at
+            self._count[row] += 1
+
+    def _embeddings(self, start: int, end: int) -> npt.NDArray[np.float32]:
+        """Rows start..end of the embeddings, as a view where the tier is mapped."""
+        if self.mapped and start // self.chunk_rows == (end - 1) // self.chunk_rows:
+            chunk = start // self.chunk_rows
+            base = chunk * self.chunk_rows
+            return self._maps[chunk][start - base : end - base]
+        return np.asarray(self._group["embeddings"][start:end], np.float32)
+
+    def _scores(self, cue: npt.NDArray[np.float32]) -> tiers.Scores:
+        scores = np.empty(self._n, np.float32)
+        step = self.chunk_rows if self.mapped else self.chunk_rows * 8
+        for start in range(0, self._n, step):
+            end = min(start + step, self._n)
+            if self.mapped:
+                chunk = start // self.chunk_rows
+                np.matmul(self._maps[chunk][: end - start], cue, out=scores[start:end])
+            else:
+                scores[start:end] = self._embeddings(start, end) @ cue
+        scores /= self._norms
+        scores[self._deleted] = -np.inf
+        return scores
+
+    def top_k(
+        self,
+        cue: npt.NDArray[np.float32],
+        k: int,
+        min_score: float,
+        tags: Mapping[str, str],
+    ) -> list[tuple[float, str]]:
+        if not self._row:
+            return []
+        if tags:
+            rows = self._tag_index.matching(tags)
+            rows = rows[~self._deleted[rows]] if rows.shape[0] else rows
+            if rows.shape[0] == 0:
+                return []
+            scores = self._scores(cue)[rows]
+            found = tiers.best(scores, rows, k, min_score)
+        else:
+            found = tiers.best(self._scores(cue), None, k, min_score)
+        return [(score, self._ids[row]) for score, row in found]
+
+    def get(self, memory_id: str, with_embedding: bool = True) -> memories.Memory | None:
+        row = self._row.get(memory_id)
+        if row is None:
+            return None
+        return self.get_rows(np.array([row], np.int64), with_embedding)[0]
+
+    def get_many(
+        self, memory_ids: Iterable[str], with_embedding: bool
+    ) -> dict[str, memories.Memory]:
+        rows = np.array([self._row[i] for i in memory_ids if i in self._row], np.int64)
+        return {m.id: m for m in self.get_rows(rows, with_embedding)}
+
+    def get_rows(self, rows: npt.NDArray[np.int64], with_embedding: bool) -> list[memories.Memory]:
+        if rows.shape[0] == 0:
+            return []
+        columns = self._columns(rows, with_embedding)
+        return list(columns)
+
+    def _columns(self, rows: npt.NDArray[np.int64], with_embedding: bool) -> tiers.Columns:
+        group = self._group
+        contents = self._read_rows(group["contents"], rows, META_CHUNK)
+        tag_texts = self._read_rows(group["tags"], rows, META_CHUNK)
+        if with_embedding and self.mapped:
+            embeddings = np.stack([self._embeddings(int(r), int(r) + 1)[0] for r in rows])
+        elif with_embedding:
+            embeddings = self._read_rows(group["embeddings"], rows, self.chunk_rows)
+        else:
+            embeddings = np.zeros((rows.shape[0], 0), np.float32)
+        return tiers.Columns(
+            ids=[self._ids[r] for r in rows],
+            contents=[str(c) for c in contents],
+            embeddings=embeddings.astype(np.float32, copy=True),
+            confidence=self._confidence[rows].copy(),
+            tags=[json.loads(str(t)) if t else {} for t in tag_texts],
+            created_at=self._created[rows].copy(),
+            last_recalled_at=self._recalled[rows].copy(),
+            recall_count=self._count[rows].copy(),
+        )
+
+    def _read_rows(self, array: Any, rows: npt.NDArray[np.int64], chunk: int) -> Any:
+        """Rows of `array`, reading each chunk that holds one of them once (whole-chunk reads;
+        zarr's fancy indexing sizes its work by the array's nominal shape)."""
+        out: list[Any] = [None] * rows.shape[0]
+        by_chunk: dict[int, list[int]] = {}
+        for position, row in enumerate(rows):
+            by_chunk.setdefault(int(row) // chunk, []).append(position)
+        for index, positions in by_chunk.items():
+            start = index * chunk
+            block = array[start : min(start + chunk, self._n)]
+            for position in positions:
+                out[position] = block[int(rows[position]) - start]
+        if array.ndim == 2:
+            return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
+        return out
+
+    def recency(self) -> npt.NDArray[np.float64]:
+        return np.maximum(self._recalled, self._created)
+
+    def take_least_recent(self, count: int) -> tiers.Columns:
+        live = np.flatnonzero(~self._deleted)
+        count = min(count, live.shape[0])
+        if count == 0:
+            return tiers.Columns.empty(self.dim)
+        order = np.argsort(self.recency()[live], kind="stable")[:count]
+        rows = np.sort(live[order])
+        batch = self._columns(rows, with_embedding=True)
+        for memory_id in batch.ids:
+            self.remove(memory_id)
+        return batch
+
+    def live_batches(self, size: int) -> Iterable[tiers.Columns]:
+        live = np.flatnonzero(~self._deleted)
+        for start in range(0, live.shape[0], size):
+            yield self._columns(live[start : start + size], with_embedding=True)
+
+    def state(self) -> dict[str, npt.NDArray[Any]]:
+        return {
+            "deleted": self._deleted.copy(),
+            "recalled": self._recalled.copy(),
+            "count": self._count.copy(),
+        }
