@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 from memspace_contract import index, spaces
-
 from memspace_server import errors
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 from memspace_contract import spaces
-
 from memspace_server import errors
 
 IDENTITY = "space.json"

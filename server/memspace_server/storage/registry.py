@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from memspace_contract import index, spaces
-
 from memspace_server import errors
 from memspace_server.storage import catalogs, checkpoints, layout, tiers
 from memspace_server.storage.settings import EngineSettings

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from memspace_contract import index
-
 from memspace_server import errors
 from memspace_server.storage import (
     checkpoints,
@@ -185,6 +184,7 @@ class Space:
         self._unconsolidated = state.replayed
         self._oldest_unconsolidated = state.oldest_unconsolidated
         self._consolidated: collections.deque[tuple[float, int]] = collections.deque()
+        self._count = len(self.hot) + len(self.warm) + len(self.cold)
         self._failure: errors.MemspaceError | None = None
         self._closed = False
         self._disk_bytes: tuple[float, int] | None = None
@@ -223,7 +223,9 @@ class Space:
         return self._wal.next_lsn
 
     def count(self) -> int:
-        return len(self.hot) + len(self.warm) + len(self.cold)
+        """Memories in the space. Kept by the writes themselves, so it stays exact while a
+        consolidation moves memories between tiers."""
+        return self._count
 
     def reconfigure(self, entry: index.IndexEntry) -> None:
         """Take new tiers and quotas from the index (the embedding size never changes)."""
@@ -294,7 +296,10 @@ class Space:
             for memory in batch:
                 lsn, future = self._wal.submit(functools.partial(_remembered, memory, now))
                 futures.append(future)
-                for tier in (self.hot, self.warm, self.cold):
+                tier = self._locate(memory.id)
+                if tier is None:
+                    self._count += 1
+                else:
                     tier.remove(memory.id)
                 self.hot.add(tiers.Columns.of([memory], self.dim))
             self._note_writes(len(batch), now)
@@ -315,6 +320,7 @@ class Space:
                 return False, 0
             lsn, future = self._wal.submit(functools.partial(_forgotten, memory_id, now))
             tier.remove(memory_id)
+            self._count -= 1
             self._note_writes(1, now)
         await self._durable(future)
         self._maybe_consolidate()
