@@ -5,7 +5,7 @@ arrived since the last checkpoint (`unsaved`), so a checkpoint writes only those
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -72,7 +72,7 @@ class HotTier:
         end = start + count
         self._grow(end)
         self._emb[start:end] = batch.embeddings
-        self._norms[start:end] = np.linalg.norm(batch.embeddings, axis=1)
+        self._norms[start:end] = tiers.norms(batch.embeddings)
         self._confidence[start:end] = batch.confidence
         self._created[start:end] = batch.created_at
         self._recalled[start:end] = batch.last_recalled_at
@@ -85,6 +85,57 @@ class HotTier:
             self._tag_index.add(start + offset, tags)
         self._n = end
         self.unsaved.update(batch.ids)
+
+    def add_memories(self, items: Sequence[memories.Memory]) -> None:
+        """`add` for memories not yet in columns: copied once, straight into the tier."""
+        count = len(items)
+        if count == 0:
+            return
+        if any(m.id in self._row for m in items):
+            raise KeyError("memory already in the hot tier; remove it first")
+        start, end = self._n, self._n + count
+        self._grow(end)
+        block = self._emb[start:end]
+        np.stack([m.embedding for m in items], out=block)
+        self._norms[start:end] = tiers.norms(block)
+        self._confidence[start:end] = np.fromiter((m.confidence for m in items), np.float32, count)
+        self._created[start:end] = np.fromiter((m.created_at for m in items), np.float64, count)
+        self._recalled[start:end] = np.fromiter(
+            (m.last_recalled_at for m in items), np.float64, count
+        )
+        self._count[start:end] = np.fromiter((m.recall_count for m in items), np.uint64, count)
+        for row, memory in enumerate(items, start):
+            tags = dict(memory.tags)
+            self._ids.append(memory.id)
+            self._contents.append(memory.content)
+            self._tags.append(tags)
+            self._row[memory.id] = row
+            if tags:
+                self._tag_index.add(row, tags)
+        self._n = end
+        self.unsaved.update(m.id for m in items)
+
+    def add_one(self, memory: memories.Memory) -> None:
+        """`add` for a single memory, without building a batch (the common Remember)."""
+        if memory.id in self._row:
+            raise KeyError("memory already in the hot tier; remove it first")
+        row = self._n
+        self._grow(row + 1)
+        self._emb[row] = memory.embedding
+        self._norms[row] = np.sqrt(np.dot(memory.embedding, memory.embedding))
+        self._confidence[row] = memory.confidence
+        self._created[row] = memory.created_at
+        self._recalled[row] = memory.last_recalled_at
+        self._count[row] = memory.recall_count
+        self._ids.append(memory.id)
+        self._contents.append(memory.content)
+        tags = dict(memory.tags)
+        self._tags.append(tags)
+        self._row[memory.id] = row
+        if tags:
+            self._tag_index.add(row, tags)
+        self._n = row + 1
+        self.unsaved.add(memory.id)
 
     def remove(self, memory_id: str) -> bool:
         row = self._row.pop(memory_id, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import uuid
+import os
 from collections.abc import Mapping
 from typing import NewType
 
@@ -69,11 +69,12 @@ class Query:
 
 
 def new_id() -> MemoryId:
-    return MemoryId(uuid.uuid4().hex)
+    """128 random bits, hex: unguessable, so an ID says nothing about other memories."""
+    return MemoryId(os.urandom(16).hex())
 
 
 def check_vector(values: object, dim: int, what: str) -> Vector:
-    """A float32 vector of exactly `dim` finite values, not all zero."""
+    """A float32 vector of exactly `dim` finite values, not all zero, whose norm is finite."""
     try:
         vector = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError) as err:
@@ -83,11 +84,18 @@ def check_vector(values: object, dim: int, what: str) -> Vector:
         raise errors.InvalidMemoryError(
             f"{what} has {got} values; this space's embeddings have exactly {dim}"
         )
-    if not np.isfinite(vector).all():
-        raise errors.InvalidMemoryError(f"{what} contains NaN or infinity; only finite values")
-    norm = float(np.linalg.norm(vector.astype(np.float64)))
-    if norm == 0.0 or not math.isfinite(norm):
-        raise errors.InvalidMemoryError(f"{what} is a zero vector; cosine similarity needs a norm")
+    square = float(np.dot(vector, vector))
+    if square == 0.0 or not math.isfinite(square):
+        # The slow path only finds out which rule was broken.
+        if not np.isfinite(vector).all():
+            raise errors.InvalidMemoryError(f"{what} contains NaN or infinity; only finite values")
+        if not vector.any():
+            raise errors.InvalidMemoryError(
+                f"{what} is a zero vector; cosine similarity needs a norm"
+            )
+        raise errors.InvalidMemoryError(
+            f"{what} is too large or too small to normalise in float32; scale it"
+        )
     return np.ascontiguousarray(vector)
 
 

@@ -93,9 +93,8 @@ def decode(payload: bytes | memoryview) -> Record:
             pos += content_len
             tags = json.loads(bytes(payload[pos : pos + tags_len])) if tags_len else {}
             pos += tags_len
-            embedding = np.frombuffer(payload, dtype="<f4", count=dim, offset=pos).astype(
-                np.float32
-            )
+            # A read-only view into the record: no copy until the memory is placed in a tier.
+            embedding = np.frombuffer(payload, dtype=np.float32, count=dim, offset=pos)
             if pos + 4 * dim != len(payload):
                 raise RecordFormatError("remember record has trailing bytes")
             memory = memories.Memory(

@@ -109,7 +109,8 @@ class Registry:
         async with self._lock(space_id):
             space = self._spaces.get(space_id)
             if space is not None and (space.failed or space.closed):
-                log.warning("space %s: reloading after a failure", space_id)
+                if space.failed:
+                    log.warning("space %s: reloading after a failure", space_id)
                 del self._spaces[space_id]
                 await space.close(consolidate=False)
                 space = None
@@ -160,6 +161,10 @@ class Registry:
                 "this server's spaces are managed by the memspace operator: create a MemorySpace "
                 "resource instead"
             )
+        try:
+            space_id = spaces.parse_space_id(space_id)
+        except spaces.InvalidSpaceIdError as err:
+            raise errors.InvalidSpaceIdError(str(err)) from err
         if not 1 <= embedding_dim <= index.MAX_EMBEDDING_DIM:
             raise errors.InvalidArgumentError(
                 f"embedding_dim is {embedding_dim}; allowed 1..{index.MAX_EMBEDDING_DIM}"

@@ -115,7 +115,7 @@ def _recover(root: Path, entry: index.IndexEntry, settings: EngineSettings) -> _
             tier.remove(memory_id)
         if memory is not None:
             arriving.append(memory)
-    hot.add(tiers.Columns.of(arriving, dim))
+    hot.add_memories(arriving)
     if recovered.replayed:
         log.info(
             "space %s: replayed %d WAL records after checkpoint LSN %d",
@@ -255,7 +255,7 @@ class Space:
 
     async def _durable(self, future: asyncio.Future[None]) -> None:
         try:
-            await asyncio.shield(future)
+            await future
         except errors.MemspaceError as err:
             self._failure = self._failure or err
             raise
@@ -291,19 +291,22 @@ class Space:
                         f"space {self.id!r} holds {self.count()} memories; its quota "
                         f"maxMemories is {limit}. Forget some or raise the quota"
                     )
-            futures = []
-            lsn = 0
-            for memory in batch:
-                lsn, future = self._wal.submit(functools.partial(_remembered, memory, now))
-                futures.append(future)
-                tier = self._locate(memory.id)
+            lsn, future = self._wal.submit_many(
+                [functools.partial(_remembered, memory, now) for memory in batch]
+            )
+            latest = {memory.id: memory for memory in batch}
+            for memory_id in latest:
+                tier = self._locate(memory_id)
                 if tier is None:
                     self._count += 1
                 else:
-                    tier.remove(memory.id)
-                self.hot.add(tiers.Columns.of([memory], self.dim))
+                    tier.remove(memory_id)
+            if len(latest) == 1:
+                self.hot.add_one(batch[-1])
+            else:
+                self.hot.add_memories(list(latest.values()))
             self._note_writes(len(batch), now)
-        await self._durable(futures[-1])
+        await self._durable(future)
         self._maybe_consolidate()
         return len(batch), lsn, [m.id for m in batch]
 

@@ -126,6 +126,12 @@ class TagIndex:
         return np.fromiter(found, dtype=np.int64, count=len(found))
 
 
+def norms(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Row norms in float32, without the temporaries np.linalg.norm makes."""
+    squares: npt.NDArray[np.float32] = np.einsum("ij,ij->i", matrix, matrix)
+    return np.sqrt(squares).astype(np.float32, copy=False)
+
+
 def unit(vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     norm = np.float32(np.linalg.norm(vector))
     return (vector / norm).astype(np.float32, copy=False)

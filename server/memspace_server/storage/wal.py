@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -199,8 +199,9 @@ def read_range(directory: Path, after_lsn: int, through_lsn: int) -> Iterator[re
 @dataclasses.dataclass
 class _Waiter(Generic[T]):
     lsn: int
+    """The last LSN of the waiter's records."""
     future: asyncio.Future[None]
-    event: T
+    events: list[T]
 
 
 class Wal(Generic[T]):
@@ -256,20 +257,36 @@ class Wal(Generic[T]):
     def submit(self, build: Callable[[int], tuple[bytes, T]]) -> tuple[int, asyncio.Future[None]]:
         """Reserve the next LSN, frame the payload `build(lsn)` makes and queue it for the next
         group commit, with the event `on_durable` gets once it is on disk."""
+        return self.submit_many([build])
+
+    def submit_many(
+        self, builds: Sequence[Callable[[int], tuple[bytes, T]]]
+    ) -> tuple[int, asyncio.Future[None]]:
+        """`submit` for several records at once: consecutive LSNs, one future for them all.
+        Returns the last LSN."""
         if self._failure is not None:
             raise self._failure
+        frames = []
+        events = []
         lsn = self._next_lsn
-        payload, event = build(lsn)
-        if len(payload) > MAX_RECORD:
-            raise errors.InvalidMemoryError(f"record of {len(payload)} bytes exceeds the WAL limit")
-        self._next_lsn += 1
-        self.appended_bytes += len(payload) + _FRAME.size
-        self._pending.append(frame(payload))
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(_Waiter(lsn, future, event))
+        for offset, build in enumerate(builds):
+            payload, event = build(lsn + offset)
+            if len(payload) > MAX_RECORD:
+                raise errors.InvalidMemoryError(
+                    f"a record of {len(payload)} bytes exceeds the WAL limit of {MAX_RECORD}"
+                )
+            frames.append(frame(payload))
+            events.append(event)
+        last = lsn + len(frames) - 1
+        self._next_lsn = last + 1
+        self.appended_bytes += sum(len(f) for f in frames)
+        self._pending.extend(frames)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(_Waiter(last, future, events))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-        return lsn, future
+            self._flusher = loop.create_task(self._flush_loop())
+        return last, future
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is durable."""
@@ -352,15 +369,14 @@ class Wal(Generic[T]):
             batch, self._pending = self._pending, []
             waiters, self._waiters = self._waiters, []
             try:
-                await loop.run_in_executor(
-                    self._executor, self._write, b"".join(batch), waiters[0].lsn
-                )
+                first = waiters[0].lsn - len(waiters[0].events) + 1
+                await loop.run_in_executor(self._executor, self._write, b"".join(batch), first)
             except OSError as err:
                 self._fail(err, waiters)
                 return
             self._durable_lsn = waiters[-1].lsn
             try:
-                self._on_durable([w.event for w in waiters])
+                self._on_durable([e for w in waiters for e in w.events])
             finally:
                 for waiter in waiters:
                     if not waiter.future.done():

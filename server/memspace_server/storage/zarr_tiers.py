@@ -10,9 +10,11 @@ blocks: the space calls them from worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mmap
 import os
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,15 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 import zarr.codecs
+import zarr.core.sync as zarr_sync
 
 from memspace_server.storage import memories, tiers
 
-MAX_ROWS = 2**40
-META_CHUNK = 256
+MAX_ROWS = 2**25
+"""Nominal rows of every array of a generation (the real count is in the checkpoint); zarr's
+indexing sizes some work by the number of chunks, so it is large but not huge."""
+META_CHUNK = 64
+"""Rows per chunk of the text columns: a recall reads one such chunk per hit, so keep it small."""
 FLOAT_COLUMNS = ("norms", "confidence", "created_at")
 TEXT_COLUMNS = ("ids", "contents", "tags")
 
@@ -56,6 +62,23 @@ def _fsync_tree(paths: Iterable[Path]) -> None:
             os.close(fd)
 
 
+def _vlen_utf8(path: Path) -> list[str]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        # Zarr writes no chunk that holds only the fill value, "".
+        return [""] * META_CHUNK
+    (count,) = struct.unpack_from("<I", data)
+    items = []
+    pos = 4
+    for _ in range(count):
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        items.append(data[pos : pos + length].decode())
+        pos += length
+    return items
+
+
 class ZarrTier:
     def __init__(
         self,
@@ -78,6 +101,9 @@ class ZarrTier:
         self.path = root / f"g{generation:06d}"
         self.mapped = compression == "none" or name == tiers.WARM
         self._group = self._open_group(rows)
+        self._arrays: dict[str, Any] = {
+            name: self._group[name] for name in ("embeddings", *FLOAT_COLUMNS, *TEXT_COLUMNS)
+        }
         self._n = rows
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
@@ -127,7 +153,13 @@ class ZarrTier:
             "created_at", shape=(MAX_ROWS,), chunks=(self.chunk_rows,), dtype="float64"
         )
         for column in TEXT_COLUMNS:
-            group.create_array(column, shape=(MAX_ROWS,), chunks=(META_CHUNK,), dtype=str)
+            group.create_array(
+                column,
+                shape=(MAX_ROWS,),
+                chunks=(META_CHUNK,),
+                dtype=str,
+                compressors=None if self.mapped else _compressors(self.compression),
+            )
         _fsync_tree(p for p in self.path.rglob("zarr.json"))
         return group
 
@@ -199,8 +231,8 @@ class ZarrTier:
         if any(i in self._row for i in batch.ids):
             raise KeyError(f"memory already in the {self.name} tier; remove it first")
         start, end = self._n, self._n + count
-        group = self._group
-        norms = np.linalg.norm(batch.embeddings, axis=1).astype(np.float32)
+        group = self._arrays
+        norms = tiers.norms(batch.embeddings)
         group["embeddings"][start:end] = batch.embeddings
         group["norms"][start:end] = norms
         group["confidence"][start:end] = batch.confidence
@@ -258,7 +290,7 @@ class ZarrTier:
             chunk = start // self.chunk_rows
             base = chunk * self.chunk_rows
             return self._maps[chunk][start - base : end - base]
-        return np.asarray(self._group["embeddings"][start:end], np.float32)
+        return np.asarray(self._arrays["embeddings"][start:end], np.float32)
 
     def _scores(self, cue: npt.NDArray[np.float32]) -> tiers.Scores:
         scores = np.empty(self._n, np.float32)
@@ -313,41 +345,63 @@ class ZarrTier:
         return list(columns)
 
     def _columns(self, rows: npt.NDArray[np.int64], with_embedding: bool) -> tiers.Columns:
-        group = self._group
-        contents = self._read_rows(group["contents"], rows, META_CHUNK)
-        tag_texts = self._read_rows(group["tags"], rows, META_CHUNK)
+        if self.mapped:
+            found = {column: self._read_text(column, rows) for column in ("contents", "tags")}
+        else:
+            wanted = ["contents", "tags", *(["embeddings"] if with_embedding else [])]
+            found = zarr_sync.sync(self._read_rows(wanted, rows))
         if with_embedding and self.mapped:
             embeddings = np.stack([self._embeddings(int(r), int(r) + 1)[0] for r in rows])
         elif with_embedding:
-            embeddings = self._read_rows(group["embeddings"], rows, self.chunk_rows)
+            embeddings = np.stack(found["embeddings"])
         else:
             embeddings = np.zeros((rows.shape[0], 0), np.float32)
         return tiers.Columns(
             ids=[self._ids[r] for r in rows],
-            contents=[str(c) for c in contents],
+            contents=[str(c) for c in found["contents"]],
             embeddings=embeddings.astype(np.float32, copy=True),
             confidence=self._confidence[rows].copy(),
-            tags=[json.loads(str(t)) if t else {} for t in tag_texts],
+            tags=[json.loads(str(t)) if t else {} for t in found["tags"]],
             created_at=self._created[rows].copy(),
             last_recalled_at=self._recalled[rows].copy(),
             recall_count=self._count[rows].copy(),
         )
 
-    def _read_rows(self, array: Any, rows: npt.NDArray[np.int64], chunk: int) -> Any:
-        """Rows of `array`, reading each chunk that holds one of them once (whole-chunk reads;
-        zarr's fancy indexing sizes its work by the array's nominal shape)."""
-        out: list[Any] = [None] * rows.shape[0]
-        by_chunk: dict[int, list[int]] = {}
-        for position, row in enumerate(rows):
-            by_chunk.setdefault(int(row) // chunk, []).append(position)
-        for index, positions in by_chunk.items():
-            start = index * chunk
-            block = array[start : min(start + chunk, self._n)]
-            for position in positions:
-                out[position] = block[int(rows[position]) - start]
-        if array.ndim == 2:
-            return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
+    def _read_text(self, column: str, rows: npt.NDArray[np.int64]) -> list[str]:
+        """Rows of an uncompressed text column straight from its chunk files, which hold zarr's
+        vlen-utf8 encoding: a u32 count, then per item a u32 length and the UTF-8 bytes. (Zarr
+        costs about a millisecond per chunk read; this costs microseconds.)"""
+        chunks: dict[int, list[str]] = {}
+        out = []
+        for row in rows:
+            index, offset = divmod(int(row), META_CHUNK)
+            items = chunks.get(index)
+            if items is None:
+                items = chunks[index] = _vlen_utf8(self.path / column / "c" / str(index))
+            out.append(items[offset])
         return out
+
+    async def _read_rows(
+        self, columns: list[str], rows: npt.NDArray[np.int64]
+    ) -> dict[str, list[Any]]:
+        """The given rows of several columns, reading every chunk involved once and all of them
+        concurrently, in one trip to zarr's event loop."""
+        plans = []
+        for column in columns:
+            step = self.chunk_rows if column == "embeddings" else META_CHUNK
+            starts = sorted({int(r) // step * step for r in rows})
+            plans.append((column, step, starts))
+        reads = [
+            self._arrays[column].async_array.getitem(slice(start, min(start + step, self._n)))
+            for column, step, starts in plans
+            for start in starts
+        ]
+        blocks = iter(await asyncio.gather(*reads))
+        found: dict[str, list[Any]] = {}
+        for column, step, starts in plans:
+            by_start = {start: next(blocks) for start in starts}
+            found[column] = [by_start[int(r) // step * step][int(r) % step] for r in rows]
+        return found
 
     def recency(self) -> npt.NDArray[np.float64]:
         return np.maximum(self._recalled, self._created)

@@ -1,0 +1,1 @@
+"""memspace benchmarks: every figure measured beside a baseline in the same run."""

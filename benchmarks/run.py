@@ -1,0 +1,47 @@
+"""`make bench`: run every benchmark and write the figures to benchmarks/results.json."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results.json")
+SUITES = ("benchmarks.storage_bench", "benchmarks.grpc_bench")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", choices=[s.rsplit(".", 1)[1] for s in SUITES], action="append")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results: dict[str, object] = {}
+    if args.output.exists() and args.only:
+        results.update(json.loads(args.output.read_text()))
+    for suite in SUITES:
+        name = suite.rsplit(".", 1)[1]
+        if args.only and name not in args.only:
+            continue
+        try:
+            module = importlib.import_module(suite)
+        except ModuleNotFoundError as err:
+            print(f"skipping {name}: {err}", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        module.run(results, quick=args.quick)
+        print(f"   {name} took {time.perf_counter() - start:.0f} s", flush=True)
+    results["quick"] = args.quick
+    args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    width = max(len(k) for k in results)
+    for key, value in sorted(results.items()):
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Storage engine benchmarks, each figure beside its baseline in the same run:
+recall from hot, warm and cold vs faiss IndexFlatIP (and numpy) over the same matrix; remember
+throughput with group commit vs a raw append+fdatasync loop on the same disk; WAL replay rate."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+
+from memspace_contract import index, spaces
+from memspace_server.storage import memories, records, registry, settings, wal
+
+DIM = 768
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000.0
+
+
+def _time(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return _median_ms(samples)
+
+
+async def _atime(fn: Callable[[], Awaitable[object]], repeat: int) -> float:
+    await fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        await fn()
+        samples.append(time.perf_counter() - start)
+    return _median_ms(samples)
+
+
+def _baselines(matrix: np.ndarray, cues: np.ndarray, figures: dict[str, float]) -> None:
+    import faiss  # noqa: PLC0415 - optional, benchmark-only dependency
+
+    unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(matrix.shape[1])
+    flat.add(unit)
+    queries = itertools.cycle(cues)
+    figures["faiss_flat_100k_ms"] = _time(lambda: flat.search(next(queries)[None, :], 10), 40)
+    queries = itertools.cycle(cues)
+
+    def numpy_scan() -> None:
+        scores = unit @ next(queries)
+        np.argpartition(scores, scores.shape[0] - 10)[-10:]
+
+    figures["numpy_flat_100k_ms"] = _time(numpy_scan, 40)
+
+
+async def _recall_figures(
+    reg: registry.Registry,
+    space_id: spaces.SpaceId,
+    matrix: np.ndarray,
+    cues: np.ndarray,
+    figures: dict[str, float],
+    results: dict[str, object],
+) -> None:
+    entry = reg.entries()[space_id]
+    async with reg.lease(space_id) as space:
+        for start in range(0, matrix.shape[0], 1000):
+            drafts = [
+                memories.Draft(content=f"memory {start + i}", embedding=row)
+                for i, row in enumerate(matrix[start : start + 1000])
+            ]
+            await space.remember_many(drafts)
+        queries = itertools.cycle(cues)
+
+        async def recall() -> None:
+            await space.recall(memories.Query(cue=next(queries), k=10))
+
+        figures["recall_hot_100k_ms"] = await _atime(recall, 40)
+        # Replay: reopen the space from its WAL alone (nothing consolidated yet).
+        await space.close(consolidate=False)
+    opened = time.perf_counter()
+    async with reg.lease(space_id) as space:
+        elapsed = time.perf_counter() - opened
+        results["wal_replay_per_s"] = round(matrix.shape[0] / elapsed)
+        space.reconfigure(dataclasses.replace(entry, tiers=index.Tiers(hot_capacity=1)))
+        await space.consolidate()
+        queries = itertools.cycle(cues)
+        figures["recall_warm_100k_ms"] = await _atime(recall_from(space, queries), 40)
+        space.reconfigure(
+            dataclasses.replace(entry, tiers=index.Tiers(hot_capacity=1, warm_capacity=1))
+        )
+        await space.consolidate()
+        queries = itertools.cycle(cues)
+        figures["recall_cold_100k_ms"] = await _atime(recall_from(space, queries), 5)
+        results["tier_placement_cold_run"] = space.health().tier_memories
+
+
+def recall_from(space: object, queries: object) -> Callable[[], Awaitable[object]]:
+    async def recall() -> object:
+        return await space.recall(memories.Query(cue=next(queries), k=10))  # type: ignore[attr-defined, call-overload]
+
+    return recall
+
+
+async def _remember_rate(
+    reg: registry.Registry,
+    space_id: spaces.SpaceId,
+    writers: int,
+    per_call: int,
+    seconds: float,
+) -> tuple[float, int]:
+    """Memories per second from `writers` concurrent callers, each remembering `per_call`
+    memories a call (1: Remember; more: RememberBatch), and the records per fsync achieved."""
+    rng = np.random.default_rng(1)
+    pool = rng.normal(size=(256, DIM)).astype(np.float32)
+    done = 0
+    async with reg.lease(space_id) as space:
+        deadline = time.perf_counter() + seconds
+        syncs_before = space._wal.syncs
+
+        async def writer(w: int) -> None:
+            nonlocal done
+            i = 0
+            while time.perf_counter() < deadline:
+                drafts = [
+                    memories.Draft(content=f"w{w} {i + j}", embedding=pool[(w * 7 + i + j) % 256])
+                    for j in range(per_call)
+                ]
+                await space.remember_many(drafts)
+                i += per_call
+                done += per_call
+
+        start = time.perf_counter()
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+        elapsed = time.perf_counter() - start
+        batch = round(done / max(1, space._wal.syncs - syncs_before))
+    return done / elapsed, batch
+
+
+def _raw_group_commit_rate(directory: Path, batch: int, seconds: float) -> float:
+    """The same records appended `batch` at a time with one fdatasync each: the disk's bound."""
+    memory = memories.Memory(
+        id=memories.MemoryId("x" * 32),
+        content="w0 12345",
+        embedding=np.ones(DIM, np.float32),
+        confidence=1.0,
+        tags={},
+        created_at=1.0,
+    )
+    frame = wal.frame(records.encode_remember(1, 1.0, memory))
+    chunk = frame * batch
+    fd = os.open(directory / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    count = 0
+    try:
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            os.write(fd, chunk)
+            os.fdatasync(fd)
+            count += batch
+        return count / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+async def _run(results: dict[str, object], quick: bool) -> None:
+    figures: dict[str, float] = {}
+    await _measure(figures, results, quick)
+    results.update(figures)
+
+
+async def _measure(figures: dict[str, float], results: dict[str, object], quick: bool) -> None:
+    rows = 5_000 if quick else 100_000
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(rows, DIM)).astype(np.float32)
+    cues = rng.normal(size=(10, DIM)).astype(np.float32)
+    results["recall_rows"] = rows
+    _baselines(matrix, cues, figures)
+    with tempfile.TemporaryDirectory(
+        prefix="memspace-bench-", dir=os.environ.get("MEMSPACE_BENCH_DIR")
+    ) as tmp:
+        root = Path(tmp)
+        big = settings.EngineSettings(consolidate_wal_bytes=1 << 40)
+        reg = registry.standalone(root / "recall", big)
+        try:
+            space_id = spaces.SpaceId("bench")
+            await reg.create(space_id, DIM, tiers_config=index.Tiers(hot_capacity=rows * 2))
+            await _recall_figures(reg, space_id, matrix, cues, figures, results)
+        finally:
+            await reg.close()
+        seconds = 1.0 if quick else 5.0
+        for label, writers, per_call in (("remember", 8, 100), ("remember_single", 64, 1)):
+            reg = registry.standalone(root / label, big)
+            try:
+                space_id = spaces.SpaceId(label.replace("_", "-"))
+                await reg.create(space_id, DIM, tiers_config=index.Tiers(hot_capacity=10**7))
+                rate, batch = await _remember_rate(reg, space_id, writers, per_call, seconds)
+            finally:
+                await reg.close()
+            raw = _raw_group_commit_rate(root, batch, seconds)
+            results[f"{label}_per_s"] = round(rate)
+            results[f"{label}_records_per_fsync"] = batch
+            results[f"raw_group_commit_{label}_per_s"] = round(raw)
+            results[f"{label}_vs_raw"] = round(rate / raw, 3)
+        results["raw_group_commit_per_s"] = results["raw_group_commit_remember_per_s"]
+    faiss_ms = figures["faiss_flat_100k_ms"]
+    for tier in ("hot", "warm", "cold"):
+        results[f"recall_{tier}_vs_faiss"] = round(figures[f"recall_{tier}_100k_ms"] / faiss_ms, 3)
+
+
+def run(results: dict[str, object], quick: bool = False) -> None:
+    asyncio.run(_run(results, quick))
