@@ -371,7 +371,7 @@ class Wal(Generic[T]):
             try:
                 first = waiters[0].lsn - len(waiters[0].events) + 1
                 await loop.run_in_executor(self._executor, self._write, b"".join(batch), first)
-            except OSError as err:
+            except Exception as err:  # every waiter must hear of any failure, not hang
                 self._fail(err, waiters)
                 return
             self._durable_lsn = waiters[-1].lsn
@@ -382,16 +382,17 @@ class Wal(Generic[T]):
                     if not waiter.future.done():
                         waiter.future.set_result(None)
 
-    def _fail(self, err: OSError, waiters: list[_Waiter[T]]) -> None:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    def _fail(self, err: Exception, waiters: list[_Waiter[T]]) -> None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             failure: errors.MemspaceError = errors.DiskFullError(
                 "the space's volume is full; the write was not stored. Free space or grow the "
                 "volume (storage.size), then retry"
             )
         else:
+            reason = os.strerror(err.errno or 0) if isinstance(err, OSError) else "internal error"
             failure = errors.UnavailableError(
-                f"the space's log could not be written ({os.strerror(err.errno or 0)}); "
-                "the write was not stored, retry shortly"
+                f"the space's log could not be written ({reason}); the write was not stored, "
+                "retry shortly"
             )
         log.error("WAL append failed in %s: %s", self.directory, err)
         self._failure = failure
