@@ -32,6 +32,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy server contract operator cli tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
 
 fmt: venv
 	$(BIN)/ruff format .
