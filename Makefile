@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 
 .PHONY: help venv run test lint fmt bench soak clean proto
 
+include hack/k8s.mk
+
 help:
 	@echo "make run    install and start a standalone memspace server on $(LISTEN) (data in $(DATA))"
 	@echo "make test   install everything, run lint and the whole test suite"
@@ -38,7 +40,7 @@ fmt: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint k8s-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 soak: venv

@@ -1,0 +1,255 @@
+"""The MemorySpace CRD on a real API server: established, defaulted, strict about bad objects."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from typing import Any, cast
+
+import kubernetes.client
+import pytest
+
+from tests.support import cluster as harness
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION, PLURAL = "memspace.dev", "v1alpha1", "memoryspaces"
+
+
+def memory_space(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MemorySpace",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def apply(cluster: harness.Cluster, body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("apply", "-f", "-", input=json.dumps(body), check=False)
+
+
+def test_the_crd_becomes_established(cluster: harness.Cluster, crds: list[str]) -> None:
+    assert "customresourcedefinition.apiextensions.k8s.io/memoryspaces.memspace.dev" in crds
+    crd = json.loads(
+        cluster.kubectl("get", "crd", "memoryspaces.memspace.dev", "-o", "json").stdout
+    )
+    conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conditions["Established"] == "True"
+    assert conditions["NamesAccepted"] == "True"
+    assert crd["status"]["acceptedNames"]["shortNames"] == ["msp"]
+
+
+def test_a_minimal_space_gets_every_default(
+    cluster: harness.Cluster, crds: list[str], namespace: str
+) -> None:
+    with cluster.kube_api() as api:
+        objects = kubernetes.client.CustomObjectsApi(api)
+        body = memory_space("notes", namespace)
+        created = cast(
+            "dict[str, Any]",
+            objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body),
+        )
+    assert created["spec"] == {
+        "embeddingDim": 768,
+        "storage": {"size": "10Gi", "reclaimPolicy": "Retain"},
+        "tiers": {"hotCapacity": 100000, "warmCapacity": 1000000, "coldCompression": "zstd"},
+        "state": "Active",
+    }
+
+
+def test_a_space_without_spec_gets_defaults_too(
+    cluster: harness.Cluster, crds: list[str], namespace: str
+) -> None:
+    body = memory_space("bare", namespace)
+    del body["spec"]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+    got = cluster.kubectl("get", "msp", "bare", "-n", namespace, "-o=jsonpath={.spec.embeddingDim}")
+    assert got.stdout == "768"
+
+
+INVALID: dict[str, tuple[dict[str, Any], str]] = {
+    "bad-pattern": ({"spaceId": "Bad_ID"}, '"Bad_ID": spec.spaceId in body should match'),
+    "too-short": ({"spaceId": "ab"}, '"ab": spec.spaceId in body should be at least 3 chars'),
+    "too-long": ({"spaceId": "a" * 64}, "spec.spaceId: Too long: may not be more than 63"),
+    "dim-zero": (
+        {"embeddingDim": 0},
+        "0: spec.embeddingDim in body should be greater than or equal to 1",
+    ),
+    "dim-big": (
+        {"embeddingDim": 4097},
+        "4097: spec.embeddingDim in body should be less than or equal to 4096",
+    ),
+    "bad-state": (
+        {"state": "Paused"},
+        'spec.state: Unsupported value: "Paused": supported values: "Active", "Inactive"',
+    ),
+    "bad-codec": (
+        {"tiers": {"coldCompression": "gzip"}},
+        'spec.tiers.coldCompression: Unsupported value: "gzip"',
+    ),
+    "bad-policy": (
+        {"storage": {"reclaimPolicy": "Recycle"}},
+        'spec.storage.reclaimPolicy: Unsupported value: "Recycle"',
+    ),
+    "bad-size": ({"storage": {"size": "ten"}}, "spec.storage.size must be a positive quantity"),
+    "zero-size": ({"storage": {"size": "0"}}, "spec.storage.size must be a positive quantity"),
+    "no-hot": ({"tiers": {"hotCapacity": 0}}, "spec.tiers.hotCapacity: Invalid value: 0"),
+    "no-quota": ({"quota": {"maxMemories": 0}}, "spec.quota.maxMemories: Invalid value: 0"),
+    # No spaceId: the name is the ID, so it must be one.
+    "x": (
+        {},
+        "spec.spaceId is not set, so it defaults to metadata.name, which must then be a valid",
+    ),
+}
+
+
+@pytest.mark.usefixtures("crds")
+@pytest.mark.parametrize("name", INVALID)
+def test_an_invalid_space_is_rejected_with_a_clear_message(
+    cluster: harness.Cluster, namespace: str, name: str
+) -> None:
+    spec, message = INVALID[name]
+    result = apply(cluster, memory_space(name, namespace, **spec))
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+IMMUTABLE: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "spaceId changed": ({"spaceId": "first"}, {"spaceId": "second"}, "spec.spaceId is immutable"),
+    "spaceId set": ({}, {"spaceId": "other-id"}, "spec.spaceId is immutable"),
+    "spaceId unset": ({"spaceId": "first"}, {}, "spec.spaceId is immutable"),
+    "embeddingDim": ({"embeddingDim": 384}, {"embeddingDim": 768}, "embeddingDim is immutable"),
+    "size shrunk": (
+        {"storage": {"size": "10Gi"}},
+        {"storage": {"size": "5Gi"}},
+        "spec.storage.size may grow but never shrink",
+    ),
+    "size shrunk a little": (
+        {"storage": {"size": "1Gi"}},
+        {"storage": {"size": "1023Mi"}},
+        "spec.storage.size may grow but never shrink",
+    ),
+    "class changed": (
+        {"storage": {"storageClassName": "fast"}},
+        {"storage": {"storageClassName": "slow"}},
+        "spec.storage.storageClassName is immutable",
+    ),
+    "class set": (
+        {},
+        {"storage": {"storageClassName": "slow"}},
+        "spec.storage.storageClassName is immutable",
+    ),
+}
+
+
+@pytest.mark.usefixtures("crds")
+@pytest.mark.parametrize("change", IMMUTABLE)
+def test_an_immutable_change_is_rejected(
+    cluster: harness.Cluster, namespace: str, change: str
+) -> None:
+    before, after, message = IMMUTABLE[change]
+    cluster.kubectl(
+        "create", "-f", "-", input=json.dumps(memory_space("space", namespace, **before))
+    )
+    result = cluster.kubectl(
+        "replace",
+        "-f",
+        "-",
+        input=json.dumps(memory_space("space", namespace, **after)),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+@pytest.mark.usefixtures("crds")
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"storage": {"size": "10Gi"}}, {"storage": {"size": "20Gi"}}),
+        ({"storage": {"size": "1Gi"}}, {"storage": {"size": "1024Mi"}}),
+        ({}, {"spaceId": "space"}),  # the default made explicit is the same ID
+        ({"state": "Active"}, {"state": "Inactive"}),
+        (
+            {"tiers": {"hotCapacity": 10}},
+            {"tiers": {"hotCapacity": 20}, "quota": {"maxMemories": 5}},
+        ),
+    ],
+)
+def test_an_allowed_change_is_accepted(
+    cluster: harness.Cluster, namespace: str, before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    cluster.kubectl(
+        "create", "-f", "-", input=json.dumps(memory_space("space", namespace, **before))
+    )
+    cluster.kubectl(
+        "replace", "-f", "-", input=json.dumps(memory_space("space", namespace, **after))
+    )
+
+
+FULL_STATUS: dict[str, Any] = {
+    "observedGeneration": 1,
+    "conditions": [
+        {
+            "type": "Ready",
+            "status": "True",
+            "reason": "SpaceReady",
+            "message": "serving",
+            "lastTransitionTime": "2026-01-02T03:04:05Z",
+            "observedGeneration": 1,
+        },
+    ],
+    "spaceId": "notes",
+    "shard": 0,
+    "endpoint": "memspace-shard-0.memspace-system.svc:50051",
+    "claimName": "space-notes",
+    "credentialsSecret": "notes-memspace",
+    "memories": 1234,
+    "pressure": 0.25,
+    "walLagMs": 12.5,
+    "consolidationRate": 3.5,
+    "tierMemories": {"hot": 1000, "warm": 200, "cold": 34},
+    "lastHealthTime": "2026-01-02T03:04:05Z",
+    "kopf": {"progress": {"create": {"retries": 1}}},
+}
+
+
+def test_status_keeps_every_field_and_shows_in_the_printer_columns(
+    cluster: harness.Cluster, crds: list[str], namespace: str
+) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(memory_space("notes", namespace)))
+    status = copy.deepcopy(FULL_STATUS)
+    cluster.kubectl(
+        "patch", "msp", "notes", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {**status, "unknownField": "pruned"}}),
+    )  # fmt: skip
+    got = json.loads(cluster.kubectl("get", "msp", "notes", "-n", namespace, "-o", "json").stdout)
+    assert got["status"] == status
+
+    table = cluster.kubectl("get", "msp", "notes", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == [
+        "NAME",
+        "SPACEID",
+        "READY",
+        "REASON",
+        "MEMORIES",
+        "PRESSURE",
+        "WAL-LAG",
+        "AGE",
+    ]
+    assert table[1].split()[:7] == ["notes", "notes", "True", "SpaceReady", "1234", "0.25", "12.5"]
+
+
+def test_a_bad_status_is_rejected(
+    cluster: harness.Cluster, crds: list[str], namespace: str
+) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(memory_space("notes", namespace)))
+    bad = {"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}}
+    result = cluster.kubectl(
+        "patch", "msp", "notes", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps(bad), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert 'Unsupported value: "Maybe"' in result.stderr
