@@ -32,7 +32,7 @@ run: venv
 lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy server contract operator cli tests benchmarks
+	$(BIN)/mypy $(wildcard server contract operator cli tests benchmarks)
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
