@@ -49,5 +49,8 @@ soak: venv
 bench: venv
 	$(BIN)/python -m benchmarks.run
 
+proto: venv
+	$(BIN)/python server/proto/generate.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,595 @@
+"""gRPC server benchmarks, each figure beside its baseline in the same run:
+
+- unary Recall and Remember throughput of a real `memspace serve` vs a bare grpc.aio echo
+  server (same client, same concurrency, rounds interleaved);
+- Recall latency through gRPC vs in-process, over the same space;
+- Recall and Remember latency with 1,000 spaces loaded vs one (two servers, rounds interleaved);
+- RSS and open files per idle space (10,000 spaces on disk vs one);
+- p99 Remember latency at 32 concurrent writers;
+- time from start to serving with 10,000 spaces on disk (vs one space).
+
+Servers run as `memspace serve` subprocesses (the load generator runs here), so the figures
+include process start, imports and the real flags. `python -m benchmarks.grpc_bench echo` is the
+echo server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memspace_cli.serve import limit_blas_threads
+from memspace_contract import index, spaces
+from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+ECHO_METHOD = "/bench.Echo/Echo"
+CONCURRENCY = 32
+PARTS = ("throughput", "restart", "many")
+_ADDRESS = re.compile(r"serving (?:\d+ spaces )?on (\S+)")
+
+
+# -- servers in subprocesses ---------------------------------------------------------------------
+
+
+class Process:
+    """A server subprocess with its address, RSS and open files."""
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        self.started = time.perf_counter()
+        self.address = ""
+
+    def wait_address(self, limit_s: float = 60.0) -> str:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            found = _ADDRESS.search(self.log.read_text())
+            if found:
+                self.address = found.group(1)
+                return self.address
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.005)
+        raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def open_files(self) -> int:
+        return len(os.listdir(f"/proc/{self.popen.pid}/fd"))
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+
+def memspace_serve(data: Path, log: Path, *extra: str) -> Process:
+    """`memspace serve` on a free port (it limits its own BLAS threads)."""
+    return Process(
+        [
+            sys.executable,
+            "-m",
+            "memspace_cli.main",
+            "serve",
+            "--data-root",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            *extra,
+        ],
+        log,
+    )
+
+
+@contextlib.contextmanager
+def running(process: Process) -> Iterator[Process]:
+    try:
+        process.wait_address()
+        yield process
+    finally:
+        process.stop()
+
+
+async def wait_serving(address: str, limit_s: float = 60.0) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.005)
+
+
+def echo_main() -> None:
+    """A bare grpc.aio server with one unary method returning its request bytes."""
+
+    async def echo(request: bytes, context: object) -> bytes:
+        return request
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(echo)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"serving on 127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[object]], concurrency: int, seconds: float
+) -> tuple[float, list[float]]:
+    """`concurrency` callers calling back to back for `seconds`: (calls/s, latencies in s)."""
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
+async def sequential(call: Callable[[], Awaitable[object]], count: int) -> list[float]:
+    await call()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000.0
+
+
+def p99_ms(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000.0
+
+
+rng = np.random.default_rng(7)
+
+
+def vectors(count: int, dim: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    return rng.standard_normal((count, dim)).astype(np.float32)
+
+
+async def fill(stub: pb_grpc.MemoryServiceAsyncStub, space: str, count: int, dim: int) -> None:
+    """`count` memories in `space`, by RememberBatch streams of 1,000."""
+    matrix = vectors(count, dim)
+    for start in range(0, count, 1000):
+
+        async def requests(start: int = start) -> AsyncIterator[pb.RememberRequest]:
+            for row in range(start, min(count, start + 1000)):
+                yield pb.RememberRequest(
+                    space=space,
+                    memory=pb.Memory(content=f"memory {row}", embedding=matrix[row].tolist()),
+                )
+
+        await stub.RememberBatch(requests())
+
+
+# -- throughput and latency of one server ----------------------------------------------------
+
+
+async def throughput(results: dict[str, object], work: Path, quick: bool) -> None:
+    """Recall/Remember QPS vs echo; Recall latency through gRPC vs in-process; p99 Remember at
+    32 writers through gRPC and in-process."""
+    from memspace_server.storage import registry  # noqa: PLC0415  # the engine, in-process
+
+    seconds = 1.5 if quick else 3.0
+    rounds = 2 if quick else 3
+    big = 2_000 if quick else 10_000
+    data = work / "main"
+    echo = Process([sys.executable, "-m", "benchmarks.grpc_bench", "echo"], work / "echo.log")
+    server = memspace_serve(data, work / "server.log")
+    with running(echo), running(server):
+        async with (
+            grpc.aio.insecure_channel(echo.address) as echo_channel,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            memories = pb_grpc.MemoryServiceStub(channel)
+            admin = pb_grpc.SpaceServiceStub(channel)
+            for name, dim in (("recall", 64), ("writes", 64), ("big", 384), ("p99", 384)):
+                await admin.CreateSpace(pb.CreateSpaceRequest(space=name, embedding_dim=dim))
+            await fill(memories, "recall", 1_000, 64)
+            await fill(memories, "big", big, 384)
+            # The same space, opened in this process too: calls alternate between the two.
+            copy_space(data, work / "local", "big")
+            cue = pb.RecallRequest(space="big", cue=vectors(1, 384)[0].tolist(), k=10)
+            await compare_recall(
+                results,
+                (server.address, echo.address),
+                work / "local",
+                cue,
+                150 if quick else 400,
+            )
+            held = registry.standalone(work / "local")
+            try:
+                await qps(results, echo, echo_channel, server, memories, rounds, seconds)
+                await p99(results, memories, held, seconds * 1.5)
+            finally:
+                await held.close()
+
+
+def copy_space(source: Path, target: Path, name: str) -> None:
+    """A standalone data root holding a copy of one space (its WAL is fsynced: consistent)."""
+    shutil.copytree(source / "spaces" / name, target / "spaces" / name)
+    (target / "index").mkdir(parents=True)
+    shutil.copy(source / "index" / f"{name}.json", target / "index" / f"{name}.json")
+
+
+async def compare_recall(
+    results: dict[str, object],
+    addresses: tuple[str, str],
+    root: Path,
+    cue: pb.RecallRequest,
+    count: int,
+) -> None:
+    """Recall through the server vs in-process over a copy of the same space, calls alternating,
+    measured in a child process whose BLAS threads are limited as `memspace serve` limits the
+    server's (this process may have loaded numpy with other settings)."""
+    env = dict(os.environ)
+    limit_blas_threads(env)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.grpc_bench",
+        "compare",
+        *addresses,
+        str(root),
+        cue.SerializeToString().hex(),
+        str(count),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+    )
+    out, _ = await child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"the in-process comparison failed ({child.returncode})")
+    results.update(json.loads(out))
+
+
+def compare_main(address: str, echo_address: str, root: str, cue_hex: str, count: int) -> None:
+    """The child of `compare_recall`: prints its figures as JSON (with the echo server's round
+    trip, the floor of any gRPC call on this machine)."""
+    from memspace_server.api import converters  # noqa: PLC0415  # the engine, in-process
+    from memspace_server.storage import registry  # noqa: PLC0415
+
+    cue = pb.RecallRequest.FromString(bytes.fromhex(cue_hex))
+
+    async def measure() -> dict[str, float]:
+        held = registry.standalone(Path(root))
+        remote: list[float] = []
+        local: list[float] = []
+        echoed: list[float] = []
+        payload = cue.SerializeToString()
+        try:
+            async with (
+                grpc.aio.insecure_channel(address) as channel,
+                grpc.aio.insecure_channel(echo_address) as echo_channel,
+                held.lease(spaces.SpaceId(cue.space)) as space,
+            ):
+                memories = pb_grpc.MemoryServiceStub(channel)
+                echo = echo_channel.unary_unary(
+                    ECHO_METHOD, request_serializer=None, response_deserializer=None
+                )
+                query = converters.query(cue)
+                await space.recall(query)
+                await memories.Recall(cue)
+                await echo(payload)
+                for _ in range(count):
+                    started = time.perf_counter()
+                    await memories.Recall(cue)
+                    remote.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    await space.recall(query)
+                    local.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    await echo(payload)
+                    echoed.append(time.perf_counter() - started)
+        finally:
+            await held.close()
+        return {
+            "grpc_recall_ms": round(median_ms(remote), 3),
+            "inprocess_recall_ms": round(median_ms(local), 3),
+            "grpc_recall_extra_ms": round(median_ms(remote) - median_ms(local), 3),
+            "echo_round_trip_ms": round(median_ms(echoed), 3),
+        }
+
+    print(json.dumps(asyncio.run(measure())))
+
+
+async def qps(
+    results: dict[str, object],
+    echo: Process,
+    echo_channel: grpc.aio.Channel,
+    server: Process,
+    memories: pb_grpc.MemoryServiceAsyncStub,
+    rounds: int,
+    seconds: float,
+) -> None:
+    recall = pb.RecallRequest(space="recall", cue=vectors(1, 64)[0].tolist(), k=10)
+    remember = pb.RememberRequest(
+        space="writes", memory=pb.Memory(content="x" * 100, embedding=[0.5] * 64)
+    )
+    echo_call = echo_channel.unary_unary(
+        ECHO_METHOD, request_serializer=None, response_deserializer=None
+    )
+    payload = recall.SerializeToString()
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "echo": lambda: echo_call(payload),
+        "recall": lambda: memories.Recall(recall),
+        "remember": lambda: memories.Remember(remember),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            process = echo if name == "echo" else server
+            before = process.cpu_s()
+            rate, _ = await closed_loop(call, CONCURRENCY, seconds)
+            rates[name].append(rate)
+            cpu[name].append((process.cpu_s() - before) / (rate * seconds) * 1e6)
+    best = {name: max(found) for name, found in rates.items()}
+    results["echo_qps"] = round(best["echo"])
+    results["grpc_recall_qps"] = round(best["recall"])
+    results["grpc_remember_qps"] = round(best["remember"])
+    results["grpc_vs_echo"] = round(min(best["recall"], best["remember"]) / best["echo"], 3)
+    for name in calls:
+        results[f"server_cpu_us_per_call_{name}"] = round(statistics.median(cpu[name]), 1)
+
+
+async def p99(
+    results: dict[str, object],
+    memories: pb_grpc.MemoryServiceAsyncStub,
+    held: Any,
+    seconds: float,
+) -> None:
+    from memspace_server.api import converters  # noqa: PLC0415
+
+    writer = pb.RememberRequest(
+        space="p99", memory=pb.Memory(content="y" * 200, embedding=vectors(1, 384)[0].tolist())
+    )
+    rate, latencies = await closed_loop(lambda: memories.Remember(writer), 32, seconds)
+    results["remember_p99_ms_32_writers"] = round(p99_ms(latencies), 2)
+    results["remember_p50_ms_32_writers"] = round(median_ms(latencies), 2)
+    results["remember_qps_32_writers"] = round(rate)
+    await held.create(spaces.SpaceId("p99"), 384)
+    async with held.lease(spaces.SpaceId("p99")) as space:
+        draft = converters.draft(writer)
+        _, local = await closed_loop(lambda: space.remember(draft), 32, seconds)
+    results["inprocess_remember_p99_ms_32_writers"] = round(p99_ms(local), 2)
+
+
+# -- many spaces ---------------------------------------------------------------------------
+
+
+async def template_space(root: Path, dim: int, count: int) -> Path:
+    """One space with `count` memories, loaded once and flushed: cloned to make many."""
+    from memspace_server.storage import memories, registry  # noqa: PLC0415
+
+    held = registry.standalone(root)
+    space_id = spaces.SpaceId("template")
+    await held.create(space_id, dim)
+    matrix = vectors(count, dim)
+    async with held.lease(space_id) as space:
+        await space.remember_many(
+            [memories.Draft(content=f"m{i}", embedding=matrix[i]) for i in range(count)]
+        )
+    await held.close()
+    return root / "spaces" / "template"
+
+
+def clone_spaces(template: Path, root: Path, names: list[str], dim: int) -> None:
+    """Standalone data roots holding copies of `template` under other IDs (set-up only: the
+    identity file is the one place a volume names its space)."""
+    for name in names:
+        target = root / "spaces" / name
+        shutil.copytree(template, target)
+        identity = json.loads((target / "space.json").read_text())
+        identity["spaceId"] = name
+        (target / "space.json").write_text(json.dumps(identity))
+        entry = index.IndexEntry(space_id=spaces.SpaceId(name), embedding_dim=dim)
+        (root / "index").mkdir(parents=True, exist_ok=True)
+        (root / "index" / index.entry_filename(entry.space_id)).write_text(entry.dumps())
+
+
+def empty_spaces(root: Path, count: int, dim: int) -> None:
+    """`count` spaces as CreateSpace leaves them (identity and index entry), without fsyncs."""
+    (root / "index").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        name = f"idle-{i:05d}"
+        volume = root / "spaces" / name
+        volume.mkdir(parents=True)
+        doc = {"spaceId": name, "embeddingDim": dim, "formatVersion": 1, "created": "2026-01-01"}
+        (volume / "space.json").write_text(json.dumps(doc))
+        entry = index.IndexEntry(space_id=spaces.SpaceId(name), embedding_dim=dim)
+        (root / "index" / index.entry_filename(entry.space_id)).write_text(entry.dumps())
+
+
+async def many_spaces(results: dict[str, object], work: Path, quick: bool) -> None:
+    """Latency on one space while 1,000 are loaded vs while it is alone, rounds interleaved."""
+    dim, loaded = 64, 1_000
+    template = await template_space(work / "template", dim, 100)
+    names = [f"s{i:04d}" for i in range(loaded)]
+    clone_spaces(template, work / "one", names[:1], dim)
+    clone_spaces(template, work / "many", names, dim)
+    one = memspace_serve(work / "one", work / "one.log")
+    many = memspace_serve(work / "many", work / "many.log")
+    with running(one), running(many):
+        async with (
+            grpc.aio.insecure_channel(one.address) as one_channel,
+            grpc.aio.insecure_channel(many.address) as many_channel,
+        ):
+            stubs = {
+                "one": pb_grpc.MemoryServiceStub(one_channel),
+                "many": pb_grpc.MemoryServiceStub(many_channel),
+            }
+            cue = vectors(1, dim)[0].tolist()
+            before = (many.rss_kib(), many.open_files())
+            touch = pb.RecallRequest(cue=cue, k=10)
+            queue = list(names)
+
+            async def loader() -> None:
+                while queue:
+                    name = queue.pop()
+                    await stubs["many"].Recall(touch, metadata=(("x-memory-space", name),))
+
+            await asyncio.gather(*(loader() for _ in range(8)))
+            after = (many.rss_kib(), many.open_files())
+            results["loaded_space_rss_kib"] = round((after[0] - before[0]) / loaded, 1)
+            results["loaded_space_open_files"] = round((after[1] - before[1]) / loaded, 2)
+            recall = pb.RecallRequest(space="s0000", cue=cue, k=10)
+            remember = pb.RememberRequest(
+                space="s0000", memory=pb.Memory(content="z" * 100, embedding=cue)
+            )
+            # Calls alternate between the two servers, so both see the same machine.
+            samples: dict[tuple[str, str], list[float]] = {}
+            calls: dict[str, Callable[[pb_grpc.MemoryServiceAsyncStub], Awaitable[object]]] = {
+                "recall": lambda stub: stub.Recall(recall),
+                "remember": lambda stub: stub.Remember(remember),
+            }
+            for kind, call in calls.items():
+                for stub in stubs.values():
+                    await call(stub)  # warm
+                for _ in range(300 if quick else 800):
+                    for server, stub in stubs.items():
+                        started = time.perf_counter()
+                        await call(stub)
+                        samples.setdefault((server, kind), []).append(time.perf_counter() - started)
+    ratio = {
+        kind: median_ms(samples[("many", kind)]) / median_ms(samples[("one", kind)])
+        for kind in ("recall", "remember")
+    }
+    results["spaces_1000_recall_ms"] = round(median_ms(samples[("many", "recall")]), 3)
+    results["spaces_1_recall_ms"] = round(median_ms(samples[("one", "recall")]), 3)
+    results["spaces_1000_remember_ms"] = round(median_ms(samples[("many", "remember")]), 3)
+    results["spaces_1_remember_ms"] = round(median_ms(samples[("one", "remember")]), 3)
+    results["spaces_1000_vs_1_recall_ratio"] = round(ratio["recall"], 3)
+    results["spaces_1000_vs_1_remember_ratio"] = round(ratio["remember"], 3)
+    results["spaces_1000_vs_1_latency_ratio"] = round(max(ratio.values()), 3)
+
+
+async def restart(results: dict[str, object], work: Path, quick: bool) -> None:
+    """Start to serving with 10,000 spaces on disk vs one; RSS and open files of idle spaces."""
+    count = 10_000
+    empty_spaces(work / "idle", count, 768)
+    empty_spaces(work / "single", 1, 768)
+    figures: dict[str, tuple[float, int, int]] = {}
+    for name in ("single", "idle") if quick else ("single", "idle", "single", "idle"):
+        process = memspace_serve(work / name, work / f"{name}.log")
+        try:
+            process.wait_address()
+            await wait_serving(process.address)
+            elapsed = time.perf_counter() - process.started
+            await asyncio.sleep(0.5)  # settled: housekeeping ran once
+            shown = (elapsed, process.rss_kib(), process.open_files())
+            if name not in figures or elapsed < figures[name][0]:
+                figures[name] = shown
+        finally:
+            process.stop()
+    results["restart_1_space_s"] = round(figures["single"][0], 2)
+    results["restart_10000_spaces_s"] = round(figures["idle"][0], 2)
+    results["idle_space_rss_kib"] = round(
+        (figures["idle"][1] - figures["single"][1]) / (count - 1), 2
+    )
+    results["idle_space_open_files"] = (figures["idle"][2] - figures["single"][2]) / (count - 1)
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+async def _run(
+    results: dict[str, object], quick: bool, work: Path, parts: tuple[str, ...] = PARTS
+) -> None:
+    if "throughput" in parts:
+        await _throughput(results, quick, work)
+    if "restart" in parts:
+        started = time.perf_counter()
+        await restart(results, work, quick)
+        print(f"   restart and idle spaces: {time.perf_counter() - started:.0f} s", flush=True)
+    if "many" in parts:
+        started = time.perf_counter()
+        await many_spaces(results, work, quick)
+        print(f"   1,000 spaces: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+async def _throughput(results: dict[str, object], quick: bool, work: Path) -> None:
+    started = time.perf_counter()
+    await throughput(results, work, quick)
+    print(f"   throughput and latency: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def run(results: dict[str, object], quick: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="memspace-grpc-bench-") as tmp:
+        asyncio.run(_run(results, quick, Path(tmp)))
+
+
+def main() -> None:
+    """`python -m benchmarks.grpc_bench [--quick] [PART...]` runs some parts alone (PARTS);
+    `... echo` is the echo server."""
+    args = sys.argv[1:]
+    if args == ["echo"]:
+        echo_main()
+        return
+    if args[:1] == ["compare"]:
+        compare_main(args[1], args[2], args[3], args[4], int(args[5]))
+        return
+    parts = tuple(a for a in args if a in PARTS) or PARTS
+    figures: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="memspace-grpc-bench-") as tmp:
+        asyncio.run(_run(figures, "--quick" in args, Path(tmp), parts))
+    print(json.dumps(figures, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Entry point of the `memspace` console script: one subcommand per part of the product."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from memspace_cli import serve, status
+
+
+def _operator(args: argparse.Namespace) -> int:
+    try:
+        module = importlib.import_module("memspace_operator.main")
+    except ModuleNotFoundError as err:
+        if err.name is not None and not err.name.startswith("memspace_operator"):
+            raise
+        print(
+            "memspace operator: the operator is not installed in this environment "
+            "(package memspace_operator); install memspace with the operator, or run the "
+            "memspace image",
+            file=sys.stderr,
+        )
+        return 2
+    code = module.main(args.operator_args)
+    return int(code or 0)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="memspace",
+        description="Kubernetes-native, multi-tenant memory spaces for AI agents.",
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve.add_parser(commands)
+    status.add_parser(commands)
+    operator = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator",
+        description="Run the memspace operator (arguments are passed to it).",
+    )
+    operator.add_argument("operator_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    operator.set_defaults(run=_operator)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""`memspace status`: the Health RPC of a server as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TIERS = ("hot", "warm", "cold")
+COLUMNS = (
+    "SPACE",
+    "STATE",
+    "MEMORIES",
+    "HOT",
+    "WARM",
+    "COLD",
+    "PRESSURE",
+    "WAL-LAG",
+    "CONS-RATE",
+    "DISK",
+)
+
+
+def add_parser(commands: Any) -> None:
+    command = commands.add_parser(
+        "status",
+        help="show the health of a server's spaces",
+        description=(
+            "Call the Health RPC of a memspace server. Without --space it needs the admin "
+            "token (every space); with --space, that space's token or the admin token."
+        ),
+    )
+    command.add_argument(
+        "--endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="server address (default: MEMSPACE_ENDPOINT, else 127.0.0.1:50051)",
+    )
+    command.add_argument("--space", default=None, metavar="ID", help="one space (default: all)")
+    command.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="output format"
+    )
+    command.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="file holding the token (default: MEMSPACE_TOKEN / MEMSPACE_TOKEN_FILE, else "
+        "MEMSPACE_ADMIN_TOKEN_FILE)",
+    )
+    command.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    command.set_defaults(run=run)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    cells = [COLUMNS]
+    for row in rows:
+        tiers = row["tierMemories"]
+        cells.append(
+            (
+                row["space"],
+                row["state"],
+                str(row["memories"]),
+                str(tiers.get("hot", 0)),
+                str(tiers.get("warm", 0)),
+                str(tiers.get("cold", 0)),
+                f"{row['pressure']:.2f}",
+                f"{row['walLagMs']:.0f}ms",
+                f"{row['consolidationRate']:.1f}/s",
+                _size(row["diskBytes"]),
+            )
+        )
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )
+
+
+async def fetch(args: argparse.Namespace) -> dict[str, Any]:
+
+    from memspace_contract import client  # noqa: PLC0415
+    from memspace_contract.v1 import memspace_pb2 as pb  # noqa: PLC0415
+
+    env = dict(os.environ)
+    if args.token_file is not None:
+        env["MEMSPACE_TOKEN_FILE"] = str(args.token_file)
+        env.pop("MEMSPACE_TOKEN", None)
+    elif not env.get("MEMSPACE_TOKEN") and not env.get("MEMSPACE_TOKEN_FILE"):
+        admin = env.get("MEMSPACE_ADMIN_TOKEN_FILE")
+        if admin:
+            env["MEMSPACE_TOKEN_FILE"] = admin
+    if args.endpoint:
+        env["MEMSPACE_ENDPOINT"] = args.endpoint
+    env.pop("MEMSPACE_SPACE", None)  # the space is named below, or none: every space
+    credentials = client.Credentials.from_env(env)
+    async with client.connect(credentials) as memspace:
+        response = await memspace.spaces.Health(
+            pb.HealthRequest(space=args.space or ""), timeout=args.timeout
+        )
+    return {
+        "status": response.status,
+        "spaces": [
+            {
+                "space": h.space,
+                "state": h.state,
+                "memories": h.memories,
+                "tierMemories": {tier: h.tier_memories.get(tier, 0) for tier in TIERS},
+                "pressure": h.pressure,
+                "walLagMs": h.wal_lag_ms,
+                "consolidationRate": h.consolidation_rate,
+                "diskBytes": h.disk_bytes,
+            }
+            for h in response.spaces
+        ],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
+    try:
+        doc = asyncio.run(fetch(args))
+    except grpc.aio.AioRpcError as err:
+        print(f"memspace status: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # bad credentials or space ID
+        print(f"memspace status: {err}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(f"server: {doc.get('status', '')}")
+        print(table(doc["spaces"]))
+    return 0

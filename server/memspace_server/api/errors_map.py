@@ -1,0 +1,53 @@
+"""The one table from domain errors to gRPC status codes (design section 5), applied to every RPC
+by `handling`. Every class of `memspace_server.errors` is listed, so adding an error without
+choosing its code fails a test. Anything else is a bug: INTERNAL, with nothing of it sent."""
+
+from __future__ import annotations
+
+import grpc
+
+from memspace_server import errors
+
+TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
+    errors.MemspaceError: grpc.StatusCode.UNKNOWN,
+    # A request that can never succeed as sent: bad ID, bad vector, k, content, tags.
+    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidSpaceIdError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidMemoryError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.SpaceNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.MemoryNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DiskFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # The message names the LSN to resubscribe from (also in trailing metadata).
+    errors.SubscriberTooSlowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SpaceInactiveError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ManagedIndexError: grpc.StatusCode.FAILED_PRECONDITION,
+    # Not ALREADY_EXISTS: creating an existing space with the same settings succeeds; only a
+    # different configuration is refused, and the system is not in the state it needs.
+    errors.SpaceConflictError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.LsnNotRetainedError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SpaceRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.IdentityMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.CorruptWalError: grpc.StatusCode.FAILED_PRECONDITION,
+    # Being mounted, reloaded or drained: clients retry.
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+INTERNAL_MESSAGE = "internal error (request {request_id}); the server log has the details"
+RESUME_LSN_KEY = "memspace-resume-lsn"
+"""Trailing metadata of a Subscribe stream that ended early: the since_lsn to resume from."""
+
+
+def code_for(err: errors.MemspaceError) -> grpc.StatusCode:
+    """The status code of a domain error: its class's entry, else its nearest base's."""
+    for cls in type(err).__mro__:
+        code = TABLE.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.UNKNOWN

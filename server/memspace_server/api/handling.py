@@ -1,0 +1,320 @@
+"""The edge every RPC goes through: one wrapper per call shape, applied to every method of every
+memspace.v1 service when the handlers are built (see `method_handlers`).
+
+For each call it binds the log context, routes the call (space selection and auth, `routing`),
+runs the servicer with the resulting `Call`, maps any error through the one table
+(`errors_map`) and counts the call in the metrics. Servicers never do any of this themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import descriptor
+
+from memspace_contract import spaces
+from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_server import errors
+from memspace_server.api import errors_map, logs, routing
+from memspace_server.api.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_QUIET_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What a servicer learns about its call: the route decided at the edge and the context."""
+
+    route: routing.Route
+    context: grpc.aio.ServicerContext[Any, Any]
+
+    @property
+    def space(self) -> spaces.SpaceId:
+        return self.route.require_space()
+
+
+Unary = Callable[[Any, Call], Awaitable[Any]]
+StreamIn = Callable[[AsyncIterator[Any], Call], Awaitable[Any]]
+StreamOut = Callable[[Any, Call], AsyncGenerator[Any, None]]
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def services() -> list[descriptor.ServiceDescriptor]:
+    return list(pb.DESCRIPTOR.services_by_name.values())
+
+
+def full_method(service: descriptor.ServiceDescriptor, method: descriptor.MethodDescriptor) -> str:
+    return f"/{service.full_name}/{method.name}"
+
+
+class Edge:
+    def __init__(self, router: routing.Router, metrics: Metrics) -> None:
+        self.router = router
+        self.metrics = metrics
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(3).hex()
+        self.in_flight = 0
+        self.refusing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- draining ------------------------------------------------------------------------------
+
+    def refuse_new_calls(self) -> None:
+        """From now on answer every new call UNAVAILABLE (clients retry); in-flight calls go on.
+        Refusing here rather than in grpc's shutdown gives clients a retryable status instead
+        of CANCELLED for calls that arrive while the server drains."""
+        self.refusing = True
+
+    async def quiesce(self, grace_s: float) -> bool:
+        """Wait until no call is in flight; False if some still are after `grace_s` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _enter(self) -> None:
+        if self.refusing:
+            raise errors.UnavailableError("the server is draining; retry shortly")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    # -- building handlers ---------------------------------------------------------------------
+
+    def method_handlers(
+        self, service: descriptor.ServiceDescriptor, servicer: object
+    ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """One handler per method of `service`, each wrapped by this edge. A method without a
+        routing policy or without a servicer method is a startup error, never a silent gap."""
+        handlers = {}
+        for method in service.methods:
+            full = full_method(service, method)
+            policy = routing.POLICIES[full]
+            behavior = getattr(servicer, snake_case(method.name))
+            request_type = getattr(pb, method.input_type.name)
+            response_type = getattr(pb, method.output_type.name)
+            names_space = "space" in method.input_type.fields_by_name
+            short = f"{service.name}/{method.name}"
+            kwargs: dict[str, Any] = {
+                "request_deserializer": request_type.FromString,
+                "response_serializer": response_type.SerializeToString,
+            }
+            if method.client_streaming and method.server_streaming:
+                raise NotImplementedError(f"{full}: bidirectional streams have no wrapper yet")
+            if method.client_streaming:
+                handler = grpc.stream_unary_rpc_method_handler(
+                    self._stream_in(short, policy, behavior), **kwargs
+                )
+            elif method.server_streaming:
+                handler = grpc.unary_stream_rpc_method_handler(
+                    self._stream_out(short, policy, behavior, names_space), **kwargs
+                )
+            else:
+                handler = grpc.unary_unary_rpc_method_handler(
+                    self._unary(short, policy, behavior, names_space), **kwargs
+                )
+            handlers[method.name] = handler
+        return handlers
+
+    # -- per call ------------------------------------------------------------------------------
+
+    def _begin(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[list[str], list[str]]:
+        named: list[str] = []
+        authorization: list[str] = []
+        request_id = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == routing.SPACE_KEY:
+                named.append(str(value))
+            elif key == routing.AUTHORIZATION_KEY:
+                authorization.append(str(value))
+            elif key == routing.REQUEST_ID_KEY:
+                request_id = str(value)[:64]
+        logs.bind("", method, request_id or f"{self._prefix}-{next(self._ids):x}")
+        return named, authorization
+
+    def _label(self, route: routing.Route | None) -> str:
+        if route is None or route.space is None:
+            return ""
+        return route.space if self.router.known(route.space) else ""
+
+    async def _fail(
+        self, err: Exception, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> NoReturn:
+        """Answer the call with the status of `err`; never returns."""
+        if isinstance(err, errors.MemspaceError):
+            code = errors_map.code_for(err)
+            resume = getattr(err, "resume_lsn", None)
+            if resume is not None:
+                context.set_trailing_metadata(((errors_map.RESUME_LSN_KEY, str(resume)),))
+            level = logging.DEBUG if code in _QUIET_CODES else logging.INFO
+            log.log(level, "%s: %s", code.name, err)
+            await context.abort(code, str(err))
+        log.error("unexpected error in %s", method, exc_info=err)
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            errors_map.INTERNAL_MESSAGE.format(request_id=logs.request_id()),
+        )
+
+    def _unary(
+        self, method: str, policy: routing.Policy, behavior: Unary, names_space: bool
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            route = None
+            code = "OK"
+            entered = False
+            try:
+                named, authorization = self._begin(method, context)
+                self._enter()
+                entered = True
+                route = self.router.route(
+                    policy, named, request.space if names_space else "", authorization
+                )
+                logs.bind_space(route.space or "")
+                return await behavior(request, Call(route, context))
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as err:
+                code = _error_code_name(err)
+                await self._fail(err, method, context)
+            finally:
+                if entered:
+                    self._leave()
+                self.metrics.observe(
+                    self._label(route), method, code, time.perf_counter() - started
+                )
+
+        return handle
+
+    def _stream_in(
+        self, method: str, policy: routing.Policy, behavior: StreamIn
+    ) -> Callable[[AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def handle(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            started = time.perf_counter()
+            route = None
+            code = "OK"
+            entered = False
+            try:
+                named, authorization = self._begin(method, context)
+                self._enter()
+                entered = True
+                first = None
+                if not named:
+                    # Without metadata the first message names the space: read it first.
+                    first = await anext(aiter(requests), None)
+                field = first.space if first is not None else ""
+                route = self.router.route(policy, named, field, authorization)
+                logs.bind_space(route.space or "")
+                stream = _same_space(first, requests, route.space or "")
+                return await behavior(stream, Call(route, context))
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as err:
+                code = _error_code_name(err)
+                await self._fail(err, method, context)
+            finally:
+                if entered:
+                    self._leave()
+                self.metrics.observe(
+                    self._label(route), method, code, time.perf_counter() - started
+                )
+
+        return handle
+
+    def _stream_out(
+        self, method: str, policy: routing.Policy, behavior: StreamOut, names_space: bool
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        async def handle(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            route = None
+            code = "OK"
+            entered = False
+            try:
+                named, authorization = self._begin(method, context)
+                self._enter()
+                entered = True
+                route = self.router.route(
+                    policy, named, request.space if names_space else "", authorization
+                )
+                logs.bind_space(route.space or "")
+                async with contextlib.aclosing(behavior(request, Call(route, context))) as out:
+                    async for item in out:
+                        yield item
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except Exception as err:
+                code = _error_code_name(err)
+                await self._fail(err, method, context)
+            finally:
+                if entered:
+                    self._leave()
+                self.metrics.observe(self._label(route), method, code, None)
+
+        return handle
+
+
+async def _same_space(first: Any, rest: AsyncIterator[Any], space: str) -> AsyncIterator[Any]:
+    """The messages of a client stream, each checked to name the stream's space or none."""
+    if first is not None:
+        yield first
+    async for message in rest:
+        if message.space and message.space != space:
+            raise errors.InvalidArgumentError(
+                f"a message of this stream names space {message.space[:80]!r}, the stream "
+                f"{space[:80]!r}: every message of a stream names the same space, or none"
+            )
+        yield message
+
+
+def _error_code_name(err: Exception) -> str:
+    if isinstance(err, errors.MemspaceError):
+        return errors_map.code_for(err).name
+    return grpc.StatusCode.INTERNAL.name
+
+
+def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

@@ -1,0 +1,156 @@
+"""Prometheus metrics of one server, on a port of their own: requests and errors per space and
+method, latency per method, and the health of every loaded space (refreshed by housekeeping, so
+a scrape never touches the event loop's state).
+
+Only spaces in the index are used as label values: a client naming random space IDs cannot
+grow the metrics without bound."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import prometheus_client
+from prometheus_client import core
+
+from memspace_server.storage.spaces import Health
+
+NAMESPACE = "memspace"
+LATENCY_BUCKETS = (
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    spaces: int = 0
+    loaded: int = 0
+    draining: bool = False
+    health: Mapping[str, Health] = dataclasses.field(default_factory=dict)
+
+
+class _SpaceCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        snap = self._metrics.snapshot
+        yield core.GaugeMetricFamily(
+            f"{NAMESPACE}_spaces", "Spaces in this server's index", value=snap.spaces
+        )
+        yield core.GaugeMetricFamily(
+            f"{NAMESPACE}_spaces_loaded", "Spaces loaded in memory", value=snap.loaded
+        )
+        yield core.GaugeMetricFamily(
+            f"{NAMESPACE}_draining", "1 while the server drains", value=int(snap.draining)
+        )
+        gauges: dict[str, tuple[str, Callable[[Health], float]]] = {
+            "memories": ("Memories in the space", lambda h: h.memories),
+            "pressure": ("Hot memories / hotCapacity", lambda h: h.pressure),
+            "wal_lag_ms": (
+                "Age of the oldest WAL record not yet consolidated (ms)",
+                lambda h: h.wal_lag_ms,
+            ),
+            "consolidation_rate": (
+                "Memories consolidated per second (60 s moving average)",
+                lambda h: h.consolidation_rate,
+            ),
+            "disk_bytes": ("Bytes on the space's volume", lambda h: h.disk_bytes),
+        }
+        for name, (doc, value) in gauges.items():
+            family = core.GaugeMetricFamily(f"{NAMESPACE}_space_{name}", doc, labels=["space"])
+            for space, health in snap.health.items():
+                family.add_metric([space], value(health))
+            yield family
+        tiers = core.GaugeMetricFamily(
+            f"{NAMESPACE}_space_tier_memories", "Memories per tier", labels=["space", "tier"]
+        )
+        up = core.GaugeMetricFamily(
+            f"{NAMESPACE}_space_up", "1 when the space is Active and not failed", labels=["space"]
+        )
+        for space, health in snap.health.items():
+            for tier, count in health.tier_memories.items():
+                tiers.add_metric([space, tier], count)
+            up.add_metric([space], int(health.state == "Active"))
+        yield tiers
+        yield up
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            f"{NAMESPACE}_requests",
+            "RPCs handled, by space, method and status code",
+            ["space", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = prometheus_client.Histogram(
+            f"{NAMESPACE}_request_duration_seconds",
+            "Latency of unary RPCs by method (streams are not timed)",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.snapshot = Snapshot()
+        self.registry.register(_SpaceCollector(self))
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._histograms: dict[str, Any] = {}
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def observe(self, space: str, method: str, code: str, seconds: float | None) -> None:
+        key = (space, method, code)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.requests.labels(space, method, code)
+        counter.inc()
+        if seconds is not None:
+            histogram = self._histograms.get(method)
+            if histogram is None:
+                histogram = self._histograms[method] = self.latency.labels(method)
+            histogram.observe(seconds)
+
+    def forget_spaces_except(self, known: set[str]) -> None:
+        """Drop the request series of spaces that left the index (deleted)."""
+        for key in [k for k in self._counters if k[0] and k[0] not in known]:
+            del self._counters[key]
+            self.requests.remove(*key)
+
+    def start(self, host: str, port: int) -> int:
+        self._http, self._thread = prometheus_client.start_http_server(
+            port, host, registry=self.registry
+        )
+        self.port = int(self._http.server_port)
+        return self.port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def exposition(self) -> bytes:
+        return bytes(prometheus_client.generate_latest(self.registry))

@@ -1,0 +1,132 @@
+"""The servicers of memspace.v1: thin. Each method converts its request (`converters`), calls
+the storage engine for the space its `Call` was routed to, and converts the answer. Routing,
+auth, errors, metrics and logs happen at the edge (`handling`), never here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_server import errors
+from memspace_server.api import converters, errors_map
+from memspace_server.api.handling import Call
+from memspace_server.storage import memories
+from memspace_server.storage import registry as registries
+
+SERVING = "SERVING"
+DRAINING = "DRAINING"
+
+
+class MemoryServicer:
+    def __init__(
+        self, registry: registries.Registry, max_batch: int, draining: Callable[[], bool]
+    ) -> None:
+        self.registry = registry
+        self.max_batch = max_batch
+        self.draining = draining
+
+    async def remember(self, request: pb.RememberRequest, call: Call) -> pb.RememberResponse:
+        draft = converters.draft(request)
+        async with self.registry.lease(call.space) as space:
+            memory_id, lsn = await space.remember(draft)
+        return pb.RememberResponse(id=memory_id, lsn=lsn)
+
+    async def remember_batch(
+        self, requests: AsyncIterator[pb.RememberRequest], call: Call
+    ) -> pb.RememberBatchResponse:
+        drafts: list[memories.Draft] = []
+        async for request in requests:
+            if len(drafts) == self.max_batch:
+                raise errors.ResourceExhaustedError(
+                    f"a RememberBatch stream holds at most {self.max_batch} memories; split it "
+                    "into several streams (nothing of this one was stored)"
+                )
+            drafts.append(converters.draft(request))
+        async with self.registry.lease(call.space) as space:
+            count, last_lsn, ids = await space.remember_many(drafts)
+        return pb.RememberBatchResponse(count=count, last_lsn=last_lsn, ids=ids)
+
+    async def recall(self, request: pb.RecallRequest, call: Call) -> pb.RecallResponse:
+        query = converters.query(request)
+        async with self.registry.lease(call.space) as space:
+            hits = await space.recall(query)
+        return converters.recall_response(hits)
+
+    async def get(self, request: pb.GetRequest, call: Call) -> pb.GetResponse:
+        async with self.registry.lease(call.space) as space:
+            found = await space.get(request.id)
+        response = pb.GetResponse()
+        converters.fill_memory(response.memory, found)
+        return response
+
+    async def forget(self, request: pb.ForgetRequest, call: Call) -> pb.ForgetResponse:
+        async with self.registry.lease(call.space) as space:
+            forgotten, lsn = await space.forget(request.id)
+        return pb.ForgetResponse(forgotten=forgotten, lsn=lsn)
+
+    async def consolidate(
+        self, request: pb.ConsolidateRequest, call: Call
+    ) -> pb.ConsolidateResponse:
+        async with self.registry.lease(call.space) as space:
+            consolidated = await space.consolidate()
+        return pb.ConsolidateResponse(consolidated=consolidated)
+
+    async def subscribe(
+        self, request: pb.SubscribeRequest, call: Call
+    ) -> AsyncGenerator[pb.MemoryEvent, None]:
+        if self.draining():
+            raise errors.UnavailableError("the server is draining; subscribe again shortly")
+        space_id = call.space
+        async with self.registry.lease(space_id) as space:
+            resume = request.since_lsn or space.next_lsn
+            stream = await space.subscribe(request.since_lsn)
+            try:
+                # A drain that began while this call loaded the space has closed the feeds
+                # already: end at once rather than hold the drain.
+                if not self.draining():
+                    async for event in stream:
+                        yield converters.event(space_id, event)
+                        resume = event.lsn + 1
+            finally:
+                # Close the feed's subscription now, not when the generator is collected.
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        # The feed ended without an error: the space was unloaded or the server is draining.
+        call.context.set_trailing_metadata(((errors_map.RESUME_LSN_KEY, str(resume)),))
+        why = "the server is draining" if self.draining() else f"space {space_id!r} was unloaded"
+        raise errors.UnavailableError(f"{why}; subscribe again with since_lsn={resume} to resume")
+
+
+class SpaceServicer:
+    def __init__(self, registry: registries.Registry, draining: Callable[[], bool]) -> None:
+        self.registry = registry
+        self.draining = draining
+
+    async def create_space(self, request: pb.CreateSpaceRequest, call: Call) -> pb.Space:
+        entry, created = await self.registry.create(
+            call.space,
+            converters.embedding_dim(request),
+            tiers_config=converters.tiers(request),
+            quota=converters.quota(request),
+            token_sha256=converters.token_sha256(request),
+        )
+        return converters.space(entry, created)
+
+    async def delete_space(
+        self, request: pb.DeleteSpaceRequest, call: Call
+    ) -> pb.DeleteSpaceResponse:
+        return pb.DeleteSpaceResponse(deleted=await self.registry.delete(call.space))
+
+    async def list_spaces(self, request: pb.ListSpacesRequest, call: Call) -> pb.ListSpacesResponse:
+        entries = self.registry.entries()
+        return pb.ListSpacesResponse(
+            spaces=[converters.space(entries[space_id]) for space_id in sorted(entries)]
+        )
+
+    async def health(self, request: pb.HealthRequest, call: Call) -> pb.HealthResponse:
+        found = await self.registry.health(call.route.space)
+        return pb.HealthResponse(
+            status=DRAINING if self.draining() else SERVING,
+            spaces=[converters.space_health(h) for h in found],
+        )

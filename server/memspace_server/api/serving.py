@@ -1,0 +1,325 @@
+"""Assembly of one server: the registry (standalone or managed), the edge and servicers on a
+grpc.aio server, grpc.health.v1, reflection, metrics, housekeeping, and the drain on SIGTERM.
+
+Drain: health turns NOT_SERVING, live Subscribe streams end with UNAVAILABLE (and the LSN to
+resume from), the server stops accepting calls and lets in-flight ones finish, then every
+loaded space is flushed (WAL closed, tiers consolidated) and the process exits 0, all within
+the drain timeout. An acknowledged write is already fsynced before its answer is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memspace_contract import spaces
+from memspace_server.api import handling, metrics, routing, servicers
+from memspace_server.api.settings import ServerSettings, SettingsError, is_loopback, split_address
+from memspace_server.storage import catalogs
+from memspace_server.storage import registry as registries
+from memspace_server.storage.spaces import Health, Space
+
+log = logging.getLogger(__name__)
+
+CLOSE_SHARE = 0.4
+"""Share of the drain timeout kept for flushing spaces after in-flight calls."""
+STOP_GRACE_S = 0.5
+"""Grace of grpc's own stop, once no memspace call is in flight."""
+
+
+class Server:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.registry = self._open_registry()
+        self.metrics = metrics.Metrics()
+        self.router = routing.Router(
+            self.registry.catalog.get,
+            allow_default=not settings.managed,
+            check_tokens=settings.managed or settings.admin_token_file is not None,
+        )
+        self.edge = handling.Edge(self.router, self.metrics)
+        self.health = _Health()
+        self.port = 0
+        self.draining = False
+        self._grpc: grpc.aio.Server | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._admin_token_stamp: tuple[int, int] | None = None
+        self._drained: asyncio.Future[bool] | None = None
+        self._stopping = asyncio.Event()
+
+    def _open_registry(self) -> registries.Registry:
+        s = self.settings
+        if s.index_dir is None:
+            return registries.standalone(s.data_root, s.engine(), idle_unload_s=s.idle_unload_s)
+        catalog = catalogs.Catalog(s.index_dir, writable=False)
+        return registries.Registry(catalog, s.data_root, s.engine(), idle_unload_s=s.idle_unload_s)
+
+    @property
+    def address(self) -> str:
+        host, _ = split_address(self.settings.listen)
+        shown = f"[{host}]" if ":" in host else host
+        return f"{shown}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.registry.refresh()
+        if not s.managed and self.registry.catalog.get(spaces.DEFAULT_SPACE) is None:
+            await self.registry.create(spaces.DEFAULT_SPACE, s.default_embedding_dim)
+            log.info("created the default space (embedding_dim %d)", s.default_embedding_dim)
+        self._reload_admin_token(required=True)
+        self._grpc = server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+                ("grpc.max_send_message_length", s.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        memory = servicers.MemoryServicer(self.registry, s.max_batch, lambda: self.draining)
+        space = servicers.SpaceServicer(self.registry, lambda: self.draining)
+        by_name = {"MemoryService": memory, "SpaceService": space}
+        names = []
+        for service in handling.services():
+            handlers = self.edge.method_handlers(service, by_name[service.name])
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+            )
+            # The registered-method fast path of grpcio (not in the grpc-stubs yet).
+            server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+            names.append(service.full_name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        try:
+            self.port = server.add_insecure_port(s.listen)
+        except RuntimeError as err:
+            raise SettingsError(f"cannot listen on {s.listen}: {err}") from err
+        if s.metrics_listen != "off":
+            host, port = split_address(s.metrics_listen)
+            try:
+                self.metrics.start(host, port)
+            except OSError as err:
+                raise SettingsError(
+                    f"cannot serve metrics on {s.metrics_listen}: {err}; choose another address "
+                    "with --metrics-listen, or 'off'"
+                ) from err
+        await server.start()
+        for name in ["", *names[:2]]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
+        self._warn_if_open()
+        log.info(
+            "serving %d spaces on %s (%s mode, tokens %s)%s",
+            len(self.registry.entries()),
+            self.address,
+            "managed" if s.managed else "standalone",
+            "checked" if self.router.check_tokens else "not checked",
+            f", metrics on :{self.metrics.port}" if self.metrics.port else "",
+        )
+
+    def _warn_if_open(self) -> None:
+        host, _ = split_address(self.settings.listen)
+        if not self.router.check_tokens and not is_loopback(host):
+            log.warning(
+                "listening on %s without token checks: anyone who can reach this address can "
+                "read and write every space. Give --admin-token-file, or listen on 127.0.0.1",
+                self.settings.listen,
+            )
+
+    def _reload_admin_token(self, required: bool = False) -> None:
+        path = self.settings.admin_token_file
+        if path is None:
+            return
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp == self._admin_token_stamp:
+                return
+            token = path.read_text().strip()
+        except OSError as err:
+            if required:
+                raise SettingsError(f"cannot read the admin token file {path}: {err}") from err
+            log.warning("cannot re-read the admin token file %s: %s", path, err)
+            return
+        if not token:
+            if required:
+                raise SettingsError(f"the admin token file {path} is empty")
+            log.warning("the admin token file %s is empty; keeping the previous token", path)
+            return
+        if self._admin_token_stamp is not None:
+            log.info("admin token reloaded from %s", path)
+        self._admin_token_stamp = stamp
+        self.router.set_admin_token(token)
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def _keep_house(self) -> None:
+        s = self.settings
+        tick = min(s.index_refresh_s, s.maintain_interval_s)
+        next_maintain = time.monotonic() + s.maintain_interval_s
+        next_refresh = time.monotonic() + s.index_refresh_s
+        next_metrics = time.monotonic()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            try:
+                if now >= next_refresh:
+                    next_refresh = now + s.index_refresh_s
+                    self._reload_admin_token()
+                    # Standalone, the server writes its own index: nobody else changes it.
+                    if s.managed and await self.registry.refresh():
+                        log.info("spaces index reloaded: %d spaces", len(self.registry.entries()))
+                if now >= next_maintain:
+                    next_maintain = now + s.maintain_interval_s
+                    await self.registry.maintain()
+                if self.metrics.port is not None and now >= next_metrics:
+                    next_metrics = now + s.metrics_interval_s
+                    await self._snapshot()
+            except Exception:
+                log.exception("housekeeping round failed; retrying next round")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), tick)
+
+    async def _snapshot(self) -> None:
+        """Refresh the per-space gauges. Space health walks each volume for its size, so it runs
+        in a worker thread, not on the event loop (it only reads counters of the spaces)."""
+        entries = self.registry.entries()
+        loaded = [space for space in self.registry.loaded().values() if not space.closed]
+        found = await asyncio.get_running_loop().run_in_executor(
+            self.registry.executor, _healths, loaded
+        )
+        healths = {k: v for k, v in self.metrics.snapshot.health.items() if k in entries}
+        healths.update(found)
+        self.metrics.forget_spaces_except(set(entries))
+        self.metrics.snapshot = metrics.Snapshot(
+            spaces=len(entries), loaded=len(loaded), draining=self.draining, health=healths
+        )
+
+    # -- drain ---------------------------------------------------------------------------------
+
+    async def drain(self) -> bool:
+        """Stop serving and flush; True when every space was flushed in time. Idempotent."""
+        if self._drained is not None:
+            return await self._drained
+        self._drained = asyncio.get_running_loop().create_future()
+        ok = await self._drain()
+        self._drained.set_result(ok)
+        return ok
+
+    async def _drain(self) -> bool:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.drain_timeout_s
+        started = time.monotonic()
+        self.draining = True
+        log.info("draining: no new calls, in-flight calls finish, then spaces are flushed")
+        await self.health.drain()
+        self.metrics.snapshot = dataclasses.replace(self.metrics.snapshot, draining=True)
+        if s.drain_notice_s:
+            await asyncio.sleep(s.drain_notice_s)
+        self.edge.refuse_new_calls()
+        for space in self.registry.loaded().values():
+            # Live Subscribe streams would hold the drain until its timeout: end them now (their
+            # clients get UNAVAILABLE with the LSN to resume from, on another server).
+            space.feed.close()
+        grace = (s.drain_timeout_s - s.drain_notice_s) * (1 - CLOSE_SHARE)
+        if not await self.edge.quiesce(grace):
+            log.warning(
+                "%d calls still in flight after %.1f s: cancelling them", self.edge.in_flight, grace
+            )
+        if self._grpc is not None:
+            # Health Watch and reflection streams end here (cancelled past a short grace).
+            await self._grpc.stop(STOP_GRACE_S)
+        if self._housekeeping is not None:
+            # Let its current round finish: cancelling a consolidation midway would leave its
+            # worker thread writing while the flush below consolidates the same space.
+            self._stopping.set()
+            await self._housekeeping
+        ok = True
+        try:
+            await asyncio.wait_for(self.registry.close(), max(0.1, deadline - loop.time()))
+        except TimeoutError:
+            ok = False
+            log.error(
+                "drain timeout: some spaces were not consolidated; every acknowledged write is "
+                "in their WAL and is replayed at the next start"
+            )
+        except Exception:
+            ok = False
+            log.exception("flushing the spaces failed")
+        self.metrics.stop()
+        log.info("drained in %.2f s", time.monotonic() - started)
+        return ok
+
+
+def _healths(loaded: list[Space]) -> dict[str, Health]:
+    found: dict[str, Health] = {}
+    for space in loaded:
+        try:
+            found[space.id] = space.health()
+        except Exception:  # a space closing under us: skip it this round
+            log.debug("no health for space %s this round", space.id, exc_info=True)
+    return found
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc, name-defined]
+    """grpc.health.v1 that ends its Watch streams once they have seen NOT_SERVING at a drain,
+    so they do not hold the drain until its timeout. (grpc_health-stubs describe only the
+    threaded servicer, hence the ignores.)"""
+
+    WATCH_GRACE_S = 0.1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = asyncio.Event()
+
+    async def drain(self) -> None:
+        await self.enter_graceful_shutdown()
+        self._draining.set()
+
+    async def Watch(  # noqa: N802  # the name of the gRPC method
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait({watching, draining}, return_when=asyncio.FIRST_COMPLETED)
+            if not watching.done():
+                await asyncio.sleep(self.WATCH_GRACE_S)  # NOT_SERVING goes out first
+        finally:
+            for task in (watching, draining):
+                task.cancel()
+            await asyncio.gather(watching, draining, return_exceptions=True)
+
+
+async def serve(
+    settings: ServerSettings, on_started: Callable[[Server], None] | None = None
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain. Returns the process exit code."""
+    server = Server(settings)
+    await server.start()
+    if on_started is not None:
+        on_started(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+    ok = await server.drain()
+    return 0 if ok else 1
