@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 from tests.api.conftest import Running, Start, collect, details, memory, trailers
 
 
@@ -68,14 +69,28 @@ async def test_forgetting_is_an_event(standalone: Running) -> None:
 
 async def test_a_slow_subscriber_is_cut_off_with_the_lsn_to_resume_from(start: Start) -> None:
     running = await start(subscriber_buffer=8)
-    stream = running.memories.Subscribe(pb.SubscribeRequest())
+    # A reader that does not read: a small, fixed HTTP/2 window and socket buffer, so the
+    # transport stops taking events soon and the server's feed buffer fills behind it.
+    channel = grpc.aio.insecure_channel(
+        running.address,
+        options=[
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1024),
+            ("grpc.max_receive_message_length", 1024),
+        ],
+    )
+    slow = pb_grpc.MemoryServiceStub(channel)
+    stream = slow.Subscribe(pb.SubscribeRequest())
     await asyncio.sleep(0.2)
 
     async def batch() -> AsyncIterator[pb.RememberRequest]:
-        for i in range(50):
+        for i in range(1000):
             yield pb.RememberRequest(memory=memory(f"m{i}"))
 
-    done = await running.memories.RememberBatch(batch())
+    # Nobody reads: the events fill the stream's HTTP/2 window, then the subscriber's buffer
+    # (one commit may exceed it; the next one finds the subscriber more than a buffer behind).
+    for _ in range(20):
+        done = await running.memories.RememberBatch(batch())
     received = []
     try:
         async with asyncio.timeout(10):
@@ -88,9 +103,10 @@ async def test_a_slow_subscriber_is_cut_off_with_the_lsn_to_resume_from(start: S
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     resume = received[-1] + 1 if received else 1
     assert received == list(range(1, resume))
-    assert len(received) <= 8
+    assert resume <= done.last_lsn
     assert f"since_lsn={resume}" in details(error)
     assert trailers(error)["memspace-resume-lsn"] == str(resume)
+    await channel.close(None)
     again = running.memories.Subscribe(pb.SubscribeRequest(since_lsn=resume))
     rest = await collect(again, done.last_lsn - resume + 1)
     again.cancel()

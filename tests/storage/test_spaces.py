@@ -261,11 +261,42 @@ async def test_a_slow_subscriber_is_cut_off_with_the_lsn_to_resume_from(
             for _ in range(10):
                 await space.remember(draft(rng))
             assert len(await first) == 1
+            seen: list[int] = []
+
+            async def drain() -> None:
+                async for event in stream:
+                    seen.append(event.lsn)
+
             with pytest.raises(errors.SubscriberTooSlowError) as raised:
-                await _collect(stream, 100)
-            assert raised.value.resume_lsn == 6
-            assert "since_lsn=6" in str(raised.value)
+                await drain()
+            # Event 1 was read; 2..6 waited (the buffer of 4, plus the commit that passed it);
+            # 7 found the subscriber more than a buffer behind, and it was cut off there.
+            assert seen == [2, 3, 4, 5, 6]
+            assert raised.value.resume_lsn == 7
+            assert "since_lsn=7" in str(raised.value)
             assert len(space.feed) == 0
+            resumed = await space.subscribe(raised.value.resume_lsn)
+            assert [e.lsn for e in await _collect(resumed, 4)] == [7, 8, 9, 10]  # type: ignore[attr-defined]
+    finally:
+        await reg.close()
+
+
+async def test_a_batch_larger_than_the_buffer_does_not_cut_off_a_reader_keeping_up(
+    tmp_path: Path,
+) -> None:
+    reg = registry.standalone(tmp_path, settings.EngineSettings(subscriber_buffer=10))
+    rng = np.random.default_rng(12)
+    try:
+        space_id = await make_space(reg)
+        async with reg.lease(space_id) as space:
+            stream = await space.subscribe(0)
+            reader = asyncio.ensure_future(_collect(stream, 100))
+            await asyncio.sleep(0)
+            await space.remember_many([draft(rng) for _ in range(50)])
+            await asyncio.sleep(0.05)
+            await space.remember_many([draft(rng) for _ in range(50)])
+            events = await asyncio.wait_for(reader, 10)
+            assert [e.lsn for e in events] == list(range(1, 101))  # type: ignore[attr-defined]
     finally:
         await reg.close()
 

@@ -78,7 +78,7 @@ class MemoryServicer:
             raise errors.UnavailableError("the server is draining; subscribe again shortly")
         space_id = call.space
         async with self.registry.lease(space_id) as space:
-            resume = request.since_lsn or space.next_lsn
+            resume = request.since_lsn or space.durable_lsn + 1
             stream = await space.subscribe(request.since_lsn)
             try:
                 # A drain that began while this call loaded the space has closed the feeds
@@ -89,9 +89,7 @@ class MemoryServicer:
                         resume = event.lsn + 1
             finally:
                 # Close the feed's subscription now, not when the generator is collected.
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await stream.aclose()
         # The feed ended without an error: the space was unloaded or the server is draining.
         call.context.set_trailing_metadata(((errors_map.RESUME_LSN_KEY, str(resume)),))
         why = "the server is draining" if self.draining() else f"space {space_id!r} was unloaded"

@@ -232,10 +232,9 @@ class Server:
         if s.drain_notice_s:
             await asyncio.sleep(s.drain_notice_s)
         self.edge.refuse_new_calls()
-        for space in self.registry.loaded().values():
-            # Live Subscribe streams would hold the drain until its timeout: end them now (their
-            # clients get UNAVAILABLE with the LSN to resume from, on another server).
-            space.feed.close()
+        # Live Subscribe streams would hold the drain until its timeout: end them now (their
+        # clients get UNAVAILABLE with the LSN to resume from, on another server).
+        self.registry.close_feeds()
         grace = (s.drain_timeout_s - s.drain_notice_s) * (1 - CLOSE_SHARE)
         if not await self.edge.quiesce(grace):
             log.warning(

@@ -5,6 +5,7 @@ operator it is the projected index Secret, read-only, reloaded when it changes."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -13,16 +14,27 @@ from memspace_server import errors
 
 log = logging.getLogger(__name__)
 
+Signature = tuple[tuple[str, int, int], ...]
+"""Name, mtime and size of every entry file: a cheap test for 'anything changed'."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    signature: Signature
+    entries: dict[spaces.SpaceId, index.IndexEntry]
+    problems: dict[str, str]
+
 
 class Catalog:
     def __init__(self, directory: Path, writable: bool) -> None:
         self.directory = directory
         self.writable = writable
         self._entries: dict[spaces.SpaceId, index.IndexEntry] = {}
-        self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._signature: Signature | None = None
+        self._version = 0
         self.problems: dict[str, str] = {}
 
-    def _current_signature(self) -> tuple[tuple[str, int, int], ...]:
+    def _current_signature(self) -> Signature:
         if not self.directory.is_dir():
             return ()
         found = []
@@ -35,21 +47,37 @@ class Catalog:
                 found.append((path.name, stat.st_mtime_ns, stat.st_size))
         return tuple(sorted(found))
 
-    def refresh(self) -> bool:
-        """Re-read the directory if anything in it changed; True when the entries changed.
-        Blocking (a directory listing): call from a worker thread on a large index."""
+    @property
+    def version(self) -> int:
+        """Changes made through this catalog (put/remove); a scan taken before one is stale."""
+        return self._version
+
+    def scan(self) -> Scan | None:
+        """Read the directory if anything in it changed since the last applied scan; None if
+        nothing did. Blocking (a directory listing and reads): call from a worker thread."""
         signature = self._current_signature()
         if signature == self._signature:
-            return False
-        self._signature = signature
+            return None
         entries, problems = index.read_directory(self.directory)
-        for name, problem in problems.items():
+        return Scan(signature, entries, problems)
+
+    def apply(self, scan: Scan | None, version: int) -> bool:
+        """Take a scan's entries unless the catalog was written since `version` (then the next
+        scan sees the write). True when the entries changed."""
+        if scan is None or version != self._version:
+            return False
+        self._signature = scan.signature
+        for name, problem in scan.problems.items():
             if self.problems.get(name) != problem:
                 log.error("ignoring spaces index file %s: %s", name, problem)
-        self.problems = problems
-        changed = entries != self._entries
-        self._entries = entries
+        self.problems = scan.problems
+        changed = scan.entries != self._entries
+        self._entries = scan.entries
         return changed
+
+    def refresh(self) -> bool:
+        """scan + apply in one call (blocking); True when the entries changed."""
+        return self.apply(self.scan(), self._version)
 
     def get(self, space_id: spaces.SpaceId) -> index.IndexEntry | None:
         return self._entries.get(space_id)
@@ -66,12 +94,19 @@ class Catalog:
 
     def put(self, entry: index.IndexEntry) -> None:
         self._require_writable()
+        # The version moves before and after the write, so a scan that overlaps it in another
+        # thread is never applied over it.
+        self._version += 1
         index.write_entry(self.directory, entry)
         self._entries[entry.space_id] = entry
         self._signature = None
+        self._version += 1
 
     def remove(self, space_id: spaces.SpaceId) -> bool:
         self._require_writable()
-        self._signature = None
+        self._version += 1
+        removed = index.remove_entry(self.directory, space_id)
         self._entries.pop(space_id, None)
-        return index.remove_entry(self.directory, space_id)
+        self._signature = None
+        self._version += 1
+        return removed

@@ -30,19 +30,31 @@ class Event:
 class Subscription:
     def __init__(self, feed: Feed, buffer: int, skip_through: int) -> None:
         self._feed = feed
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(buffer)
+        self._buffer = buffer
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._skip_through = skip_through
         self._overflow_lsn: int | None = None
         self._last = skip_through
         self.closed = False
 
-    def offer(self, event: Event) -> None:
-        if self._overflow_lsn is not None or event.lsn <= self._skip_through:
+    def offer(self, events: list[Event]) -> None:
+        """Queue one group commit's events. A subscriber is cut off when it is already more than
+        its buffer behind, so at most buffer + one group commit's events ever wait for it, and a
+        reader that keeps up is never cut off by a large batch."""
+        if self._overflow_lsn is not None:
             return
-        try:
+        fresh = [e for e in events if e.lsn > self._skip_through]
+        if not fresh:
+            return
+        if self._queue.qsize() > self._buffer:
+            self._overflow_lsn = fresh[0].lsn
+            return
+        for event in fresh:
             self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self._overflow_lsn = event.lsn
+
+    @property
+    def buffer(self) -> int:
+        return self._buffer
 
     async def live(self) -> AsyncIterator[Event]:
         while True:
@@ -50,7 +62,7 @@ class Subscription:
                 if self._overflow_lsn is not None:
                     raise errors.SubscriberTooSlowError(
                         "the subscriber fell behind its buffer of "
-                        f"{self._queue.maxsize} events; resubscribe with since_lsn="
+                        f"{self._buffer} events; resubscribe with since_lsn="
                         f"{self._last + 1} to resume",
                         resume_lsn=self._last + 1,
                     )
@@ -79,8 +91,7 @@ class Feed:
     def publish(self, events: Iterable[Event]) -> None:
         batch = list(events)
         for subscriber in list(self._subscribers):
-            for event in batch:
-                subscriber.offer(event)
+            subscriber.offer(batch)
 
     def subscribe(self, buffer: int, skip_through: int) -> Subscription:
         subscription = Subscription(self, buffer, skip_through)

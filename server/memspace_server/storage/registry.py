@@ -54,9 +54,9 @@ class Registry:
 
     async def refresh(self) -> bool:
         """Re-read the index; unload spaces that left it or turned Inactive."""
-        changed = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.catalog.refresh
-        )
+        version = self.catalog.version
+        scanned = await asyncio.get_running_loop().run_in_executor(self.executor, self.catalog.scan)
+        changed = self.catalog.apply(scanned, version)
         if changed:
             for space_id, space in list(self._spaces.items()):
                 entry = self.catalog.get(space_id)
@@ -102,7 +102,7 @@ class Registry:
                 "state to Active to use it"
             )
         space = self._spaces.get(space_id)
-        if space is not None and not space.failed and not space.closed:
+        if space is not None and not space.failed and not space.closing:
             if space.entry != entry:
                 space.reconfigure(entry)
             return space
@@ -261,12 +261,23 @@ class Registry:
         )
 
     async def unload(self, space_id: spaces.SpaceId) -> bool:
+        """Consolidate and close a space. It stays listed as loaded (and its health live) until
+        it is closed; requests meanwhile wait for a fresh load."""
         async with self._lock(space_id):
-            space = self._spaces.pop(space_id, None)
+            space = self._spaces.get(space_id)
             if space is None:
                 return False
-            await space.close()
+            try:
+                await space.close()
+            finally:
+                if self._spaces.get(space_id) is space:
+                    del self._spaces[space_id]
             return True
+
+    def close_feeds(self) -> None:
+        """End every change-feed stream (at drain), leaving the spaces loaded."""
+        for space in self._spaces.values():
+            space.feed.close()
 
     async def maintain(self) -> None:
         """One round of housekeeping: consolidate spaces that are due, unload idle ones."""
@@ -281,8 +292,10 @@ class Registry:
     async def close(self) -> None:
         """Unload every space (flushing its WAL and tiers) and stop the executor."""
         self._closed = True
-        for space_id in list(self._spaces):
-            await self.unload(space_id)
+        pending = list(self._spaces)
+        # Flush several spaces at a time: each waits mostly on its own fsyncs.
+        for start in range(0, len(pending), 16):
+            await asyncio.gather(*(self.unload(s) for s in pending[start : start + 16]))
         if self._own_executor:
             self.executor.shutdown(wait=True)
 

@@ -18,7 +18,7 @@ import functools
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from memspace_contract import index
@@ -41,6 +41,8 @@ from memspace_server.storage.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
+INLINE_SCAN = 1 << 17
+"""Floats of the hot tier up to which a recall scans on the event loop (about 50 µs)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +189,7 @@ class Space:
         self._count = len(self.hot) + len(self.warm) + len(self.cold)
         self._failure: errors.MemspaceError | None = None
         self._closed = False
+        self._closing = False
         self._disk_bytes: tuple[float, int] | None = None
         self.last_used = time.monotonic()
         self.leases = 0
@@ -217,6 +220,16 @@ class Space:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def closing(self) -> bool:
+        """Being unloaded (or already unloaded): new requests should wait for a fresh load."""
+        return self._closing or self._closed
+
+    @property
+    def durable_lsn(self) -> int:
+        """The last LSN on disk: a change-feed reader that saw nothing can resume after it."""
+        return self._wal.durable_lsn
 
     @property
     def next_lsn(self) -> int:
@@ -372,14 +385,24 @@ class Space:
                 hits.append(memories.Hit(memory=memory, score=score, tier=name))
         return hits
 
+    def _scan_is_small(self) -> bool:
+        """A scan cheap enough to run on the event loop: a thread hop would cost more. Only a
+        hot-only space qualifies (warm and cold hits read files)."""
+        return (
+            self.warm.rows == 0 and self.cold.rows == 0 and len(self.hot) * self.dim <= INLINE_SCAN
+        )
+
     async def recall(self, query: memories.Query) -> list[memories.Hit]:
         self._check_usable()
         query = memories.validate_query(query, self.dim)
         self.last_used = time.monotonic()
         async with self._lock.read():
-            hits = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._search, query
-            )
+            if self._scan_is_small():
+                hits = self._search(query)
+            else:
+                hits = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._search, query
+                )
         now = time.time()
         touched = []
         for hit in hits:
@@ -392,7 +415,7 @@ class Space:
             touched.append(dataclasses.replace(hit, memory=memory))
         return touched
 
-    async def subscribe(self, since_lsn: int = 0) -> AsyncIterator[feeds.Event]:
+    async def subscribe(self, since_lsn: int = 0) -> AsyncGenerator[feeds.Event, None]:
         """Events in LSN order: from `since_lsn` (inclusive) if the WAL still holds it, then
         live; `since_lsn` 0 means from now on."""
         self._check_usable()
@@ -411,7 +434,7 @@ class Space:
 
     async def _stream(
         self, subscription: feeds.Subscription, since_lsn: int, durable: int
-    ) -> AsyncIterator[feeds.Event]:
+    ) -> AsyncGenerator[feeds.Event, None]:
         try:
             if since_lsn and since_lsn <= durable:
                 replay = await asyncio.get_running_loop().run_in_executor(
@@ -581,6 +604,7 @@ class Space:
         """Flush and release everything: no RAM for data, no open files afterwards."""
         if self._closed:
             return
+        self._closing = True
         try:
             if consolidate and not self.failed and self._unconsolidated:
                 await self.consolidate()

@@ -100,10 +100,9 @@ class ZarrTier:
         self.generation = generation
         self.path = root / f"g{generation:06d}"
         self.mapped = compression == "none" or name == tiers.WARM
-        self._group = self._open_group(rows)
-        self._arrays: dict[str, Any] = {
-            name: self._group[name] for name in ("embeddings", *FLOAT_COLUMNS, *TEXT_COLUMNS)
-        }
+        self._arrays: dict[str, Any] = {}
+        if rows or (self.path / "zarr.json").exists():
+            self._open_arrays(rows)
         self._n = rows
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
@@ -120,6 +119,12 @@ class ZarrTier:
             self._load(rows, state)
 
     # -- opening -------------------------------------------------------------------------
+
+    def _open_arrays(self, rows: int) -> None:
+        """Open (creating them the first time rows arrive) the arrays of this generation. An
+        empty tier costs no files and no Zarr calls, so a new space loads in milliseconds."""
+        group = self._open_group(rows)
+        self._arrays = {name: group[name] for name in ("embeddings", *FLOAT_COLUMNS, *TEXT_COLUMNS)}
 
     def _open_group(self, rows: int) -> Any:
         if (self.path / "zarr.json").exists():
@@ -164,7 +169,7 @@ class ZarrTier:
         return group
 
     def _load(self, rows: int, state: Mapping[str, npt.NDArray[Any]] | None) -> None:
-        group = self._group
+        group = self._arrays
         self._ids = [str(i) for i in group["ids"][:rows]]
         self._norms = np.asarray(group["norms"][:rows], np.float32)
         self._confidence = np.asarray(group["confidence"][:rows], np.float32)
@@ -231,6 +236,8 @@ class ZarrTier:
         if any(i in self._row for i in batch.ids):
             raise KeyError(f"memory already in the {self.name} tier; remove it first")
         start, end = self._n, self._n + count
+        if not self._arrays:
+            self._open_arrays(0)
         group = self._arrays
         norms = tiers.norms(batch.embeddings)
         group["embeddings"][start:end] = batch.embeddings
