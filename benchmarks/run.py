@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# As `memspace serve` does: one BLAS/OpenMP thread per scan (concurrent requests use the cores),
+# for the server and its baselines (numpy, faiss) alike. Set before numpy is imported.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
 RESULTS = Path(__file__).with_name("results.json")
 SUITES = ("benchmarks.storage_bench", "benchmarks.grpc_bench")
@@ -36,6 +42,7 @@ def main() -> int:
         module.run(results, quick=args.quick)
         print(f"   {name} took {time.perf_counter() - start:.0f} s", flush=True)
     results["quick"] = args.quick
+    results["blas_threads"] = os.environ["OPENBLAS_NUM_THREADS"]
     args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     width = max(len(k) for k in results)
     for key, value in sorted(results.items()):

@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 
-from memspace_server.storage import memories
+from memspace_server.storage import memories, tiers
 
 REMEMBER = 1
 FORGET = 2
@@ -76,6 +76,57 @@ def encode_forget(lsn: int, at: float, memory_id: str) -> bytes:
 
 def peek_lsn(payload: bytes | memoryview) -> int:
     return int(_HEAD.unpack_from(payload)[1])
+
+
+def peek(payload: memoryview) -> tuple[int, str, float]:
+    """(type, memory ID, time) of a record without decoding the rest: replay keeps only the
+    last record of each memory and decodes just those."""
+    try:
+        kind, _, at = _HEAD.unpack_from(payload)
+        (id_len,) = _FORGET.unpack_from(payload, _HEAD.size)
+        start = _HEAD.size + (_REMEMBER.size if kind == REMEMBER else _FORGET.size)
+        return kind, str(payload[start : start + id_len], "utf-8"), at
+    except (struct.error, UnicodeDecodeError) as err:
+        raise RecordFormatError(f"unreadable record: {err}") from err
+
+
+def columns(payloads: list[memoryview], dim: int) -> tiers.Columns:
+    """Decode remember records straight into a batch of columns (replay's fast path)."""
+    count = len(payloads)
+    ids: list[str] = []
+    contents: list[str] = []
+    tags: list[dict[str, str]] = []
+    confidence = np.empty(count, np.float32)
+    created = np.empty(count, np.float64)
+    embeddings = np.empty((count, dim), np.float32)
+    body = _HEAD.size
+    after = _HEAD.size + _REMEMBER.size
+    try:
+        for row, payload in enumerate(payloads):
+            id_len, content_len, confidence[row], created[row], tags_len, found_dim = (
+                _REMEMBER.unpack_from(payload, body)
+            )
+            if found_dim != dim:
+                raise RecordFormatError(f"a record holds {found_dim} values, the space {dim}")
+            pos = after + id_len
+            ids.append(str(payload[after:pos], "utf-8"))
+            contents.append(str(payload[pos : pos + content_len], "utf-8"))
+            pos += content_len
+            tags.append(json.loads(payload[pos : pos + tags_len].tobytes()) if tags_len else {})
+            pos += tags_len
+            embeddings[row] = np.frombuffer(payload, np.float32, dim, pos)
+    except (struct.error, UnicodeDecodeError, ValueError) as err:
+        raise RecordFormatError(f"unreadable record: {err}") from err
+    return tiers.Columns(
+        ids=ids,
+        contents=contents,
+        embeddings=embeddings,
+        confidence=confidence,
+        tags=tags,
+        created_at=created,
+        last_recalled_at=np.zeros(count, np.float64),
+        recall_count=np.zeros(count, np.uint64),
+    )
 
 
 def decode(payload: bytes | memoryview) -> Record:

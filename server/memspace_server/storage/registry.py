@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import logging
 import shutil
 import time
@@ -187,8 +188,16 @@ class Registry:
             )
             root = self.volume(space_id)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.executor, self._make_volume, root, entry)
-            await loop.run_in_executor(self.executor, self.catalog.put, entry)
+            try:
+                await loop.run_in_executor(self.executor, self._make_volume, root, entry)
+                await loop.run_in_executor(self.executor, self.catalog.put, entry)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise errors.DiskFullError(
+                    f"space {space_id!r} was not created: the data volume is full. Free space "
+                    "or grow the volume, then retry"
+                ) from err
             return entry, True
 
     @staticmethod

@@ -97,27 +97,25 @@ def _recover(root: Path, entry: index.IndexEntry, settings: EngineSettings) -> _
         rows=manifest.cold.rows,
         state=checkpointer.state(manifest.cold),
     )
-    latest: dict[str, memories.Memory | None] = {}
+    latest: dict[str, memoryview | None] = {}
     oldest: list[float] = []
 
-    def apply(record: records.Record) -> None:
+    def apply(payload: memoryview) -> None:
+        kind, memory_id, at = records.peek(payload)
         if not oldest:
-            oldest.append(record.at)
-        if isinstance(record, records.Remembered):
-            latest.pop(record.memory.id, None)
-            latest[record.memory.id] = record.memory
-        else:
-            latest.pop(record.id, None)
-            latest[record.id] = None
+            oldest.append(at)
+        latest.pop(memory_id, None)
+        latest[memory_id] = payload if kind == records.REMEMBER else None
 
-    recovered = wal.recover(directory.wal, manifest.lsn, apply)
-    arriving = []
-    for memory_id, memory in latest.items():
-        for tier in (hot, warm, cold):
-            tier.remove(memory_id)
-        if memory is not None:
-            arriving.append(memory)
-    hot.add_memories(arriving)
+    try:
+        recovered = wal.recover(directory.wal, manifest.lsn, apply)
+        holding = [tier for tier in (hot, warm, cold) if len(tier)]
+        for memory_id in latest if holding else ():
+            for tier in holding:
+                tier.remove(memory_id)
+        hot.add(records.columns([p for p in latest.values() if p is not None], dim))
+    except records.RecordFormatError as err:
+        raise errors.CorruptWalError(f"space {entry.space_id!r}: {err}") from err
     if recovered.replayed:
         log.info(
             "space %s: replayed %d WAL records after checkpoint LSN %d",

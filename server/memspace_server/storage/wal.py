@@ -115,8 +115,9 @@ class Recovered:
     truncated_bytes: int
 
 
-def recover(directory: Path, floor_lsn: int, apply: Callable[[records.Record], None]) -> Recovered:
-    """Replay every record after `floor_lsn` (the checkpoint's LSN) through `apply`, truncate a
+def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]) -> Recovered:
+    """Replay the payload of every record after `floor_lsn` (the checkpoint's LSN) through
+    `apply` (`records.decode` reads one; the view is valid while it is referenced), truncate a
     torn tail, and return where appends continue. Blocking: call it from a worker thread."""
     directory.mkdir(parents=True, exist_ok=True)
     segments = list_segments(directory)
@@ -132,7 +133,7 @@ def recover(directory: Path, floor_lsn: int, apply: Callable[[records.Record], N
     def on_record(lsn: int, payload: memoryview) -> None:
         nonlocal replayed
         if lsn > floor_lsn:
-            apply(records.decode(payload))
+            apply(payload)
             replayed += 1
 
     for index, (first, path) in enumerate(segments):
@@ -296,21 +297,29 @@ class Wal(Generic[T]):
             raise self._failure
 
     async def roll(self) -> None:
-        """Start a new segment with the next append, so older segments can be dropped whole."""
+        """Start a new segment with the next append, so older segments can be dropped whole.
+        An open segment without records already starts at the next LSN and is kept: a second
+        segment of the same name cannot be created."""
         await self.flush()
-        self._roll_requested = True
+        if self._fd is not None and self._size > len(MAGIC):
+            self._roll_requested = True
 
     def drop_through(self, lsn: int) -> int:
         """Delete segments whose records all have LSN <= lsn. Blocking (unlink)."""
         segments = list_segments(self.directory)
         dropped = 0
+        whole = bool(segments) and self._roll_requested and segments[-1][0] <= lsn
+        if whole:
+            # The open segment is complete and entirely consolidated too. Its successor is made
+            # now, not at the next append, so the log always names the LSN it continues from:
+            # a lost checkpoint is then refused (records missing), never read as an empty space.
+            self._open_segment(self.directory / segment_name(lsn + 1), create=True)
+            self._roll_requested = False
         for index, (_, path) in enumerate(segments[:-1]):
             if segments[index + 1][0] <= lsn + 1:
                 path.unlink(missing_ok=True)
                 dropped += 1
-        if segments and self._roll_requested and segments[-1][0] <= lsn:
-            # The open segment is complete and entirely consolidated too.
-            self._close_fd()
+        if whole:
             segments[-1][1].unlink(missing_ok=True)
             dropped += 1
         return dropped
