@@ -8,7 +8,7 @@ DATA ?= ./data
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint fmt bench soak clean proto
+.PHONY: help venv run test lint fmt bench soak clean proto e2e-kind chart-crds
 
 include hack/k8s.mk
 
@@ -35,6 +35,8 @@ lint: venv
 	$(BIN)/mypy $(wildcard server contract operator cli tests benchmarks)
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck -x hack/*.sh hack/k8s/*.sh
+	hack/sync-chart-crd.sh --check
 
 fmt: venv
 	$(BIN)/ruff format .
@@ -48,6 +50,12 @@ soak: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.run
+
+e2e-kind: venv
+	hack/e2e-kind.sh $(PYTEST_ARGS)
+
+chart-crds:
+	hack/sync-chart-crd.sh
 
 proto: venv
 	$(BIN)/python server/proto/generate.py

@@ -44,7 +44,7 @@ ticker() { # ticker NAME START: a progress line a minute until killed (leaves no
   local sleeper=""
   trap '[[ -n "$sleeper" ]] && kill "$sleeper" 2>/dev/null; exit 0' TERM
   while :; do
-    sleep 60 </dev/null >/dev/null 2>&1 & sleeper=$!
+    sleep 60 >/dev/null 2>&1 & sleeper=$!  # stdout/err closed: no pipe held open
     wait "$sleeper"
     say "  ... still building $1 ($(( (SECONDS - $2) / 60 )) min)"
   done

@@ -46,7 +46,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["operator"]:
+        # The operator parses its own options: argparse's REMAINDER refuses a first "--option".
+        return _operator(argparse.Namespace(operator_args=arguments[1:]))
+    args = parser().parse_args(arguments)
     code: int = args.run(args)
     return code
 
