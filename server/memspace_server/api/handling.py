@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import descriptor
+from google.protobuf import message as protobuf_message
 
 from memspace_contract import spaces
 from memspace_contract.v1 import memspace_pb2 as pb
@@ -122,7 +123,7 @@ class Edge:
             names_space = "space" in method.input_type.fields_by_name
             short = f"{service.name}/{method.name}"
             kwargs: dict[str, Any] = {
-                "request_deserializer": request_type.FromString,
+                "request_deserializer": _deserializer(request_type),
                 "response_serializer": response_type.SerializeToString,
             }
             if method.client_streaming and method.server_streaming:
@@ -195,6 +196,7 @@ class Edge:
                 named, authorization = self._begin(method, context)
                 self._enter()
                 entered = True
+                _check_parsed(request)
                 route = self.router.route(
                     policy, named, request.space if names_space else "", authorization
                 )
@@ -235,7 +237,7 @@ class Edge:
                 first = None
                 if not named:
                     # Without metadata the first message names the space: read it first.
-                    first = await anext(aiter(requests), None)
+                    first = _check_parsed(await anext(aiter(requests), None))
                 field = first.space if first is not None else ""
                 route = self.router.route(policy, named, field, authorization)
                 logs.bind_space(route.space or "")
@@ -272,6 +274,7 @@ class Edge:
                 named, authorization = self._begin(method, context)
                 self._enter()
                 entered = True
+                _check_parsed(request)
                 route = self.router.route(
                     policy, named, request.space if names_space else "", authorization
                 )
@@ -301,12 +304,42 @@ async def _same_space(first: Any, rest: AsyncIterator[Any], space: str) -> Async
     if first is not None:
         yield first
     async for message in rest:
+        _check_parsed(message)
         if message.space and message.space != space:
             raise errors.InvalidArgumentError(
                 f"a message of this stream names space {message.space[:80]!r}, the stream "
                 f"{space[:80]!r}: every message of a stream names the same space, or none"
             )
         yield message
+
+
+class _Unparsed:
+    """The bytes of a request that do not parse as its message type. The deserializer hands it
+    to the edge, which answers INVALID_ARGUMENT like any bad request (grpc itself would answer
+    UNKNOWN, naming the exception, and log a traceback for every such message)."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+
+def _deserializer(request_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return request_type.FromString(data)
+        except protobuf_message.DecodeError as err:
+            return _Unparsed(request_type.DESCRIPTOR.full_name, str(err))
+
+    return parse
+
+
+def _check_parsed(request: Any) -> Any:
+    if isinstance(request, _Unparsed):
+        raise errors.InvalidArgumentError(
+            f"the request is not a valid {request.type_name} message ({request.reason[:200]}); "
+            "send a message serialized from memspace.v1"
+        )
+    return request
 
 
 def _error_code_name(err: Exception) -> str:

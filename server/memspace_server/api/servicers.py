@@ -35,14 +35,19 @@ class MemoryServicer:
         self, requests: AsyncIterator[pb.RememberRequest], call: Call
     ) -> pb.RememberBatchResponse:
         drafts: list[memories.Draft] = []
-        async for request in requests:
-            if len(drafts) == self.max_batch:
-                raise errors.ResourceExhaustedError(
-                    f"a RememberBatch stream holds at most {self.max_batch} memories; split it "
-                    "into several streams (nothing of this one was stored)"
-                )
-            drafts.append(converters.draft(request))
         async with self.registry.lease(call.space) as space:
+            async for request in requests:
+                if len(drafts) == self.max_batch:
+                    raise errors.ResourceExhaustedError(
+                        f"a RememberBatch stream holds at most {self.max_batch} memories; split "
+                        "it into several streams (nothing of this one was stored)"
+                    )
+                draft = converters.draft(request)
+                # Checked as it arrives: the stream is held until it ends, and messages left
+                # unchecked till then (each up to the message size limit) would let one stream
+                # hold gigabytes before being refused.
+                memories.validate_draft(draft, space.dim, 0.0)
+                drafts.append(draft)
             count, last_lsn, ids = await space.remember_many(drafts)
         return pb.RememberBatchResponse(count=count, last_lsn=last_lsn, ids=ids)
 

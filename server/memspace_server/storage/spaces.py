@@ -15,10 +15,11 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import itertools
 import logging
 import shutil
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 
 from memspace_contract import index
@@ -133,6 +134,23 @@ def _recover(root: Path, entry: index.IndexEntry, settings: EngineSettings) -> _
         replayed=recovered.replayed,
         oldest_unconsolidated=oldest[0] if oldest else None,
     )
+
+
+REPLAY_CHUNK = 256
+"""Events read from the WAL per worker-thread hop of a Subscribe replay."""
+
+
+def _replay_chunk(replay: Iterator[records.Record]) -> list[feeds.Event]:
+    """The next events of a replay (blocking: the WAL is read as they are taken)."""
+    events = []
+    for record in itertools.islice(replay, REPLAY_CHUNK):
+        if isinstance(record, records.Remembered):
+            events.append(
+                feeds.Event(feeds.EventType.REMEMBERED, record.memory.id, record.lsn, record.at)
+            )
+        else:
+            events.append(feeds.Event(feeds.EventType.FORGOTTEN, record.id, record.lsn, record.at))
+    return events
 
 
 def _remembered(memory: memories.Memory, now: float, lsn: int) -> tuple[bytes, feeds.Event]:
@@ -435,21 +453,22 @@ class Space:
     ) -> AsyncGenerator[feeds.Event, None]:
         try:
             if since_lsn and since_lsn <= durable:
-                replay = await asyncio.get_running_loop().run_in_executor(
-                    self._executor,
-                    lambda: list(wal.read_range(self.directory.wal, since_lsn - 1, durable)),
-                )
-                for record in replay:
-                    if isinstance(record, records.Remembered):
-                        event = feeds.Event(
-                            feeds.EventType.REMEMBERED, record.memory.id, record.lsn, record.at
-                        )
-                    else:
-                        event = feeds.Event(
-                            feeds.EventType.FORGOTTEN, record.id, record.lsn, record.at
-                        )
-                    subscription.note_replayed(record.lsn)
-                    yield event
+                # A chunk at a time: a subscriber that reads slowly holds one chunk of events,
+                # never a copy of the log.
+                replay = wal.read_range(self.directory.wal, since_lsn - 1, durable)
+                loop = asyncio.get_running_loop()
+                try:
+                    while chunk := await loop.run_in_executor(
+                        self._executor, _replay_chunk, replay
+                    ):
+                        for event in chunk:
+                            subscription.note_replayed(event.lsn)
+                            yield event
+                finally:
+                    # A cancelled call may leave a worker inside the generator: it then
+                    # closes when collected.
+                    with contextlib.suppress(ValueError):
+                        replay.close()
             async for event in subscription.live():
                 yield event
         finally:

@@ -15,9 +15,10 @@ import concurrent.futures
 import dataclasses
 import errno
 import logging
+import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -64,6 +65,26 @@ class _Scan:
     last_lsn: int
 
 
+def _intact_record_after(data: bytes, pos: int, lsn: int, horizon: int = 64) -> int | None:
+    """The offset of an intact frame after `pos` holding one of the next `horizon` LSNs, if
+    any. A torn append leaves one cut-off frame at the end of the file and nothing after it;
+    a damaged length field in the middle of the log leaves intact records after it. (Each
+    payload starts with type:u8 lsn:u64, see `records`: the LSN is what is searched for.)"""
+    size = len(data)
+    for wanted in range(lsn + 1, lsn + 1 + horizon):
+        needle = struct.pack("<Q", wanted)
+        hit = data.find(needle, pos + _FRAME.size + 2)
+        while hit != -1:
+            at = hit - 1 - _FRAME.size
+            length, crc = _FRAME.unpack_from(data, at)
+            end = at + _FRAME.size + length
+            payload = memoryview(data)[at + _FRAME.size : end]
+            if 0 < length <= MAX_RECORD and end <= size and crc32c.crc32c(payload) == crc:
+                return at
+            hit = data.find(needle, hit + 1)
+    return None
+
+
 def _scan_segment(
     path: Path, data: bytes, expect_lsn: int, on_record: Callable[[int, memoryview], None]
 ) -> _Scan:
@@ -83,11 +104,13 @@ def _scan_segment(
         end = pos + _FRAME.size + length
         if length == 0 or length > MAX_RECORD or end > size:
             # A frame that runs past the end of the file, or zeros left by a crash, can only be
-            # a torn final write; anything else here is damage.
-            if end > size or not any(view[pos:]):
+            # a torn final write; anything else here is damage. So is a length running past the
+            # end with intact records after it: a damaged length field, not a torn append.
+            if not any(view[pos:]) or (end > size and _intact_record_after(data, pos, lsn) is None):
                 return _Scan(end=pos, torn=True, last_lsn=lsn)
             raise errors.CorruptWalError(
-                f"WAL segment {path.name}: bad record length {length} at offset {pos}"
+                f"WAL segment {path.name}: bad record length {length} at offset {pos} before the "
+                "tail; refusing to serve a space whose log is damaged"
             )
         payload = view[pos + _FRAME.size : end]
         if crc32c.crc32c(payload) != crc:
@@ -172,8 +195,12 @@ def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]
     )
 
 
-def read_range(directory: Path, after_lsn: int, through_lsn: int) -> Iterator[records.Record]:
-    """Records with after_lsn < LSN <= through_lsn, for change-feed replay (read-only)."""
+def read_range(
+    directory: Path, after_lsn: int, through_lsn: int
+) -> Generator[records.Record, None, None]:
+    """Records with after_lsn < LSN <= through_lsn, for change-feed replay (read-only). Lazy:
+    each segment is memory-mapped and its records read one at a time, so a reader that stops
+    midway (a slow subscriber) holds one record, never the log."""
     segments = list_segments(directory)
     for index, (first, path) in enumerate(segments):
         following = segments[index + 1][0] if index + 1 < len(segments) else None
@@ -182,19 +209,47 @@ def read_range(directory: Path, after_lsn: int, through_lsn: int) -> Iterator[re
         if first > through_lsn:
             return
         try:
-            data = path.read_bytes()
+            with path.open("rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size <= len(MAGIC):
+                    continue
+                data = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
         except FileNotFoundError as err:
             raise errors.LsnNotRetainedError(
                 f"the WAL no longer holds LSN {after_lsn + 1}; subscribe from a later LSN"
             ) from err
-        found: list[records.Record] = []
+        try:
+            yield from _read_segment(path, data, first, after_lsn, through_lsn)
+        finally:
+            data.close()
 
-        def collect(lsn: int, payload: memoryview, found: list[records.Record] = found) -> None:
-            if after_lsn < lsn <= through_lsn:
-                found.append(records.decode(payload))
 
-        _scan_segment(path, data, first, collect)
-        yield from found
+def _read_segment(
+    path: Path, data: mmap.mmap, first: int, after_lsn: int, through_lsn: int
+) -> Iterator[records.Record]:
+    """The records of one segment in the range; every record up to through_lsn is durable, so
+    a frame that is not whole before it is damage."""
+    if data[: len(MAGIC)] != MAGIC:
+        raise errors.CorruptWalError(f"WAL segment {path.name} does not start with the WAL magic")
+    pos = len(MAGIC)
+    size = len(data)
+    lsn = first - 1
+    while pos < size and lsn < through_lsn:
+        length, crc = _FRAME.unpack_from(data, pos) if size - pos >= _FRAME.size else (0, 0)
+        end = pos + _FRAME.size + length
+        if length == 0 or length > MAX_RECORD or end > size:
+            raise errors.CorruptWalError(
+                f"WAL segment {path.name}: bad record length {length} at offset {pos}"
+            )
+        lsn += 1
+        if lsn > after_lsn:
+            payload = data[pos + _FRAME.size : end]
+            if crc32c.crc32c(payload) != crc or records.peek_lsn(payload) != lsn:
+                raise errors.CorruptWalError(
+                    f"WAL segment {path.name}: damaged record at offset {pos} (LSN {lsn})"
+                )
+            yield records.decode(payload)
+        pos = end
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ import zarr
 import zarr.codecs
 import zarr.core.sync as zarr_sync
 
+from memspace_server import errors
 from memspace_server.storage import memories, tiers
 
 MAX_ROWS = 2**25
@@ -101,7 +102,7 @@ class ZarrTier:
         self.path = root / f"g{generation:06d}"
         self.mapped = compression == "none" or name == tiers.WARM
         self._arrays: dict[str, Any] = {}
-        if rows or (self.path / "zarr.json").exists():
+        if rows:
             self._open_arrays(rows)
         self._n = rows
         self._ids: list[str] = []
@@ -127,12 +128,17 @@ class ZarrTier:
         self._arrays = {name: group[name] for name in ("embeddings", *FLOAT_COLUMNS, *TEXT_COLUMNS)}
 
     def _open_group(self, rows: int) -> Any:
-        if (self.path / "zarr.json").exists():
+        if rows:
+            if not (self.path / "zarr.json").exists():
+                raise errors.SpaceRefusedError(
+                    f"the {self.name} tier {self.path} is missing but the checkpoint names {rows} "
+                    "rows in it; refusing to serve the space with memories missing"
+                )
             group: Any = zarr.open_group(self.path, mode="r+", zarr_format=3)
             self.chunk_rows = int(group["embeddings"].chunks[0])
             return group
-        if rows:
-            raise FileNotFoundError(f"{self.path} is missing but the checkpoint names {rows} rows")
+        # No committed rows: anything here is what a consolidation cut short by a crash left
+        # (perhaps arrays half created); mode "w" below starts the generation afresh.
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / "zarr.json").exists():
             zarr.open_group(self.root, mode="a", zarr_format=3, attributes={"tier": self.name})

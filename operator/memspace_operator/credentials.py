@@ -1,0 +1,107 @@
+"""The credentials Secret `<name>-memspace` in the MemorySpace's namespace: keys `space`,
+`endpoint` and `token`, all a client needs (design section 3).
+
+The operator never reads Secrets outside the server namespace: its cluster-wide rights on
+Secrets are create and delete. So the token's SHA-256 in the shard's index is the record of
+which token the Secret holds, and it is written *before* the Secret is created:
+
+1. When the index holds a hash from this incarnation of the space, a dry-run create tells
+   whether the Secret exists (it needs only the create right); if it does, done: the token is
+   never rotated by accident.
+2. Otherwise a new token is made, its hash written to the index, then the Secret is created.
+   A Secret of that name found then is stale (from an earlier owner of the name, or a run
+   interrupted before its hash was recorded) and is replaced.
+
+A crash between 2's two writes leaves a hash whose Secret does not exist: the next run finds
+no Secret and makes a new token. Deleting the Secret on purpose rotates the token the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from memspace_contract import index
+from memspace_operator import errors, kube, models, naming
+
+TOKEN_BYTES = 32
+
+
+def new_token() -> str:
+    """32 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_BYTES)).rstrip(b"=").decode()
+
+
+def manifest(space: models.MemorySpace, endpoint: str, token: str) -> dict[str, Any]:
+    ref = space.ref
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": naming.credentials_secret(ref.name),
+            "namespace": ref.namespace,
+            "labels": naming.space_labels(space.spec.space_id, ref.namespace, ref.name),
+            # Same namespace as its MemorySpace: garbage collection backs up the finalizer.
+            "ownerReferences": [
+                {
+                    "apiVersion": naming.API_VERSION,
+                    "kind": naming.KIND,
+                    "name": ref.name,
+                    "uid": ref.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "type": "Opaque",
+        "stringData": {"space": space.spec.space_id, "endpoint": endpoint, "token": token},
+    }
+
+
+async def exists(client: kube.Kube, space: models.MemorySpace) -> bool:
+    probe = manifest(space, "", "")
+    try:
+        await client.create(kube.secrets(space.ref.namespace), probe, dry_run=True)
+    except errors.AlreadyExistsError:
+        return True
+    return False
+
+
+async def ensure(
+    client: kube.Kube,
+    space: models.MemorySpace,
+    endpoint: str,
+    trusted_sha256: str | None,
+    record: Callable[[str], Awaitable[None]],
+) -> tuple[str, bool]:
+    """Make sure the Secret exists with a token whose hash the index holds. `record` writes a
+    new hash to the index. Returns (token SHA-256, whether a new token was made)."""
+    if trusted_sha256 is not None and await exists(client, space):
+        return trusted_sha256, False
+    url = kube.secrets(space.ref.namespace, naming.credentials_secret(space.ref.name))
+    token = new_token()
+    digest = index.token_sha256(token)
+    await record(digest)
+    body = manifest(space, endpoint, token)
+    try:
+        await client.create(kube.secrets(space.ref.namespace), body)
+    except errors.AlreadyExistsError:
+        await client.delete(url)  # stale: its token's hash is in no index
+        try:
+            await client.create(kube.secrets(space.ref.namespace), body)
+        except errors.AlreadyExistsError as err:
+            raise errors.TemporaryError(
+                f"credentials Secret {url} is still being deleted; retrying", delay=2.0
+            ) from err
+    return digest, True
+
+
+async def remove(client: kube.Kube, ref: models.SpaceRef) -> bool:
+    url = kube.secrets(ref.namespace, naming.credentials_secret(ref.name))
+    try:
+        return await client.delete(url)
+    except errors.ForbiddenError:
+        # The namespace is terminating or gone with everything in it.
+        return False

@@ -1,0 +1,101 @@
+"""The kopf handlers, kept thin: each hands the body to `reconciling` and maps the operator's
+errors to kopf's once, here. The running `Operator` (clients, tables, observers) is made in the
+startup handler, kept in `memo`, and closed in the cleanup handler.
+
+Importing this module registers the handlers with kopf's global registry: `memspace operator`
+(main.py) does, and so does `kopf run -m memspace_operator.handlers` in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import kopf
+
+from memspace_operator import errors, models, naming, operating, reconciling
+from memspace_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
+MAX_DELAY_S = 300.0
+
+Step = Callable[[operating.Operator, Mapping[str, Any]], Awaitable[None]]
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's own settings: our finalizer and annotation prefix, Events as memspace-operator."""
+    settings.persistence.finalizer = naming.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=naming.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.reporting_component = naming.MANAGER
+    settings.posting.event_name_prefix = "memspace-"
+    settings.execution.default_backoff = 30
+    settings.watching.server_timeout = 300
+    # The CRD is installed before the operator: no CRD or namespace watching, so the RBAC needs
+    # no list/watch on either (restart the operator after adding a CRD version).
+    settings.scanning.disabled = True
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure(settings)
+    loaded = memo.get("settings")
+    if not isinstance(loaded, Settings):
+        loaded = Settings.from_env(os.environ)
+    operator = await operating.Operator.start(loaded)
+    memo["operator"] = operator
+    memo["resync"] = asyncio.get_running_loop().create_task(
+        reconciling.resync_forever(operator), name="memspace-resync"
+    )
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    resync = memo.get("resync")
+    if isinstance(resync, asyncio.Task):
+        resync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resync
+    operator = memo.get("operator")
+    if isinstance(operator, operating.Operator):
+        await operator.close()
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+async def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    await _run(memo, body, retry, reconciling.reconcile)
+
+
+@kopf.on.delete(*RESOURCE)
+async def finalize(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    await _run(memo, body, retry, reconciling.finalize)
+
+
+async def _run(memo: kopf.Memo, body: kopf.Body, retry: int, step: Step) -> None:
+    operator: operating.Operator = memo["operator"]
+    metadata = body.get("metadata") or {}
+    ref = models.SpaceRef(
+        str(metadata.get("namespace")), str(metadata.get("name")), str(metadata.get("uid"))
+    )
+    try:
+        await step(operator, body)
+    except errors.PermanentError as err:
+        operator.recorder.warning(ref, err.reason, err.message)
+        raise kopf.PermanentError(f"{err.reason}: {err.message}") from err
+    except errors.TemporaryError as err:
+        delay = min(MAX_DELAY_S, max(err.delay, 1.0) * 2 ** min(retry, 8))
+        operator.recorder.warning(ref, err.reason, f"{err.message}; retrying in {delay:.0f} s")
+        raise kopf.TemporaryError(f"{err.reason}: {err.message}", delay=delay) from err
+    except Exception as err:
+        operator.recorder.warning(ref, "ReconcileError", f"unexpected error: {err!r}")
+        raise

@@ -1,0 +1,175 @@
+"""Health of the spaces, from their shards: every `health_interval_s` one Health RPC per shard
+(admin token, no space named: every space of the shard in one answer), through the contract's
+gRPC client. What it reports becomes each space's Healthy condition and health figures; the
+status is written only when they changed meaningfully (see statuses.Figures.differs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+import grpc
+
+from memspace_contract import client, spaces
+from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_operator import statuses
+from memspace_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardHealth:
+    """One shard's answer: the spaces it reports, or why it could not be asked."""
+
+    shard: int
+    endpoint: str
+    serving: bool = False
+    spaces: Mapping[spaces.SpaceId, pb.SpaceHealth] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+
+_STATES: dict[str, tuple[statuses.ConditionStatus, str, str]] = {
+    "Active": ("True", "Serving", "served by {shard}"),
+    "Inactive": ("True", "Inactive", "unloaded by {shard} (Inactive)"),
+    "Unmounted": ("False", "VolumeNotMounted", "{shard} does not see the space's volume yet"),
+}
+_FAILED: tuple[statuses.ConditionStatus, str, str] = (
+    "False",
+    "SpaceFailed",
+    "{shard} reports the space {state}: see the shard's log (a volume of another space or "
+    "another embeddingDim is refused, as is a corrupt WAL)",
+)
+
+
+def assess(
+    result: ShardHealth, space_id: spaces.SpaceId
+) -> tuple[statuses.Condition, statuses.Figures | None]:
+    """The space's Healthy condition and figures from its shard's answer."""
+    shard = f"memspace-shard-{result.shard} ({result.endpoint})"
+    if result.error is not None:
+        message = f"{shard} did not answer: {result.error}"
+        return statuses.Condition("Healthy", "False", "ShardUnreachable", message), None
+    found = result.spaces.get(space_id)
+    if found is None:
+        message = f"{shard} has not loaded the space's index entry yet"
+        return statuses.Condition("Healthy", "False", "NotLoaded", message), None
+    figures = statuses.Figures(
+        memories=found.memories,
+        pressure=found.pressure,
+        wal_lag_ms=found.wal_lag_ms,
+        consolidation_rate=found.consolidation_rate,
+        tier_memories={k: int(v) for k, v in found.tier_memories.items()},
+    )
+    if not result.serving:
+        return statuses.Condition(
+            "Healthy", "False", "ShardDraining", f"{shard} is draining"
+        ), figures
+    status, reason, template = _STATES.get(found.state, _FAILED)
+    message = template.format(shard=shard, state=found.state)
+    return statuses.Condition("Healthy", status, reason, message), figures
+
+
+class AdminToken:
+    """The admin token file, re-read when it changes (a mounted Secret is updated in place)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._token: str | None = None
+
+    def read(self) -> str | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp != self._stamp:
+                self._token = self.path.read_text().strip() or None
+                self._stamp = stamp
+        except OSError as err:
+            log.warning("cannot read the admin token file %s: %s", self.path, err)
+        return self._token
+
+
+class Poller:
+    def __init__(
+        self,
+        settings: Settings,
+        shards_in_use: Callable[[], list[int]],
+        on_health: Callable[[ShardHealth], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._shards_in_use = shards_in_use
+        self._on_health = on_health
+        self._token = AdminToken(settings.admin_token_file)
+        self._clients: dict[int, tuple[str, client.Client]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.enabled = settings.admin_token_file is not None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="memspace-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for _, shard_client in self._clients.values():
+            await shard_client.close()
+        self._clients.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.health_interval_s)
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("health round failed; retrying next round")
+
+    async def poll(self) -> None:
+        """One round: ask every shard in use, concurrently."""
+        shards = self._shards_in_use()
+        results = await asyncio.gather(*(self._ask(shard) for shard in shards))
+        for result in results:
+            await self._on_health(result)
+
+    async def _client(self, shard: int, token: str) -> client.Client:
+        endpoint = self._settings.endpoint(shard)
+        found = self._clients.get(shard)
+        if found is not None and found[0] == token and found[1].credentials.endpoint == endpoint:
+            return found[1]
+        if found is not None:
+            await found[1].close()
+        fresh = client.connect(client.Credentials(endpoint=endpoint, token=token))
+        self._clients[shard] = (token, fresh)
+        return fresh
+
+    async def _ask(self, shard: int) -> ShardHealth:
+        endpoint = self._settings.endpoint(shard)
+        token = self._token.read()
+        if token is None:
+            return ShardHealth(shard, endpoint, error="no admin token to ask with")
+        shard_client = await self._client(shard, token)
+        try:
+            answer = await shard_client.spaces.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            # The code alone: details vary from call to call and would rewrite every status.
+            log.debug("shard %d at %s: %s %s", shard, endpoint, err.code().name, err.details())
+            return ShardHealth(shard, endpoint, error=err.code().name)
+        return ShardHealth(
+            shard,
+            endpoint,
+            serving=answer.status == "SERVING",
+            spaces={spaces.SpaceId(s.space): s for s in answer.spaces},
+        )

@@ -1,0 +1,89 @@
+"""The spaces index of each shard: Secret `memspace-shard-N-spaces` in the server namespace,
+one key `<spaceId>.json` per space in the format of memspace_contract.index. The shard mounts
+it and reloads it on change, so tier, quota and state changes reach the server without a
+restart. Entries are written with JSON merge patches of one key: concurrent writers of
+different spaces never conflict.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from typing import Any
+
+from memspace_contract import index, spaces
+from memspace_operator import errors, kube, naming
+from memspace_operator.settings import Settings
+
+
+def manifest(settings: Settings, shard: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": naming.index_secret(shard),
+            "namespace": settings.server_namespace,
+            "labels": naming.shard_labels(shard, component="index"),
+        },
+        "type": "Opaque",
+        "data": {},
+    }
+
+
+class Index:
+    def __init__(self, client: kube.Kube, settings: Settings) -> None:
+        self._kube = client
+        self._settings = settings
+        self._present: set[int] = set()
+
+    def _url(self, shard: int) -> str:
+        return kube.secrets(self._settings.server_namespace, naming.index_secret(shard))
+
+    async def ensure_secret(self, shard: int) -> None:
+        """Create shard N's index Secret unless it is known to exist."""
+        if shard in self._present:
+            return
+        with contextlib.suppress(errors.AlreadyExistsError):
+            await self._kube.create(
+                kube.secrets(self._settings.server_namespace), manifest(self._settings, shard)
+            )
+        self._present.add(shard)
+
+    async def get(self, shard: int, space_id: spaces.SpaceId) -> index.IndexEntry | None:
+        """The space's entry in shard N's index, None when there is none (or it is unreadable:
+        then it is rewritten)."""
+        secret = await self._kube.get_or_none(self._url(shard))
+        if secret is None:
+            self._present.discard(shard)
+            return None
+        raw = (secret.get("data") or {}).get(index.entry_filename(space_id))
+        if raw is None:
+            return None
+        try:
+            return index.loads(base64.b64decode(raw))
+        except (index.InvalidIndexEntryError, ValueError):
+            return None
+
+    async def put(self, shard: int, entry: index.IndexEntry) -> None:
+        await self.ensure_secret(shard)
+        value = base64.b64encode(entry.dumps().encode()).decode()
+        patch = {"data": {index.entry_filename(entry.space_id): value}}
+        try:
+            await self._kube.patch(self._url(shard), patch)
+        except errors.NotFoundError:
+            self._present.discard(shard)
+            raise errors.TemporaryError(
+                f"index Secret {naming.index_secret(shard)} vanished; recreating it", delay=0.5
+            ) from None
+
+    async def remove(self, shard: int, space_id: spaces.SpaceId) -> bool:
+        """Remove the space's entry; False when the Secret or the entry was not there."""
+        secret = await self._kube.get_or_none(self._url(shard))
+        if secret is None or index.entry_filename(space_id) not in (secret.get("data") or {}):
+            return False
+        patch = {"data": {index.entry_filename(space_id): None}}
+        try:
+            await self._kube.patch(self._url(shard), patch)
+        except errors.NotFoundError:
+            return False
+        return True

@@ -1,0 +1,188 @@
+"""Typed views of a MemorySpace: its identity (`SpaceRef`) and its parsed spec (`SpaceSpec`).
+
+The API server has already defaulted and validated the object (design section 2); parsing
+still checks what the operator relies on, so an object written around the schema (an older
+CRD, say) fails with InvalidSpecError naming the field instead of a KeyError deep inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+from collections.abc import Mapping
+from typing import Any, Literal, cast
+
+import kubernetes.utils
+
+from memspace_contract import index, spaces
+from memspace_operator import errors, naming
+
+ReclaimPolicy = Literal["Retain", "Delete"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceRef:
+    """Which MemorySpace: enough to read, patch and post Events about it."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def event_target(self) -> dict[str, Any]:
+        """A minimal body to post Events about the object (kopf builds the reference from it)."""
+        return {
+            "apiVersion": naming.API_VERSION,
+            "kind": naming.KIND,
+            "metadata": {"namespace": self.namespace, "name": self.name, "uid": self.uid},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceSpec:
+    space_id: spaces.SpaceId
+    embedding_dim: int
+    size: str
+    """The requested volume size, a Kubernetes quantity."""
+    storage_class: str | None
+    reclaim_policy: ReclaimPolicy
+    tiers: index.Tiers
+    quota: index.Quota
+    state: index.State
+
+    @property
+    def size_bytes(self) -> decimal.Decimal:
+        return quantity(self.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySpace:
+    ref: SpaceRef
+    generation: int
+    spec: SpaceSpec
+    deleting: bool
+    status: Mapping[str, Any]
+
+
+def quantity(value: str) -> decimal.Decimal:
+    """A Kubernetes quantity (`10Gi`, `500M`, `1e9`) in base units."""
+    try:
+        parsed: decimal.Decimal = kubernetes.utils.parse_quantity(value)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, decimal.InvalidOperation) as err:
+        raise errors.InvalidSpecError(
+            f"spec.storage.size {value!r} is not a quantity such as 10Gi"
+        ) from err
+    return parsed
+
+
+def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise errors.InvalidSpecError(f"spec.{key} must be an object")
+    return value
+
+
+def _int(doc: Mapping[str, Any], key: str, default: int | None, where: str) -> int | None:
+    value = doc.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidSpecError(f"{where}.{key} must be an integer, got {value!r}")
+    return value
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
+    if value not in allowed:
+        raise errors.InvalidSpecError(f"{where} is {value!r}; allowed: {', '.join(allowed)}")
+    return cast("str", value)
+
+
+def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
+    """The spec of MemorySpace `name` (spaceId defaults to the name)."""
+    try:
+        space_id = spaces.parse_space_id(spec.get("spaceId") or name)
+    except spaces.InvalidSpaceIdError as err:
+        where = "spec.spaceId" if spec.get("spaceId") else "metadata.name (spaceId not set)"
+        raise errors.InvalidSpecError(f"{where}: {err}") from err
+    dim = _int(spec, "embeddingDim", 768, "spec")
+    assert dim is not None
+    if not 1 <= dim <= index.MAX_EMBEDDING_DIM:
+        raise errors.InvalidSpecError(
+            f"spec.embeddingDim is {dim}; allowed 1..{index.MAX_EMBEDDING_DIM}"
+        )
+    storage = _section(spec, "storage")
+    size = str(storage.get("size") or "10Gi")
+    if quantity(size) <= 0:
+        raise errors.InvalidSpecError(f"spec.storage.size {size!r} must be above zero")
+    storage_class = storage.get("storageClassName") or None
+    reclaim = _choice(storage.get("reclaimPolicy", "Retain"), ("Retain", "Delete"), "reclaimPolicy")
+    tiers_doc = _section(spec, "tiers")
+    hot = _int(tiers_doc, "hotCapacity", 100_000, "spec.tiers")
+    warm = _int(tiers_doc, "warmCapacity", 1_000_000, "spec.tiers")
+    assert hot is not None
+    assert warm is not None
+    if hot < 1 or warm < 1:
+        raise errors.InvalidSpecError("spec.tiers.hotCapacity and warmCapacity must be at least 1")
+    compression = _choice(
+        tiers_doc.get("coldCompression", "zstd"), index.COMPRESSIONS, "spec.tiers.coldCompression"
+    )
+    quota_doc = _section(spec, "quota")
+    max_memories = _int(quota_doc, "maxMemories", None, "spec.quota")
+    rate = quota_doc.get("maxWritesPerSecond")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
+        raise errors.InvalidSpecError(f"spec.quota.maxWritesPerSecond must be a number: {rate!r}")
+    if (max_memories is not None and max_memories < 1) or (rate is not None and rate <= 0):
+        raise errors.InvalidSpecError("spec.quota values must be above zero when set")
+    state = _choice(spec.get("state", "Active"), index.STATES, "spec.state")
+    return SpaceSpec(
+        space_id=space_id,
+        embedding_dim=dim,
+        size=size,
+        storage_class=str(storage_class) if storage_class else None,
+        reclaim_policy=cast("ReclaimPolicy", reclaim),
+        tiers=index.Tiers(
+            hot_capacity=hot,
+            warm_capacity=warm,
+            cold_compression=cast("index.Compression", compression),
+        ),
+        quota=index.Quota(max_memories=max_memories, max_writes_per_second=rate),
+        state=cast("index.State", state),
+    )
+
+
+def parse(body: Mapping[str, Any]) -> MemorySpace:
+    """A MemorySpace body as kopf or the API hands it over."""
+    metadata = body.get("metadata") or {}
+    ref = SpaceRef(
+        namespace=str(metadata.get("namespace", "")),
+        name=str(metadata.get("name", "")),
+        uid=str(metadata.get("uid", "")),
+    )
+    return MemorySpace(
+        ref=ref,
+        generation=int(metadata.get("generation") or 0),
+        spec=parse_spec(ref.name, body.get("spec") or {}),
+        deleting=bool(metadata.get("deletionTimestamp")),
+        status=body.get("status") or {},
+    )
+
+
+def fallback_space_id(body: Mapping[str, Any]) -> spaces.SpaceId | None:
+    """The space ID of a body whose spec does not parse (to clean up after it), if any."""
+    metadata = body.get("metadata") or {}
+    candidate = (body.get("spec") or {}).get("spaceId") or metadata.get("name", "")
+    return spaces.parse_space_id(candidate) if spaces.is_valid_space_id(candidate) else None
+
+
+def index_entry(spec: SpaceSpec, token_sha256: str | None) -> index.IndexEntry:
+    """What the shard's index says about this space."""
+    return index.IndexEntry(
+        space_id=spec.space_id,
+        embedding_dim=spec.embedding_dim,
+        token_sha256=token_sha256,
+        tiers=spec.tiers,
+        quota=spec.quota,
+        state=spec.state,
+    )

@@ -1,0 +1,115 @@
+"""Deterministic names and labels of everything the operator makes (design section 3).
+
+The same space always maps to the same child names, so a reconcile re-run after a crash finds
+what an earlier run made instead of making it twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from memspace_contract import spaces
+
+GROUP = "memspace.dev"
+VERSION = "v1alpha1"
+PLURAL = "memoryspaces"
+KIND = "MemorySpace"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "memspace-operator"
+NAME = "app.kubernetes.io/name"
+COMPONENT = "app.kubernetes.io/component"
+SPACE_ID = "memspace.dev/space-id"
+OWNER_NAMESPACE = "memspace.dev/owner-namespace"
+OWNER_NAME = "memspace.dev/owner-name"
+SHARD = "memspace.dev/shard"
+RETAINED = "memspace.dev/retained"
+OWNER_UID = "memspace.dev/owner-uid"
+"""Annotation on a space's PVC: the uid of the MemorySpace that holds its space ID."""
+OWNER_FULL_NAME = "memspace.dev/owner"
+"""Annotation: namespace/name of the owner, in full (a label value holds at most 63 chars)."""
+
+FINALIZER = "memspace.dev/finalizer"
+SERVER_PORT = 50051
+METRICS_PORT = 9090
+VOLUMES_PATH = "/var/lib/memspace/spaces"
+INDEX_PATH = "/etc/memspace/spaces"
+ADMIN_PATH = "/etc/memspace/admin"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def _fit(name: str, limit: int) -> str:
+    """`name` if it fits in `limit` characters, else a prefix and a hash of the whole."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{name[: limit - 11].rstrip('-.')}-{digest}"
+
+
+def claim_name(space_id: spaces.SpaceId) -> str:
+    """The space's PVC in the server namespace: `space-<spaceId>`."""
+    return f"space-{space_id}"
+
+
+def volume_name(space_id: spaces.SpaceId) -> str:
+    """The pod volume of the space's PVC (a DNS label: 63 characters at most)."""
+    return _fit(f"space-{space_id}", 63)
+
+
+def mount_path(space_id: spaces.SpaceId) -> str:
+    return f"{VOLUMES_PATH}/{space_id}"
+
+
+def credentials_secret(owner_name: str) -> str:
+    """The Secret in the MemorySpace's namespace holding space, endpoint and token."""
+    return _fit(f"{owner_name}-memspace", 253)
+
+
+def shard_name(shard: int) -> str:
+    """StatefulSet and Service of shard N."""
+    return f"memspace-shard-{shard}"
+
+
+def index_secret(shard: int) -> str:
+    """The spaces index of shard N, projected into its pod at INDEX_PATH."""
+    return f"memspace-shard-{shard}-spaces"
+
+
+def label_value(value: str) -> str:
+    """`value` as a label value (63 characters, alphanumeric ends), hashed when it is longer."""
+    if len(value) <= 63 and _LABEL_VALUE.fullmatch(value):
+        return value
+    return _fit(value, 63)
+
+
+def managed() -> dict[str, str]:
+    return {MANAGED_BY: MANAGER}
+
+
+def space_labels(space_id: spaces.SpaceId, owner_namespace: str, owner_name: str) -> dict[str, str]:
+    """The labels of every child of one space (design section 3)."""
+    return {
+        MANAGED_BY: MANAGER,
+        SPACE_ID: space_id,
+        OWNER_NAMESPACE: owner_namespace,
+        OWNER_NAME: label_value(owner_name),
+    }
+
+
+def shard_labels(shard: int, component: str = "shard") -> dict[str, str]:
+    """The labels of shard N's StatefulSet, Service and pods (component `shard`) or index
+    Secret (component `index`)."""
+    return {
+        MANAGED_BY: MANAGER,
+        NAME: "memspace",
+        COMPONENT: component,
+        SHARD: str(shard),
+    }
+
+
+def shard_selector(shard: int) -> dict[str, str]:
+    """What shard N's Service and StatefulSet select: its pods."""
+    return {NAME: "memspace", COMPONENT: "shard", SHARD: str(shard)}

@@ -1,0 +1,195 @@
+"""The running operator: its clients, its in-memory tables and its background observers, made
+once at start-up (from durable state: the PVCs and the shard StatefulSets) and closed once.
+
+The observers feed each space's `Observed` and publish its status:
+- the claim watch: VolumeBound;
+- the mounter: Mounted, when a shard's pod template changes;
+- the health poller: Healthy and the health figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from memspace_contract import spaces
+from memspace_operator import (
+    events,
+    health,
+    indexing,
+    kube,
+    mounting,
+    naming,
+    sharding,
+    statuses,
+    tracking,
+    volumes,
+    watching,
+)
+from memspace_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Operator:
+    def __init__(self, settings: Settings, client: kube.Kube) -> None:
+        self.settings = settings
+        self.kube = client
+        self.recorder = events.Recorder()
+        self.book = tracking.Book(client)
+        self.assignments = sharding.Shards(settings.max_spaces_per_shard, settings.max_shards)
+        self.index = indexing.Index(client, settings)
+        self.mounter = mounting.Mounter(
+            client, settings, self.assignments, self.index, self.on_mounted
+        )
+        self.claims = watching.ClaimWatch(client, settings, self.on_claim)
+        self.poller = health.Poller(settings, self.shards_in_use, self.on_health)
+        self.volume_notes: dict[spaces.SpaceId, str] = {}
+        """Per space, a note for VolumeBound's message (a refused expansion, say)."""
+        self.background: set[asyncio.Task[None]] = set()
+        """Re-checks started outside kopf's handlers (cancelled at close)."""
+
+    @classmethod
+    async def start(cls, settings: Settings, client: kube.Kube | None = None) -> Operator:
+        client = client or await kube.Kube.open(settings.api_concurrency)
+        operator = cls(settings, client)
+        try:
+            await operator._load()
+        except BaseException:
+            await client.close()
+            raise
+        return operator
+
+    async def _load(self) -> None:
+        """Rebuild the tables from the cluster, then start the observers."""
+        namespace = self.settings.server_namespace
+        resource_version = await self.claims.list()
+        for pvc in self.claims.claims.values():
+            labels = volumes.labels(pvc)
+            shard, uid = volumes.shard_of(pvc), volumes.owner_uid(pvc)
+            space_id = labels.get(naming.SPACE_ID, "")
+            if shard is not None and uid and spaces.is_valid_space_id(space_id):
+                self.assignments.record(spaces.SpaceId(space_id), shard, uid)
+        selector = kube.selector({**naming.managed(), naming.COMPONENT: "shard"})
+        listed = await self.kube.list(kube.statefulsets(namespace), selector)
+        self.assignments.know(self.mounter.load(listed.get("items") or []))
+        self.claims.start(resource_version)
+        self.poller.start()
+        for shard in self.assignments.shards:
+            self.mounter.request(shard)
+        log.info(
+            "operator ready: %d spaces assigned to %d shards in namespace %s",
+            sum(self.assignments.count(s) for s in self.assignments.shards),
+            len(self.assignments.shards),
+            namespace,
+        )
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the background until it ends or the operator closes."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def close(self) -> None:
+        for task in list(self.background):
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.book.close()
+        await self.poller.close()
+        await self.claims.close()
+        await self.mounter.close()
+        await self.kube.close()
+
+    # -- conditions from the tables ------------------------------------------------------------
+
+    def volume_condition(
+        self, space_id: spaces.SpaceId, pvc: dict[str, Any] | None = None
+    ) -> statuses.Condition:
+        """VolumeBound from the freshest of `pvc` and the watch's copy."""
+        watched = self.claims.claims.get(naming.claim_name(space_id))
+        if pvc is None or (watched is not None and _newer(watched, pvc)):
+            pvc = watched
+        return volumes.condition(pvc, self.volume_notes.get(space_id))
+
+    def mount_condition(self, space_id: spaces.SpaceId) -> statuses.Condition | None:
+        assignment = self.assignments.get(space_id)
+        if assignment is None:
+            return None
+        shard = naming.shard_name(assignment.shard)
+        if self.mounter.is_mounted(space_id, assignment.shard):
+            return statuses.Condition(
+                "Mounted", "True", "Mounted", f"{shard} mounts it at {naming.mount_path(space_id)}"
+            )
+        return statuses.Condition(
+            "Mounted",
+            "False",
+            "MountPending",
+            f"{shard}'s pod template will mount it with the next batch of changes (at most one "
+            f"restart every {self.settings.mount_batch_window_s:g} s)",
+        )
+
+    def unmonitored(self) -> statuses.Condition | None:
+        if self.poller.enabled:
+            return None
+        return statuses.Condition(
+            "Healthy",
+            "Unknown",
+            "NotMonitored",
+            "the operator has no admin token (MEMSPACE_ADMIN_TOKEN_FILE) to ask the shards",
+        )
+
+    def shards_in_use(self) -> list[int]:
+        return [s for s in self.assignments.shards if self.assignments.count(s)]
+
+    # -- observers' callbacks --------------------------------------------------------------
+
+    async def on_claim(self, name: str, pvc: dict[str, Any] | None) -> None:
+        prefix = "space-"
+        if not name.startswith(prefix) or not spaces.is_valid_space_id(name[len(prefix) :]):
+            return
+        space_id = spaces.SpaceId(name[len(prefix) :])
+        tracked = self.book.owner_of(space_id)
+        if tracked is None or not tracked.reconciled:
+            return
+        tracked.observed.volume = volumes.condition(pvc, self.volume_notes.get(space_id))
+        self.book.publish_soon(tracked)
+
+    async def on_mounted(self, shard: int, mounted: frozenset[spaces.SpaceId]) -> None:
+        for space_id in sorted(self.assignments.spaces_of(shard) | mounted):
+            tracked = self.book.owner_of(space_id)
+            if tracked is None or not tracked.reconciled or tracked.observed.shard is None:
+                continue  # its reconcile has not got that far: it publishes the mount itself
+            condition = self.mount_condition(space_id)
+            if condition is None:
+                continue
+            before = tracked.observed.mount
+            tracked.observed.mount = condition
+            if condition.status == "True" and (before is None or before.status != "True"):
+                self.recorder.normal(tracked.ref, "Mounted", condition.message)
+            self.book.publish_soon(tracked)
+
+    async def on_health(self, result: health.ShardHealth) -> None:
+        for space_id in sorted(self.assignments.spaces_of(result.shard)):
+            tracked = self.book.owner_of(space_id)
+            if tracked is None or not tracked.reconciled or tracked.observed.shard is None:
+                continue
+            condition, figures = health.assess(result, space_id)
+            observed = tracked.observed
+            before = observed.health
+            observed.health = condition
+            if figures is not None and figures.differs(observed.figures):
+                observed.figures = figures
+                observed.figures_time = statuses.now()
+            if before is not None and before.status == "True" and condition.status != "True":
+                self.recorder.warning(tracked.ref, condition.reason, condition.message)
+            self.book.publish_soon(tracked)
+
+
+def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether object `a` is a later version than `b` (etcd revisions are integers)."""
+    try:
+        return int(a["metadata"]["resourceVersion"]) > int(b["metadata"]["resourceVersion"])
+    except (KeyError, ValueError):
+        return False

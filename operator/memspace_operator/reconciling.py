@@ -1,0 +1,355 @@
+"""Reconciling one MemorySpace into its children, and cleaning them up at deletion.
+
+`reconcile` is level-based and idempotent: every step reads what exists, by deterministic name,
+and writes only what differs, so a re-run after a crash at any line converges with nothing
+duplicated or orphaned. The order is chosen so that every crash point is recoverable:
+
+1. the PVC `space-<spaceId>`: the volume, and the cluster-wide claim on the space ID
+   (labelled with the shard when it is created);
+2. the shard assignment, sticky (the PVC's label), or ShardsFull;
+3. the volume size (expansion only);
+4. the credentials Secret, whose token hash goes to the index first (see `credentials`);
+5. the index entry (tiers, quota, state) in the shard's index Secret;
+6. the mount, requested from the shard's mounter (batched).
+
+`finalize` undoes them in reverse, tolerating children that never existed or are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from memspace_contract import spaces
+from memspace_operator import credentials, errors, kube, models, naming, statuses, tracking, volumes
+from memspace_operator.operating import Operator
+
+log = logging.getLogger(__name__)
+
+WAITING_REASONS = ("SpaceIdConflict", "ShardsFull")
+DETACH_GRACE_S = 60.0
+
+
+async def reconcile(op: Operator, body: Mapping[str, Any]) -> None:
+    """Bring the children of the MemorySpace `body` in line with its spec."""
+    try:
+        space = models.parse(body)
+    except errors.InvalidSpecError as err:
+        await report_invalid(op, body, err)
+        raise
+    tracked = op.book.track(space)
+    await reconcile_tracked(op, tracked)
+
+
+async def reconcile_tracked(op: Operator, tracked: tracking.Tracked) -> None:
+    async with tracked.lock:
+        if tracked.space.deleting:
+            return
+        try:
+            await _reconcile(op, tracked)
+        except errors.PermanentError as err:
+            tracked.observed.problem = statuses.Problem(err.reason, err.message)
+            _publish(op, tracked)
+            raise
+
+
+def _publish(op: Operator, tracked: tracking.Tracked) -> None:
+    tracked.reconciled = True
+    op.book.publish_soon(tracked)
+
+
+async def _claim(op: Operator, tracked: tracking.Tracked) -> volumes.Claim:
+    space = tracked.space
+    space_id = space.spec.space_id
+    url = kube.pvcs(op.settings.server_namespace, naming.claim_name(space_id))
+    # A space never seen with a claim is most likely new: create first, read only if it exists.
+    likely_new = tracked.observed.claim_name is None and not tracked.written.get("claimName")
+    pvc = None if likely_new else await op.kube.get_or_none(url)
+    if pvc is None:
+        before = op.assignments.get(space_id)
+        if before is None:
+            shard = op.assignments.assign(space_id, space.ref.uid)  # tentative until created
+        else:
+            # Another holder's assignment is not ours to take: the claim decides who holds it.
+            shard = before.shard if before.owner_uid == space.ref.uid else None
+        try:
+            created = await volumes.create(op.kube, op.settings, space, shard)
+        except BaseException as err:
+            if before is None:
+                op.assignments.release(space_id)  # the tentative choice did not stick
+            if not isinstance(err, errors.AlreadyExistsError):
+                raise
+            pvc = await op.kube.get(url)
+        else:
+            op.recorder.normal(
+                space.ref,
+                "ClaimCreated",
+                f"created PersistentVolumeClaim {op.settings.server_namespace}/"
+                f"{naming.claim_name(space_id)} ({space.spec.size})",
+            )
+            return volumes.Claim(created, fresh=True)
+
+    async def forget_previous_holder(previous: dict[str, Any]) -> None:
+        shard = volumes.shard_of(previous)
+        if shard is not None:
+            await op.index.remove(shard, space_id)
+
+    claim = await volumes.resolve(op.kube, op.settings, space, pvc, forget_previous_holder)
+    if claim.fresh:
+        op.recorder.normal(
+            space.ref,
+            "VolumeAdopted",
+            f"adopted the released volume {naming.claim_name(space_id)} of space {space_id}, "
+            "with its data",
+        )
+    return claim
+
+
+async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
+    space = tracked.space
+    claim = await _claim(op, tracked)
+    if claim.holder is not None:
+        await _conflict(op, tracked, claim.holder)
+        return
+    op.book.set_owner(tracked, True)
+    tracked.observed.claim_name = naming.claim_name(space.spec.space_id)
+    assigned = await _assign(op, tracked, claim.pvc)
+    if assigned is None:
+        return
+    shard, pvc = assigned
+    tracked.observed.shard = shard
+    tracked.observed.endpoint = op.settings.endpoint(shard)
+    await _expand(op, tracked, pvc)
+    secret = await _credentials_and_index(op, tracked, shard, fresh=claim.fresh)
+    op.mounter.request(shard)
+    observed = tracked.observed
+    observed.problem = None
+    observed.credentials_secret = secret
+    observed.volume = op.volume_condition(space.spec.space_id, pvc)
+    observed.mount = op.mount_condition(space.spec.space_id)
+    if (unmonitored := op.unmonitored()) is not None:
+        observed.health = unmonitored
+    _publish(op, tracked)
+
+
+async def _conflict(op: Operator, tracked: tracking.Tracked, holder: str) -> None:
+    op.book.set_owner(tracked, False)
+    observed = tracked.observed
+    _clear_children(observed)
+    observed.problem = statuses.Problem(
+        "SpaceIdConflict",
+        f"space ID {tracked.space.spec.space_id!r} is held by MemorySpace {holder}; set another "
+        "spec.spaceId (or delete that MemorySpace, which frees it)",
+    )
+    op.recorder.warning(tracked.ref, "SpaceIdConflict", observed.problem.message)
+    _publish(op, tracked)
+
+
+async def _assign(
+    op: Operator, tracked: tracking.Tracked, pvc: dict[str, Any]
+) -> tuple[int, dict[str, Any]] | None:
+    """The space's shard (sticky: the PVC's label), assigning one if needed; None when every
+    shard is full (then the status says ShardsFull)."""
+    space = tracked.space
+    space_id = space.spec.space_id
+    shard = volumes.shard_of(pvc)
+    if shard is not None:
+        op.assignments.record(space_id, shard, space.ref.uid)
+        return shard, pvc
+    shard = op.assignments.assign(space_id, space.ref.uid)
+    if shard is None:
+        observed = tracked.observed
+        observed.problem = statuses.Problem(
+            "ShardsFull",
+            f"all {op.settings.max_shards} shards hold {op.settings.max_spaces_per_shard} spaces "
+            "(MEMSPACE_MAX_SHARDS, MEMSPACE_MAX_SPACES_PER_SHARD); the space gets a shard when "
+            "one has room",
+        )
+        observed.volume = op.volume_condition(space_id, pvc)
+        op.recorder.warning(space.ref, "ShardsFull", observed.problem.message)
+        _publish(op, tracked)
+        return None
+    try:
+        pvc = await volumes.label_shard(op.kube, op.settings, pvc, shard)
+    except BaseException:
+        op.assignments.release(space_id)
+        raise
+    op.recorder.normal(space.ref, "ShardAssigned", f"assigned to {naming.shard_name(shard)}")
+    return shard, pvc
+
+
+async def _credentials_and_index(
+    op: Operator, tracked: tracking.Tracked, shard: int, *, fresh: bool
+) -> str:
+    """The credentials Secret and the index entry; returns the Secret's name."""
+    space = tracked.space
+    spec = space.spec
+    await op.index.ensure_secret(shard)
+    # A new incarnation of the space ID trusts nothing an earlier one left in the index.
+    entry = None if fresh else await op.index.get(shard, spec.space_id)
+    trusted = None if entry is None else entry.token_sha256
+
+    async def record(digest: str) -> None:
+        await op.index.put(shard, models.index_entry(spec, digest))
+
+    endpoint = op.settings.endpoint(shard)
+    digest, made = await credentials.ensure(op.kube, space, endpoint, trusted, record)
+    secret = naming.credentials_secret(space.ref.name)
+    if made:
+        op.recorder.normal(
+            space.ref, "CredentialsCreated", f"created Secret {secret} with a new token"
+        )
+    desired = models.index_entry(spec, digest)
+    if not made and entry != desired:
+        await op.index.put(shard, desired)
+        op.recorder.normal(
+            space.ref,
+            "IndexUpdated",
+            f"index entry in {naming.index_secret(shard)} now says state {spec.state}, "
+            f"hotCapacity {spec.tiers.hot_capacity}, warmCapacity {spec.tiers.warm_capacity}",
+        )
+    return secret
+
+
+async def _expand(op: Operator, tracked: tracking.Tracked, pvc: dict[str, Any]) -> None:
+    space = tracked.space
+    try:
+        expanded = await volumes.expand(op.kube, op.settings, pvc, space.spec.size)
+    except (errors.InvalidError, errors.ForbiddenError) as err:
+        note = f"expansion to {space.spec.size} refused: {err.api_message}"
+        if op.volume_notes.get(space.spec.space_id) != note:
+            op.volume_notes[space.spec.space_id] = note
+            op.recorder.warning(space.ref, "ExpansionRefused", note)
+        return
+    op.volume_notes.pop(space.spec.space_id, None)
+    if expanded is not None:
+        op.recorder.normal(
+            space.ref,
+            "VolumeExpanding",
+            f"asked for {space.spec.size} on claim {naming.claim_name(space.spec.space_id)}",
+        )
+
+
+def _clear_children(observed: statuses.Observed) -> None:
+    observed.shard = observed.endpoint = observed.claim_name = None
+    observed.credentials_secret = None
+    observed.volume = observed.mount = observed.health = None
+    observed.figures = None
+    observed.figures_time = None
+
+
+async def report_invalid(op: Operator, body: Mapping[str, Any], err: errors.OperatorError) -> None:
+    """Status for a MemorySpace whose spec cannot be parsed (so no `Observed` exists)."""
+    metadata = body.get("metadata") or {}
+    generation = int(metadata.get("generation") or 0)
+    observed = statuses.Observed(
+        space_id=str((body.get("spec") or {}).get("spaceId") or metadata.get("name", "")),
+        generation=generation,
+        problem=statuses.Problem(err.reason, err.message),
+    )
+    previous = body.get("status") or {}
+    status = statuses.render(observed, previous)
+    if statuses.same(status, previous):
+        return
+    url = kube.memoryspaces(metadata.get("namespace", ""), metadata.get("name", ""), "status")
+    await op.kube.patch(url, {"status": statuses.merge_patch(status, previous)})
+
+
+# -- deletion ------------------------------------------------------------------------------------
+
+
+async def finalize(op: Operator, body: Mapping[str, Any]) -> None:
+    """Detach, remove the index entry and the credentials, delete or retain the volume."""
+    try:
+        space = models.parse(body)
+    except errors.InvalidSpecError:
+        # Nothing was made for a spec that never parsed, beyond perhaps its Secret.
+        metadata = body.get("metadata") or {}
+        ref = models.SpaceRef(metadata["namespace"], metadata["name"], metadata.get("uid", ""))
+        await credentials.remove(op.kube, ref)
+        return
+    tracked = op.book.track(space)
+    async with tracked.lock:
+        await _finalize(op, tracked)
+    op.book.forget(space.ref.uid)
+    op.recorder.forget(space.ref)
+
+
+async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
+    space = tracked.space
+    space_id = space.spec.space_id
+    url = kube.pvcs(op.settings.server_namespace, naming.claim_name(space_id))
+    pvc = await op.kube.get_or_none(url)
+    if pvc is not None and volumes.owner_uid(pvc) != space.ref.uid:
+        log.info("%s: the space ID %s is another's; nothing of it to clean up", space.ref, space_id)
+        return
+    assignment = op.assignments.get(space_id)
+    mine = assignment is not None and assignment.owner_uid == space.ref.uid
+    shard = volumes.shard_of(pvc) if pvc is not None else None
+    if shard is None and mine and assignment is not None:
+        shard = assignment.shard
+    if mine:
+        op.assignments.release(space_id)
+    if shard is not None:
+        op.mounter.request(shard)
+        timeout = op.settings.mount_batch_window_s + DETACH_GRACE_S
+        if not await op.mounter.wait_detached(space_id, shard, limit_s=timeout):
+            raise errors.TemporaryError(
+                f"{naming.shard_name(shard)} still mounts the space; waiting for it to detach",
+                delay=op.settings.mount_batch_window_s,
+            )
+        removed = await op.index.remove(shard, space_id)
+        op.recorder.normal(
+            space.ref,
+            "Detached",
+            f"detached from {naming.shard_name(shard)}"
+            + (" and removed from its index" if removed else ""),
+        )
+    await credentials.remove(op.kube, space.ref)
+    if pvc is not None:
+        done = await volumes.release(
+            op.kube, op.settings, space, delete=space.spec.reclaim_policy == "Delete"
+        )
+        op.recorder.normal(space.ref, "VolumeReleased", done)
+    op.volume_notes.pop(space_id, None)
+    nudge_waiting(op, space_id)
+
+
+# -- re-checks -------------------------------------------------------------------------------------
+
+
+def nudge_waiting(op: Operator, freed: spaces.SpaceId | None = None) -> None:
+    """Reconcile, soon, the spaces waiting for a shard slot or for the space ID `freed`."""
+    for tracked in op.book.all():
+        problem = tracked.observed.problem
+        if problem is None or problem.reason not in WAITING_REASONS:
+            continue
+        if problem.reason == "SpaceIdConflict" and tracked.space.spec.space_id != freed:
+            continue
+        op.spawn(_quietly(op, tracked), name=f"memspace-recheck-{tracked.ref}")
+
+
+async def _quietly(op: Operator, tracked: tracking.Tracked) -> None:
+    try:
+        await reconcile_tracked(op, tracked)
+    except errors.OperatorError as err:
+        log.info("%s: re-check failed (%s); the next one retries", tracked.ref, err)
+    except Exception:
+        log.exception("%s: re-check failed", tracked.ref)
+
+
+async def resync_forever(op: Operator) -> None:
+    """Reconcile every tracked space again once per resync interval (drift repair), spread
+    evenly over the interval so that 1,000 spaces make a steady trickle of reads, not a burst."""
+    while True:
+        spaces_now = [t for t in op.book.all() if not t.space.deleting]
+        if not spaces_now:
+            await asyncio.sleep(op.settings.resync_interval_s)
+            continue
+        pause = op.settings.resync_interval_s / len(spaces_now)
+        for tracked in spaces_now:
+            await asyncio.sleep(pause)
+            if op.book.get(tracked.ref.uid) is tracked and not tracked.space.deleting:
+                await _quietly(op, tracked)

@@ -1,0 +1,187 @@
+"""The objects of one server shard: StatefulSet `memspace-shard-N` (one replica) and Service
+`memspace-shard-N`, mounting the shard's index Secret, the admin token and one PVC per space.
+
+Only manifests and their comparison live here; `mounting` decides when they are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from memspace_contract import spaces
+from memspace_operator import naming
+from memspace_operator.settings import Settings
+
+CONTAINER = "server"
+DRAIN_TIMEOUT_S = 25
+GRACE_PERIOD_S = 30
+RUN_AS = 10001
+
+
+def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) -> dict[str, Any]:
+    """The shard pod's spec, its volumes sorted by space ID (the same set gives the same spec)."""
+    space_ids = sorted(set(mounted))
+    volumes: list[dict[str, Any]] = [
+        {"name": "index", "secret": {"secretName": naming.index_secret(shard)}},
+        {
+            "name": "admin-token",
+            "secret": {"secretName": settings.admin_token_secret, "optional": True},
+        },
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "index", "mountPath": naming.INDEX_PATH, "readOnly": True},
+        {"name": "admin-token", "mountPath": naming.ADMIN_PATH, "readOnly": True},
+    ]
+    for space_id in space_ids:
+        volume = naming.volume_name(space_id)
+        volumes.append(
+            {"name": volume, "persistentVolumeClaim": {"claimName": naming.claim_name(space_id)}}
+        )
+        mounts.append({"name": volume, "mountPath": naming.mount_path(space_id)})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": settings.server_image,
+        "command": ["memspace"],
+        "args": [
+            "serve",
+            f"--data-root={naming.VOLUMES_PATH}",
+            f"--index-dir={naming.INDEX_PATH}",
+            f"--listen=0.0.0.0:{naming.SERVER_PORT}",
+            f"--metrics-listen=0.0.0.0:{naming.METRICS_PORT}",
+            f"--admin-token-file={naming.ADMIN_PATH}/token",
+            f"--drain-timeout={DRAIN_TIMEOUT_S}",
+            "--drain-notice=3",
+            "--log-format=json",
+        ],
+        "ports": [
+            {"name": "grpc", "containerPort": naming.SERVER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {"grpc": {"port": naming.SERVER_PORT}, "periodSeconds": 5},
+        "livenessProbe": {
+            "grpc": {"port": naming.SERVER_PORT},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if settings.server_resources:
+        container["resources"] = dict(settings.server_resources)
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": GRACE_PERIOD_S,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if settings.service_account:
+        spec["serviceAccountName"] = settings.service_account
+    return spec
+
+
+def statefulset(
+    settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId], changed_at: str
+) -> dict[str, Any]:
+    name = naming.shard_name(shard)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": name,
+            "namespace": settings.server_namespace,
+            "labels": naming.shard_labels(shard),
+            "annotations": {TEMPLATE_CHANGED: changed_at},
+        },
+        "spec": {
+            "replicas": 1,
+            "serviceName": name,
+            "selector": {"matchLabels": naming.shard_selector(shard)},
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {"labels": naming.shard_labels(shard)},
+                "spec": pod_spec(settings, shard, mounted),
+            },
+        },
+    }
+
+
+def service(settings: Settings, shard: int) -> dict[str, Any]:
+    name = naming.shard_name(shard)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": settings.server_namespace,
+            "labels": naming.shard_labels(shard),
+        },
+        "spec": {
+            "selector": naming.shard_selector(shard),
+            "ports": [
+                {"name": "grpc", "port": naming.SERVER_PORT, "targetPort": "grpc"},
+                {"name": "metrics", "port": naming.METRICS_PORT, "targetPort": "metrics"},
+            ],
+        },
+    }
+
+
+TEMPLATE_CHANGED = "memspace.dev/template-changed-at"
+"""Annotation on a shard's StatefulSet (not its pod template): when the template last changed,
+so the batching window holds across operator restarts."""
+
+
+def mounted_spaces(statefulset_body: dict[str, Any]) -> frozenset[spaces.SpaceId]:
+    """The spaces whose volumes the StatefulSet's template mounts at their path."""
+    template = statefulset_body.get("spec", {}).get("template", {}).get("spec", {})
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in template.get("volumes") or []
+        if v.get("persistentVolumeClaim")
+    }
+    found = set()
+    for container in template.get("containers") or []:
+        if container.get("name") != CONTAINER:
+            continue
+        for mount in container.get("volumeMounts") or []:
+            path = mount.get("mountPath", "")
+            claim = claims.get(mount.get("name"))
+            prefix = naming.VOLUMES_PATH + "/"
+            if claim is not None and path.startswith(prefix):
+                space_id = path[len(prefix) :]
+                if claim == naming.claim_name(spaces.SpaceId(space_id)):
+                    found.add(spaces.SpaceId(space_id))
+    return frozenset(found)
+
+
+def template_differs(current: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Whether the pod templates differ in what the operator sets (defaults the API server
+    added to `current` are ignored)."""
+    return not _covers(current["spec"]["template"], desired["spec"]["template"])
+
+
+def _covers(actual: Any, wanted: Any) -> bool:
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(
+            _covers(actual.get(key), value) for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(wanted)
+            and all(_covers(a, w) for a, w in zip(actual, wanted, strict=True))
+        )
+    return bool(actual == wanted)

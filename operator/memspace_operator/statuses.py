@@ -1,0 +1,203 @@
+"""A MemorySpace's status, computed from what the operator observed (pure functions).
+
+Conditions follow the Kubernetes API conventions: types VolumeBound, Mounted and Healthy, each
+with status, CamelCase reason, message, lastTransitionTime and observedGeneration, summarised in
+Ready. Health figures change the status only when they change meaningfully (`Figures.differs`),
+so a status is written when something a reader cares about changed, and never at rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any, Literal
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+TYPES = ("VolumeBound", "Mounted", "Healthy")
+READY = "Ready"
+
+PRESSURE_STEP = 0.01
+"""Pressure (hot memories / hotCapacity) is shown to two decimals."""
+LAG_FLOOR_MS = 1000.0
+RATE_FLOOR = 1.0
+RELATIVE_STEP = 0.5
+"""WAL lag and consolidation rate are shown again when they change by half (and by more than
+a floor): both drift continuously while a space works, and a write per poll per space would
+make 1,000 busy spaces a write storm."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Why a space cannot progress at all (SpaceIdConflict, ShardsFull, InvalidSpec, ...)."""
+
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """Health figures of one space, as the shard's Health RPC reports them."""
+
+    memories: int
+    pressure: float
+    wal_lag_ms: float
+    consolidation_rate: float
+    tier_memories: Mapping[str, int]
+
+    def differs(self, shown: Figures | None) -> bool:
+        """Whether these figures are worth a status write over the `shown` ones."""
+        if shown is None:
+            return True
+        if self.memories != shown.memories or dict(self.tier_memories) != dict(shown.tier_memories):
+            return True
+        if abs(self.pressure - shown.pressure) >= PRESSURE_STEP:
+            return True
+        return _drifted(self.wal_lag_ms, shown.wal_lag_ms, LAG_FLOOR_MS) or _drifted(
+            self.consolidation_rate, shown.consolidation_rate, RATE_FLOOR
+        )
+
+
+def _drifted(new: float, old: float, floor: float) -> bool:
+    if (new == 0) != (old == 0):
+        return True
+    change = abs(new - old)
+    return change >= floor and change >= RELATIVE_STEP * max(abs(old), abs(new))
+
+
+@dataclasses.dataclass
+class Observed:
+    """Everything the operator knows about one space, from every source."""
+
+    space_id: str
+    generation: int
+    state: str = "Active"
+    problem: Problem | None = None
+    shard: int | None = None
+    endpoint: str | None = None
+    claim_name: str | None = None
+    credentials_secret: str | None = None
+    volume: Condition | None = None
+    mount: Condition | None = None
+    health: Condition | None = None
+    figures: Figures | None = None
+    figures_time: str | None = None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pending(type_: str, reason: str, message: str) -> Condition:
+    return Condition(type_, "Unknown", reason, message)
+
+
+def _ready(observed: Observed, parts: list[Condition]) -> Condition:
+    """The summary: a problem first, then the volume, then Inactive (an Inactive space is not
+    served on purpose, so its mount and health do not matter), then mount and health."""
+    if observed.problem is not None:
+        return Condition(READY, "False", observed.problem.reason, observed.problem.message)
+    volume, rest = parts[:1], parts[1:]
+    for part in volume:
+        if part.status != "True":
+            return Condition(READY, part.status, part.reason, part.message)
+    if observed.state == "Inactive":
+        return Condition(
+            READY,
+            "False",
+            "Inactive",
+            "the space is Inactive: its volume is kept and it is unloaded from its shard; "
+            "requests get FAILED_PRECONDITION until spec.state is Active",
+        )
+    for part in rest:
+        if part.status != "True":
+            return Condition(READY, part.status, part.reason, part.message)
+    return Condition(
+        READY, "True", "Ready", f"served by memspace-shard-{observed.shard} at {observed.endpoint}"
+    )
+
+
+def conditions(observed: Observed) -> list[Condition]:
+    """VolumeBound, Mounted, Healthy and the Ready summary (only Ready for a space that owns
+    nothing, such as a SpaceIdConflict)."""
+    if observed.problem is not None and observed.claim_name is None:
+        return [_ready(observed, [])]
+    parts = [
+        observed.volume or _pending("VolumeBound", "Provisioning", "the volume is being created"),
+        observed.mount or _pending("Mounted", "MountPending", "no shard mounts the volume yet"),
+        observed.health or _pending("Healthy", "HealthPending", "the shard has not answered yet"),
+    ]
+    return [*parts, _ready(observed, parts)]
+
+
+def render(observed: Observed, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The status document, keeping lastTransitionTime of conditions whose status is unchanged."""
+    before = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, dict)}
+    stamp = now()
+    rendered = []
+    for condition in conditions(observed):
+        old = before.get(condition.type) or {}
+        same = old.get("status") == condition.status
+        rendered.append(
+            {
+                "type": condition.type,
+                "status": condition.status,
+                "reason": condition.reason,
+                "message": condition.message,
+                "lastTransitionTime": old.get("lastTransitionTime", stamp) if same else stamp,
+                "observedGeneration": observed.generation,
+            }
+        )
+    status: dict[str, Any] = {
+        "observedGeneration": observed.generation,
+        "conditions": rendered,
+        "spaceId": observed.space_id,
+    }
+    optional = {
+        "shard": observed.shard,
+        "endpoint": observed.endpoint,
+        "claimName": observed.claim_name,
+        "credentialsSecret": observed.credentials_secret,
+    }
+    status.update({key: value for key, value in optional.items() if value is not None})
+    figures = observed.figures
+    if figures is not None:
+        status.update(
+            {
+                "memories": figures.memories,
+                "pressure": round(figures.pressure, 4),
+                "walLagMs": round(figures.wal_lag_ms, 1),
+                "consolidationRate": round(figures.consolidation_rate, 3),
+                "tierMemories": {k: int(v) for k, v in sorted(figures.tier_memories.items())},
+            }
+        )
+        if observed.figures_time:
+            status["lastHealthTime"] = observed.figures_time
+    return status
+
+
+def same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Equal statuses for the purpose of writing (kopf's own bookkeeping aside)."""
+    return _strip(a) == _strip(b)
+
+
+def _strip(status: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in status.items() if key != "kopf"}
+
+
+def merge_patch(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new` (removed keys set to null; kopf's own
+    `status.kopf` is left alone)."""
+    patch: dict[str, Any] = dict(new)
+    for key in old:
+        if key not in new and key != "kopf":
+            patch[key] = None
+    return patch

@@ -1,0 +1,100 @@
+"""A list-and-watch of the spaces' PVCs in the server namespace: VolumeBound follows the
+volumes as they bind, resize or get lost, without polling each claim.
+
+kopf cannot watch the PVCs itself without watching them cluster-wide (its namespace scope
+applies to every resource), which the operator's least-privilege RBAC does not allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from memspace_operator import errors, kube, naming
+from memspace_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+OnClaim = Callable[[str, dict[str, Any] | None], Awaitable[None]]
+"""Called with (claim name, PVC or None when deleted)."""
+
+
+class ClaimWatch:
+    def __init__(self, client: kube.Kube, settings: Settings, on_claim: OnClaim) -> None:
+        self._kube = client
+        self._settings = settings
+        self._on_claim = on_claim
+        self._task: asyncio.Task[None] | None = None
+        self.claims: dict[str, dict[str, Any]] = {}
+        """The managed PVCs by name, as last seen."""
+
+    async def list(self) -> str:
+        """List the PVCs (also used at start-up); returns the list's resourceVersion."""
+        listed = await self._kube.list(
+            kube.pvcs(self._settings.server_namespace), kube.selector(naming.managed())
+        )
+        seen = {item["metadata"]["name"]: item for item in listed.get("items") or []}
+        gone = set(self.claims) - set(seen)
+        self.claims = seen
+        for name in gone:
+            await self._on_claim(name, None)
+        resource_version: str = listed["metadata"]["resourceVersion"]
+        return resource_version
+
+    def start(self, resource_version: str) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(resource_version), name="memspace-claim-watch"
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, resource_version: str) -> None:
+        failures = 0
+        while True:
+            try:
+                if not resource_version:
+                    resource_version = await self.list()
+                    for name, pvc in list(self.claims.items()):
+                        await self._on_claim(name, pvc)
+                resource_version = await self._follow(resource_version)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except errors.GoneError:
+                resource_version = ""
+            except Exception as err:
+                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("watching the spaces' claims failed (%s); again in %.1f s", err, delay)
+                await asyncio.sleep(delay)
+                resource_version = ""
+
+    async def _follow(self, resource_version: str) -> str:
+        events = self._kube.watch(
+            kube.pvcs(self._settings.server_namespace),
+            resource_version,
+            kube.selector(naming.managed()),
+        )
+        # Closed at once when cancelled mid-event, so its connection does not outlive the loop.
+        async with contextlib.aclosing(events):
+            async for kind, obj in events:
+                resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
+                if kind == "BOOKMARK":
+                    continue
+                name = obj["metadata"]["name"]
+                if kind == "DELETED":
+                    self.claims.pop(name, None)
+                    await self._on_claim(name, None)
+                else:
+                    self.claims[name] = obj
+                    await self._on_claim(name, obj)
+        return resource_version

@@ -1,0 +1,399 @@
+"""The chart as rendered by `helm template` (no cluster): lint, the CRD copy, the values schema,
+the operator's settings, restricted pods and the objects that select the operator's shards."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from memspace_contract import spaces
+from memspace_operator import naming, shards
+from memspace_operator.settings import Settings
+from tests.chart.conftest import CHART, Helm, Manifest, env_of, find, full_values, one, values_file
+from tests.support import controlplane
+
+CRDS = controlplane.REPO / "crds"
+CHART_CRDS = CHART / "files" / "crds"
+
+
+def shard_objects(settings: Settings) -> tuple[Manifest, Manifest]:
+    """A shard's StatefulSet and Service exactly as the operator makes them."""
+    statefulset = shards.statefulset(settings, 0, [spaces.SpaceId("notes")], "")
+    return statefulset, shards.service(settings, 0)
+
+
+def pod_specs(objects: list[Manifest]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for obj in objects:
+        template = obj.get("spec", {}).get("template", {}).get("spec")
+        if template is not None:
+            yield f"{obj['kind']}/{obj['metadata']['name']}", template
+
+
+def restricted_violations(where: str, pod: Mapping[str, Any]) -> list[str]:
+    """What keeps a pod spec from Pod Security `restricted` and from a read-only root."""
+    found = []
+    context = pod.get("securityContext") or {}
+    if context.get("runAsNonRoot") is not True:
+        found.append(f"{where}: runAsNonRoot is not true")
+    if (context.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        found.append(f"{where}: pod seccompProfile is not RuntimeDefault")
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        found.append(f"{where}: uses host namespaces")
+    for volume in pod.get("volumes") or []:
+        if "hostPath" in volume:
+            found.append(f"{where}: hostPath volume {volume['name']}")
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        name = f"{where}/{container['name']}"
+        security = container.get("securityContext") or {}
+        if security.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if security.get("privileged"):
+            found.append(f"{name}: privileged")
+        if (security.get("capabilities") or {}).get("drop") != ["ALL"]:
+            found.append(f"{name}: capabilities are not all dropped")
+        if (security.get("capabilities") or {}).get("add"):
+            found.append(f"{name}: adds capabilities")
+        if security.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{name}: the root filesystem is writable")
+        if security.get("runAsUser") == 0 or context.get("runAsUser") == 0:
+            found.append(f"{name}: runs as root")
+    return found
+
+
+# --- lint and the CRD -----------------------------------------------------------------------------
+
+
+def test_the_chart_lints_strictly_with_default_and_full_values(helm: Helm, tmp_path: Path) -> None:
+    helm.run("lint", "--strict", str(CHART))
+    with values_file(full_values("memspace-spaces"), tmp_path) as path:
+        helm.run("lint", "--strict", str(CHART), "-f", str(path))
+
+
+def test_the_chart_carries_a_byte_identical_copy_of_every_crd() -> None:
+    sources = sorted(path.name for path in CRDS.glob("*.yaml"))
+    copies = sorted(path.name for path in CHART_CRDS.glob("*.yaml"))
+    assert sources, "crds/ holds no CRD"
+    assert copies == sources, "run hack/sync-chart-crd.sh"
+    for name in sources:
+        assert (CHART_CRDS / name).read_bytes() == (CRDS / name).read_bytes(), (
+            f"charts/memspace/files/crds/{name} differs from crds/{name}: "
+            "run hack/sync-chart-crd.sh"
+        )
+
+
+def test_the_rendered_crd_is_the_source_kept_on_uninstall(helm: Helm) -> None:
+    source = yaml.safe_load((CRDS / "memoryspaces.memspace.dev.yaml").read_text())
+    crd = one(helm.template(), "CustomResourceDefinition")
+    annotations = crd["metadata"].pop("annotations")
+    assert annotations == {"helm.sh/resource-policy": "keep"}
+    assert crd == source
+
+    unkept = one(helm.template({"crds": {"keep": False}}), "CustomResourceDefinition")
+    assert "annotations" not in unkept["metadata"]
+    assert unkept == source
+    assert find(helm.template({"crds": {"install": False}}), "CustomResourceDefinition") == []
+
+
+# --- values and their schema ----------------------------------------------------------------------
+
+
+def _leaves(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        yield path, value
+        if isinstance(value, dict) and value and not _is_map(path):
+            yield from _leaves(value, path)
+
+
+_MAPS = {"labels", "annotations", "podAnnotations", "podLabels", "nodeSelector", "affinity"}
+_MAPS |= {"clientNamespaceLabels", "clientPodLabels", "metricsNamespaceLabels", "resources"}
+
+
+def _is_map(path: str) -> bool:
+    """Values that are free-form maps (labels, resources): their keys are the user's."""
+    return path.rsplit(".", 1)[-1] in _MAPS
+
+
+def _schema_at(schema: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    node = schema
+    for key in path.split("."):
+        assert node.get("type") == "object", f"{path}: {key}'s parent is not an object"
+        assert key in node.get("properties", {}), f"values.schema.json does not describe {path}"
+        node = node["properties"][key]
+    return node
+
+
+def test_the_schema_describes_every_value_and_nothing_else() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    described = set()
+    for path, _ in _leaves(values):
+        node = _schema_at(schema, path)
+        described.add(path)
+        if node.get("type") == "object" and not _is_map(path):
+            assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+        leaf = not isinstance(_get(values, path), dict) or _is_map(path)
+        if leaf:
+            assert node.get("description"), f"{path} has no description in the schema"
+
+    def walk(node: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+        for key, child in (node.get("properties") or {}).items():
+            path = f"{prefix}.{key}" if prefix else key
+            yield path
+            if not _is_map(path):
+                yield from walk(child, path)
+
+    stale = set(walk(schema)) - described
+    assert not stale, f"the schema describes values that values.yaml lacks: {sorted(stale)}"
+    assert schema["additionalProperties"] is False
+
+
+def _get(values: Mapping[str, Any], path: str) -> Any:
+    node: Any = values
+    for key in path.split("."):
+        node = node[key]
+    return node
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"operator": {"replicas": 2}}, "/operator/replicas"),
+        ({"operator": {"replica": 1}}, "'replica' not allowed"),
+        ({"server": {"maxShards": 0}}, "/server/maxShards"),
+        ({"server": {"maxSpacesPerShard": "20"}}, "/server/maxSpacesPerShard"),
+        ({"server": {"mountBatchWindow": 0}}, "/server/mountBatchWindow"),
+        ({"server": {"endpointTemplate": "shards.example:50051"}}, "/server/endpointTemplate"),
+        ({"serverNamespace": "Memspace_System"}, "/serverNamespace"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"image": {"digest": "latest"}}, "/image/digest"),
+        ({"networkPolicy": {"clientNamespaceLabels": {"team": 1}}}, "clientNamespaceLabels/team"),
+        ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "/metrics/serviceMonitor"),
+        ({"podDisruptionBudget": {"maxUnavailable": 0}}, "/podDisruptionBudget/maxUnavailable"),
+        ({"storageClass": "fast"}, "'storageClass' not allowed"),
+    ],
+)
+def test_the_schema_refuses_a_bad_value_saying_where(
+    helm: Helm, tmp_path: Path, values: dict[str, Any], complaint: str
+) -> None:
+    with values_file(values, tmp_path) as path:
+        result = helm.run("template", "memspace", str(CHART), "-f", str(path), check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr, result.stderr
+
+
+# --- the operator ---------------------------------------------------------------------------------
+
+
+def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm) -> None:
+    objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")
+    env = env_of(one(objects, "Deployment"))
+    assert env == {
+        "MEMSPACE_SERVER_NAMESPACE": "memspace-spaces",
+        "MEMSPACE_SERVER_IMAGE": "registry.example.com/memspace/server@sha256:" + "ab" * 32,
+        "MEMSPACE_SERVER_RESOURCES": json.dumps(
+            {"limits": {"memory": "16Gi"}, "requests": {"cpu": "2", "memory": "8Gi"}},
+            separators=(",", ":"),
+        ),
+        "MEMSPACE_MAX_SPACES_PER_SHARD": "12",
+        "MEMSPACE_MAX_SHARDS": "1000000",
+        "MEMSPACE_MOUNT_BATCH_WINDOW": "2.5",
+        "MEMSPACE_HEALTH_INTERVAL": "7.5",
+        "MEMSPACE_RESYNC_INTERVAL": "120",
+        "MEMSPACE_API_CONCURRENCY": "8",
+        "MEMSPACE_ADMIN_TOKEN_SECRET": "shards-admin-token",
+        "MEMSPACE_ADMIN_TOKEN_FILE": "/etc/memspace/admin/token",
+        "MEMSPACE_STORAGE_CLASS": "fast-ssd",
+        "MEMSPACE_SERVER_SERVICE_ACCOUNT": "memspace-shard",
+        "MEMSPACE_SHARD_ENDPOINT_TEMPLATE": (
+            "memspace-shard-{shard}.{namespace}.svc.corp.example:50051"
+        ),
+        "MEMSPACE_LOG_FORMAT": "json",
+    }
+    # The operator reads them as meant (and would refuse to start on a bad one).
+    settings = Settings.from_env(env)
+    assert settings.server_namespace == "memspace-spaces"
+    assert settings.max_spaces_per_shard == 12
+    assert settings.max_shards == 1000000
+    assert settings.mount_batch_window_s == 2.5
+    assert settings.health_interval_s == 7.5
+    assert settings.resync_interval_s == 120
+    assert settings.api_concurrency == 8
+    assert settings.storage_class == "fast-ssd"
+    assert settings.service_account == "memspace-shard"
+    assert settings.admin_token_secret == "shards-admin-token"
+    assert settings.server_resources == {
+        "limits": {"memory": "16Gi"},
+        "requests": {"cpu": "2", "memory": "8Gi"},
+    }
+    assert settings.endpoint(3) == "memspace-shard-3.memspace-spaces.svc.corp.example:50051"
+
+
+def test_by_default_the_operator_gets_the_design_s_settings(helm: Helm) -> None:
+    objects = helm.template(namespace="memspace-system")
+    env = env_of(one(objects, "Deployment"))
+    settings = Settings.from_env(env)
+    defaults = Settings()
+    assert settings.server_namespace == "memspace-system"
+    assert settings.server_image == "ghcr.io/memspace/memspace:0.1.0" == defaults.server_image
+    assert settings.max_spaces_per_shard == defaults.max_spaces_per_shard == 20
+    assert settings.max_shards == defaults.max_shards == 50
+    assert settings.mount_batch_window_s == defaults.mount_batch_window_s == 10
+    assert settings.health_interval_s == defaults.health_interval_s == 30
+    assert settings.resync_interval_s == defaults.resync_interval_s
+    assert settings.api_concurrency == defaults.api_concurrency
+    assert settings.storage_class is None
+    assert settings.shard_endpoint_template == defaults.shard_endpoint_template
+    assert settings.admin_token_secret == defaults.admin_token_secret
+    assert settings.admin_token_file is not None
+    # Every variable the chart sets is one the operator reads.
+    known = {field.metadata["env"] for field in Settings.__dataclass_fields__.values()}
+    assert set(env) - known == {"MEMSPACE_LOG_FORMAT"}
+
+
+def test_the_operator_runs_alone_probed_and_with_its_token(helm: Helm) -> None:
+    objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")
+    deployment = one(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "memspace-controller"
+    assert one(objects, "ServiceAccount", "memspace-controller")["metadata"]["namespace"] == (
+        "memspace-ops"
+    )
+    container = pod["containers"][0]
+    assert "--liveness=http://0.0.0.0:9808/healthz" in container["args"]
+    assert "--verbose" in container["args"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert container["ports"] == [{"name": "probes", "containerPort": 9808, "protocol": "TCP"}]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["admin-token"] == "/etc/memspace/admin"
+    assert volumes["admin-token"]["secret"]["secretName"] == "shards-admin-token"
+    assert mounts["tmp"] == "/tmp"
+    assert "emptyDir" in volumes["tmp"]
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert deployment["spec"]["template"]["metadata"]["labels"]["example.com/team"] == "platform"
+    assert container["image"] == "registry.example.com/memspace/memspace:1.2.3"
+    assert container["imagePullPolicy"] == "Always"
+
+    paused = one(helm.template({"operator": {"replicas": 0}}), "Deployment")
+    assert paused["spec"]["replicas"] == 0
+
+
+def test_every_pod_memspace_runs_is_restricted(helm: Helm) -> None:
+    violations: list[str] = []
+    for values in ({}, full_values("memspace-spaces")):
+        for where, pod in pod_specs(helm.template(values)):
+            violations += restricted_violations(where, pod)
+            mounts = {m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]}
+            if "/tmp" not in mounts:
+                violations.append(f"{where}: no emptyDir at /tmp under the read-only root")
+    # The shard pods, as the operator makes them from the chart's settings.
+    for where, pod in pod_specs(list(shard_objects(Settings()))):
+        violations += restricted_violations(f"operator's {where}", pod)
+    assert violations == []
+
+
+def test_the_admin_token_is_random_and_the_same_in_both_namespaces(helm: Helm) -> None:
+    def tokens(objects: list[Manifest]) -> dict[str, str]:
+        return {
+            secret["metadata"]["namespace"]: base64.b64decode(secret["data"]["token"]).decode()
+            for secret in find(objects, "Secret", "memspace-admin-token")
+        }
+
+    split = tokens(helm.template({"serverNamespace": "spaces"}, namespace="ops"))
+    assert set(split) == {"spaces", "ops"}
+    assert split["spaces"] == split["ops"]
+    assert len(split["ops"]) >= 32
+    assert split["ops"].isalnum()
+    together = tokens(helm.template(namespace="memspace-system"))
+    assert set(together) == {"memspace-system"}
+    assert together["memspace-system"] != split["ops"]
+    assert find(helm.template({"adminToken": {"create": False}}), "Secret") == []
+
+
+# --- objects about the shards ---------------------------------------------------------------------
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_the_network_policy_lets_in_only_labelled_clients_the_operator_and_prometheus(
+    helm: Helm,
+) -> None:
+    assert find(helm.template(), "NetworkPolicy") == []
+    plain = one(helm.template({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    namespaces = [rule["from"][0]["namespaceSelector"] for rule in plain["spec"]["ingress"]]
+    assert namespaces[0] == {"matchLabels": {"memspace.dev/client": "true"}}
+    assert namespaces[2] == {"matchLabels": {"memspace.dev/metrics": "true"}}
+
+    objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")
+    policy = one(objects, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == "memspace-spaces"
+    statefulset, _ = shard_objects(Settings(server_namespace="memspace-spaces"))
+    shard_pod = statefulset["spec"]["template"]
+    assert _selects(policy["spec"]["podSelector"]["matchLabels"], shard_pod["metadata"]["labels"])
+    shard_ports = {p["name"] for p in shard_pod["spec"]["containers"][0]["ports"]}
+    assert shard_ports == {"grpc", "metrics"}
+
+    clients, operator, prometheus, extra = policy["spec"]["ingress"]
+    assert clients["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"example.com/memspace-client": "yes"}},
+            "podSelector": {"matchLabels": {"example.com/agent": "true"}},
+        }
+    ]
+    assert clients["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    operator_pod = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    (source,) = operator["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "memspace-ops"
+    }
+    assert _selects(source["podSelector"]["matchLabels"], operator_pod)
+    assert operator["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert prometheus["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert extra["from"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} <= shard_ports
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["egress"] == []
+
+
+def test_the_disruption_budget_and_service_monitor_select_the_operator_s_shards(
+    helm: Helm,
+) -> None:
+    defaults = helm.template()
+    assert find(defaults, "ServiceMonitor") == []
+    budget = one(defaults, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+
+    objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")
+    statefulset, service = shard_objects(Settings(server_namespace="memspace-spaces"))
+    budget = one(objects, "PodDisruptionBudget")
+    assert budget["metadata"]["namespace"] == "memspace-spaces"
+    assert budget["spec"]["maxUnavailable"] == "25%"
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert _selects(budget["spec"]["selector"]["matchLabels"], pod_labels)
+    # It must not select the operator's own pod.
+    operator_pod = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(budget["spec"]["selector"]["matchLabels"], operator_pod)
+
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["metadata"]["namespace"] == "memspace-spaces"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["memspace-spaces"]}
+    assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
+    assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
+    assert naming.SHARD in monitor["spec"]["targetLabels"]

@@ -1,0 +1,205 @@
+"""FakeKubelet: the kubelet's two jobs that matter to the operator tests, for server shards run as
+local processes (the test control plane has no kubelet, and pods never run).
+
+For every shard StatefulSet `memspace-shard-N` in the server namespace it:
+1. projects the shard's index Secret `memspace-shard-N-spaces` into `<root>/shard-N/index/` as
+   a Secret volume is projected: files written into a fresh `..<stamp>` directory, the
+   `..data` symlink swapped atomically, one `<key> -> ..data/<key>` symlink per key;
+2. links each bound PV's host path (the host-path provisioner's directory under
+   /tmp/hostpath_pv) to `<root>/shard-N/spaces/<spaceId>`, where the pod's template mounts the
+   space's claim;
+3. runs `memspace serve` on those two directories, on the port the operator's
+   MEMSPACE_SHARD_ENDPOINT_TEMPLATE gives for shard N, restarting it (SIGTERM, so it drains)
+   when the pod template changes, as a StatefulSet rolling update would.
+
+Like a pod, a shard starts only when every claim its template mounts is bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.operator.conftest import Kube, mounted_claims
+
+log = logging.getLogger(__name__)
+
+SPACES_PATH = "/var/lib/memspace/spaces/"
+SYNC_S = 0.2
+
+
+class ShardProcess:
+    """One shard 'pod': its directories and its `memspace serve` process."""
+
+    def __init__(self, shard: int, root: Path, port: int, admin_token_file: Path) -> None:
+        self.shard = shard
+        self.root = root
+        self.port = port
+        self.admin_token_file = admin_token_file
+        self.spaces = root / "spaces"
+        self.index = root / "index"
+        self.template: str | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.index_data: dict[str, str] | None = None
+        for directory in (self.spaces, self.index):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        log_file = (self.root / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "memspace_cli.main", "serve",
+                f"--data-root={self.spaces}", f"--index-dir={self.index}",
+                f"--listen=127.0.0.1:{self.port}", "--metrics-listen=off",
+                f"--admin-token-file={self.admin_token_file}",
+                "--index-refresh=0.2", "--maintain-interval=0.5", "--drain-timeout=5",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        log_file.close()
+        self.starts += 1
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def log(self) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def project(directory: Path, data: dict[str, str]) -> None:
+    """Write `data` into `directory` the way the kubelet projects a Secret volume."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = directory / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    stamp.mkdir()
+    for key, value in data.items():
+        (stamp / key).write_text(value)
+    link = directory / "..data_tmp"
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(stamp.name)
+    previous = (directory / "..data").resolve() if (directory / "..data").exists() else None
+    os.replace(link, directory / "..data")
+    for key in data:
+        entry = directory / key
+        if not entry.is_symlink():
+            entry.symlink_to(f"..data/{key}")
+    for entry in directory.iterdir():
+        if not entry.name.startswith(".") and entry.name not in data:
+            entry.unlink()
+    if previous is not None and previous != stamp.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+class FakeKubelet:
+    def __init__(
+        self,
+        kube: Kube,
+        server_namespace: str,
+        root: Path,
+        endpoint_template: str,
+        admin_token_file: Path,
+    ) -> None:
+        self.kube = Kube(kube.cluster)  # a client of its own: it runs in its own thread
+        self.server_namespace = server_namespace
+        self.root = root
+        self.endpoint_template = endpoint_template
+        self.admin_token_file = admin_token_file
+        self.shards: dict[int, ShardProcess] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-kubelet", daemon=True)
+        self.errors: list[str] = []
+
+    def __enter__(self) -> FakeKubelet:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for shard in self.shards.values():
+            shard.stop()
+
+    def port(self, shard: int) -> int:
+        endpoint = self.endpoint_template.format(shard=shard, namespace=self.server_namespace)
+        return int(endpoint.rpartition(":")[2])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except Exception as err:  # keep going, as a kubelet does; tests see the errors
+                self.errors.append(repr(err))
+                log.exception("fake kubelet round failed")
+            self._stop.wait(SYNC_S)
+
+    def sync(self) -> None:
+        for statefulset in self.kube.statefulsets(self.server_namespace):
+            labels = statefulset["metadata"].get("labels") or {}
+            if not labels.get("memspace.dev/shard", "").isdigit():
+                continue
+            number = int(labels["memspace.dev/shard"])
+            shard = self.shards.get(number)
+            if shard is None:
+                shard = self.shards[number] = ShardProcess(
+                    number, self.root / f"shard-{number}", self.port(number), self.admin_token_file
+                )
+            self._sync_shard(shard, statefulset)
+
+    def _sync_shard(self, shard: ShardProcess, statefulset: dict[str, Any]) -> None:
+        secret = self.kube.secret(self.server_namespace, f"memspace-shard-{shard.shard}-spaces")
+        if secret is not None and secret != shard.index_data:
+            project(shard.index, secret)
+            shard.index_data = secret
+        template = json.dumps(statefulset["spec"]["template"], sort_keys=True)
+        if template == shard.template and shard.process is not None:
+            if shard.process.poll() is not None:
+                shard.start()  # restartPolicy: Always
+            return
+        claims = mounted_claims(statefulset)
+        links: dict[str, str] = {}
+        for mount_path, claim_name in claims.items():
+            pvc = self.kube.pvc(self.server_namespace, claim_name)
+            volume = (pvc or {}).get("spec", {}).get("volumeName")
+            pv = self.kube.pv(volume) if volume else None
+            host_path = (pv or {}).get("spec", {}).get("hostPath", {}).get("path")
+            if not host_path or (pvc or {}).get("status", {}).get("phase") != "Bound":
+                return  # the pod waits for its volumes (ContainerCreating)
+            links[mount_path.removeprefix(SPACES_PATH)] = host_path
+        shard.stop()  # the old pod goes (draining), the new one comes with the new volumes
+        for entry in shard.spaces.iterdir():
+            if entry.name not in links:
+                entry.unlink()
+        for space_id, host_path in links.items():
+            link = shard.spaces / space_id
+            if link.is_symlink() and os.readlink(link) == host_path:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(host_path)
+        shard.template = template
+        shard.start()

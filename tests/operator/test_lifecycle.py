@@ -1,0 +1,127 @@
+"""A space's life after creation: growing its volume, deletion with Retain and with Delete, a
+retained volume adopted again, and deletions of spaces whose creation never finished or whose
+shard is gone."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.operator.conftest import Deployment, condition, mounted_claims, unique, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def test_a_larger_size_expands_the_claim(deployment: Deployment) -> None:
+    kube, server_ns = deployment.kube, deployment.server_namespace
+    with deployment.running():
+        deployment.apply("grows", storage={"size": "1Gi"})
+        deployment.wait_condition("grows", "VolumeBound", "True")
+        kube.patch_spec(deployment.namespace, "grows", {"storage": {"size": "3Gi"}})
+        wait_for(
+            "the claim to ask for 3Gi",
+            lambda: (
+                (kube.pvc(server_ns, "space-grows") or {})["spec"]["resources"]["requests"][
+                    "storage"
+                ]
+                == "3Gi"
+            ),
+        )
+        # Nothing resizes a host-path directory: the condition says the expansion is pending.
+        def expanding() -> bool:
+            body = deployment.space("grows") or {}
+            status = body.get("status") or {}
+            return status.get("observedGeneration") == body["metadata"]["generation"] and (
+                "expansion to 3Gi" in condition(body, "VolumeBound").get("message", "")
+            )
+
+        wait_for("VolumeBound to mention the expansion", expanding)
+    reasons = {e["reason"] for e in kube.events(deployment.namespace, "grows")}
+    assert "VolumeExpanding" in reasons
+
+
+def test_deleting_with_retain_keeps_the_volume_and_removes_everything_else(
+    deployment: Deployment,
+) -> None:
+    kube, ns, server_ns = deployment.kube, deployment.namespace, deployment.server_namespace
+    with deployment.running():
+        deployment.apply("kept", storage={"reclaimPolicy": "Retain"})
+        deployment.wait_condition("kept", "Mounted", "True")
+        volume = (kube.pvc(server_ns, "space-kept") or {})["spec"]["volumeName"]
+        old_token = (kube.secret(ns, "kept-memspace") or {})["token"]
+
+        kube.delete_space(ns, "kept")
+        deployment.wait_gone("kept")
+        pvc = kube.pvc(server_ns, "space-kept")
+        assert pvc is not None
+        assert pvc["metadata"]["labels"]["memspace.dev/retained"] == "true"
+        assert "memspace.dev/shard" not in pvc["metadata"]["labels"]
+        assert kube.secret(ns, "kept-memspace") is None
+        assert "kept.json" not in deployment.index(0)
+        assert mounted_claims(kube.statefulset(server_ns, "memspace-shard-0")) == {}
+
+        # The same space applied again adopts its volume (data included) with a new token.
+        deployment.apply("kept")
+        deployment.wait_condition("kept", "Mounted", "True")
+        adopted = kube.pvc(server_ns, "space-kept")
+        assert adopted is not None
+        assert adopted["spec"]["volumeName"] == volume
+        assert "memspace.dev/retained" not in adopted["metadata"]["labels"]
+        uid = (deployment.space("kept") or {})["metadata"]["uid"]
+        assert adopted["metadata"]["annotations"]["memspace.dev/owner-uid"] == uid
+        token = (kube.secret(ns, "kept-memspace") or {})["token"]
+        assert token != old_token
+        entry = deployment.index(0)["kept.json"]
+        assert entry["tokenSha256"] == hashlib.sha256(token.encode()).hexdigest()
+
+
+def test_deleting_with_delete_deletes_the_volume(deployment: Deployment) -> None:
+    kube, ns, server_ns = deployment.kube, deployment.namespace, deployment.server_namespace
+    with deployment.running():
+        deployment.apply("gone", storage={"reclaimPolicy": "Delete"})
+        deployment.wait_condition("gone", "VolumeBound", "True")
+        deployment.wait_condition("gone", "Mounted", "True")
+        volume = (kube.pvc(server_ns, "space-gone") or {})["spec"]["volumeName"]
+        kube.delete_space(ns, "gone")
+        deployment.wait_gone("gone")
+        wait_for("the claim to go", lambda: kube.pvc(server_ns, "space-gone") is None)
+        wait_for("the volume to go", lambda: kube.pv(volume) is None)
+        assert kube.secret(ns, "gone-memspace") is None
+        assert "gone.json" not in deployment.index(0)
+
+
+def test_a_space_whose_creation_never_finished_is_deleted(deployment: Deployment) -> None:
+    kube, ns = deployment.kube, deployment.namespace
+    # Its server namespace does not exist: no claim can be made, creation keeps failing.
+    with deployment.running(MEMSPACE_SERVER_NAMESPACE=unique("missing")):
+        deployment.apply("stuck")
+        wait_for(
+            "the operator to take the space in hand",
+            lambda: (
+                "memspace.dev/finalizer"
+                in ((deployment.space("stuck") or {}).get("metadata", {}).get("finalizers") or [])
+            ),
+        )
+        wait_for(
+            "a failed attempt to be reported",
+            lambda: any(
+                (e["type"], e["reason"]) == ("Warning", "NotFound")
+                for e in kube.events(ns, "stuck")
+            ),
+        )
+        kube.delete_space(ns, "stuck")
+        deployment.wait_gone("stuck")
+
+
+def test_a_space_whose_shard_is_gone_is_deleted(deployment: Deployment) -> None:
+    kube, ns, server_ns = deployment.kube, deployment.namespace, deployment.server_namespace
+    with deployment.running():
+        deployment.apply("orphan")
+        deployment.wait_condition("orphan", "Mounted", "True")
+        kube.apps.delete_namespaced_stateful_set("memspace-shard-0", server_ns)
+        kube.core.delete_namespaced_secret("memspace-shard-0-spaces", server_ns)
+        kube.delete_space(ns, "orphan")
+        deployment.wait_gone("orphan")
+        assert kube.secret(ns, "orphan-memspace") is None
+        assert "orphan.json" not in deployment.index(0)
