@@ -28,6 +28,7 @@ def test_a_larger_size_expands_the_claim(deployment: Deployment) -> None:
                 == "3Gi"
             ),
         )
+
         # Nothing resizes a host-path directory: the condition says the expansion is pending.
         def expanding() -> bool:
             body = deployment.space("grows") or {}
