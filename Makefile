@@ -8,7 +8,7 @@ DATA ?= ./data
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint fmt bench soak clean proto e2e-kind chart-crds
+.PHONY: help venv run test lint fmt bench soak clean proto e2e-kind chart-crds bench-operator
 
 include hack/k8s.mk
 
@@ -51,6 +51,10 @@ soak: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.run
+
+# The operator alone: 1,000 MemorySpaces on the local control plane (`make bench` includes it).
+bench-operator: k8s-tools
+	$(BIN)/python -m benchmarks.run --only operator_bench
 
 e2e-kind: venv
 	hack/e2e-kind.sh $(PYTEST_ARGS)

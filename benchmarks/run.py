@@ -16,7 +16,12 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
 RESULTS = Path(__file__).with_name("results.json")
-SUITES = ("benchmarks.storage_bench", "benchmarks.grpc_bench")
+SUITES = (
+    "benchmarks.storage_bench",
+    "benchmarks.grpc_bench",
+    "benchmarks.reliability_bench",
+    "benchmarks.operator_bench",
+)
 
 
 def main() -> int:
