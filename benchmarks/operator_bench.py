@@ -10,7 +10,7 @@ with `memspace operator` running as its own process; the figures are
 - operator_idle_writes_per_min: API writes (POST, PUT, PATCH, DELETE; dry runs excluded) to the
   resources the operator writes (MemorySpaces and their status, PVCs, Secrets, StatefulSets,
   Services, Events), per minute, once everything has settled, counted by the API server itself
-  (`apiserver_request_total`) over a window holding several health rounds and a full re-check
+  (`apiserver_request_total`) over a window holding twelve health rounds and a full re-check
   of every space (target: 0; nothing else writes those resources at rest here).
 
 No shard runs (there is no kubelet): health is polled against a closed loopback port, so every

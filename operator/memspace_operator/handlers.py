@@ -76,6 +76,14 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> N
     await _run(memo, body, retry, reconciling.reconcile)
 
 
+@kopf.on.event(*RESOURCE)
+async def forget_deleted(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A MemorySpace gone without our finalizer (removed by hand) is no longer re-checked."""
+    if event["type"] == "DELETED":
+        operator: operating.Operator = memo["operator"]
+        operator.book.forget(str(event["object"].get("metadata", {}).get("uid", "")))
+
+
 @kopf.on.delete(*RESOURCE)
 async def finalize(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     await _run(memo, body, retry, reconciling.finalize)

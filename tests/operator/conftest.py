@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 GROUP, VERSION, PLURAL = "memspace.dev", "v1alpha1", "memoryspaces"
 HANDLERS = "memspace_operator.handlers"
-WAIT_S = 90.0
+WAIT_S = 120.0
 
 T = TypeVar("T")
 

@@ -86,7 +86,9 @@ def test_an_applied_space_gets_its_volume_credentials_index_entry_and_mount(
     assert {"ClaimCreated", "CredentialsCreated", "Mounted"} <= reasons
 
 
-def test_a_second_reconcile_rotates_nothing(deployment: Deployment) -> None:
+def test_a_restarted_operator_rotates_nothing_and_follows_spec_changes(
+    deployment: Deployment,
+) -> None:
     kube, ns = deployment.kube, deployment.namespace
     with deployment.running():
         deployment.apply("keep")
@@ -94,7 +96,10 @@ def test_a_second_reconcile_rotates_nothing(deployment: Deployment) -> None:
         token = (kube.secret(ns, "keep-memspace") or {})["token"]
     with deployment.running():
         # A restarted operator resumes the space: same Secret, same token, same index entry.
-        kube.patch_spec(ns, "keep", {"tiers": {"warmCapacity": 5000}})
+        # Tier and quota changes travel through the index entry.
+        kube.patch_spec(
+            ns, "keep", {"tiers": {"warmCapacity": 5000}, "quota": {"maxWritesPerSecond": 7}}
+        )
         wait_for(
             "the index entry to follow the spec",
             lambda: (
@@ -102,6 +107,7 @@ def test_a_second_reconcile_rotates_nothing(deployment: Deployment) -> None:
                 == 5000
             ),
         )
+        assert deployment.index(0)["keep.json"]["quota"]["maxWritesPerSecond"] == 7
         assert (kube.secret(ns, "keep-memspace") or {})["token"] == token
         assert (
             deployment.index(0)["keep.json"]["tokenSha256"]

@@ -1,6 +1,5 @@
-"""Crash safety: the operator (`memspace operator`'s entry point) killed with SIGKILL in the
-middle of reconciling many spaces, then started again, converges with nothing duplicated or
-orphaned."""
+"""Crash safety: `memspace operator` killed with SIGKILL in the middle of reconciling many
+spaces, then started again, converges with nothing duplicated or orphaned."""
 
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ def test_an_operator_killed_mid_reconcile_converges_after_a_restart(
     names = [f"crash-{i:02d}" for i in range(SPACES)]
     log = (deployment.tmp_path / "operator.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "memspace_operator.main", "--namespace", ns],
+        [sys.executable, "-m", "memspace_cli.main", "operator", "--namespace", ns],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=log,
