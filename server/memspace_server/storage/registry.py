@@ -235,7 +235,10 @@ class Registry:
             entry = self.entry(sid)
             space = self._spaces.get(sid)
             if space is not None and not space.closed:
-                found.append(space.health())
+                # Health walks the volume for its size (cached a few seconds): off the loop.
+                found.append(
+                    await asyncio.get_running_loop().run_in_executor(self.executor, space.health)
+                )
             else:
                 found.append(
                     await asyncio.get_running_loop().run_in_executor(
