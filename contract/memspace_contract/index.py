@@ -3,7 +3,7 @@ server for itself) and read by the server. The format is a contract between the 
 
     {"spaceId": "team-a", "tokenSha256": "<hex>", "embeddingDim": 768,
      "tiers": {"hotCapacity": 100000, "warmCapacity": 1000000, "coldCompression": "zstd"},
-     "quota": {"maxMemories": null, "maxWritesPerSecond": null},
+     "quota": {"maxMemories": null, "maxWritesPerSecond": null, "maxRecallsPerSecond": null},
      "state": "Active"}
 """
 
@@ -49,6 +49,9 @@ class Quota:
     """Most memories the space may hold; None: bounded only by its volume."""
     max_writes_per_second: float | None = None
     """Sustained Remember/Forget rate (token bucket, burst of one second); None: unlimited."""
+    max_recalls_per_second: float | None = None
+    """Sustained Recall rate (token bucket, burst of one second); None: unlimited. Entries
+    written before this field existed have no `maxRecallsPerSecond` key and parse as None."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,7 @@ class IndexEntry:
             "quota": {
                 "maxMemories": self.quota.max_memories,
                 "maxWritesPerSecond": self.quota.max_writes_per_second,
+                "maxRecallsPerSecond": self.quota.max_recalls_per_second,
             },
             "state": self.state,
         }
@@ -101,6 +105,18 @@ def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidIndexEntryError(f"{key} must be an object, got {value!r}")
     return value
+
+
+def _rate(quota_doc: Mapping[str, Any], key: str) -> float | None:
+    """A per-second rate of the quota section: a number above 0, or absent/null (unlimited)."""
+    rate = quota_doc.get(key)
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        raise InvalidIndexEntryError(f"quota.{key} must be a number, got {rate!r}")
+    if not rate > 0 or rate == float("inf"):
+        raise InvalidIndexEntryError(f"quota.{key} is {rate}; allowed: a finite number above 0")
+    return rate
 
 
 def parse_entry(doc: Any) -> IndexEntry:
@@ -134,11 +150,8 @@ def parse_entry(doc: Any) -> IndexEntry:
     max_memories = quota_doc.get("maxMemories")
     if max_memories is not None:
         max_memories = _int(quota_doc, "maxMemories", 0, 1, None)
-    rate = quota_doc.get("maxWritesPerSecond")
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
-        raise InvalidIndexEntryError(f"quota.maxWritesPerSecond must be a number, got {rate!r}")
-    if rate is not None and rate <= 0:
-        raise InvalidIndexEntryError(f"quota.maxWritesPerSecond is {rate}; allowed: above 0")
+    write_rate = _rate(quota_doc, "maxWritesPerSecond")
+    recall_rate = _rate(quota_doc, "maxRecallsPerSecond")
     state = doc.get("state", "Active")
     if state not in STATES:
         raise InvalidIndexEntryError(f"state is {state!r}; allowed: {', '.join(STATES)}")
@@ -147,7 +160,11 @@ def parse_entry(doc: Any) -> IndexEntry:
         embedding_dim=dim,
         token_sha256=token,
         tiers=tiers,
-        quota=Quota(max_memories=max_memories, max_writes_per_second=rate),
+        quota=Quota(
+            max_memories=max_memories,
+            max_writes_per_second=write_rate,
+            max_recalls_per_second=recall_rate,
+        ),
         state=state,
     )
 
