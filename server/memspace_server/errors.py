@@ -12,7 +12,8 @@ each class to one status code in a single table.
     │   └── MemoryNotFoundError
     ├── ResourceExhaustedError
     │   ├── QuotaExceededError        maxMemories
-    │   ├── RateLimitedError          maxWritesPerSecond
+    │   ├── RateLimitedError          maxWritesPerSecond, maxRecallsPerSecond
+    │   ├── LimitReachedError         a server limit: concurrent calls, streams, batch bytes
     │   ├── DiskFullError             the space's volume has no room
     │   └── SubscriberTooSlowError    a change feed reader fell behind its buffer
     ├── FailedPreconditionError
@@ -74,6 +75,12 @@ class QuotaExceededError(ResourceExhaustedError):
 
 
 class RateLimitedError(ResourceExhaustedError):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class LimitReachedError(ResourceExhaustedError):
     pass
 
 

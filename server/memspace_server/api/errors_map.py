@@ -21,7 +21,9 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
     errors.MemoryNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # The message says when to retry (also in trailing metadata).
     errors.RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.LimitReachedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DiskFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # The message names the LSN to resubscribe from (also in trailing metadata).
     errors.SubscriberTooSlowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -40,6 +42,8 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
 }
 
 INTERNAL_MESSAGE = "internal error (request {request_id}); the server log has the details"
+RETRY_AFTER_KEY = "memspace-retry-after-s"
+"""Trailing metadata of a call refused by a rate quota: seconds until a retry can succeed."""
 RESUME_LSN_KEY = "memspace-resume-lsn"
 """Trailing metadata of a Subscribe stream that ended early: the since_lsn to resume from."""
 
@@ -51,3 +55,15 @@ def code_for(err: errors.MemspaceError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.UNKNOWN
+
+
+def trailers_for(err: errors.MemspaceError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata a client can act on: when to retry, where to resume a stream."""
+    found = []
+    retry = getattr(err, "retry_after_s", None)
+    if retry is not None:
+        found.append((RETRY_AFTER_KEY, f"{retry:.3f}"))
+    resume = getattr(err, "resume_lsn", None)
+    if resume is not None:
+        found.append((RESUME_LSN_KEY, str(resume)))
+    return tuple(found)

@@ -172,9 +172,9 @@ class Edge:
         """Answer the call with the status of `err`; never returns."""
         if isinstance(err, errors.MemspaceError):
             code = errors_map.code_for(err)
-            resume = getattr(err, "resume_lsn", None)
-            if resume is not None:
-                context.set_trailing_metadata(((errors_map.RESUME_LSN_KEY, str(resume)),))
+            trailers = errors_map.trailers_for(err)
+            if trailers:
+                context.set_trailing_metadata(trailers)
             level = logging.DEBUG if code in _QUIET_CODES else logging.INFO
             log.log(level, "%s: %s", code.name, err)
             await context.abort(code, str(err))

@@ -8,6 +8,7 @@ grow the metrics without bound."""
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import prometheus_client
 from prometheus_client import core
 
+from memspace_server.api import tokens
 from memspace_server.storage.spaces import Health
 
 NAMESPACE = "memspace"
@@ -136,10 +138,14 @@ class Metrics:
             del self._counters[key]
             self.requests.remove(*key)
 
-    def start(self, host: str, port: int) -> int:
-        self._http, self._thread = prometheus_client.start_http_server(
-            port, host, registry=self.registry
+    def start(self, host: str, port: int, token: tokens.TokenFile | None = None) -> int:
+        """Serve `/metrics` on HOST:PORT in a thread. With `token`, a scrape without
+        `Authorization: Bearer <token>` gets 401 and nothing else."""
+        self._http = _MetricsHttp((host, port), _handler(self, token))
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, name="memspace-metrics", daemon=True
         )
+        self._thread.start()
         self.port = int(self._http.server_port)
         return self.port
 
@@ -154,3 +160,33 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return bytes(prometheus_client.generate_latest(self.registry))
+
+
+class _MetricsHttp(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def _handler(metrics: Metrics, token: tokens.TokenFile | None) -> type[Any]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            if token is not None and not token.admits(self.headers.get("Authorization")):
+                self._answer(401, b"a bearer token is required\n", "text/plain; charset=utf-8")
+                return
+            if self.path.split("?", 1)[0] not in ("/", "/metrics"):
+                self._answer(404, b"not found; metrics are at /metrics\n", "text/plain")
+                return
+            self._answer(200, metrics.exposition(), prometheus_client.CONTENT_TYPE_LATEST)
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Bearer realm="memspace-metrics"')
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # http.server's name
+            """Scrapes are not logged (one line every few seconds per scraper)."""
+
+    return Handler

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memspace_contract import spaces
-from memspace_server.api import handling, metrics, routing, servicers
+from memspace_server.api import handling, metrics, routing, servicers, tokens
 from memspace_server.api.settings import ServerSettings, SettingsError, is_loopback, split_address
 from memspace_server.storage import catalogs
 from memspace_server.storage import registry as registries
@@ -112,7 +112,11 @@ class Server:
         if s.metrics_listen != "off":
             host, port = split_address(s.metrics_listen)
             try:
-                self.metrics.start(host, port)
+                token = tokens.TokenFile(s.metrics_token_file) if s.metrics_token_file else None
+            except tokens.TokenFileError as err:
+                raise SettingsError(f"--metrics-token-file: {err}") from err
+            try:
+                self.metrics.start(host, port, token)
             except OSError as err:
                 raise SettingsError(
                     f"cannot serve metrics on {s.metrics_listen}: {err}; choose another address "

@@ -72,6 +72,17 @@ class ServerSettings:
             "FILE",
         ),
     )
+    metrics_token_file: Path | None = dataclasses.field(
+        default=None,
+        metadata=_meta(
+            "--metrics-token-file",
+            "MEMSPACE_METRICS_TOKEN_FILE",
+            "file holding a bearer token the metrics port requires (401 without "
+            "'Authorization: Bearer <token>'); re-read when it changes. Unset: metrics are open "
+            "to anyone who can reach the port",
+            "FILE",
+        ),
+    )
     max_receive_message_bytes: int = dataclasses.field(
         default=4 * 1024 * 1024,
         metadata=_meta(

@@ -199,6 +199,7 @@ class Space:
         self._consolidation_lock = asyncio.Lock()
         self._consolidation_task: asyncio.Task[int] | None = None
         self._bucket = self._make_bucket(entry)
+        self._recall_bucket = self._make_recall_bucket(entry)
         self._unconsolidated = state.replayed
         self._oldest_unconsolidated = state.oldest_unconsolidated
         self._consolidated: collections.deque[tuple[float, int]] = collections.deque()
@@ -225,7 +226,12 @@ class Space:
     @staticmethod
     def _make_bucket(entry: index.IndexEntry) -> quotas.TokenBucket | None:
         rate = entry.quota.max_writes_per_second
-        return quotas.TokenBucket(rate) if rate else None
+        return quotas.TokenBucket(rate, "writes") if rate else None
+
+    @staticmethod
+    def _make_recall_bucket(entry: index.IndexEntry) -> quotas.TokenBucket | None:
+        rate = entry.quota.max_recalls_per_second
+        return quotas.TokenBucket(rate, "recalls") if rate else None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -263,8 +269,10 @@ class Space:
                 f"space {self.id!r} has embeddingDim {self.dim}; it cannot change to "
                 f"{entry.embedding_dim}"
             )
-        if entry.quota != self.entry.quota:
+        if entry.quota.max_writes_per_second != self.entry.quota.max_writes_per_second:
             self._bucket = self._make_bucket(entry)
+        if entry.quota.max_recalls_per_second != self.entry.quota.max_recalls_per_second:
+            self._recall_bucket = self._make_recall_bucket(entry)
         self.entry = entry
 
     def _check_usable(self) -> None:
@@ -411,6 +419,8 @@ class Space:
     async def recall(self, query: memories.Query) -> list[memories.Hit]:
         self._check_usable()
         query = memories.validate_query(query, self.dim)
+        if self._recall_bucket is not None:
+            self._recall_bucket.take(1)
         self.last_used = time.monotonic()
         async with self._lock.read():
             if self._scan_is_small():
