@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import pytest
 
 from memspace_contract import index
 from memspace_contract.v1 import memspace_pb2 as pb
@@ -85,14 +84,3 @@ async def test_recalls_over_the_read_quota_are_resource_exhausted_with_when_to_r
     assert 0.0 < float(trailers(err)[errors_map.RETRY_AFTER_KEY]) <= 0.5
     # Writes are not counted against the read quota.
     await running.memories.Remember(pb.RememberRequest(memory=memory("w")), metadata=meta)
-
-
-def test_the_read_quota_is_part_of_the_index_format() -> None:
-    entry = index.loads(
-        '{"spaceId": "abc", "quota": {"maxRecallsPerSecond": 7.5, "maxWritesPerSecond": null}}'
-    )
-    assert entry.quota.max_recalls_per_second == 7.5
-    assert entry.to_json()["quota"]["maxRecallsPerSecond"] == 7.5
-    assert index.loads('{"spaceId": "abc"}').quota.max_recalls_per_second is None
-    with pytest.raises(index.InvalidIndexEntryError, match="maxRecallsPerSecond"):
-        index.loads('{"spaceId": "abc", "quota": {"maxRecallsPerSecond": 0}}')
