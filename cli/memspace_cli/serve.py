@@ -77,14 +77,24 @@ def banner(server: Server) -> None:
     auth = ""
     if server.router.check_tokens:
         auth = ' -H "authorization: Bearer $(cat ADMIN_TOKEN_FILE)"'
+    settings = server.settings
+    grpcurl, status, python = "-plaintext", "", ""
+    if settings.tls:
+        grpcurl, status = "-cacert CA_FILE", " --tls --ca-file CA_FILE"
+        python = ", secure=True, ca_file='CA_FILE'"
+    if settings.tls_client_ca_file is not None:
+        grpcurl += " -cert CERT_FILE -key KEY_FILE"
+        status += " --cert-file CERT_FILE --key-file KEY_FILE"
+        python += ", cert_file='CERT_FILE', key_file='KEY_FILE'"
     lines = [
-        f"memspace: serving on {address}, data in {server.settings.data_root}",
+        f"memspace: serving on {address}, data in {settings.data_root}",
         f"  the 'default' space (embedding_dim {dim}) answers requests that name no space",
-        f"  health:   memspace status --endpoint {address}",
-        f"  grpcurl:  grpcurl -plaintext{auth} {address} list",
-        f"            grpcurl -plaintext{auth} {address} memspace.v1.SpaceService/ListSpaces",
+        f"  health:   memspace status --endpoint {address}{status}",
+        f"  grpcurl:  grpcurl {grpcurl}{auth} {address} list",
+        f"            grpcurl {grpcurl}{auth} {address} memspace.v1.SpaceService/ListSpaces",
         "  python:   from memspace_contract import client",
-        f"            async with client.connect(client.Credentials(endpoint={address!r})) as m:",
+        f"            credentials = client.Credentials(endpoint={address!r}{python})",
+        "            async with client.connect(credentials) as m:",
         f"                await m.remember('hello', [1.0] * {dim})",
         f"                print(await m.recall([1.0] * {dim}, k=3))",
         "  stop:     Ctrl-C (drains: in-flight calls finish, WAL and tiers are flushed)",

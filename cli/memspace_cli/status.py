@@ -54,6 +54,44 @@ def add_parser(commands: Any) -> None:
         "MEMSPACE_ADMIN_TOKEN_FILE)",
     )
     command.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    tls = command.add_argument_group(
+        "TLS", "a server started with --tls-cert-file needs --tls (or a CA file)"
+    )
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        default=None,
+        help="connect over TLS (default: MEMSPACE_SECURE, or on when a CA file is given)",
+    )
+    tls.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="PEM CA bundle the server's certificate must chain to (default: MEMSPACE_CA_FILE, "
+        "else the system's roots)",
+    )
+    tls.add_argument(
+        "--cert-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="PEM client certificate, for a server that requires one (MEMSPACE_CERT_FILE)",
+    )
+    tls.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="PEM key of --cert-file (MEMSPACE_KEY_FILE)",
+    )
+    tls.add_argument(
+        "--server-name",
+        default=None,
+        metavar="NAME",
+        help="name the server's certificate must carry when the endpoint's host is another "
+        "(e.g. 127.0.0.1 through a port-forward); MEMSPACE_SERVER_NAME",
+    )
     command.set_defaults(run=run)
 
 
@@ -105,6 +143,15 @@ async def fetch(args: argparse.Namespace) -> dict[str, Any]:
             env["MEMSPACE_TOKEN_FILE"] = admin
     if args.endpoint:
         env["MEMSPACE_ENDPOINT"] = args.endpoint
+    if args.tls:
+        env["MEMSPACE_SECURE"] = "true"
+    given = {
+        "MEMSPACE_CA_FILE": args.ca_file,
+        "MEMSPACE_CERT_FILE": args.cert_file,
+        "MEMSPACE_KEY_FILE": args.key_file,
+        "MEMSPACE_SERVER_NAME": args.server_name,
+    }
+    env.update({name: str(value) for name, value in given.items() if value is not None})
     env.pop("MEMSPACE_SPACE", None)  # the space is named below, or none: every space
     credentials = client.Credentials.from_env(env)
     async with client.connect(credentials) as memspace:

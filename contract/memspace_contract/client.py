@@ -9,7 +9,10 @@ It reads the credentials the operator writes into a tenant's Secret (keys `space
         hits = await memspace.recall(cue, k=5)
         await memspace.memories.Get(pb.GetRequest(id=...))   # raw stubs get the metadata too
 
-The connection is plaintext gRPC (in-cluster traffic; terminate TLS in a mesh or proxy).
+TLS: a Secret with a `ca.crt` key (the operator adds it when the shards serve TLS) turns
+`secure` on and verifies the server against that CA; `Credentials(secure=True)` alone uses the
+system's roots; `cert_file`/`key_file` present a client certificate to servers that require one.
+Without any of them the connection is plaintext (a standalone server on loopback).
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 
 SECRET_KEYS = ("space", "endpoint", "token")
+CA_KEY = "ca.crt"
+"""The key of the CA bundle in a credentials Secret (and its file in a mounted one)."""
+TLS_ENV = {
+    "secure": "MEMSPACE_SECURE",
+    "ca_file": "MEMSPACE_CA_FILE",
+    "cert_file": "MEMSPACE_CERT_FILE",
+    "key_file": "MEMSPACE_KEY_FILE",
+    "server_name": "MEMSPACE_SERVER_NAME",
+}
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 SPACE_METADATA = "x-memory-space"
 AUTHORIZATION_METADATA = "authorization"
@@ -41,29 +53,55 @@ class CredentialsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Credentials:
-    """What a client needs: the keys of the operator's credentials Secret."""
+    """What a client needs: the keys of the operator's credentials Secret, and how to reach the
+    server over TLS."""
 
     endpoint: str = DEFAULT_ENDPOINT
     space: str | None = None
     """None: the server's default space (standalone servers only)."""
     token: str | None = None
     """None: no authorization metadata (a standalone server without tokens)."""
+    secure: bool = False
+    """TLS to the server. Any of `ca_file`, `ca`, `cert_file` turns it on."""
+    ca_file: Path | None = None
+    """PEM CA bundle the server's certificate must chain to; None: the system's roots."""
+    ca: bytes | None = None
+    """The same bundle in memory (PEM), instead of a file."""
+    cert_file: Path | None = None
+    """PEM client certificate, for servers that require one (mutual TLS); with `key_file`."""
+    key_file: Path | None = None
+    server_name: str | None = None
+    """The name the server's certificate must carry when it is not the endpoint's host (an
+    endpoint reached through a port-forward, say)."""
 
     def __post_init__(self) -> None:
         if self.space is not None:
             spaces.parse_space_id(self.space)
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, key, Path(value))  # a str given by a caller
+        if (self.cert_file is None) != (self.key_file is None):
+            raise CredentialsError("a client certificate needs both cert_file and key_file")
+        if self.ca is not None and self.ca_file is not None:
+            raise CredentialsError("give the CA as ca_file or as ca, not both")
+        if not self.secure and (self.ca_file or self.ca or self.cert_file):
+            object.__setattr__(self, "secure", True)
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike[str]) -> Credentials:
-        """Read the files `space`, `endpoint` and `token` of a mounted Secret (each optional)."""
+        """Read the files `space`, `endpoint`, `token` and `ca.crt` of a mounted Secret (each
+        optional; `ca.crt` turns TLS on)."""
         root = Path(directory)
         if not root.is_dir():
             raise CredentialsError(f"credentials directory {root} does not exist")
         found = {key: _read(root / key) for key in SECRET_KEYS if (root / key).exists()}
+        ca_file = root / CA_KEY
         return cls(
             endpoint=found.get("endpoint") or DEFAULT_ENDPOINT,
             space=found.get("space") or None,
             token=found.get("token") or None,
+            ca_file=ca_file if ca_file.exists() else None,
         )
 
     @classmethod
@@ -73,6 +111,9 @@ class Credentials:
         MEMSPACE_SPACE, MEMSPACE_ENDPOINT, MEMSPACE_TOKEN           the value itself
         MEMSPACE_SPACE_FILE, MEMSPACE_ENDPOINT_FILE, MEMSPACE_TOKEN_FILE   a file holding it
         MEMSPACE_CREDENTIALS_DIR                                    a mounted Secret directory
+
+        and for TLS: MEMSPACE_SECURE (true/false), MEMSPACE_CA_FILE, MEMSPACE_CERT_FILE,
+        MEMSPACE_KEY_FILE, MEMSPACE_SERVER_NAME.
         """
         env = os.environ if environ is None else environ
         directory = env.get("MEMSPACE_CREDENTIALS_DIR")
@@ -84,10 +125,23 @@ class Credentials:
                 values[key] = env[name].strip()
             elif env.get(f"{name}_FILE"):
                 values[key] = _read(Path(env[f"{name}_FILE"]))
+        tls = {key: env.get(name, "").strip() for key, name in TLS_ENV.items()}
+        secure = base.secure
+        if tls["secure"]:
+            secure = _boolean(tls["secure"], TLS_ENV["secure"])
+
+        def path(key: str, default: Path | None) -> Path | None:
+            return Path(tls[key]) if tls[key] else default
+
         return cls(
             endpoint=values.get("endpoint", base.endpoint),
             space=values.get("space", base.space),
             token=values.get("token", base.token),
+            secure=secure,
+            ca_file=path("ca_file", base.ca_file),
+            cert_file=path("cert_file", base.cert_file),
+            key_file=path("key_file", base.key_file),
+            server_name=tls["server_name"] or base.server_name,
         )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -97,6 +151,40 @@ class Credentials:
         if self.token is not None:
             pairs.append((AUTHORIZATION_METADATA, f"Bearer {self.token}"))
         return tuple(pairs)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials of the channel (files read now); None: plaintext."""
+        if not self.secure:
+            return None
+        roots = self.ca if self.ca is not None else _read_bytes(self.ca_file)
+        return grpc.ssl_channel_credentials(
+            root_certificates=roots,
+            private_key=_read_bytes(self.key_file),
+            certificate_chain=_read_bytes(self.cert_file),
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        if self.secure and self.server_name:
+            return [("grpc.ssl_target_name_override", self.server_name)]
+        return []
+
+
+def _boolean(value: str, name: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise CredentialsError(f"{name} is {value!r}; allowed: true, false")
+
+
+def _read_bytes(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise CredentialsError(f"cannot read TLS file {path}: {err}") from err
 
 
 def _read(path: Path) -> str:
@@ -178,11 +266,17 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.credentials = credentials
-        self.channel = grpc.aio.insecure_channel(
-            credentials.endpoint,
-            options=list(options),
-            interceptors=interceptors(credentials.metadata()),
-        )
+        every = [*credentials.channel_options(), *options]
+        tls = credentials.channel_credentials()
+        calls = interceptors(credentials.metadata())
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(
+                credentials.endpoint, options=every, interceptors=calls
+            )
+        else:
+            self.channel = grpc.aio.secure_channel(
+                credentials.endpoint, tls, options=every, interceptors=calls
+            )
         self.memories = pb_grpc.MemoryServiceStub(self.channel)
         self.spaces = pb_grpc.SpaceServiceStub(self.channel)
 
@@ -240,7 +334,13 @@ class Client:
 
 
 def connect(
-    credentials: Credentials | None = None, options: Sequence[tuple[str, Any]] = ()
+    credentials: Credentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    **tls: Any,
 ) -> Client:
-    """A client for `credentials`, by default `Credentials.from_env()`."""
-    return Client(credentials or Credentials.from_env(), options)
+    """A client for `credentials`, by default `Credentials.from_env()`. Keyword arguments
+    replace fields of the credentials: `connect(secure=True, ca_file=Path("ca.crt"))`."""
+    chosen = credentials or Credentials.from_env()
+    if tls:
+        chosen = dataclasses.replace(chosen, **tls)
+    return Client(chosen, options)

@@ -48,6 +48,7 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             f"--data-root={naming.VOLUMES_PATH}",
             f"--index-dir={naming.INDEX_PATH}",
             f"--listen=0.0.0.0:{naming.SERVER_PORT}",
+            "--insecure",
             f"--metrics-listen=0.0.0.0:{naming.METRICS_PORT}",
             f"--admin-token-file={naming.ADMIN_PATH}/token",
             f"--drain-timeout={DRAIN_TIMEOUT_S}",

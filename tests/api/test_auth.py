@@ -11,6 +11,7 @@ import pytest
 
 from memspace_contract import index
 from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_server.api import settings
 from tests.api.conftest import (
     ADMIN_TOKEN,
     DIM,
@@ -164,11 +165,13 @@ async def test_a_standalone_server_without_admin_token_checks_no_tokens(
     assert await code(standalone, "ListSpaces", "", None) is grpc.StatusCode.OK
 
 
-async def test_an_open_server_off_loopback_warns(
+async def test_an_open_server_off_loopback_is_refused_unless_insecure(
     start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(settings.SettingsError, match="without an admin token"):
         await start(listen="0.0.0.0:0")
+    with caplog.at_level(logging.WARNING):
+        await start(listen="0.0.0.0:0", insecure=True)
     assert "without token checks" in caplog.text
 
 

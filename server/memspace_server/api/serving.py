@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memspace_contract import spaces
-from memspace_server.api import handling, metrics, routing, servicers, tokens
+from memspace_server.api import certificates, handling, metrics, routing, servicers, tokens
 from memspace_server.api.settings import ServerSettings, SettingsError, is_loopback, split_address
 from memspace_server.storage import catalogs
 from memspace_server.storage import registry as registries
@@ -52,6 +52,9 @@ class Server:
         self.port = 0
         self.draining = False
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        self.tls: certificates.Reloading | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._admin_token_stamp: tuple[int, int] | None = None
         self._drained: asyncio.Future[bool] | None = None
@@ -105,10 +108,14 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
-        try:
-            self.port = server.add_insecure_port(s.listen)
-        except RuntimeError as err:
-            raise SettingsError(f"cannot listen on {s.listen}: {err}") from err
+        self.port = self._add_port(server)
+        if s.health_listen != "off":
+            self._health_grpc = prober = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, prober)
+            try:
+                self.health_port = prober.add_insecure_port(s.health_listen)
+            except RuntimeError as err:
+                raise SettingsError(f"cannot serve health on {s.health_listen}: {err}") from err
         if s.metrics_listen != "off":
             host, port = split_address(s.metrics_listen)
             try:
@@ -123,25 +130,53 @@ class Server:
                     "with --metrics-listen, or 'off'"
                 ) from err
         await server.start()
+        if self._health_grpc is not None:
+            await self._health_grpc.start()
         for name in ["", *names[:2]]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
         self._warn_if_open()
         log.info(
-            "serving %d spaces on %s (%s mode, tokens %s)%s",
+            "serving %d spaces on %s (%s mode, %s, tokens %s)%s%s",
             len(self.registry.entries()),
             self.address,
             "managed" if s.managed else "standalone",
+            "TLS" + (" with client certificates" if s.tls_client_ca_file else "")
+            if s.tls
+            else "plaintext",
             "checked" if self.router.check_tokens else "not checked",
             f", metrics on :{self.metrics.port}" if self.metrics.port else "",
+            f", plaintext health on :{self.health_port}" if self.health_port else "",
         )
 
+    def _add_port(self, server: grpc.aio.Server) -> int:
+        s = self.settings
+        try:
+            if s.tls_cert_file is None or s.tls_key_file is None:
+                return server.add_insecure_port(s.listen)
+            files = certificates.Files(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+            self.tls = certificates.Reloading(files)
+            return server.add_secure_port(s.listen, self.tls.credentials())
+        except certificates.CertificateError as err:
+            raise SettingsError(f"TLS: {err}") from err
+        except RuntimeError as err:
+            raise SettingsError(f"cannot listen on {s.listen}: {err}") from err
+
     def _warn_if_open(self) -> None:
+        """Only an --insecure server gets here listening off loopback without TLS or tokens."""
         host, _ = split_address(self.settings.listen)
-        if not self.router.check_tokens and not is_loopback(host):
+        if is_loopback(host):
+            return
+        if not self.settings.tls:
             log.warning(
-                "listening on %s without token checks: anyone who can reach this address can "
-                "read and write every space. Give --admin-token-file, or listen on 127.0.0.1",
+                "listening on %s without TLS (--insecure): tokens and memories cross the "
+                "network in clear text",
+                self.settings.listen,
+            )
+        if not self.router.check_tokens:
+            log.warning(
+                "listening on %s without token checks (--insecure): anyone who can reach this "
+                "address can read and write every space",
                 self.settings.listen,
             )
 
@@ -247,6 +282,8 @@ class Server:
         if self._grpc is not None:
             # Health Watch and reflection streams end here (cancelled past a short grace).
             await self._grpc.stop(STOP_GRACE_S)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(STOP_GRACE_S)
         if self._housekeeping is not None:
             # Let its current round finish: cancelling a consolidation midway would leave its
             # worker thread writing while the flush below consolidates the same space.

@@ -83,6 +83,57 @@ class ServerSettings:
             "FILE",
         ),
     )
+    tls_cert_file: Path | None = dataclasses.field(
+        default=None,
+        metadata=_meta(
+            "--tls-cert-file",
+            "MEMSPACE_TLS_CERT_FILE",
+            "PEM certificate (chain) the gRPC port serves TLS with; with --tls-key-file. Re-read "
+            "when it changes (a rotated Secret is used by the next connection, no restart); "
+            "unset: plaintext",
+            "FILE",
+        ),
+    )
+    tls_key_file: Path | None = dataclasses.field(
+        default=None,
+        metadata=_meta(
+            "--tls-key-file",
+            "MEMSPACE_TLS_KEY_FILE",
+            "PEM private key of --tls-cert-file, re-read with it",
+            "FILE",
+        ),
+    )
+    tls_client_ca_file: Path | None = dataclasses.field(
+        default=None,
+        metadata=_meta(
+            "--tls-client-ca-file",
+            "MEMSPACE_TLS_CLIENT_CA_FILE",
+            "PEM CA bundle: given, every client must present a certificate it signed (mutual "
+            "TLS); re-read when it changes",
+            "FILE",
+        ),
+    )
+    insecure: bool = dataclasses.field(
+        default=False,
+        metadata=_meta(
+            "--insecure",
+            "MEMSPACE_INSECURE",
+            "allow listening on a non-loopback address without TLS or without an admin token "
+            "(refused otherwise: tokens and memories would cross the network in clear, or "
+            "anyone who reaches the port opens every space)",
+            "",
+        ),
+    )
+    health_listen: str = dataclasses.field(
+        default="off",
+        metadata=_meta(
+            "--health-listen",
+            "MEMSPACE_HEALTH_LISTEN",
+            "plaintext address HOST:PORT serving only grpc.health.v1, for probes that cannot "
+            "speak TLS (Kubernetes' gRPC probes); 'off' disables it",
+            "HOST:PORT",
+        ),
+    )
     max_receive_message_bytes: int = dataclasses.field(
         default=4 * 1024 * 1024,
         metadata=_meta(
@@ -202,6 +253,11 @@ class ServerSettings:
     )
 
     @property
+    def tls(self) -> bool:
+        """The gRPC port speaks TLS."""
+        return self.tls_cert_file is not None
+
+    @property
     def managed(self) -> bool:
         """Spaces come from an operator-written index: CreateSpace/DeleteSpace are refused."""
         return self.index_dir is not None
@@ -240,6 +296,8 @@ def _convert(value: str, hint: Any, source: str) -> Any:
             return int(value)
         if base is float:
             return float(value)
+        if base is bool:
+            return _boolean(value, source)
     except ValueError as err:
         if isinstance(err, SettingsError):
             raise
@@ -247,11 +305,30 @@ def _convert(value: str, hint: Any, source: str) -> Any:
     return value
 
 
+def _boolean(value: str, source: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{source} is {value!r}; allowed: true, false")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare one flag per setting (defaults resolved later, so the environment can apply)."""
-    for field, _hint in _fields():
+    for field, hint in _fields():
         meta = field.metadata
         default = field.default
+        if hint is bool:
+            parser.add_argument(
+                meta["flag"],
+                dest=field.name,
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{meta['help']}; env {meta['env']}=true",
+            )
+            continue
         shown = "" if default in (None, dataclasses.MISSING) else f" (default {default})"
         parser.add_argument(
             meta["flag"],
@@ -298,9 +375,32 @@ def is_loopback(host: str) -> bool:
 
 
 def validate(settings: ServerSettings) -> None:
-    split_address(settings.listen)
-    if settings.metrics_listen != "off":
-        split_address(settings.metrics_listen)
+    host, _ = split_address(settings.listen)
+    for address in (settings.metrics_listen, settings.health_listen):
+        if address != "off":
+            split_address(address)
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise SettingsError("--tls-cert-file and --tls-key-file go together: give both or neither")
+    if settings.tls_client_ca_file is not None and not settings.tls:
+        raise SettingsError(
+            "--tls-client-ca-file needs TLS: give --tls-cert-file and --tls-key-file too"
+        )
+    if not is_loopback(host) and not settings.insecure:
+        missing = [
+            what
+            for what, absent in (
+                ("without TLS (--tls-cert-file, --tls-key-file)", not settings.tls),
+                ("without an admin token (--admin-token-file)", settings.admin_token_file is None),
+            )
+            if absent
+        ]
+        if missing:
+            raise SettingsError(
+                f"refusing to listen on {settings.listen} {' and '.join(missing)}: anyone who "
+                "can reach that address could read tokens and memories in transit or open "
+                "every space. Give them, listen on a loopback address (127.0.0.1:PORT), or pass "
+                "--insecure to accept the risk (e.g. behind a mesh that encrypts traffic)"
+            )
     positive = {
         "--max-receive-message-bytes": settings.max_receive_message_bytes,
         "--max-send-message-bytes": settings.max_send_message_bytes,
