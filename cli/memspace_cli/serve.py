@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def add_parser(commands: Any) -> None:
-    from memspace_server.api import settings  # noqa: PLC0415  # the server loads lazily
+    from memspace_server import settings  # noqa: PLC0415  # the server loads lazily
 
     command = commands.add_parser(
         "serve",
@@ -46,7 +46,8 @@ def limit_blas_threads(environ: MutableMapping[str, str] = os.environ) -> None:
 
 def run(args: argparse.Namespace) -> int:
     limit_blas_threads()
-    from memspace_server.api import logs, serving, settings  # noqa: PLC0415
+    from memspace_server import settings  # noqa: PLC0415
+    from memspace_server.api import logs, serving  # noqa: PLC0415
 
     try:
         loaded = settings.load(vars(args), os.environ)

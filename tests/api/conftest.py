@@ -29,7 +29,8 @@ import pytest
 from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
-from memspace_server.api import serving, settings
+from memspace_server import settings
+from memspace_server.api import serving
 
 DIM = 4
 ADMIN_TOKEN = "admin-secret-token"

@@ -11,7 +11,7 @@ import pytest
 
 from memspace_contract import index
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_server.api import settings
+from memspace_server import settings
 from tests.api.conftest import (
     ADMIN_TOKEN,
     DIM,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memspace_server.api import settings
+from memspace_server import settings
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None) -> settings.ServerSettings:

@@ -19,7 +19,7 @@ from memspace_contract import client
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 from memspace_operator import certificates
-from memspace_server.api import settings
+from memspace_server import settings
 from tests.api.conftest import (
     ADMIN_TOKEN,
     DIM,

@@ -16,7 +16,7 @@ from memspace_contract import spaces
 from memspace_operator import main as operator_main
 from memspace_operator import naming, shards
 from memspace_operator.settings import Settings
-from memspace_server.api import settings as server_settings
+from memspace_server import settings as server_settings
 from tests.chart.conftest import Helm, one
 from tests.support import controlplane
 

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from memspace_contract import spaces
 from memspace_server.api import certificates, handling, metrics, routing, servicers, tokens
-from memspace_server.api.settings import ServerSettings, SettingsError, is_loopback, split_address
+from memspace_server.settings import ServerSettings, SettingsError, is_loopback, split_address
 from memspace_server.storage import catalogs
 from memspace_server.storage import registry as registries
 from memspace_server.storage.spaces import Health, Space

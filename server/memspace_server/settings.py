@@ -1,0 +1,290 @@
+"""The settings of one `memspace serve` process, for the gRPC edge and the storage engine alike:
+one typed object, loaded once from flags and environment in `main` and passed down. Each field
+is declared once (memspace_contract.settings): its type, bounds, help text and environment
+variable, from which its flag derives; a flag wins over the environment, the environment over
+the default."""
+
+from __future__ import annotations
+
+import ipaddress
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from memspace_contract.settings import Settings, SettingsError, setting
+from memspace_server.storage.settings import EngineSettings
+
+__all__ = [
+    "ServerSettings",
+    "SettingsError",
+    "is_loopback",
+    "load",
+    "split_address",
+    "validate",
+]
+
+LogFormat = Literal["text", "json"]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise SettingsError(f"address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(value: str) -> str:
+    try:
+        split_address(value)
+    except SettingsError as err:
+        raise ValueError(str(err).removeprefix(f"address {value!r}: ")) from err
+    return value
+
+
+Address = typing.Annotated[str, pydantic.AfterValidator(_address)]
+
+
+class ServerSettings(Settings):
+    flags: typing.ClassVar[bool] = True
+
+    data_root: Path = setting(
+        env="MEMSPACE_DATA_ROOT",
+        metavar="DIR",
+        help="standalone: the server's own directory (index/ and spaces/ under it); managed: the "
+        "directory holding one mounted volume per space, <data-root>/<spaceId>",
+    )
+    index_dir: Path | None = setting(
+        None,
+        env="MEMSPACE_INDEX_DIR",
+        metavar="DIR",
+        help="managed mode: the spaces index directory written by the operator (one "
+        "<spaceId>.json per space), reloaded on change; unset: standalone, with an index of its "
+        "own",
+    )
+    listen: Address = setting(
+        "127.0.0.1:50051",
+        env="MEMSPACE_LISTEN",
+        metavar="HOST:PORT",
+        help="gRPC address HOST:PORT (port 0 picks a free port). Loopback by default: a "
+        "standalone server without an admin token checks no tokens",
+    )
+    metrics_listen: str = setting(
+        "127.0.0.1:9090",
+        env="MEMSPACE_METRICS_LISTEN",
+        metavar="HOST:PORT",
+        help="Prometheus metrics address HOST:PORT; 'off' disables the endpoint",
+    )
+    admin_token_file: Path | None = setting(
+        None,
+        env="MEMSPACE_ADMIN_TOKEN_FILE",
+        metavar="FILE",
+        help="file holding the admin token (opens SpaceService); re-read when it changes. Given "
+        "in standalone mode, it turns token checks on",
+    )
+    metrics_token_file: Path | None = setting(
+        None,
+        env="MEMSPACE_METRICS_TOKEN_FILE",
+        metavar="FILE",
+        help="file holding a bearer token the metrics port requires (401 without "
+        "'Authorization: Bearer <token>'); re-read when it changes. Unset: metrics are open "
+        "to anyone who can reach the port",
+    )
+    tls_cert_file: Path | None = setting(
+        None,
+        env="MEMSPACE_TLS_CERT_FILE",
+        metavar="FILE",
+        help="PEM certificate (chain) the gRPC port serves TLS with; with --tls-key-file. Re-read "
+        "when it changes (a rotated Secret is used by the next connection, no restart); "
+        "unset: plaintext",
+    )
+    tls_key_file: Path | None = setting(
+        None,
+        env="MEMSPACE_TLS_KEY_FILE",
+        metavar="FILE",
+        help="PEM private key of --tls-cert-file, re-read with it",
+    )
+    tls_client_ca_file: Path | None = setting(
+        None,
+        env="MEMSPACE_TLS_CLIENT_CA_FILE",
+        metavar="FILE",
+        help="PEM CA bundle: given, every client must present a certificate it signed (mutual "
+        "TLS); re-read when it changes",
+    )
+    insecure: bool = setting(
+        False,
+        env="MEMSPACE_INSECURE",
+        help="allow listening on a non-loopback address without TLS or without an admin token "
+        "(refused otherwise: tokens and memories would cross the network in clear, or "
+        "anyone who reaches the port opens every space)",
+    )
+    health_listen: str = setting(
+        "off",
+        env="MEMSPACE_HEALTH_LISTEN",
+        metavar="HOST:PORT",
+        help="plaintext address HOST:PORT serving only grpc.health.v1, for probes that cannot "
+        "speak TLS (Kubernetes' gRPC probes); 'off' disables it",
+    )
+    max_receive_message_bytes: int = setting(
+        4 * 1024 * 1024,
+        env="MEMSPACE_MAX_RECEIVE_MESSAGE_BYTES",
+        metavar="BYTES",
+        gt=0,
+        help="largest request message accepted (bytes); larger ones get RESOURCE_EXHAUSTED. "
+        "4 MiB holds a 64 KiB memory with a 4096-dimension embedding many times over",
+    )
+    max_send_message_bytes: int = setting(
+        64 * 1024 * 1024,
+        env="MEMSPACE_MAX_SEND_MESSAGE_BYTES",
+        metavar="BYTES",
+        gt=0,
+        help="largest response message sent (bytes): 1,000 hits with 4096-dimension embeddings "
+        "and 64 KiB contents need about 80 MiB; the default covers typical recalls",
+    )
+    drain_timeout_s: float = setting(
+        25.0,
+        env="MEMSPACE_DRAIN_TIMEOUT",
+        metavar="SECONDS",
+        gt=0,
+        help="seconds from SIGTERM to exit: in-flight calls finish, then WAL and tiers are "
+        "flushed. Below Kubernetes' default 30 s grace period",
+    )
+    drain_notice_s: float = setting(
+        0.0,
+        env="MEMSPACE_DRAIN_NOTICE",
+        metavar="SECONDS",
+        help="seconds of a drain spent still serving while grpc.health.v1 answers NOT_SERVING, "
+        "so load balancers that probe health move traffic away first; part of the drain timeout",
+    )
+    default_embedding_dim: int = setting(
+        768,
+        env="MEMSPACE_DEFAULT_EMBEDDING_DIM",
+        metavar="N",
+        ge=1,
+        le=4096,
+        help="standalone: embedding size of the 'default' space when it is created",
+    )
+    index_refresh_s: float = setting(
+        1.0,
+        env="MEMSPACE_INDEX_REFRESH",
+        metavar="SECONDS",
+        gt=0,
+        help="managed mode: seconds between checks of the index directory for changes",
+    )
+    idle_unload_s: float = setting(
+        300.0,
+        env="MEMSPACE_IDLE_UNLOAD",
+        metavar="SECONDS",
+        gt=0,
+        help="seconds without requests after which a space is unloaded (no RAM, no open files)",
+    )
+    maintain_interval_s: float = setting(
+        5.0,
+        env="MEMSPACE_MAINTAIN_INTERVAL",
+        metavar="SECONDS",
+        gt=0,
+        help="seconds between housekeeping rounds: idle unload, due consolidations, metrics",
+    )
+    metrics_interval_s: float = setting(
+        15.0,
+        env="MEMSPACE_METRICS_INTERVAL",
+        metavar="SECONDS",
+        gt=0,
+        help="seconds between refreshes of the per-space gauges (each walks the loaded spaces' "
+        "volumes in a worker thread); Prometheus' usual scrape interval",
+    )
+    subscriber_buffer: int = setting(
+        1024,
+        env="MEMSPACE_SUBSCRIBER_BUFFER",
+        metavar="EVENTS",
+        gt=0,
+        help="events a Subscribe stream may fall behind before it ends with RESOURCE_EXHAUSTED",
+    )
+    max_batch: int = setting(
+        10_000,
+        env="MEMSPACE_MAX_BATCH",
+        metavar="N",
+        gt=0,
+        help="most memories in one RememberBatch stream (all are held until the stream ends)",
+    )
+    log_format: LogFormat = setting(
+        "text",
+        env="MEMSPACE_LOG_FORMAT",
+        metavar="text|json",
+        help="'text' for a terminal, 'json' for containers (one object per line)",
+    )
+    log_level: str = setting(
+        "INFO", env="MEMSPACE_LOG_LEVEL", metavar="LEVEL", help="logging level"
+    )
+
+    @pydantic.field_validator("metrics_listen", "health_listen")
+    @classmethod
+    def _address_or_off(cls, value: str) -> str:
+        return value if value == "off" else _address(value)
+
+    @property
+    def tls(self) -> bool:
+        """The gRPC port speaks TLS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def managed(self) -> bool:
+        """Spaces come from an operator-written index: CreateSpace/DeleteSpace are refused."""
+        return self.index_dir is not None
+
+    def engine(self) -> EngineSettings:
+        return EngineSettings(subscriber_buffer=self.subscriber_buffer)
+
+
+add_arguments = ServerSettings.add_arguments
+
+
+def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> ServerSettings:
+    """Settings from parsed flags (None: not given) over the environment over the defaults."""
+    settings = ServerSettings.load(environ, flags)
+    validate(settings)
+    return settings
+
+
+def validate(settings: ServerSettings) -> None:
+    """The rules between settings (each field's own bounds hold already): TLS files go
+    together, and a non-loopback port needs TLS and an admin token unless --insecure."""
+    host, _ = split_address(settings.listen)
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise SettingsError("--tls-cert-file and --tls-key-file go together: give both or neither")
+    if settings.tls_client_ca_file is not None and not settings.tls:
+        raise SettingsError(
+            "--tls-client-ca-file needs TLS: give --tls-cert-file and --tls-key-file too"
+        )
+    if not is_loopback(host) and not settings.insecure:
+        missing = [
+            what
+            for what, absent in (
+                ("without TLS (--tls-cert-file, --tls-key-file)", not settings.tls),
+                ("without an admin token (--admin-token-file)", settings.admin_token_file is None),
+            )
+            if absent
+        ]
+        if missing:
+            raise SettingsError(
+                f"refusing to listen on {settings.listen} {' and '.join(missing)}: anyone who "
+                "can reach that address could read tokens and memories in transit or open "
+                "every space. Give them, listen on a loopback address (127.0.0.1:PORT), or pass "
+                "--insecure to accept the risk (e.g. behind a mesh that encrypts traffic)"
+            )
+    if not 0 <= settings.drain_notice_s < settings.drain_timeout_s:
+        raise SettingsError(
+            f"--drain-notice is {settings.drain_notice_s}; allowed 0 up to the drain timeout "
+            f"({settings.drain_timeout_s})"
+        )
