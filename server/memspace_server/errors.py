@@ -15,7 +15,7 @@ each class to one status code in a single table.
     │   ├── RateLimitedError          maxWritesPerSecond, maxRecallsPerSecond
     │   ├── LimitReachedError         a server limit: concurrent calls, streams, batch bytes
     │   ├── DiskFullError             the space's volume has no room
-    │   └── SubscriberTooSlowError    a change feed reader fell behind its buffer
+    │   └── SubscriberTooSlowError    a change feed reader fell behind its buffer (resumable)
     ├── FailedPreconditionError
     │   ├── SpaceInactiveError
     │   ├── ManagedIndexError         CreateSpace/DeleteSpace under the operator
@@ -24,7 +24,9 @@ each class to one status code in a single table.
     │   └── SpaceRefusedError         the volume is not this space's, or its WAL is corrupt
     │       ├── IdentityMismatchError
     │       └── CorruptWalError
-    └── UnavailableError              being mounted, loaded after a failure, or draining
+    ├── UnavailableError              being mounted, loaded after a failure, or draining
+    │   └── SubscriptionEndedError    a change feed ended by an unload or a drain (resumable)
+    └── ResumableError                a stream that ended early, with the LSN to resume from
 """
 
 from __future__ import annotations
@@ -88,10 +90,16 @@ class DiskFullError(ResourceExhaustedError):
     pass
 
 
-class SubscriberTooSlowError(ResourceExhaustedError):
+class ResumableError(MemspaceError):
+    """A change feed that ended early: `resume_lsn` is the since_lsn that resumes it."""
+
     def __init__(self, message: str, resume_lsn: int) -> None:
         super().__init__(message)
         self.resume_lsn = resume_lsn
+
+
+class SubscriberTooSlowError(ResourceExhaustedError, ResumableError):
+    pass
 
 
 class FailedPreconditionError(MemspaceError):
@@ -127,4 +135,8 @@ class CorruptWalError(SpaceRefusedError):
 
 
 class UnavailableError(MemspaceError):
+    pass
+
+
+class SubscriptionEndedError(UnavailableError, ResumableError):
     pass

@@ -39,6 +39,9 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
     errors.CorruptWalError: grpc.StatusCode.FAILED_PRECONDITION,
     # Being mounted, reloaded or drained: clients retry.
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.SubscriptionEndedError: grpc.StatusCode.UNAVAILABLE,
+    # Subscribe again from the LSN in the message and in trailing metadata.
+    errors.ResumableError: grpc.StatusCode.UNAVAILABLE,
 }
 
 INTERNAL_MESSAGE = "internal error (request {request_id}); the server log has the details"
@@ -63,7 +66,6 @@ def trailers_for(err: errors.MemspaceError) -> tuple[tuple[str, str], ...]:
     retry = getattr(err, "retry_after_s", None)
     if retry is not None:
         found.append((RETRY_AFTER_KEY, f"{retry:.3f}"))
-    resume = getattr(err, "resume_lsn", None)
-    if resume is not None:
-        found.append((RESUME_LSN_KEY, str(resume)))
+    if isinstance(err, errors.ResumableError):
+        found.append((RESUME_LSN_KEY, str(err.resume_lsn)))
     return tuple(found)

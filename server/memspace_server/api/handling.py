@@ -1,9 +1,11 @@
 """The edge every RPC goes through: one wrapper per call shape, applied to every method of every
 memspace.v1 service when the handlers are built (see `method_handlers`).
 
-For each call it binds the log context, routes the call (space selection and auth, `routing`),
-runs the servicer with the resulting `Call`, maps any error through the one table
-(`errors_map`) and counts the call in the metrics. Servicers never do any of this themselves.
+One call scope (`Edge._scope`) does for every call what the shapes share: it binds the log
+context, counts the call in flight, maps any error through the one table (`errors_map`) and
+observes the call in the metrics. Inside it each shape routes the call (space selection and
+auth, `routing`, with one index lookup) and runs the servicer with the resulting `Call`.
+Servicers never do any of this themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import grpc
 from google.protobuf import descriptor
 from google.protobuf import message as protobuf_message
 
-from memspace_contract import spaces
+from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
 from memspace_server.api import errors_map, logs, routing
@@ -41,14 +43,19 @@ _QUIET_CODES = {
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """What a servicer learns about its call: the route decided at the edge and the context."""
+    """What a servicer learns about its call: the route decided at the edge (the space, its
+    index entry as the router found it, whether the admin token opened it). Servicers never
+    see the grpc context: what they tell the client travels on their answer or their error."""
 
     route: routing.Route
-    context: grpc.aio.ServicerContext[Any, Any]
 
     @property
     def space(self) -> spaces.SpaceId:
         return self.route.require_space()
+
+    @property
+    def entry(self) -> index.IndexEntry | None:
+        return self.route.entry
 
 
 Unary = Callable[[Any, Call], Awaitable[Any]]
@@ -145,26 +152,39 @@ class Edge:
 
     # -- per call ------------------------------------------------------------------------------
 
-    def _begin(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> tuple[list[str], list[str]]:
-        named: list[str] = []
-        authorization: list[str] = []
-        request_id = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == routing.SPACE_KEY:
-                named.append(str(value))
-            elif key == routing.AUTHORIZATION_KEY:
-                authorization.append(str(value))
-            elif key == routing.REQUEST_ID_KEY:
-                request_id = str(value)[:64]
-        logs.bind("", method, request_id or f"{self._prefix}-{next(self._ids):x}")
-        return named, authorization
+    @contextlib.asynccontextmanager
+    async def _scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], timed: bool = True
+    ) -> AsyncIterator[_Scope]:
+        """One call from arrival to answer: bind the log context, count it in flight (or refuse
+        it while draining), answer any error through the one table, and observe it in the
+        metrics. The body routes the call (`_Scope.route`) and runs the servicer."""
+        started = time.perf_counter()
+        scope = _Scope(self.router)
+        code = "OK"
+        entered = False
+        try:
+            scope.read_metadata(method, context, self._request_id)
+            self._enter()
+            entered = True
+            yield scope
+        except grpc.aio.AbortError:
+            code = _code_name(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except Exception as err:
+            code = _error_code_name(err)
+            await self._fail(err, method, context)
+        finally:
+            if entered:
+                self._leave()
+            elapsed = time.perf_counter() - started if timed else None
+            self.metrics.observe(scope.label(), method, code, elapsed)
 
-    def _label(self, route: routing.Route | None) -> str:
-        if route is None or route.space is None:
-            return ""
-        return route.space if self.router.known(route.space) else ""
+    def _request_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids):x}"
 
     async def _fail(
         self, err: Exception, method: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -188,35 +208,9 @@ class Edge:
         self, method: str, policy: routing.Policy, behavior: Unary, names_space: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            route = None
-            code = "OK"
-            entered = False
-            try:
-                named, authorization = self._begin(method, context)
-                self._enter()
-                entered = True
-                _check_parsed(request)
-                route = self.router.route(
-                    policy, named, request.space if names_space else "", authorization
-                )
-                logs.bind_space(route.space or "")
-                return await behavior(request, Call(route, context))
-            except grpc.aio.AbortError:
-                code = _code_name(context)
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as err:
-                code = _error_code_name(err)
-                await self._fail(err, method, context)
-            finally:
-                if entered:
-                    self._leave()
-                self.metrics.observe(
-                    self._label(route), method, code, time.perf_counter() - started
-                )
+            async with self._scope(method, context) as scope:
+                named = _check_parsed(request).space if names_space else ""
+                return await behavior(request, scope.route(policy, named))
 
         return handle
 
@@ -226,38 +220,14 @@ class Edge:
         async def handle(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
-            started = time.perf_counter()
-            route = None
-            code = "OK"
-            entered = False
-            try:
-                named, authorization = self._begin(method, context)
-                self._enter()
-                entered = True
+            async with self._scope(method, context) as scope:
                 first = None
-                if not named:
+                if not scope.named:
                     # Without metadata the first message names the space: read it first.
                     first = _check_parsed(await anext(aiter(requests), None))
-                field = first.space if first is not None else ""
-                route = self.router.route(policy, named, field, authorization)
-                logs.bind_space(route.space or "")
-                stream = _same_space(first, requests, route.space or "")
-                return await behavior(stream, Call(route, context))
-            except grpc.aio.AbortError:
-                code = _code_name(context)
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as err:
-                code = _error_code_name(err)
-                await self._fail(err, method, context)
-            finally:
-                if entered:
-                    self._leave()
-                self.metrics.observe(
-                    self._label(route), method, code, time.perf_counter() - started
-                )
+                call = scope.route(policy, first.space if first is not None else "")
+                stream = _same_space(first, requests, call.route.space or "")
+                return await behavior(stream, call)
 
         return handle
 
@@ -267,36 +237,54 @@ class Edge:
         async def handle(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            route = None
-            code = "OK"
-            entered = False
-            try:
-                named, authorization = self._begin(method, context)
-                self._enter()
-                entered = True
-                _check_parsed(request)
-                route = self.router.route(
-                    policy, named, request.space if names_space else "", authorization
-                )
-                logs.bind_space(route.space or "")
-                async with contextlib.aclosing(behavior(request, Call(route, context))) as out:
+            async with self._scope(method, context, timed=False) as scope:
+                named = _check_parsed(request).space if names_space else ""
+                call = scope.route(policy, named)
+                async with contextlib.aclosing(behavior(request, call)) as out:
                     async for item in out:
                         yield item
-            except grpc.aio.AbortError:
-                code = _code_name(context)
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except Exception as err:
-                code = _error_code_name(err)
-                await self._fail(err, method, context)
-            finally:
-                if entered:
-                    self._leave()
-                self.metrics.observe(self._label(route), method, code, None)
 
         return handle
+
+
+class _Scope:
+    """What the edge learns of one call: the spaces and tokens its metadata names, then its
+    route. The route's index entry, looked up once by the router, also picks the call's metric
+    label (only spaces in the index become label values)."""
+
+    def __init__(self, router: routing.Router) -> None:
+        self._router = router
+        self.named: list[str] = []
+        self.authorization: list[str] = []
+        self._route: routing.Route | None = None
+
+    def read_metadata(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        new_request_id: Callable[[], str],
+    ) -> None:
+        """Note the spaces and tokens the call's metadata names; bind its log context."""
+        request_id = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == routing.SPACE_KEY:
+                self.named.append(str(value))
+            elif key == routing.AUTHORIZATION_KEY:
+                self.authorization.append(str(value))
+            elif key == routing.REQUEST_ID_KEY:
+                request_id = str(value)[:64]
+        logs.bind("", method, request_id or new_request_id())
+
+    def route(self, policy: routing.Policy, named_in_request: str) -> Call:
+        self._route = self._router.route(policy, self.named, named_in_request, self.authorization)
+        logs.bind_space(self._route.space or "")
+        return Call(self._route)
+
+    def label(self) -> str:
+        route = self._route
+        if route is None or route.space is None or route.entry is None:
+            return ""
+        return route.space
 
 
 async def _same_space(first: Any, rest: AsyncIterator[Any], space: str) -> AsyncIterator[Any]:

@@ -78,6 +78,9 @@ class Route:
     """The space the call is about; None only for NO_SPACE calls and Health of every space."""
     admin: bool
     """The call was opened by the admin token."""
+    entry: index.IndexEntry | None = None
+    """The space's index entry when the call arrived (None: not in the index). Looked up once,
+    it serves auth, loading the space and the call's metric label."""
 
     def require_space(self) -> spaces.SpaceId:
         if self.space is None:
@@ -96,10 +99,6 @@ class Router:
         self.allow_default = allow_default
         self.check_tokens = check_tokens
         self._admin_sha256: str | None = None
-
-    def known(self, space: spaces.SpaceId) -> bool:
-        """The space is in the index (used to keep metric labels bounded)."""
-        return self._lookup(space) is not None
 
     def set_admin_token(self, token: str | None) -> None:
         self._admin_sha256 = index.token_sha256(token) if token else None
@@ -137,14 +136,18 @@ class Router:
     # -- auth ----------------------------------------------------------------------------------
 
     def authorize(
-        self, access: Access, space: spaces.SpaceId | None, authorization: Sequence[str]
+        self,
+        access: Access,
+        space: spaces.SpaceId | None,
+        entry: index.IndexEntry | None,
+        authorization: Sequence[str],
     ) -> bool:
-        """Check the call's token; return whether it is the admin token."""
+        """Check the call's token against `space` (whose index entry is `entry`); return
+        whether it is the admin token."""
         if not self.check_tokens:
             return False
         digest = index.token_sha256(bearer_token(authorization))
         admin = self._admin_sha256 is not None and hmac.compare_digest(digest, self._admin_sha256)
-        entry = self._lookup(space) if space is not None else None
         own = (
             entry is not None
             and entry.token_sha256 is not None
@@ -170,8 +173,9 @@ class Router:
         authorization: Sequence[str],
     ) -> Route:
         space = self.select(policy.scope, named_in_metadata, named_in_request)
-        admin = self.authorize(policy.access, space, authorization)
-        return Route(space=space, admin=admin)
+        entry = self._lookup(space) if space is not None else None
+        admin = self.authorize(policy.access, space, entry, authorization)
+        return Route(space=space, admin=admin, entry=entry)
 
 
 def parse(name: str) -> spaces.SpaceId:

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
-from memspace_server.api import converters, errors_map
+from memspace_server.api import converters
 from memspace_server.api.handling import Call
 from memspace_server.storage import memories
 from memspace_server.storage import registry as registries
@@ -27,7 +27,7 @@ class MemoryServicer:
 
     async def remember(self, request: pb.RememberRequest, call: Call) -> pb.RememberResponse:
         draft = converters.draft(request)
-        async with self.registry.lease(call.space) as space:
+        async with self.registry.lease(call.space, call.entry) as space:
             memory_id, lsn = await space.remember(draft)
         return pb.RememberResponse(id=memory_id, lsn=lsn)
 
@@ -35,7 +35,7 @@ class MemoryServicer:
         self, requests: AsyncIterator[pb.RememberRequest], call: Call
     ) -> pb.RememberBatchResponse:
         drafts: list[memories.Draft] = []
-        async with self.registry.lease(call.space) as space:
+        async with self.registry.lease(call.space, call.entry) as space:
             async for request in requests:
                 if len(drafts) == self.max_batch:
                     raise errors.ResourceExhaustedError(
@@ -53,26 +53,26 @@ class MemoryServicer:
 
     async def recall(self, request: pb.RecallRequest, call: Call) -> pb.RecallResponse:
         query = converters.query(request)
-        async with self.registry.lease(call.space) as space:
+        async with self.registry.lease(call.space, call.entry) as space:
             hits = await space.recall(query)
         return converters.recall_response(hits)
 
     async def get(self, request: pb.GetRequest, call: Call) -> pb.GetResponse:
-        async with self.registry.lease(call.space) as space:
+        async with self.registry.lease(call.space, call.entry) as space:
             found = await space.get(request.id)
         response = pb.GetResponse()
         converters.fill_memory(response.memory, found)
         return response
 
     async def forget(self, request: pb.ForgetRequest, call: Call) -> pb.ForgetResponse:
-        async with self.registry.lease(call.space) as space:
+        async with self.registry.lease(call.space, call.entry) as space:
             forgotten, lsn = await space.forget(request.id)
         return pb.ForgetResponse(forgotten=forgotten, lsn=lsn)
 
     async def consolidate(
         self, request: pb.ConsolidateRequest, call: Call
     ) -> pb.ConsolidateResponse:
-        async with self.registry.lease(call.space) as space:
+        async with self.registry.lease(call.space, call.entry) as space:
             consolidated = await space.consolidate()
         return pb.ConsolidateResponse(consolidated=consolidated)
 
@@ -82,7 +82,7 @@ class MemoryServicer:
         if self.draining():
             raise errors.UnavailableError("the server is draining; subscribe again shortly")
         space_id = call.space
-        async with self.registry.lease(space_id) as space:
+        async with self.registry.lease(space_id, call.entry) as space:
             resume = request.since_lsn or space.durable_lsn + 1
             stream = await space.subscribe(request.since_lsn)
             try:
@@ -96,9 +96,10 @@ class MemoryServicer:
                 # Close the feed's subscription now, not when the generator is collected.
                 await stream.aclose()
         # The feed ended without an error: the space was unloaded or the server is draining.
-        call.context.set_trailing_metadata(((errors_map.RESUME_LSN_KEY, str(resume)),))
         why = "the server is draining" if self.draining() else f"space {space_id!r} was unloaded"
-        raise errors.UnavailableError(f"{why}; subscribe again with since_lsn={resume} to resume")
+        raise errors.SubscriptionEndedError(
+            f"{why}; subscribe again with since_lsn={resume} to resume", resume_lsn=resume
+        )
 
 
 class SpaceServicer:

@@ -93,10 +93,13 @@ class Registry:
             raise errors.SpaceNotFoundError(f"no space {space_id!r} on this server")
         return entry
 
-    async def load(self, space_id: spaces.SpaceId) -> Space:
+    async def load(self, space_id: spaces.SpaceId, entry: index.IndexEntry | None = None) -> Space:
+        """The loaded space; `entry` is its index entry where the caller looked it up already
+        (None: look it up)."""
         if self._closed:
             raise errors.UnavailableError("the server is shutting down; retry on another shard")
-        entry = self.entry(space_id)
+        if entry is None:
+            entry = self.entry(space_id)
         if entry.state == "Inactive":
             raise errors.SpaceInactiveError(
                 f"space {space_id!r} is Inactive: its data is kept but not served. Set its "
@@ -135,9 +138,11 @@ class Registry:
         return space
 
     @contextlib.asynccontextmanager
-    async def lease(self, space_id: spaces.SpaceId) -> AsyncIterator[Space]:
-        """The loaded space, kept loaded while the caller uses it."""
-        space = await self.load(space_id)
+    async def lease(
+        self, space_id: spaces.SpaceId, entry: index.IndexEntry | None = None
+    ) -> AsyncIterator[Space]:
+        """The loaded space, kept loaded while the caller uses it (`entry` as for `load`)."""
+        space = await self.load(space_id, entry)
         space.leases += 1
         try:
             yield space
