@@ -4,6 +4,7 @@ restart; the index is read-only; a space whose volume is not mounted yet is UNAV
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Awaitable
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_server import settings
 from tests.api.conftest import (
     ADMIN_TOKEN,
     Running,
@@ -173,3 +175,36 @@ async def test_another_spaces_volume_is_refused(
     await eventually(refused)
     err = await failure(recall(managed, "team-d", "td"))
     assert "belongs to space 'team-a'" in details(err)
+
+
+async def test_a_shard_starts_before_its_admin_token_exists_and_picks_it_up(
+    start: Start, managed_dirs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shard pod mounts the admin token Secret as optional: missing (before an install,
+    after an uninstall) the shard still serves its spaces, and opens SpaceService once the
+    token appears. (A server that refused to start crash-looped on a real node.)"""
+    index_dir, volumes = managed_dirs
+    write_entry(index_dir, "team-a", token="ta", volumes=volumes)
+    token_file = tmp_path / "admin" / "token"
+    with caplog.at_level(logging.WARNING):
+        running = await start(data_root=volumes, index_dir=index_dir, admin_token_file=token_file)
+    assert "cannot read the admin token file" in caplog.text
+    assert await status_of(recall(running, "team-a", "ta")) is grpc.StatusCode.OK
+    listing = running.spaces.ListSpaces(pb.ListSpacesRequest(), metadata=md(token=ADMIN_TOKEN))
+    assert await status_of(listing) is grpc.StatusCode.PERMISSION_DENIED
+
+    token_file.parent.mkdir()
+    token_file.write_text(ADMIN_TOKEN)
+
+    async def admitted() -> bool:
+        call = running.spaces.ListSpaces(pb.ListSpacesRequest(), metadata=md(token=ADMIN_TOKEN))
+        return await status_of(call) is grpc.StatusCode.OK
+
+    await eventually(admitted)
+
+
+async def test_a_standalone_server_refuses_a_missing_admin_token_file(
+    start: Start, tmp_path: Path
+) -> None:
+    with pytest.raises(settings.SettingsError, match="cannot read the admin token file"):
+        await start(admin_token_file=tmp_path / "no-such-token")

@@ -57,6 +57,7 @@ class Server:
         self.tls: certificates.Reloading | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._admin_token_stamp: tuple[int, int] | None = None
+        self._admin_token_warned: str | None = None
         self._drained: asyncio.Future[bool] | None = None
         self._stopping = asyncio.Event()
 
@@ -85,7 +86,10 @@ class Server:
         if not s.managed and self.registry.catalog.get(spaces.DEFAULT_SPACE) is None:
             await self.registry.create(spaces.DEFAULT_SPACE, s.default_embedding_dim)
             log.info("created the default space (embedding_dim %d)", s.default_embedding_dim)
-        self._reload_admin_token(required=True)
+        # Under the operator the token comes from an optional Secret volume: a shard started
+        # while that Secret is missing (before an install, after an uninstall) serves its spaces
+        # and opens SpaceService once the file appears. Standalone, a missing file is a mistake.
+        self._reload_admin_token(required=not s.managed)
         self._grpc = server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.max_receive_message_bytes),
@@ -193,17 +197,30 @@ class Server:
         except OSError as err:
             if required:
                 raise SettingsError(f"cannot read the admin token file {path}: {err}") from err
-            log.warning("cannot re-read the admin token file %s: %s", path, err)
+            self._admin_token_problem(f"cannot read the admin token file {path}: {err}")
             return
         if not token:
             if required:
                 raise SettingsError(f"the admin token file {path} is empty")
-            log.warning("the admin token file %s is empty; keeping the previous token", path)
+            self._admin_token_problem(f"the admin token file {path} is empty")
             return
-        if self._admin_token_stamp is not None:
-            log.info("admin token reloaded from %s", path)
+        if self._admin_token_stamp is not None or self._admin_token_warned is not None:
+            log.info("admin token loaded from %s", path)
+        self._admin_token_warned = None
         self._admin_token_stamp = stamp
         self.router.set_admin_token(token)
+
+    def _admin_token_problem(self, problem: str) -> None:
+        """Warn once per problem (the file is re-read every index refresh)."""
+        if problem == self._admin_token_warned:
+            return
+        self._admin_token_warned = problem
+        kept = (
+            "keeping the previous token"
+            if self._admin_token_stamp is not None
+            else ("SpaceService (admin calls) refuses every call until it is there")
+        )
+        log.warning("%s; %s, re-read every %.0f s", problem, kept, self.settings.index_refresh_s)
 
     # -- housekeeping --------------------------------------------------------------------------
 
