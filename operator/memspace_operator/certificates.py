@@ -20,7 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 BACKDATE = datetime.timedelta(minutes=5)
-"""Certificates start a little in the past: clocks of the nodes differ."""
+"""Certificates start a little in the past (clocks of the nodes differ): this much, or a tenth
+of their lifetime when that is shorter."""
+
+
+def _backdate(lifetime: datetime.timedelta) -> datetime.timedelta:
+    return min(BACKDATE, lifetime / 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +73,7 @@ def new_ca(common_name: str, lifetime: datetime.timedelta) -> KeyPair:
         .issuer_name(name)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
+        .not_valid_before(now - _backdate(lifetime))
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -114,7 +119,7 @@ def issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
+        .not_valid_before(now - _backdate(lifetime))
         .not_valid_after(min(now + lifetime, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

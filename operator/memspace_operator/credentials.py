@@ -1,5 +1,6 @@
 """The credentials Secret `<name>-memspace` in the MemorySpace's namespace: keys `space`,
-`endpoint` and `token`, all a client needs (design section 3).
+`endpoint` and `token`, all a client needs (design section 3), and `ca.crt` when the shards
+serve TLS (the CA bundle their certificates chain to).
 
 The operator never reads Secrets outside the server namespace: its cluster-wide rights on
 Secrets are create and delete. So the token's SHA-256 in the shard's index is the record of
@@ -34,8 +35,13 @@ def new_token() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_BYTES)).rstrip(b"=").decode()
 
 
-def manifest(space: models.MemorySpace, endpoint: str, token: str) -> dict[str, Any]:
+def manifest(
+    space: models.MemorySpace, endpoint: str, token: str, ca: bytes | None = None
+) -> dict[str, Any]:
     ref = space.ref
+    data = {"space": space.spec.space_id, "endpoint": endpoint, "token": token}
+    if ca is not None:
+        data["ca.crt"] = ca.decode()
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -56,7 +62,7 @@ def manifest(space: models.MemorySpace, endpoint: str, token: str) -> dict[str, 
             ],
         },
         "type": "Opaque",
-        "stringData": {"space": space.spec.space_id, "endpoint": endpoint, "token": token},
+        "stringData": data,
     }
 
 
@@ -75,6 +81,8 @@ async def ensure(
     endpoint: str,
     trusted_sha256: str | None,
     record: Callable[[str], Awaitable[None]],
+    *,
+    ca: bytes | None = None,
 ) -> tuple[str, bool]:
     """Make sure the Secret exists with a token whose hash the index holds. `record` writes a
     new hash to the index. Returns (token SHA-256, whether a new token was made)."""
@@ -84,7 +92,7 @@ async def ensure(
     token = new_token()
     digest = index.token_sha256(token)
     await record(digest)
-    body = manifest(space, endpoint, token)
+    body = manifest(space, endpoint, token, ca)
     try:
         await client.create(kube.secrets(space.ref.namespace), body)
     except errors.AlreadyExistsError:

@@ -1,6 +1,7 @@
 """Health of the spaces, from their shards: every `health_interval_s` one Health RPC per shard
 (admin token, no space named: every space of the shard in one answer), through the contract's
-gRPC client. What it reports becomes each space's Healthy condition and health figures; the
+gRPC client, over TLS verified against the shards' CA (for the name of the shard's Service)
+unless TLS is off. What it reports becomes each space's Healthy condition and health figures; the
 status is written only when they changed meaningfully (see statuses.Figures.differs).
 """
 
@@ -105,12 +106,14 @@ class Poller:
         settings: Settings,
         shards_in_use: Callable[[], list[int]],
         on_health: Callable[[ShardHealth], Awaitable[None]],
+        trust: Callable[[], bytes | None] = lambda: None,
     ) -> None:
         self._settings = settings
+        self._trust = trust
         self._shards_in_use = shards_in_use
         self._on_health = on_health
         self._token = AdminToken(settings.admin_token_file)
-        self._clients: dict[int, tuple[str, client.Client]] = {}
+        self._clients: dict[int, client.Client] = {}
         self._task: asyncio.Task[None] | None = None
         self.enabled = settings.admin_token_file is not None
 
@@ -123,7 +126,7 @@ class Poller:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for _, shard_client in self._clients.values():
+        for shard_client in self._clients.values():
             await shard_client.close()
         self._clients.clear()
 
@@ -144,15 +147,24 @@ class Poller:
         for result in results:
             await self._on_health(result)
 
-    async def _client(self, shard: int, token: str) -> client.Client:
-        endpoint = self._settings.endpoint(shard)
+    def _credentials(self, shard: int, token: str, trust: bytes | None) -> client.Credentials:
+        if not self._settings.tls_enabled:
+            return client.Credentials(endpoint=self._settings.endpoint(shard), token=token)
+        return client.Credentials(
+            endpoint=self._settings.endpoint(shard),
+            token=token,
+            ca=trust,
+            server_name=self._settings.shard_server_name(shard),
+        )
+
+    async def _client(self, credentials: client.Credentials, shard: int) -> client.Client:
         found = self._clients.get(shard)
-        if found is not None and found[0] == token and found[1].credentials.endpoint == endpoint:
-            return found[1]
+        if found is not None and found.credentials == credentials:
+            return found
         if found is not None:
-            await found[1].close()
-        fresh = client.connect(client.Credentials(endpoint=endpoint, token=token))
-        self._clients[shard] = (token, fresh)
+            await found.close()
+        fresh = client.connect(credentials)
+        self._clients[shard] = fresh
         return fresh
 
     async def _ask(self, shard: int) -> ShardHealth:
@@ -160,7 +172,10 @@ class Poller:
         token = self._token.read()
         if token is None:
             return ShardHealth(shard, endpoint, error="no admin token to ask with")
-        shard_client = await self._client(shard, token)
+        trust = self._trust()
+        if self._settings.tls_enabled and trust is None:
+            return ShardHealth(shard, endpoint, error="no CA to verify the shard with yet")
+        shard_client = await self._client(self._credentials(shard, token, trust), shard)
         try:
             answer = await shard_client.spaces.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:

@@ -33,10 +33,13 @@ OWNER_FULL_NAME = "memspace.dev/owner"
 
 FINALIZER = "memspace.dev/finalizer"
 SERVER_PORT = 50051
+HEALTH_PORT = 50052
+"""Plaintext grpc.health.v1 only, for the kubelet's probes (they cannot speak TLS)."""
 METRICS_PORT = 9090
 VOLUMES_PATH = "/var/lib/memspace/spaces"
 INDEX_PATH = "/etc/memspace/spaces"
 ADMIN_PATH = "/etc/memspace/admin"
+TLS_PATH = "/etc/memspace/tls"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -76,6 +79,23 @@ def shard_name(shard: int) -> str:
 def index_secret(shard: int) -> str:
     """The spaces index of shard N, projected into its pod at INDEX_PATH."""
     return f"memspace-shard-{shard}-spaces"
+
+
+def tls_secret(shard: int) -> str:
+    """Shard N's serving certificate when the operator issues it (keys tls.crt, tls.key,
+    ca.crt), projected into its pod at TLS_PATH."""
+    return f"memspace-shard-{shard}-tls"
+
+
+def shard_dns_names(shard: int, namespace: str, cluster_domain: str) -> list[str]:
+    """The names shard N's Service answers to, which its certificate carries."""
+    name = shard_name(shard)
+    return [
+        name,
+        f"{name}.{namespace}",
+        f"{name}.{namespace}.svc",
+        f"{name}.{namespace}.svc.{cluster_domain}",
+    ]
 
 
 def label_value(value: str) -> str:

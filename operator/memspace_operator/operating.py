@@ -16,6 +16,7 @@ from typing import Any
 
 from memspace_contract import spaces
 from memspace_operator import (
+    certifying,
     events,
     health,
     indexing,
@@ -45,7 +46,10 @@ class Operator:
             client, settings, self.assignments, self.index, self.on_mounted
         )
         self.claims = watching.ClaimWatch(client, settings, self.on_claim)
-        self.poller = health.Poller(settings, self.shards_in_use, self.on_health)
+        self.certifier = certifying.Certifier(client, settings)
+        self.poller = health.Poller(
+            settings, self.shards_in_use, self.on_health, lambda: self.certifier.trust
+        )
         self.volume_notes: dict[spaces.SpaceId, str] = {}
         """Per space, a note for VolumeBound's message (a refused expansion, say)."""
         self.background: set[asyncio.Task[None]] = set()
@@ -75,6 +79,8 @@ class Operator:
         selector = kube.selector({**naming.managed(), naming.COMPONENT: "shard"})
         listed = await self.kube.list(kube.statefulsets(namespace), selector)
         self.assignments.know(self.mounter.load(listed.get("items") or []))
+        self.certifier.shards.update(self.assignments.shards)
+        await self.certifier.start()
         self.claims.start(resource_version)
         self.poller.start()
         for shard in self.assignments.shards:
@@ -98,6 +104,7 @@ class Operator:
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.book.close()
         await self.poller.close()
+        await self.certifier.close()
         await self.claims.close()
         await self.mounter.close()
         await self.kube.close()

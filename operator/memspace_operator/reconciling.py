@@ -8,7 +8,8 @@ duplicated or orphaned. The order is chosen so that every crash point is recover
    (labelled with the shard when it is created);
 2. the shard assignment, sticky (the PVC's label), or ShardsFull;
 3. the volume size (expansion only);
-4. the credentials Secret, whose token hash goes to the index first (see `credentials`);
+4. the shard's TLS certificate (see `certifying`), then the credentials Secret with the CA
+   bundle, whose token hash goes to the index first (see `credentials`);
 5. the index entry (tiers, quota, state) in the shard's index Secret;
 6. the mount, requested from the shard's mounter (batched).
 
@@ -195,7 +196,9 @@ async def _credentials_and_index(
         await op.index.put(shard, models.index_entry(spec, digest))
 
     endpoint = op.settings.endpoint(shard)
-    digest, made = await credentials.ensure(op.kube, space, endpoint, trusted, record)
+    await op.certifier.ensure_shard(shard)
+    trust = await op.certifier.require_trust()
+    digest, made = await credentials.ensure(op.kube, space, endpoint, trusted, record, ca=trust)
     secret = naming.credentials_secret(space.ref.name)
     if made:
         op.recorder.normal(

@@ -101,6 +101,49 @@ class Settings(_Base):
         help="ServiceAccount of the shard pods; unset: the namespace's default (the shards never "
         "talk to the Kubernetes API, so no token is mounted either way)",
     )
+    tls_enabled: bool = setting(
+        True,
+        env="MEMSPACE_TLS_ENABLED",
+        help="shards serve gRPC over TLS; tenants' credentials Secrets get `ca.crt` and the "
+        "health checks verify the shards against it. false: plaintext (shards run with "
+        "--insecure)",
+    )
+    tls_secret: str | None = setting(
+        None,
+        env="MEMSPACE_TLS_SECRET",
+        help="Secret in the server namespace (tls.crt, tls.key, ca.crt) that every shard serves "
+        "with, made by cert-manager; unset: the operator's own CA issues one per shard",
+    )
+    tls_ca_secret: str = setting(
+        "memspace-ca",
+        env="MEMSPACE_TLS_CA_SECRET",
+        help="Secret in the server namespace holding the operator's CA (current and next)",
+    )
+    tls_ca_days: float = setting(
+        3650.0,
+        env="MEMSPACE_TLS_CA_DAYS",
+        gt=0,
+        help="lifetime of the operator's CA certificates (days); the next CA takes over when a "
+        "third of the current one's lifetime is left",
+    )
+    tls_cert_days: float = setting(
+        90.0,
+        env="MEMSPACE_TLS_CERT_DAYS",
+        gt=0,
+        help="lifetime of the shard certificates the operator issues (days); renewed when a "
+        "third is left",
+    )
+    tls_check_interval_s: float = setting(
+        3600.0,
+        env="MEMSPACE_TLS_CHECK_INTERVAL",
+        gt=0,
+        help="seconds between checks of the CA and the shard certificates for renewal",
+    )
+    cluster_domain: str = setting(
+        "cluster.local",
+        env="MEMSPACE_CLUSTER_DOMAIN",
+        help="the cluster's DNS domain, for the shard certificates' fully qualified names",
+    )
     api_concurrency: int = setting(
         32,
         env="MEMSPACE_API_CONCURRENCY",
@@ -129,6 +172,11 @@ class Settings(_Base):
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Settings from MEMSPACE_* variables over the defaults; SettingsError names a bad one."""
         return cls.load(environ)
+
+    def shard_server_name(self, shard: int) -> str:
+        """The name a shard's certificate is checked for: its Service's, whatever address
+        `endpoint` dials (a loopback port when the operator runs outside the cluster)."""
+        return f"memspace-shard-{shard}.{self.server_namespace}.svc"
 
     def endpoint(self, shard: int) -> str:
         """host:port of shard N: what clients and the health poller dial."""

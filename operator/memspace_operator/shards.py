@@ -1,5 +1,6 @@
 """The objects of one server shard: StatefulSet `memspace-shard-N` (one replica) and Service
-`memspace-shard-N`, mounting the shard's index Secret, the admin token and one PVC per space.
+`memspace-shard-N`, mounting the shard's index Secret, the admin token, its TLS Secret (unless
+TLS is off) and one PVC per space.
 
 Only manifests and their comparison live here; `mounting` decides when they are written.
 """
@@ -33,6 +34,16 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
         {"name": "index", "mountPath": naming.INDEX_PATH, "readOnly": True},
         {"name": "admin-token", "mountPath": naming.ADMIN_PATH, "readOnly": True},
     ]
+    if settings.tls_enabled:
+        secret = settings.tls_secret or naming.tls_secret(shard)
+        volumes.append({"name": "tls", "secret": {"secretName": secret}})
+        mounts.append({"name": "tls", "mountPath": naming.TLS_PATH, "readOnly": True})
+        transport = [
+            f"--tls-cert-file={naming.TLS_PATH}/tls.crt",
+            f"--tls-key-file={naming.TLS_PATH}/tls.key",
+        ]
+    else:
+        transport = ["--insecure"]
     for space_id in space_ids:
         volume = naming.volume_name(space_id)
         volumes.append(
@@ -48,7 +59,8 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             f"--data-root={naming.VOLUMES_PATH}",
             f"--index-dir={naming.INDEX_PATH}",
             f"--listen=0.0.0.0:{naming.SERVER_PORT}",
-            "--insecure",
+            *transport,
+            f"--health-listen=0.0.0.0:{naming.HEALTH_PORT}",
             f"--metrics-listen=0.0.0.0:{naming.METRICS_PORT}",
             f"--admin-token-file={naming.ADMIN_PATH}/token",
             f"--drain-timeout={DRAIN_TIMEOUT_S}",
@@ -59,9 +71,10 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             {"name": "grpc", "containerPort": naming.SERVER_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"},
         ],
-        "readinessProbe": {"grpc": {"port": naming.SERVER_PORT}, "periodSeconds": 5},
+        # The kubelet's gRPC probes cannot speak TLS: they ask the plaintext health-only port.
+        "readinessProbe": {"grpc": {"port": naming.HEALTH_PORT}, "periodSeconds": 5},
         "livenessProbe": {
-            "grpc": {"port": naming.SERVER_PORT},
+            "grpc": {"port": naming.HEALTH_PORT},
             "periodSeconds": 10,
             "failureThreshold": 6,
         },

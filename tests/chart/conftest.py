@@ -181,6 +181,18 @@ def full_values(server_namespace: str) -> dict[str, Any]:
         },
         "defaultStorageClass": "fast-ssd",
         "adminToken": {"create": True, "secretName": "shards-admin-token"},
+        "tls": {
+            "enabled": True,
+            "certManager": {
+                "issuerRef": {},
+                "secretName": "shards-tls",
+                "duration": "720h",
+                "renewBefore": "240h",
+            },
+            "caLifetimeDays": 1825,
+            "certLifetimeDays": 30,
+            "clusterDomain": "corp.example",
+        },
         "networkPolicy": {
             "enabled": True,
             "clientNamespaceLabels": {"example.com/memspace-client": "yes"},

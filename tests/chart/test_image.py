@@ -163,7 +163,9 @@ def test_the_operator_s_shard_pods_run_the_image_as_it_is_built(helm: Helm) -> N
     assert set(ports.values()) == exposed()
     assert port(served.listen) == ports["grpc"]
     assert port(served.metrics_listen) == ports["metrics"]
-    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
+    assert served.tls  # the chart's default: TLS, so the kubelet probes the plaintext health port
+    assert container["readinessProbe"]["grpc"]["port"] == port(served.health_listen)
+    assert container["livenessProbe"]["grpc"]["port"] == port(served.health_listen)
     (user,) = final("USER")
     assert pod["securityContext"]["runAsUser"] == int(user.split(":")[0])
     service = shards.service(settings, 0)

@@ -214,6 +214,10 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "MEMSPACE_SHARD_ENDPOINT_TEMPLATE": (
             "memspace-shard-{shard}.{namespace}.svc.corp.example:50051"
         ),
+        "MEMSPACE_TLS_ENABLED": "true",
+        "MEMSPACE_TLS_CA_DAYS": "1825",
+        "MEMSPACE_TLS_CERT_DAYS": "30",
+        "MEMSPACE_CLUSTER_DOMAIN": "corp.example",
         "MEMSPACE_LOG_FORMAT": "json",
     }
     # The operator reads them as meant (and would refuse to start on a bad one).
@@ -233,6 +237,10 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "requests": {"cpu": "2", "memory": "8Gi"},
     }
     assert settings.endpoint(3) == "memspace-shard-3.memspace-spaces.svc.corp.example:50051"
+    assert settings.tls_enabled
+    assert settings.tls_secret is None
+    assert (settings.tls_ca_days, settings.tls_cert_days) == (1825, 30)
+    assert settings.cluster_domain == "corp.example"
 
 
 def test_by_default_the_operator_gets_the_design_s_settings(helm: Helm) -> None:
@@ -252,6 +260,12 @@ def test_by_default_the_operator_gets_the_design_s_settings(helm: Helm) -> None:
     assert settings.shard_endpoint_template == defaults.shard_endpoint_template
     assert settings.admin_token_secret == defaults.admin_token_secret
     assert settings.admin_token_file is not None
+    assert settings.tls_enabled is defaults.tls_enabled is True
+    assert settings.tls_secret is None
+    assert settings.tls_ca_days == defaults.tls_ca_days
+    assert settings.tls_cert_days == defaults.tls_cert_days
+    assert settings.cluster_domain == defaults.cluster_domain
+    assert find(objects, "Certificate") == []
     # Every variable the chart sets is one the operator reads.
     known = {field.metadata["env"] for field in Settings.__dataclass_fields__.values()}
     assert set(env) - known == {"MEMSPACE_LOG_FORMAT"}
@@ -397,3 +411,48 @@ def test_the_disruption_budget_and_service_monitor_select_the_operator_s_shards(
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
     assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
     assert naming.SHARD in monitor["spec"]["targetLabels"]
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+def test_with_an_issuer_the_chart_renders_a_certificate_the_shards_serve(helm: Helm) -> None:
+    issuer = {"name": "platform-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    values = {"tls": {"certManager": {"issuerRef": issuer, "secretName": "shards-tls"}}}
+    objects = helm.template(values, namespace="memspace-system")
+    certificate = one(objects, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["metadata"]["namespace"] == "memspace-system"
+    spec = certificate["spec"]
+    assert spec["secretName"] == "shards-tls"
+    assert spec["issuerRef"] == issuer
+    assert spec["dnsNames"] == ["*.memspace-system.svc", "*.memspace-system.svc.cluster.local"]
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+
+    settings = Settings.from_env(env_of(one(objects, "Deployment")))
+    assert settings.tls_enabled
+    assert settings.tls_secret == "shards-tls"
+    # What the tenants dial, for any shard, is covered by the wildcard.
+    host = settings.endpoint(17).rpartition(":")[0]
+    assert f"*.{host.split('.', 1)[1]}" in spec["dnsNames"]
+    statefulset, _ = shard_objects(settings)
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "tls", "secret": {"secretName": "shards-tls"}} in pod["volumes"]
+    assert f"--tls-cert-file={naming.TLS_PATH}/tls.crt" in container["args"]
+
+
+def test_with_tls_off_the_shards_run_insecure_and_no_certificate_is_made(helm: Helm) -> None:
+    issuer = {"name": "platform-ca", "kind": "Issuer"}
+    values = {"tls": {"enabled": False, "certManager": {"issuerRef": issuer}}}
+    objects = helm.template(values, namespace="memspace-system")
+    assert find(objects, "Certificate") == []
+    env = env_of(one(objects, "Deployment"))
+    assert env["MEMSPACE_TLS_ENABLED"] == "false"
+    assert "MEMSPACE_TLS_SECRET" not in env
+    settings = Settings.from_env(env)
+    statefulset, _ = shard_objects(settings)
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert "--insecure" in container["args"]
+    assert not [arg for arg in container["args"] if arg.startswith("--tls-")]

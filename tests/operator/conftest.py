@@ -19,6 +19,7 @@ import kopf.testing
 import kubernetes.client
 import pytest
 
+from memspace_contract import client
 from tests.support import cluster as harness
 
 if TYPE_CHECKING:
@@ -187,6 +188,25 @@ class Kube:
                     item["metadata"]["name"],
                     {"metadata": {"finalizers": None}},
                 )
+
+
+def tenant_credentials(
+    kube: Kube, namespace: str, name: str, server_namespace: str
+) -> client.Credentials:
+    """A client's credentials from the MemorySpace's Secret alone, as a tenant would make them.
+    The shards listen on loopback here, so the TLS name checked is the shard Service's (what
+    the Secret's endpoint names in a cluster)."""
+    data = kube.secret(namespace, f"{name}-memspace")
+    assert data is not None, f"no credentials Secret for {namespace}/{name}"
+    ca = data.get("ca.crt")
+    shard = ((kube.space(namespace, name) or {}).get("status") or {}).get("shard")
+    return client.Credentials(
+        endpoint=data["endpoint"],
+        space=data["space"],
+        token=data["token"],
+        ca=ca.encode() if ca else None,
+        server_name=f"memspace-shard-{shard}.{server_namespace}.svc" if ca else None,
+    )
 
 
 def mounted_claims(statefulset: Mapping[str, Any] | None) -> dict[str, str]:

@@ -8,9 +8,12 @@ For every shard StatefulSet `memspace-shard-N` in the server namespace it:
 2. links each bound PV's host path (the host-path provisioner's directory under
    /tmp/hostpath_pv) to `<root>/shard-N/spaces/<spaceId>`, where the pod's template mounts the
    space's claim;
-3. runs `memspace serve` on those two directories, on the port the operator's
-   MEMSPACE_SHARD_ENDPOINT_TEMPLATE gives for shard N, restarting it (SIGTERM, so it drains)
-   when the pod template changes, as a StatefulSet rolling update would.
+3. projects the shard's TLS Secret (the template's `tls` volume) into `<root>/shard-N/tls/`
+   the same way, again whenever the Secret changes (a rotation reaches the running server);
+4. runs `memspace serve` on those directories, on the port the operator's
+   MEMSPACE_SHARD_ENDPOINT_TEMPLATE gives for shard N, with the template's TLS flags (their
+   paths moved to the projected directory), restarting it (SIGTERM, so it drains) when the pod
+   template changes, as a StatefulSet rolling update would.
 
 Like a pod, a shard starts only when every claim its template mounts is bound.
 """
@@ -35,6 +38,7 @@ from tests.operator.conftest import Kube, mounted_claims
 log = logging.getLogger(__name__)
 
 SPACES_PATH = "/var/lib/memspace/spaces/"
+TLS_PATH = "/etc/memspace/tls"
 SYNC_S = 0.2
 
 
@@ -48,6 +52,9 @@ class ShardProcess:
         self.admin_token_file = admin_token_file
         self.spaces = root / "spaces"
         self.index = root / "index"
+        self.tls = root / "tls"
+        self.tls_data: dict[str, str] | None = None
+        self.tls_args: list[str] = []
         self.template: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -64,6 +71,7 @@ class ShardProcess:
                 f"--listen=127.0.0.1:{self.port}", "--metrics-listen=off",
                 f"--admin-token-file={self.admin_token_file}",
                 "--index-refresh=0.2", "--maintain-interval=0.5", "--drain-timeout=5",
+                *self.tls_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -175,6 +183,12 @@ class FakeKubelet:
         if secret is not None and secret != shard.index_data:
             project(shard.index, secret)
             shard.index_data = secret
+        tls_secret = tls_secret_of(statefulset)
+        if tls_secret is not None:
+            data = self.kube.secret(self.server_namespace, tls_secret)
+            if data is not None and data != shard.tls_data:
+                project(shard.tls, data)
+                shard.tls_data = data
         template = json.dumps(statefulset["spec"]["template"], sort_keys=True)
         if template == shard.template and shard.process is not None:
             if shard.process.poll() is not None:
@@ -190,6 +204,8 @@ class FakeKubelet:
             if not host_path or (pvc or {}).get("status", {}).get("phase") != "Bound":
                 return  # the pod waits for its volumes (ContainerCreating)
             links[mount_path.removeprefix(SPACES_PATH)] = host_path
+        if tls_secret is not None and shard.tls_data is None:
+            return  # the pod waits for its Secret volume too
         shard.stop()  # the old pod goes (draining), the new one comes with the new volumes
         for entry in shard.spaces.iterdir():
             if entry.name not in links:
@@ -202,4 +218,23 @@ class FakeKubelet:
                 link.unlink()
             link.symlink_to(host_path)
         shard.template = template
+        shard.tls_args = tls_args(statefulset, shard.tls)
         shard.start()
+
+
+def tls_secret_of(statefulset: dict[str, Any]) -> str | None:
+    """The Secret of the shard template's `tls` volume, if it has one."""
+    for volume in statefulset["spec"]["template"]["spec"].get("volumes") or []:
+        if volume.get("name") == "tls" and volume.get("secret"):
+            return str(volume["secret"]["secretName"])
+    return None
+
+
+def tls_args(statefulset: dict[str, Any], directory: Path) -> list[str]:
+    """The template's --tls-* flags, pointing at the projected directory."""
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    return [
+        arg.replace(TLS_PATH, str(directory))
+        for arg in container.get("args") or []
+        if arg.startswith("--tls-")
+    ]

@@ -4,6 +4,7 @@ projected index and the linked volumes) and a client that has only the credentia
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import grpc
@@ -11,7 +12,7 @@ import pytest
 
 from memspace_contract import client
 from memspace_contract.v1 import memspace_pb2 as pb
-from tests.operator.conftest import Deployment, wait_for
+from tests.operator.conftest import Deployment, tenant_credentials, wait_for
 from tests.operator.kubelet import FakeKubelet
 
 pytestmark = pytest.mark.cluster
@@ -22,9 +23,9 @@ IDLE_S = 3.0
 
 
 def credentials(deployment: Deployment, name: str) -> client.Credentials:
-    data = deployment.kube.secret(deployment.namespace, f"{name}-memspace")
-    assert data is not None
-    return client.Credentials(endpoint=data["endpoint"], space=data["space"], token=data["token"])
+    return tenant_credentials(
+        deployment.kube, deployment.namespace, name, deployment.server_namespace
+    )
 
 
 def version(deployment: Deployment, name: str) -> str:
@@ -56,9 +57,7 @@ async def test_a_client_with_only_its_secret_stores_and_recalls_and_status_follo
         assert hits[0].memory.id == sky.id
 
         # Another space's token does not open this space, whether asked by header or field.
-        stranger = client.Credentials(
-            endpoint=alpha.endpoint, space="alpha", token=credentials(deployment, "beta").token
-        )
+        stranger = dataclasses.replace(alpha, token=credentials(deployment, "beta").token)
         async with client.connect(stranger) as memspace:
             with pytest.raises(grpc.aio.AioRpcError) as denied:
                 await memspace.recall([1.0, 0.0, 0.0, 0.0], k=1)
