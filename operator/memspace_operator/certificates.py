@@ -111,6 +111,7 @@ def issue(
         raise TypeError("the CA key is not an ECDSA key")
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
+    end = min(now + lifetime, ca_cert.not_valid_after_utc)
     names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
     cert = (
@@ -119,8 +120,8 @@ def issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _backdate(lifetime))
-        .not_valid_after(min(now + lifetime, ca_cert.not_valid_after_utc))
+        .not_valid_before(now - _backdate(end - now))
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

@@ -5,7 +5,8 @@ Two sources (MEMSPACE_TLS_SECRET decides):
   mounts; the operator only reads its `ca.crt`, the trust it hands to tenants and checks the
   shards against.
 - the operator's own CA: Secret `memspace-ca` in the server namespace holds a current and a next
-  CA. The trust bundle is both, so a tenant's `ca.crt` (written once, when its credentials are
+  CA, the next valid for a whole CA lifetime past the current one's end. The trust bundle is
+  both, so a tenant's `ca.crt` (written once, when its credentials are
   made: the operator never reads or rewrites a tenant's Secret) still verifies the shards after
   the next CA takes over, which happens when a third of the current one's lifetime is left.
   Shard N's certificate, Secret `memspace-shard-N-tls`, is signed by the current CA for the
@@ -25,6 +26,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import secrets
 from typing import Any
 
 from memspace_operator import certificates, errors, kube, naming
@@ -161,12 +163,16 @@ class Certifier:
     def _ca_url(self, name: str | None = None) -> str:
         return kube.secrets(self._settings.server_namespace, name)
 
-    def _new_ca(self) -> certificates.KeyPair:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S")
-        return certificates.new_ca(
-            f"memspace CA {self._settings.server_namespace} {stamp}",
-            self._settings.tls_ca_days * DAY,
-        )
+    def _new_ca(self, outlives: certificates.KeyPair | None = None) -> certificates.KeyPair:
+        """A CA valid for the CA lifetime; one made to succeed `outlives` is valid that long
+        past its end, so that it still has most of its life ahead when it takes over."""
+        lifetime = self._settings.tls_ca_days * DAY
+        if outlives is not None:
+            ahead = outlives.certificate.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+            lifetime += max(ahead, datetime.timedelta(0))
+        # A random part keeps the names of two CAs made in the same second apart.
+        name = f"memspace CA {self._settings.server_namespace} {secrets.token_hex(4)}"
+        return certificates.new_ca(name, lifetime)
 
     def _ca_manifest(self, authority: Authority) -> dict[str, Any]:
         return {
@@ -194,7 +200,8 @@ class Certifier:
             url = self._ca_url(self._settings.tls_ca_secret)
             secret = await self._kube.get_or_none(url)
             if secret is None:
-                made = Authority(self._new_ca(), self._new_ca())
+                current = self._new_ca()
+                made = Authority(current, self._new_ca(outlives=current))
                 try:
                     await self._kube.create(self._ca_url(), self._ca_manifest(made))
                 except errors.AlreadyExistsError:
@@ -216,7 +223,7 @@ class Certifier:
             successor = found.next
             if certificates.remaining(successor.cert) <= RENEW_AT:
                 successor = self._new_ca()  # the operator was away for most of a lifetime
-            rotated = Authority(successor, self._new_ca())
+            rotated = Authority(successor, self._new_ca(outlives=successor))
             body = self._ca_manifest(rotated)
             body["metadata"]["resourceVersion"] = secret["metadata"]["resourceVersion"]
             try:

@@ -113,6 +113,7 @@ def _leaves(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, 
 
 _MAPS = {"labels", "annotations", "podAnnotations", "podLabels", "nodeSelector", "affinity"}
 _MAPS |= {"clientNamespaceLabels", "clientPodLabels", "metricsNamespaceLabels", "resources"}
+_MAPS |= {"issuerRef"}  # a cert-manager ObjectReference, passed through as given
 
 
 def _is_map(path: str) -> bool:
@@ -267,7 +268,7 @@ def test_by_default_the_operator_gets_the_design_s_settings(helm: Helm) -> None:
     assert settings.cluster_domain == defaults.cluster_domain
     assert find(objects, "Certificate") == []
     # Every variable the chart sets is one the operator reads.
-    known = {field.metadata["env"] for field in Settings.__dataclass_fields__.values()}
+    known = {Settings.env(name) for name in Settings.model_fields}
     assert set(env) - known == {"MEMSPACE_LOG_FORMAT"}
 
 

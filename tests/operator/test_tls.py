@@ -97,9 +97,8 @@ def test_the_operator_makes_a_ca_a_certificate_per_shard_and_gives_tenants_the_c
         statefulset = kube.statefulset(server_ns, "memspace-shard-0") or {}
         pod = statefulset["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        assert {"name": "tls", "secret": {"secretName": "memspace-shard-0-tls"}} in [
-            {key: v[key] for key in ("name", "secret") if key in v} for v in pod["volumes"]
-        ]
+        tls = {v["name"]: v.get("secret", {}).get("secretName") for v in pod["volumes"]}
+        assert tls["tls"] == "memspace-shard-0-tls"
         assert "--tls-cert-file=/etc/memspace/tls/tls.crt" in container["args"]
         assert "--tls-key-file=/etc/memspace/tls/tls.key" in container["args"]
         assert "--insecure" not in container["args"]
