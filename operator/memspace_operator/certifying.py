@@ -139,6 +139,7 @@ class Certifier:
             raise errors.TemporaryError(
                 f"waiting for cert-manager to issue Secret {self._settings.tls_secret} (with "
                 "ca.crt) in the server namespace",
+                reason="CertificatePending",
                 delay=5.0,
             )
         return self.trust

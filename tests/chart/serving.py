@@ -53,9 +53,18 @@ class Space:
         return self.kube.secret(self.server_namespace, f"memspace-shard-{shard}-spaces") or {}
 
 
-def credentials_from(secret: Mapping[str, str]) -> client.Credentials:
+def credentials_from(
+    secret: Mapping[str, str], server_namespace: str, shard: int
+) -> client.Credentials:
+    """What a tenant makes of its Secret: TLS with its `ca.crt`, checked for the shard Service's
+    name (the endpoint may be a port-forward or a loopback stand-in here)."""
+    ca = secret.get("ca.crt")
     return client.Credentials(
-        endpoint=secret["endpoint"], space=secret["space"], token=secret["token"]
+        endpoint=secret["endpoint"],
+        space=secret["space"],
+        token=secret["token"],
+        ca=ca.encode() if ca else None,
+        server_name=f"memspace-shard-{shard}.{server_namespace}.svc" if ca else None,
     )
 
 
@@ -128,9 +137,10 @@ async def serve_a_space_end_to_end(space: Space, reach: Reach, wait_s: float = 9
 
     secret = kube.secret(space.namespace, status["credentialsSecret"])
     assert secret is not None
-    assert set(secret) == {"space", "endpoint", "token"}
+    assert set(secret) == {"space", "endpoint", "token", "ca.crt"}  # the chart's default: TLS
     assert secret["endpoint"] == status["endpoint"]
-    async with reach(credentials_from(secret)) as credentials:
+    tenant = credentials_from(secret, space.server_namespace, shard)
+    async with reach(tenant) as credentials:
 
         async def store_and_recall() -> list[str]:
             async with client.connect(credentials) as memspace:
@@ -140,6 +150,11 @@ async def serve_a_space_end_to_end(space: Space, reach: Reach, wait_s: float = 9
             return [hit.memory.content for hit in hits]
 
         assert await retrying(store_and_recall, timeout) == ["the sky is blue", "grass is green"]
+        plaintext = dataclasses.replace(credentials, secure=False, ca=None, server_name=None)
+        async with client.connect(plaintext) as memspace:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await memspace.recall([1.0, 0.0, 0.0, 0.0], k=1)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         stranger = dataclasses.replace(credentials, token=secrets.token_urlsafe(32))
         async with client.connect(stranger) as memspace:
             with pytest.raises(grpc.aio.AioRpcError) as denied:
@@ -167,6 +182,9 @@ def check_notes(notes: str, server_namespace: str) -> None:
     assert "kubectl -n team-a get secret notes-memspace -o jsonpath='{.data.token}'" in notes
     assert "kubectl label namespace team-a memspace.dev/client=true" in notes
     assert f"kubectl -n {server_namespace} port-forward svc/memspace-shard-0" in notes
+    # TLS by default: the CA comes from the Secret, and the shard's name is checked.
+    assert "jsonpath='{.data.ca\\.crt}' | base64 -d > ca.crt" in notes
+    assert f"grpcurl -cacert ca.crt -servername memspace-shard-0.{server_namespace}.svc" in notes
     assert "docs/troubleshooting.md" in notes
 
 
