@@ -133,3 +133,29 @@ async def test_an_unexpected_error_is_internal_and_leaks_nothing(
     assert "secret" not in details
     assert "internal error" in details
     assert "secret internals" in caplog.text  # the traceback goes to the log only
+
+
+@pytest.mark.parametrize(
+    ("service", "method"),
+    [(service, method) for service, method in all_methods() if not method.client_streaming],
+    ids=lambda value: getattr(value, "name", ""),
+)
+async def test_bytes_that_are_not_the_request_message_are_invalid_for_every_rpc(
+    standalone: Running,
+    service: descriptor.ServiceDescriptor,
+    method: descriptor.MethodDescriptor,
+) -> None:
+    """Whether or not its request names a space, no RPC runs on a request it cannot parse."""
+    path = handling.full_method(service, method)
+    garbage = b"\xff\xff\xff"
+    channel = standalone.api.channel
+    if method.server_streaming:
+        stream = channel.unary_stream(path, None, None)(garbage, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in stream:
+                pass
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await channel.unary_unary(path, None, None)(garbage, timeout=5)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid" in (raised.value.details() or "")

@@ -209,7 +209,8 @@ class Edge:
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with self._scope(method, context) as scope:
-                named = _check_parsed(request).space if names_space else ""
+                _check_parsed(request)
+                named = request.space if names_space else ""
                 return await behavior(request, scope.route(policy, named))
 
         return handle
@@ -238,7 +239,8 @@ class Edge:
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             async with self._scope(method, context, timed=False) as scope:
-                named = _check_parsed(request).space if names_space else ""
+                _check_parsed(request)
+                named = request.space if names_space else ""
                 call = scope.route(policy, named)
                 async with contextlib.aclosing(behavior(request, call)) as out:
                     async for item in out:
