@@ -1,22 +1,37 @@
-# syntax=docker/dockerfile:1
 # memspace: one image, two entry points: `memspace serve` (a server shard) and
-# `memspace operator`. Built with `docker build -t memspace:dev .` (hack/e2e-kind.sh does it).
+# `memspace operator`.
+#
+# `docker build -t memspace:dev .` builds it on the upstream Python base pinned below by digest.
+# `make image` (hack/image.sh) builds the same Dockerfile with BASE_IMAGE set to a Debian bookworm
+# base made on the building machine (debootstrap: Debian's Python 3.11 and venv), without a
+# registry. Either base must provide python3 with venv, groupadd and useradd.
+# Python packages come only from requirements.lock, every file checked against its hash
+# (`make lock` regenerates it from pyproject.toml; `make lint` checks that it is current).
 
-ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=python:3.11.15-slim-bookworm@sha256:d29f48a31a8b408ed19272ca1e7b10ebae13b240a27e862d3d4217c528e2e0c3
 
-FROM python:${PYTHON_VERSION}-slim AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+FROM ${BASE_IMAGE} AS build
+# hack/image/pip/pip.conf is empty in the repository; `make image` fills it in its copy of the
+# sources with the building machine's pip settings (index, CA bundle). This stage does not ship.
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/etc/memspace-build/pip/pip.conf
+COPY hack/image/pip/ /etc/memspace-build/pip/
 WORKDIR /src
-RUN python -m venv /opt/memspace
+RUN python3 -m venv /opt/memspace
+COPY requirements.lock ./
+RUN /opt/memspace/bin/pip install --no-compile --only-binary=:all: --require-hashes \
+      -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY contract/ contract/
 COPY operator/ operator/
 COPY cli/ cli/
-RUN /opt/memspace/bin/pip install --no-compile . \
+# The project itself: its dependencies and build backend are already installed from the lock.
+RUN /opt/memspace/bin/pip install --no-compile --no-deps --no-build-isolation . \
  && find /opt/memspace -name '__pycache__' -prune -exec rm -rf {} +
 
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="memspace" \
       org.opencontainers.image.description="Kubernetes-native, multi-tenant memory spaces"
 ENV PATH=/opt/memspace/bin:$PATH \

@@ -8,14 +8,16 @@ DATA ?= ./data
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint fmt bench soak clean proto e2e-kind chart-crds bench-operator
+.PHONY: help venv run test lint fmt bench soak clean proto e2e-kind chart-crds bench-operator image lock
 
 include hack/k8s.mk
 
 help:
 	@echo "make run    install and start a standalone memspace server on $(LISTEN) (data in $(DATA))"
 	@echo "make test   install everything, run lint and the whole test suite"
-	@echo "make lint   ruff, mypy --strict, import-linter"
+	@echo "make lint   ruff, mypy --strict, import-linter, hadolint, shellcheck, lock file check"
+	@echo "make image  build the memspace:dev image (a docker-save tar) with a local dockerd"
+	@echo "make lock   regenerate requirements.lock (the image's pinned, hashed dependencies)"
 	@echo "make bench  benchmarks, figures written to benchmarks/results.json"
 
 venv: $(STAMP)
@@ -37,6 +39,7 @@ lint: venv
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck -x hack/*.sh hack/k8s/*.sh
 	hack/sync-chart-crd.sh --check
+	$(BIN)/python hack/lockfile.py
 
 fmt: venv
 	$(BIN)/ruff format .
@@ -45,7 +48,7 @@ fmt: venv
 # One pytest run per test package: each gets its own control plane and nothing left behind by
 # another package's tests (a failure in one still fails the target, after all have run).
 TEST_PACKAGES := $(filter-out tests/support/,$(sort $(dir $(wildcard tests/*/__init__.py))))
-test: lint k8s-tools
+test: lint k8s-tools image
 	@status=0; for package in $(TEST_PACKAGES); do \
 	  echo "== pytest $$package"; \
 	  $(BIN)/pytest $$package $(PYTEST_ARGS) || status=1; \
@@ -64,6 +67,20 @@ bench-operator: k8s-tools
 
 e2e-kind: venv
 	hack/e2e-kind.sh $(PYTEST_ARGS)
+
+# The image memspace:dev, built with Debian's dockerd (started and stopped by the script) from a
+# locally made Debian base, saved as a docker-save tar under ~/.cache/memspace/images/ (its path
+# is printed). Rebuilt only when the Dockerfile, the lock file or the sources change.
+image:
+	@bash hack/image.sh build
+
+# The image's dependencies: pyproject.toml's runtime dependencies and build backend, resolved for
+# Python 3.11 on Linux, every file pinned by hash (needs the package index; `make lint` checks
+# offline that the lock is current).
+lock: venv
+	$(BIN)/uv pip compile --quiet --python-version 3.11 --python-platform linux --generate-hashes \
+	  --custom-compile-command "make lock" --output-file requirements.lock \
+	  pyproject.toml hack/image/build-requirements.in
 
 chart-crds:
 	hack/sync-chart-crd.sh

@@ -1,26 +1,44 @@
 """The image (Dockerfile) and what runs it agree: the chart's operator Deployment and the
 operator's shard pods use its entry point, its commands, its ports and its user. hadolint lints
-the Dockerfile itself (make lint)."""
+the Dockerfile itself (make lint). The image is also built (hack/image.sh, as `make image` does)
+and run: its entry points, and a shard container with the operator's arguments and mounts under
+the chart's restrictions, serving health, Remember and Recall. requirements.lock, which the image
+installs by hash, is checked against pyproject.toml."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from collections.abc import Sequence
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memspace_cli import main as cli
-from memspace_contract import spaces
+from memspace_contract import client, index, spaces
 from memspace_operator import main as operator_main
 from memspace_operator import naming, shards
 from memspace_operator.settings import Settings
 from memspace_server import settings as server_settings
 from tests.chart.conftest import Helm, one
-from tests.support import controlplane
+from tests.support import controlplane, image
 
 DOCKERFILE = controlplane.REPO / "Dockerfile"
+PYPROJECT = controlplane.REPO / "pyproject.toml"
+LOCK = controlplane.REPO / "requirements.lock"
+REPO_IMAGE_HACK = controlplane.REPO / "hack" / "image"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,3 +188,263 @@ def test_the_operator_s_shard_pods_run_the_image_as_it_is_built(helm: Helm) -> N
     assert pod["securityContext"]["runAsUser"] == int(user.split(":")[0])
     service = shards.service(settings, 0)
     assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+
+
+def test_the_base_image_is_pinned_by_digest_and_packages_by_hash() -> None:
+    text = DOCKERFILE.read_text()
+    # A `# syntax=` line would make BuildKit fetch its frontend from a registry.
+    assert not re.search(r"^#\s*syntax=", text, re.MULTILINE)
+    (base,) = [i.value for i in instructions() if i.keyword == "ARG" and i.stage == -1]
+    name, _, default = base.partition("=")
+    assert name == "BASE_IMAGE"
+    assert re.fullmatch(r"python:3\.11[\w.-]*-bookworm@sha256:[0-9a-f]{64}", default)
+    froms = [i.value.split()[0] for i in instructions() if i.keyword == "FROM"]
+    assert froms == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    installs = [i.value for i in instructions() if i.keyword == "RUN" and "pip install" in i.value]
+    assert len(installs) == 2
+    locked, project = installs
+    assert "--require-hashes" in locked.split()
+    assert "-r requirements.lock" in locked
+    assert {"--no-deps", "--no-build-isolation", "."} <= set(project.split())
+
+
+def lock_check(tmp_path: Path, pyproject: str, lock: str | None = None) -> str:
+    """hack/lockfile.py on a copy of the repository's files with pyproject.toml (and the lock)
+    replaced; the problems it reports ('' when the lock is current)."""
+    (tmp_path / "hack" / "image").mkdir(parents=True)
+    build_requirements = tmp_path / "hack" / "image" / "build-requirements.in"
+    build_requirements.write_text((REPO_IMAGE_HACK / "build-requirements.in").read_text())
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    (tmp_path / "requirements.lock").write_text(lock or LOCK.read_text())
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(controlplane.REPO / "hack" / "lockfile.py"),
+            f"--pyproject={tmp_path / 'pyproject.toml'}",
+            f"--lock={tmp_path / 'requirements.lock'}",
+            f"--build-requirements={build_requirements}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert (result.returncode == 0) == (not result.stderr), result.stderr
+    return result.stderr
+
+
+def test_the_lock_file_is_current_with_pyproject(tmp_path: Path) -> None:
+    assert lock_check(tmp_path, PYPROJECT.read_text()) == ""
+
+
+def test_the_lock_check_sees_a_new_dependency_and_a_raised_minimum(tmp_path: Path) -> None:
+    text = PYPROJECT.read_text()
+    added = text.replace('"numpy>=2.1",', '"numpy>=2.1",\n  "httpx>=0.27",')
+    assert added != text
+    assert "runtime dependencies missing from the lock: httpx" in lock_check(tmp_path, added)
+    raised = text.replace('"numpy>=2.1",', '"numpy>=99",')
+    assert "does not satisfy numpy>=99" in lock_check(tmp_path / "raised", raised)
+    dropped = text.replace('  "crc32c>=2.4",\n', "")
+    assert "no longer asked for: ['crc32c']" in lock_check(tmp_path / "dropped", dropped)
+
+
+def test_the_lock_check_refuses_a_package_without_a_hash(tmp_path: Path) -> None:
+    lock = LOCK.read_text()
+    unhashed = re.sub(r"(zarr==\S+) \\\n(\s+--hash=\S+(?: \\)?\n)+", r"\1\n", lock)
+    assert unhashed != lock
+    assert "has no hash" in lock_check(tmp_path, PYPROJECT.read_text(), unhashed)
+
+
+# -- the image, built and run for real --------------------------------------------------------
+
+IMAGE_TIMEOUT_S = 1800
+"""For the first test of a run that builds the image cold (the fixture's setup counts)."""
+DIM = 4
+SPACE = spaces.SpaceId("notes")
+SPACE_TOKEN = "space-token-of-notes"
+ADMIN_TOKEN = "admin-token-of-the-shard"
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[image.Docker]:
+    """The image, built (or reused) and loaded into the build's own dockerd, running until the
+    module ends; the daemon and every container are stopped afterwards."""
+    tar = image.build()
+    with image.engine() as engine:
+        engine("load", "-i", str(tar), timeout=600)
+        yield engine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def restricted(*, user: str | None = None) -> list[str]:
+    """`docker run` options for what the chart's pods get from their securityContext: a numeric
+    non-root user (pod runAsUser/runAsGroup, fsGroup as a supplementary group), a read-only root
+    filesystem, no capabilities, no privilege escalation; the host's network (loopback only is
+    used) instead of a pod network."""
+    uid = shards.RUN_AS
+    return [
+        "--user",
+        user or f"{uid}:{uid}",
+        "--group-add",
+        str(uid),
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--network",
+        "host",
+    ]
+
+
+@pytest.mark.timeout(IMAGE_TIMEOUT_S)
+def test_the_image_runs_the_operator_s_entry_points_as_non_root_on_a_read_only_root(
+    docker: image.Docker,
+) -> None:
+    (user,) = final("USER")
+    configured = json.loads(docker("image", "inspect", image.IMAGE).stdout)[0]["Config"]
+    assert configured["User"] == user
+    assert configured["Entrypoint"] == exec_form("ENTRYPOINT")
+    helped = docker("run", "--rm", *restricted(), image.IMAGE, "--help").stdout
+    assert {"serve", "status", "operator"} <= set(helped.split())
+    # The operator's own parser answers (the operator and kopf are installed, not just the CLI).
+    operator_help = docker("run", "--rm", *restricted(), image.IMAGE, "operator", "--help").stdout
+    assert "--liveness" in operator_help
+    identity = docker(
+        "run", "--rm", *restricted(), "--entrypoint", "id", image.IMAGE
+    ).stdout.split()
+    assert identity[0] == f"uid={shards.RUN_AS}(memspace)"
+    # The root filesystem is read-only for the server's user, as in the chart's pods.
+    refused = docker(
+        "run",
+        "--rm",
+        *restricted(),
+        "--entrypoint",
+        "python",
+        image.IMAGE,
+        "-c",
+        "open('/opt/memspace/written', 'w')",
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "Read-only file system" in refused.stderr
+
+
+@pytest.mark.timeout(IMAGE_TIMEOUT_S)
+async def test_a_shard_container_serves_health_remember_and_recall(
+    docker: image.Docker, tmp_path: Path
+) -> None:
+    # What the operator mounts into a shard pod: the index Secret, the admin token, one volume
+    # per space (fsGroup makes it the server user's).
+    index_dir = tmp_path / "index"
+    admin_dir = tmp_path / "admin"
+    volume = tmp_path / "volumes" / SPACE
+    for directory in (index_dir, admin_dir, volume):
+        directory.mkdir(parents=True)
+    index.write_entry(
+        index_dir,
+        index.IndexEntry(
+            space_id=SPACE,
+            embedding_dim=DIM,
+            token_sha256=index.token_sha256(SPACE_TOKEN),
+        ),
+    )
+    (admin_dir / "token").write_text(ADMIN_TOKEN)
+    for path in (tmp_path, tmp_path / "volumes", index_dir, admin_dir):
+        path.chmod(0o755)
+    for path in (*index_dir.iterdir(), admin_dir / "token"):
+        path.chmod(0o644)
+    os.chown(volume, shards.RUN_AS, shards.RUN_AS)
+    # The shard's own arguments, as the operator writes them, on loopback ports of the host.
+    settings = Settings.from_env({"MEMSPACE_SERVER_IMAGE": image.IMAGE})
+    (container,) = shards.pod_spec(settings, 0, [SPACE])["containers"]
+    grpc_port, metrics_port = free_port(), free_port()
+    args = [
+        f"--listen=127.0.0.1:{grpc_port}"
+        if arg.startswith("--listen=")
+        else f"--metrics-listen=127.0.0.1:{metrics_port}"
+        if arg.startswith("--metrics-listen=")
+        else arg
+        for arg in container["args"]
+    ]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == {naming.INDEX_PATH, naming.ADMIN_PATH, naming.mount_path(SPACE)}
+    name = f"memspace-test-{uuid.uuid4().hex[:8]}"
+    docker(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        *restricted(),
+        "--volume",
+        f"{index_dir}:{naming.INDEX_PATH}:ro",
+        "--volume",
+        f"{admin_dir}:{naming.ADMIN_PATH}:ro",
+        "--volume",
+        f"{volume}:{naming.mount_path(SPACE)}",
+        image.IMAGE,
+        *args,
+    )
+    try:
+        address = f"127.0.0.1:{grpc_port}"
+        await serving_health(docker, name, address)
+        credentials = client.Credentials(endpoint=address, space=SPACE, token=SPACE_TOKEN)
+        async with client.connect(credentials) as tenant:
+            remembered = await tenant.remember("kept in a container", [1.0, 0.0, 0.0, 0.0])
+            assert remembered.id
+            (hit,) = await tenant.recall([1.0, 0.0, 0.0, 0.0], k=5)
+            assert hit.memory.id == remembered.id
+            assert hit.memory.content == "kept in a container"
+            assert hit.score == pytest.approx(1.0)
+        admin = client.Credentials(endpoint=address, token=ADMIN_TOKEN)
+        async with client.connect(admin) as operator_view:
+            health = await operator_view.health()
+        (reported,) = health.spaces
+        assert reported.space == SPACE
+        assert reported.memories == 1
+        # Written as the server's user onto the mounted volume, nowhere else (the root is
+        # read-only): the space's identity file is there, owned by uid 10001.
+        identity = volume / "space.json"
+        assert identity.is_file()
+        assert identity.stat().st_uid == shards.RUN_AS
+        metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert "memspace" in metrics
+    finally:
+        logs = docker("logs", name, check=False)
+        docker("rm", "--force", name, check=False)
+    assert "Traceback" not in logs.stdout + logs.stderr
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
+
+
+async def serving_health(docker: image.Docker, name: str, address: str) -> None:
+    """Wait until the container's gRPC health check (grpc.health.v1, as the chart's probes use it)
+    answers SERVING; fail with the container's log if it exits or takes over a minute."""
+    deadline = time.monotonic() + 60
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                answer = None
+            if answer is not None and answer.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            state = json.loads(docker("inspect", name).stdout)[0]["State"]
+            if not state["Running"] or time.monotonic() > deadline:
+                logs = docker("logs", name, check=False)
+                raise AssertionError(
+                    f"the container is not serving (state {state['Status']}):\n"
+                    f"{logs.stdout}{logs.stderr}"
+                )
+            await asyncio.sleep(0.2)
