@@ -12,7 +12,7 @@
 # (minbase, with Debian's Python 3.11 and venv) from the mirror apt already uses, `docker import`ed
 # and cached by recipe. pip in the build uses this machine's pip settings (host.py), passed in a
 # copy of the sources. The build is skipped when the hash of its inputs (Dockerfile, lock file,
-# sources, base) matches the saved tar's. Everything lives under
+# sources, base recipe, this script) matches the saved tar's. Everything lives under
 # ${MEMSPACE_IMAGE_CACHE:-${XDG_CACHE_HOME:-~/.cache}/memspace}: docker/, base/, images/.
 set -euo pipefail
 
@@ -47,14 +47,21 @@ ensure_packages() { # apt-get install whatever of Debian's docker.io and deboots
   [[ ${#missing[@]} -eq 0 ]] && return 0
   say "installing ${missing[*]} (apt-get)"
   [[ $(id -u) -eq 0 ]] || die "installing ${missing[*]} needs root"
-  # The lists may be missing or stale on a fresh machine: update once, then install.
-  if ! apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 \
-       "${missing[@]}" >"$cache/apt.log" 2>&1; then
-    apt-get update -q -o DPkg::Lock::Timeout=600 >>"$cache/apt.log" 2>&1
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      -o DPkg::Lock::Timeout=600 "${missing[@]}" >>"$cache/apt.log" 2>&1 \
-      || { tail -20 "$cache/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+  # Packages must not start the system's own dockerd (with its iptables rules and bridge): no
+  # service starts during the install, through the policy layer that invoke-rc.d consults.
+  local policy=/usr/sbin/policy-rc.d placed=""
+  if [[ ! -e "$policy" ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && placed=1
   fi
+  # The lists may be missing or stale on a fresh machine: update once, then install.
+  if ! { apt-get update -q -o DPkg::Lock::Timeout=600 \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+              -o DPkg::Lock::Timeout=600 "${missing[@]}"; } >"$cache/apt.log" 2>&1; then
+    if [[ -n "$placed" ]]; then rm -f "$policy"; fi
+    tail -20 "$cache/apt.log" >&2
+    die "apt-get install ${missing[*]} failed (log: $cache/apt.log)"
+  fi
+  if [[ -n "$placed" ]]; then rm -f "$policy"; fi
 }
 
 running() { [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
@@ -147,7 +154,7 @@ stage_context() { # stage_context DIR: the build context, with this machine's pi
   find "$dir" -name __pycache__ -prune -exec rm -rf {} +
 }
 
-inputs_hash() { # inputs_hash DIR BASE: hash of a staged context (before pip settings) and base
+inputs_hash() { # inputs_hash DIR EXTRA: hash of a staged context (before pip settings) and EXTRA
   (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; echo "$2") \
     | sha256sum | cut -c1-16
 }
@@ -161,7 +168,7 @@ build() {
   # The base's key stands for the base: an unchanged recipe keeps the cached image.
   local base_key
   base_key="$(printf '%s\n' "$suite" "$base_packages" "$BASE_RECIPE" | sha256sum | cut -c1-16)"
-  local hash; hash="$(inputs_hash "$staged" "$base_key")"
+  local hash; hash="$(inputs_hash "$staged" "$base_key $(sha256sum <"$0")")"
   if [[ -f "$tar_path" && "$(cat "$tar_path.inputs" 2>/dev/null)" == "$hash" ]]; then
     rm -rf "$staged"
     say "$image is up to date (inputs $hash)"
@@ -175,6 +182,7 @@ build() {
   daemon_start
   local base; base="$(base_image)"
   python3 "$repo/hack/image/host.py" pip-config "$staged/hack/image/pip"
+  local previous; previous="$("$docker" image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)"
   say "docker build $image on $base (inputs $hash)"
   "$docker" build --network host --build-arg "BASE_IMAGE=$base" -t "$image" \
     --label "dev.memspace.inputs=$hash" "$staged" >"$cache/images/build.log" 2>&1 \
@@ -182,7 +190,11 @@ build() {
   "$docker" save -o "$tar_path.tmp" "$image"
   mv "$tar_path.tmp" "$tar_path"
   echo "$hash" >"$tar_path.inputs"
-  "$docker" image prune -f >/dev/null  # the previous build's layers, now untagged
+  # The previous image goes (its layers, unless shared); the build stage's layers stay as the
+  # builder's cache, so a source change does not download the locked packages again.
+  if [[ -n "$previous" && "$previous" != "$("$docker" image inspect -f '{{.Id}}' "$image")" ]]; then
+    "$docker" rmi "$previous" >/dev/null 2>&1 || true
+  fi
   say "saved $image: $(du -h "$tar_path" | cut -f1)"
   echo "$tar_path"
 }
