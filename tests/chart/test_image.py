@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -28,8 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memspace_cli import main as cli
 from memspace_contract import client, index, spaces
+from memspace_operator import certificates, naming, shards
 from memspace_operator import main as operator_main
-from memspace_operator import naming, shards
 from memspace_operator.settings import Settings
 from memspace_server import settings as server_settings
 from tests.chart.conftest import Helm, one
@@ -340,12 +341,14 @@ def test_the_image_runs_the_operator_s_entry_points_as_non_root_on_a_read_only_r
 async def test_a_shard_container_serves_health_remember_and_recall(
     docker: image.Docker, tmp_path: Path
 ) -> None:
-    # What the operator mounts into a shard pod: the index Secret, the admin token, one volume
-    # per space (fsGroup makes it the server user's).
+    # What the operator mounts into a shard pod: the index Secret, the admin token, the shard's
+    # TLS Secret (a certificate from a CA of the test's own, for loopback), one volume per space
+    # (fsGroup makes it the server user's).
     index_dir = tmp_path / "index"
     admin_dir = tmp_path / "admin"
+    tls_dir = tmp_path / "tls"
     volume = tmp_path / "volumes" / SPACE
-    for directory in (index_dir, admin_dir, volume):
+    for directory in (index_dir, admin_dir, tls_dir, volume):
         directory.mkdir(parents=True)
     index.write_entry(
         index_dir,
@@ -356,25 +359,34 @@ async def test_a_shard_container_serves_health_remember_and_recall(
         ),
     )
     (admin_dir / "token").write_text(ADMIN_TOKEN)
-    for path in (tmp_path, tmp_path / "volumes", index_dir, admin_dir):
+    day = datetime.timedelta(days=1)
+    ca = certificates.new_ca("memspace-image-test", day)
+    served = certificates.issue(ca, "shard-0", ["localhost"], day, ip_addresses=["127.0.0.1"])
+    (tls_dir / "tls.crt").write_bytes(served.cert)
+    (tls_dir / "tls.key").write_bytes(served.key)
+    (tls_dir / "ca.crt").write_bytes(ca.cert)
+    for path in (tmp_path, tmp_path / "volumes", index_dir, admin_dir, tls_dir):
         path.chmod(0o755)
-    for path in (*index_dir.iterdir(), admin_dir / "token"):
+    for path in (*index_dir.iterdir(), *tls_dir.iterdir(), admin_dir / "token"):
         path.chmod(0o644)
     os.chown(volume, shards.RUN_AS, shards.RUN_AS)
     # The shard's own arguments, as the operator writes them, on loopback ports of the host.
     settings = Settings.from_env({"MEMSPACE_SERVER_IMAGE": image.IMAGE})
+    assert settings.tls_enabled
     (container,) = shards.pod_spec(settings, 0, [SPACE])["containers"]
-    grpc_port, metrics_port = free_port(), free_port()
-    args = [
-        f"--listen=127.0.0.1:{grpc_port}"
-        if arg.startswith("--listen=")
-        else f"--metrics-listen=127.0.0.1:{metrics_port}"
-        if arg.startswith("--metrics-listen=")
-        else arg
-        for arg in container["args"]
-    ]
+    ports = {flag: free_port() for flag in ("--listen", "--health-listen", "--metrics-listen")}
+    args = []
+    for arg in container["args"]:
+        flag, _, _ = arg.partition("=")
+        args.append(f"{flag}=127.0.0.1:{ports[flag]}" if flag in ports else arg)
+    assert args != container["args"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert set(mounts) == {naming.INDEX_PATH, naming.ADMIN_PATH, naming.mount_path(SPACE)}
+    assert set(mounts) == {
+        naming.INDEX_PATH,
+        naming.ADMIN_PATH,
+        naming.TLS_PATH,
+        naming.mount_path(SPACE),
+    }
     name = f"memspace-test-{uuid.uuid4().hex[:8]}"
     docker(
         "run",
@@ -387,14 +399,19 @@ async def test_a_shard_container_serves_health_remember_and_recall(
         "--volume",
         f"{admin_dir}:{naming.ADMIN_PATH}:ro",
         "--volume",
+        f"{tls_dir}:{naming.TLS_PATH}:ro",
+        "--volume",
         f"{volume}:{naming.mount_path(SPACE)}",
         image.IMAGE,
         *args,
     )
     try:
-        address = f"127.0.0.1:{grpc_port}"
-        await serving_health(docker, name, address)
-        credentials = client.Credentials(endpoint=address, space=SPACE, token=SPACE_TOKEN)
+        address = f"127.0.0.1:{ports['--listen']}"
+        # The probes' port: plaintext gRPC health, as the kubelet asks it.
+        await serving_health(docker, name, f"127.0.0.1:{ports['--health-listen']}")
+        credentials = client.Credentials(
+            endpoint=address, space=SPACE, token=SPACE_TOKEN, ca_file=tls_dir / "ca.crt"
+        )
         async with client.connect(credentials) as tenant:
             remembered = await tenant.remember("kept in a container", [1.0, 0.0, 0.0, 0.0])
             assert remembered.id
@@ -402,7 +419,7 @@ async def test_a_shard_container_serves_health_remember_and_recall(
             assert hit.memory.id == remembered.id
             assert hit.memory.content == "kept in a container"
             assert hit.score == pytest.approx(1.0)
-        admin = client.Credentials(endpoint=address, token=ADMIN_TOKEN)
+        admin = client.Credentials(endpoint=address, token=ADMIN_TOKEN, ca_file=tls_dir / "ca.crt")
         async with client.connect(admin) as operator_view:
             health = await operator_view.health()
         (reported,) = health.spaces
@@ -413,7 +430,8 @@ async def test_a_shard_container_serves_health_remember_and_recall(
         identity = volume / "space.json"
         assert identity.is_file()
         assert identity.stat().st_uid == shards.RUN_AS
-        metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+        metrics_url = f"http://127.0.0.1:{ports['--metrics-listen']}/metrics"
+        metrics = await asyncio.to_thread(scrape, metrics_url)
         assert "memspace" in metrics
     finally:
         logs = docker("logs", name, check=False)
