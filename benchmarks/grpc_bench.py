@@ -5,7 +5,9 @@
 - Recall latency through gRPC vs in-process, over the same space;
 - Recall and Remember latency with 1,000 spaces loaded vs one (two servers, rounds interleaved);
 - RSS and open files per idle space (10,000 spaces on disk vs one);
-- p99 Remember latency at 32 concurrent writers;
+- p99 Remember latency at 32 concurrent writers, and the echo server's p99 at 32 callers;
+- fan-out: space B's Remember p99 while space A has 1,000 subscribers and takes batches, vs
+  alone (`subscribe_fanout_remember_p99_ratio`; the subscribers run in another process);
 - time from start to serving with 10,000 spaces on disk (vs one space).
 
 Servers run as `memspace serve` subprocesses (the load generator runs here), so the figures
@@ -43,7 +45,7 @@ from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 REPO = Path(__file__).resolve().parents[1]
 ECHO_METHOD = "/bench.Echo/Echo"
 CONCURRENCY = 32
-PARTS = ("throughput", "restart", "many")
+PARTS = ("throughput", "restart", "many", "fanout")
 _ADDRESS = re.compile(r"serving (?:\d+ spaces )?on (\S+)")
 
 
@@ -255,7 +257,7 @@ async def throughput(results: dict[str, object], work: Path, quick: bool) -> Non
             held = registry.standalone(work / "local")
             try:
                 await qps(results, echo, echo_channel, server, memories, rounds, seconds)
-                await p99(results, memories, held, seconds * 1.5)
+                await p99(results, memories, held, seconds * 1.5, echo_channel)
             finally:
                 await held.close()
 
@@ -393,6 +395,7 @@ async def p99(
     memories: pb_grpc.MemoryServiceAsyncStub,
     held: Any,
     seconds: float,
+    echo_channel: grpc.aio.Channel,
 ) -> None:
     from memspace_server.api import converters  # noqa: PLC0415
 
@@ -403,6 +406,13 @@ async def p99(
     results["remember_p99_ms_32_writers"] = round(p99_ms(latencies), 2)
     results["remember_p50_ms_32_writers"] = round(median_ms(latencies), 2)
     results["remember_qps_32_writers"] = round(rate)
+    echo_call = echo_channel.unary_unary(
+        ECHO_METHOD, request_serializer=None, response_deserializer=None
+    )
+    payload = writer.SerializeToString()
+    _, echoed = await closed_loop(lambda: echo_call(payload), 32, seconds)
+    results["echo_p99_ms_32"] = round(p99_ms(echoed), 2)
+    results["remember_p99_vs_echo_p99_32"] = round(p99_ms(latencies) / p99_ms(echoed), 2)
     await held.create(spaces.SpaceId("p99"), 384)
     async with held.lease(spaces.SpaceId("p99")) as space:
         draft = converters.draft(writer)
@@ -545,6 +555,127 @@ async def restart(results: dict[str, object], work: Path, quick: bool) -> None:
     results["idle_space_open_files"] = (figures["idle"][2] - figures["single"][2]) / (count - 1)
 
 
+# -- Subscribe fan-out --------------------------------------------------------------------------
+
+
+def fanout_main(address: str, subscribers: int, seconds: float, batch: int) -> None:
+    """`subscribers` Subscribe streams on space "busy", read as fast as they come, while a
+    RememberBatch of `batch` memories goes to that space every 0.2 s; prints counts as JSON."""
+
+    async def fan() -> dict[str, int]:
+        counts = {"events": 0, "batches": 0, "ended": 0}
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            streams = [
+                stub.Subscribe(pb.SubscribeRequest(space="busy")) for _ in range(subscribers)
+            ]
+
+            async def read(stream: Any) -> None:
+                try:
+                    async for _ in stream:
+                        counts["events"] += 1
+                except grpc.aio.AioRpcError:
+                    counts["ended"] += 1
+
+            readers = [asyncio.ensure_future(read(s)) for s in streams]
+            await asyncio.sleep(1.0)
+            print("subscribed", flush=True)
+            rows = vectors(batch, 64)
+            stop_at = time.perf_counter() + seconds
+            while time.perf_counter() < stop_at:
+
+                async def requests() -> AsyncIterator[pb.RememberRequest]:
+                    for row in rows:
+                        yield pb.RememberRequest(
+                            space="busy", memory=pb.Memory(content="e", embedding=row.tolist())
+                        )
+
+                await stub.RememberBatch(requests())
+                counts["batches"] += 1
+                await asyncio.sleep(0.2)
+            for stream in streams:
+                stream.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        return counts
+
+    print(json.dumps(asyncio.run(fan())), flush=True)
+
+
+async def paced_p99(call: Callable[[], Awaitable[object]], samples: int, pace_s: float) -> float:
+    for _ in range(20):
+        await call()
+    found = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        await call()
+        found.append(time.perf_counter() - started)
+        await asyncio.sleep(pace_s)
+    return p99_ms(found)
+
+
+async def fanout(results: dict[str, object], work: Path, quick: bool) -> None:
+    """Space B's Remember p99 (paced, one at a time) alone and while space A has 1,000
+    subscribers and takes a batch every 0.2 s, in alternating rounds."""
+    subscribers = 200 if quick else 1000
+    samples = 200 if quick else 500
+    rounds = 1 if quick else 2
+    pace = 0.005
+    seconds = samples * (pace + 0.004) + 2.0
+    server = memspace_serve(work / "fanout", work / "fanout.log")
+    alone: list[float] = []
+    beside: list[float] = []
+    fans: list[dict[str, int]] = []
+    with running(server):
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            memories = pb_grpc.MemoryServiceStub(channel)
+            admin = pb_grpc.SpaceServiceStub(channel)
+            for name in ("busy", "quiet"):
+                await admin.CreateSpace(pb.CreateSpaceRequest(space=name, embedding_dim=64))
+            request = pb.RememberRequest(
+                space="quiet", memory=pb.Memory(content="q", embedding=[0.25] * 64)
+            )
+
+            async def measure() -> float:
+                return await paced_p99(lambda: memories.Remember(request), samples, pace)
+
+            for n in range(rounds):
+                alone.append(await measure())
+                log = work / f"fanout-{n}.out"
+                fan = Process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.grpc_bench",
+                        "fanout",
+                        server.address,
+                        str(subscribers),
+                        str(seconds),
+                        "100",
+                    ],
+                    log,
+                )
+                try:
+                    deadline = time.monotonic() + 60
+                    while "subscribed" not in log.read_text():
+                        if fan.popen.poll() is not None or time.monotonic() > deadline:
+                            raise RuntimeError(f"the subscribers did not start:\n{log.read_text()}")
+                        await asyncio.sleep(0.1)
+                    beside.append(await measure())
+                    while fan.popen.poll() is None:  # noqa: ASYNC110  # another process
+                        await asyncio.sleep(0.1)
+                finally:
+                    fan.stop()
+                lines = log.read_text().strip().splitlines()
+                fans.append(json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {})
+    baseline = statistics.median(alone)
+    print(f"   fan-out: B's Remember p99 alone {alone} ms, beside {beside} ms ({fans})", flush=True)
+    results["subscribe_fanout_subscribers"] = subscribers
+    results["subscribe_fanout_remember_p99_alone_ms"] = round(baseline, 2)
+    results["subscribe_fanout_remember_p99_ms"] = round(statistics.median(beside), 2)
+    results["subscribe_fanout_remember_p99_ratio"] = round(statistics.median(beside) / baseline, 2)
+    results["subscribe_fanout_events_delivered"] = sum(f.get("events", 0) for f in fans)
+
+
 # -- entry point ---------------------------------------------------------------------------
 
 
@@ -561,6 +692,10 @@ async def _run(
         started = time.perf_counter()
         await many_spaces(results, work, quick)
         print(f"   1,000 spaces: {time.perf_counter() - started:.0f} s", flush=True)
+    if "fanout" in parts:
+        started = time.perf_counter()
+        await fanout(results, work, quick)
+        print(f"   fan-out: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 async def _throughput(results: dict[str, object], quick: bool, work: Path) -> None:
@@ -580,6 +715,9 @@ def main() -> None:
     args = sys.argv[1:]
     if args == ["echo"]:
         echo_main()
+        return
+    if args[:1] == ["fanout"]:
+        fanout_main(args[1], int(args[2]), float(args[3]), int(args[4]))
         return
     if args[:1] == ["compare"]:
         compare_main(args[1], args[2], args[3], args[4], int(args[5]))

@@ -16,6 +16,9 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
 RESULTS = Path(__file__).with_name("results.json")
+BUSY_LOAD = 1.5
+"""A suite that starts with the 1-minute load average above this is marked busy: its figures
+are not the machine's (ratios flatter or worse)."""
 SUITES = (
     "benchmarks.storage_bench",
     "benchmarks.grpc_bench",
@@ -43,9 +46,20 @@ def main() -> int:
             print(f"skipping {name}: {err}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        print(f"== {name}", flush=True)
+        load_before = os.getloadavg()[0]
+        busy = load_before > BUSY_LOAD
+        print(f"== {name} (load {load_before:.2f}{', BUSY' if busy else ''})", flush=True)
         module.run(results, quick=args.quick)
-        print(f"   {name} took {time.perf_counter() - start:.0f} s", flush=True)
+        load_after = os.getloadavg()[0]
+        results[f"load_{name}"] = {
+            "before": round(load_before, 2),
+            "after": round(load_after, 2),
+            "busy": busy,
+        }
+        print(
+            f"   {name} took {time.perf_counter() - start:.0f} s (load {load_after:.2f} after)",
+            flush=True,
+        )
     results["quick"] = args.quick
     results["blas_threads"] = os.environ["OPENBLAS_NUM_THREADS"]
     args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -211,6 +211,15 @@ class ServerSettings(Settings):
         gt=0,
         help="events a Subscribe stream may fall behind before it ends with RESOURCE_EXHAUSTED",
     )
+    cold_cache_bytes: int = setting(
+        256 * 1024 * 1024,
+        env="MEMSPACE_COLD_CACHE_BYTES",
+        metavar="BYTES",
+        ge=0,
+        help="bytes of decompressed cold-tier chunks kept in RAM for the whole server, shared "
+        "by its spaces (least recently used first, the largest holder first), so a repeated "
+        "cold recall does not decompress again; 0 turns the cache off",
+    )
     max_batch: int = setting(
         10_000,
         env="MEMSPACE_MAX_BATCH",
@@ -244,7 +253,9 @@ class ServerSettings(Settings):
         return self.index_dir is not None
 
     def engine(self) -> EngineSettings:
-        return EngineSettings(subscriber_buffer=self.subscriber_buffer)
+        return EngineSettings(
+            subscriber_buffer=self.subscriber_buffer, cold_cache_bytes=self.cold_cache_bytes
+        )
 
 
 add_arguments = ServerSettings.add_arguments

@@ -1,14 +1,19 @@
 """The change feed of one space: events in LSN order to bounded subscriber buffers.
 
 A subscriber that falls a whole buffer behind is cut off with SubscriberTooSlowError naming the
-LSN to resume from, so a slow reader costs a bounded amount of memory and never slows writers."""
+LSN to resume from, so a slow reader costs a bounded amount of memory and never slows writers.
+A group commit hands its events to each subscriber as one batch (its cost grows with the
+subscribers, not with subscribers times events), and the server's subscribers send through a
+few turns of a shared `Pacer`: a thousand streams woken by one batch never queue ahead of
+another space's requests on the event loop by more than a few sends."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import dataclasses
 import enum
+import time
 from collections.abc import AsyncIterator, Iterable
 
 from memspace_server import errors
@@ -27,11 +32,82 @@ class Event:
     at: float
 
 
+class Pacer:
+    """Turns to send one event, `slots` at a time across the server, handed out in arrival
+    order. A turn is held from before a subscriber yields an event until it is asked for the
+    next one; a turn held longer than `hold_s` (a reader whose transport is full) is taken back,
+    so stalled readers cannot keep the others waiting."""
+
+    def __init__(self, slots: int = 8, hold_s: float = 0.05) -> None:
+        if slots < 1:
+            raise ValueError("a pacer needs at least one slot")
+        self.slots = slots
+        self.hold_s = hold_s
+        self._free = slots
+        self._held: dict[int, float] = {}
+        self._next = 0
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def acquire(self) -> int:
+        if self._free and not self._waiters:
+            return self._grant()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._waiters.append(future)
+        if self._timer is None:
+            self._timer = loop.call_later(self.hold_s, self._expire)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(future.result())
+            else:
+                future.cancel()
+            raise
+
+    def _grant(self) -> int:
+        self._free -= 1
+        token = self._next
+        self._next += 1
+        self._held[token] = time.monotonic()
+        return token
+
+    def release(self, token: int) -> None:
+        if self._held.pop(token, None) is None:
+            return  # taken back already
+        self._free += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._free and self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(self._grant())
+
+    def _expire(self) -> None:
+        self._timer = None
+        horizon = time.monotonic() - self.hold_s
+        for token, since in list(self._held.items()):
+            if since <= horizon:
+                del self._held[token]
+                self._free += 1
+        self._wake()
+        if self._waiters:
+            self._timer = asyncio.get_running_loop().call_later(self.hold_s, self._expire)
+
+
 class Subscription:
     def __init__(self, feed: Feed, buffer: int, skip_through: int) -> None:
         self._feed = feed
         self._buffer = buffer
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._batches: collections.deque[list[Event]] = collections.deque()
+        self._pending = 0
+        self._ready = asyncio.Event()
         self._skip_through = skip_through
         self._overflow_lsn: int | None = None
         self._last = skip_through
@@ -41,24 +117,28 @@ class Subscription:
         """Queue one group commit's events. A subscriber is cut off when it is already more than
         its buffer behind, so at most buffer + one group commit's events ever wait for it, and a
         reader that keeps up is never cut off by a large batch."""
-        if self._overflow_lsn is not None:
+        if self._overflow_lsn is not None or not events:
             return
-        fresh = [e for e in events if e.lsn > self._skip_through]
-        if not fresh:
+        if events[0].lsn <= self._skip_through:
+            events = [e for e in events if e.lsn > self._skip_through]
+            if not events:
+                return
+        if self._pending > self._buffer:
+            self._overflow_lsn = events[0].lsn
+            self._ready.set()
             return
-        if self._queue.qsize() > self._buffer:
-            self._overflow_lsn = fresh[0].lsn
-            return
-        for event in fresh:
-            self._queue.put_nowait(event)
+        self._batches.append(events)
+        self._pending += len(events)
+        self._ready.set()
 
     @property
     def buffer(self) -> int:
         return self._buffer
 
     async def live(self) -> AsyncIterator[Event]:
+        pacer = self._feed.pacer
         while True:
-            if self._queue.empty():
+            if not self._batches:
                 if self._overflow_lsn is not None:
                     raise errors.SubscriberTooSlowError(
                         "the subscriber fell behind its buffer of "
@@ -68,11 +148,18 @@ class Subscription:
                     )
                 if self.closed:
                     return
-            event = await self._queue.get()
-            if event.lsn == 0:  # the feed closing
-                return
-            self._last = event.lsn
-            yield event
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            batch = self._batches.popleft()
+            for event in batch:
+                turn = await pacer.acquire()
+                try:
+                    self._pending -= 1
+                    self._last = event.lsn
+                    yield event
+                finally:
+                    pacer.release(turn)
 
     def note_replayed(self, lsn: int) -> None:
         self._last = max(self._last, lsn)
@@ -80,15 +167,23 @@ class Subscription:
     def close(self) -> None:
         self._feed.remove(self)
 
+    def end(self) -> None:
+        """Finish the stream after what it already holds."""
+        self.closed = True
+        self._ready.set()
+
 
 class Feed:
-    def __init__(self) -> None:
+    def __init__(self, pacer: Pacer | None = None) -> None:
         self._subscribers: set[Subscription] = set()
+        self.pacer = pacer or Pacer()
 
     def __len__(self) -> int:
         return len(self._subscribers)
 
     def publish(self, events: Iterable[Event]) -> None:
+        if not self._subscribers:
+            return
         batch = list(events)
         for subscriber in list(self._subscribers):
             subscriber.offer(batch)
@@ -104,7 +199,5 @@ class Feed:
     def close(self) -> None:
         """End every subscription: their streams finish after what they already hold."""
         for subscriber in list(self._subscribers):
-            subscriber.closed = True
-            with contextlib.suppress(asyncio.QueueFull):
-                subscriber._queue.put_nowait(Event(EventType.REMEMBERED, "", 0, 0.0))
+            subscriber.end()
         self._subscribers.clear()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from memspace_contract import index, spaces
 from memspace_server import errors
-from memspace_server.storage import catalogs, checkpoints, layout, tiers
+from memspace_server.storage import catalogs, checkpoints, layout, scheduling, tiers
 from memspace_server.storage.settings import EngineSettings
 from memspace_server.storage.spaces import Health, Space
 
@@ -45,6 +45,7 @@ class Registry:
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix="memspace-io"
         )
+        self.pools = scheduling.Pools.create(self.settings, self.executor)
         self.idle_unload_s = idle_unload_s
         self._spaces: dict[spaces.SpaceId, Space] = {}
         self._locks: dict[spaces.SpaceId, asyncio.Lock] = {}
@@ -128,7 +129,7 @@ class Registry:
         if refused is not None and time.monotonic() < refused[1]:
             raise refused[0]
         try:
-            space = await Space.open(self.volume(space_id), entry, self.settings, self.executor)
+            space = await Space.open(self.volume(space_id), entry, self.settings, self.pools)
         except errors.SpaceRefusedError as err:
             if refused is None or str(refused[0]) != str(err):
                 log.error("space %s refused: %s", space_id, err)
@@ -313,6 +314,7 @@ class Registry:
         # Flush several spaces at a time: each waits mostly on its own fsyncs.
         for start in range(0, len(pending), 16):
             await asyncio.gather(*(self.unload(s) for s in pending[start : start + 16]))
+        self.pools.shutdown()
         if self._own_executor:
             self.executor.shutdown(wait=True)
 

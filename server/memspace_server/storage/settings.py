@@ -26,6 +26,20 @@ class EngineSettings:
     """A Zarr tier is rewritten without its tombstones once they are this fraction of its rows."""
     subscriber_buffer: int = 1024
     """Events a subscriber may fall behind before its stream ends with RESOURCE_EXHAUSTED."""
+    cold_cache_bytes: int = 256 * 1024 * 1024
+    """Bytes of decompressed cold-tier chunks the server keeps (shared by its spaces, least
+    recently used first, the largest holder first): a repeated cold recall then costs a scan,
+    not a decompression. 0 turns the cache off."""
+    scan_threads: int | None = None
+    """Threads for recall scans; None: one per core plus one."""
+    scans_per_space: int | None = None
+    """Scans one space may run at once; None: one fewer than scan_threads (at least 1), so
+    another space's recall always finds a thread."""
+    wal_threads: int = 4
+    """Threads for WAL appends (write + fdatasync): this many spaces commit at once."""
+    fanout_slots: int = 8
+    """Subscribe streams of the whole server sending an event at once: a batch to a space with
+    many subscribers then delays another space's calls by a few sends, not by all of them."""
 
     def rows_per_chunk(self, dim: int) -> int:
         if self.chunk_rows is not None:

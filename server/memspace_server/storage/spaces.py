@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -25,6 +24,7 @@ from pathlib import Path
 from memspace_contract import index
 from memspace_server import errors
 from memspace_server.storage import (
+    caches,
     checkpoints,
     feeds,
     layout,
@@ -32,6 +32,7 @@ from memspace_server.storage import (
     memories,
     quotas,
     records,
+    scheduling,
     tiers,
     wal,
     zarr_tiers,
@@ -70,7 +71,9 @@ class _Recovered:
     oldest_unconsolidated: float | None
 
 
-def _recover(root: Path, entry: index.IndexEntry, settings: EngineSettings) -> _Recovered:
+def _recover(
+    root: Path, entry: index.IndexEntry, settings: EngineSettings, chunks: caches.SpaceChunks
+) -> _Recovered:
     """Load a space from its volume (blocking)."""
     directory = layout.open_dir(root, entry.space_id, entry.embedding_dim)
     checkpointer = checkpoints.Checkpointer(directory.hot)
@@ -97,6 +100,7 @@ def _recover(root: Path, entry: index.IndexEntry, settings: EngineSettings) -> _
         generation=manifest.cold.generation,
         rows=manifest.cold.rows,
         state=checkpointer.state(manifest.cold),
+        chunks=chunks,
     )
     latest: dict[str, memoryview | None] = {}
     oldest: list[float] = []
@@ -175,23 +179,25 @@ class Space:
         entry: index.IndexEntry,
         state: _Recovered,
         settings: EngineSettings,
-        executor: concurrent.futures.Executor,
+        pools: scheduling.Pools,
     ) -> None:
         self.entry = entry
         self.id = entry.space_id
         self.dim = entry.embedding_dim
         self.directory = state.directory
         self.settings = settings
-        self._executor = executor
+        self._pools = pools
+        self._executor = pools.io
+        self._chunks = pools.chunks.for_space(self.id)
         self._checkpointer = state.checkpointer
         self.hot = state.hot
         self.warm = state.warm
         self.cold = state.cold
-        self.feed = feeds.Feed()
+        self.feed = feeds.Feed(pools.fanout)
         self._wal: wal.Wal[feeds.Event] = wal.Wal(
             state.directory.wal,
             state.next_lsn,
-            executor,
+            pools.wal,
             self.feed.publish,
             settings.wal_segment_bytes,
         )
@@ -217,11 +223,12 @@ class Space:
         root: Path,
         entry: index.IndexEntry,
         settings: EngineSettings,
-        executor: concurrent.futures.Executor,
+        pools: scheduling.Pools,
     ) -> Space:
         loop = asyncio.get_running_loop()
-        state = await loop.run_in_executor(executor, _recover, root, entry, settings)
-        return cls(entry, state, settings, executor)
+        chunks = pools.chunks.for_space(entry.space_id)
+        state = await loop.run_in_executor(pools.io, _recover, root, entry, settings, chunks)
+        return cls(entry, state, settings, pools)
 
     @staticmethod
     def _make_bucket(entry: index.IndexEntry) -> quotas.TokenBucket | None:
@@ -426,9 +433,9 @@ class Space:
             if self._scan_is_small():
                 hits = self._search(query)
             else:
-                hits = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._search, query
-                )
+                # Admitted round robin by space with a cap per space: a flood of recalls on
+                # one space does not queue another space's recall behind it.
+                hits = await self._pools.scans.run(self.id, self._search, query)
         now = time.time()
         touched = []
         for hit in hits:
@@ -589,6 +596,7 @@ class Space:
             chunk_rows=tier.chunk_rows,
             compression=compression,
             generation=tier.generation + 1,
+            chunks=self._chunks,
         )
         for batch in tier.live_batches(tier.chunk_rows * 4):
             fresh.add(batch)

@@ -26,7 +26,7 @@ import zarr.codecs
 import zarr.core.sync as zarr_sync
 
 from memspace_server import errors
-from memspace_server.storage import memories, tiers
+from memspace_server.storage import caches, memories, tiers
 
 MAX_ROWS = 2**25
 """Nominal rows of every array of a generation (the real count is in the checkpoint); zarr's
@@ -35,6 +35,9 @@ META_CHUNK = 64
 """Rows per chunk of the text columns: a recall reads one such chunk per hit, so keep it small."""
 FLOAT_COLUMNS = ("norms", "confidence", "created_at")
 TEXT_COLUMNS = ("ids", "contents", "tags")
+FEW_ROWS = 1000
+"""Rows read at once up to which a compressed tier takes embeddings from the chunk cache (the
+hits of a recall); larger reads (consolidation, compaction) go to zarr and leave it alone."""
 
 
 def _compressors(compression: str) -> Any:
@@ -92,6 +95,7 @@ class ZarrTier:
         generation: int = 1,
         rows: int = 0,
         state: Mapping[str, npt.NDArray[Any]] | None = None,
+        chunks: caches.SpaceChunks | None = None,
     ) -> None:
         self.name = name
         self.root = root
@@ -101,6 +105,8 @@ class ZarrTier:
         self.generation = generation
         self.path = root / f"g{generation:06d}"
         self.mapped = compression == "none" or name == tiers.WARM
+        self._cache = None if self.mapped else chunks
+        self._cache_key = str(self.path)
         self._arrays: dict[str, Any] = {}
         if rows:
             self._open_arrays(rows)
@@ -215,6 +221,13 @@ class ZarrTier:
     def close(self) -> None:
         self._maps.clear()
         self._mmaps.clear()
+        self._forget_chunks(0)
+
+    def _forget_chunks(self, first: int) -> None:
+        """Drop cached chunks from `first` on (rewritten by an append, or the tier closing)."""
+        if self._cache is not None:
+            path = self._cache_key
+            self._cache.discard(lambda key: not (key[0] == path and key[1] >= first))  # type: ignore[index]
 
     # -- the tier contract ---------------------------------------------------------------
 
@@ -269,6 +282,8 @@ class ZarrTier:
         self._n = end
         if self.mapped:
             self._map_chunks(start // self.chunk_rows)
+        else:
+            self._forget_chunks(start // self.chunk_rows)
 
     def _fsync_rows(self, start: int, end: int) -> None:
         paths: list[Path] = []
@@ -305,16 +320,48 @@ class ZarrTier:
             return self._maps[chunk][start - base : end - base]
         return np.asarray(self._arrays["embeddings"][start:end], np.float32)
 
+    def _decompressed(self, wanted: list[int]) -> list[npt.NDArray[np.float32]]:
+        """Embedding chunks `wanted` of a compressed tier, from the server's chunk cache where
+        it holds them; the others are read (all in one trip to zarr) and cached."""
+        found: dict[int, npt.NDArray[np.float32]] = {}
+        if self._cache is not None:
+            for chunk in wanted:
+                cached = self._cache.get((self._cache_key, chunk))
+                if cached is not None:
+                    found[chunk] = cached
+        missing = [chunk for chunk in wanted if chunk not in found]
+        if missing:
+            read = zarr_sync.sync(self._read_chunks(missing))
+            for chunk, block in zip(missing, read, strict=True):
+                found[chunk] = block
+                if self._cache is not None:
+                    self._cache.put((self._cache_key, chunk), block)
+        return [found[chunk] for chunk in wanted]
+
+    async def _read_chunks(self, chunks: list[int]) -> list[npt.NDArray[np.float32]]:
+        array = self._arrays["embeddings"].async_array
+        step = self.chunk_rows
+        blocks = await asyncio.gather(
+            *(array.getitem(slice(c * step, min((c + 1) * step, self._n))) for c in chunks)
+        )
+        return [np.ascontiguousarray(block, np.float32) for block in blocks]
+
     def _scores(self, cue: npt.NDArray[np.float32]) -> tiers.Scores:
         scores = np.empty(self._n, np.float32)
-        step = self.chunk_rows if self.mapped else self.chunk_rows * 8
-        for start in range(0, self._n, step):
-            end = min(start + step, self._n)
-            if self.mapped:
-                chunk = start // self.chunk_rows
-                np.matmul(self._maps[chunk][: end - start], cue, out=scores[start:end])
-            else:
-                scores[start:end] = self._embeddings(start, end) @ cue
+        step = self.chunk_rows
+        if self.mapped:
+            for start in range(0, self._n, step):
+                end = min(start + step, self._n)
+                np.matmul(self._maps[start // step][: end - start], cue, out=scores[start:end])
+        else:
+            chunks = (self._n + step - 1) // step
+            group = 8  # chunks read in one trip to zarr when not cached
+            for first in range(0, chunks, group):
+                last = min(first + group, chunks)
+                wanted = list(range(first, last))
+                for chunk, block in zip(wanted, self._decompressed(wanted), strict=True):
+                    start = chunk * step
+                    np.matmul(block, cue, out=scores[start : start + block.shape[0]])
         scores /= self._norms
         scores[self._deleted] = -np.inf
         return scores
@@ -358,13 +405,20 @@ class ZarrTier:
         return list(columns)
 
     def _columns(self, rows: npt.NDArray[np.int64], with_embedding: bool) -> tiers.Columns:
+        few = rows.shape[0] <= FEW_ROWS
         if self.mapped:
             found = {column: self._read_text(column, rows) for column in ("contents", "tags")}
         else:
-            wanted = ["contents", "tags", *(["embeddings"] if with_embedding else [])]
+            wanted = ["contents", "tags", *(["embeddings"] if with_embedding and not few else [])]
             found = zarr_sync.sync(self._read_rows(wanted, rows))
         if with_embedding and self.mapped:
             embeddings = np.stack([self._embeddings(int(r), int(r) + 1)[0] for r in rows])
+        elif with_embedding and few:
+            # The hits of a recall: their chunks are most likely cached by the scan just made.
+            step = self.chunk_rows
+            chunks = sorted({int(r) // step for r in rows})
+            blocks = dict(zip(chunks, self._decompressed(chunks), strict=True))
+            embeddings = np.stack([blocks[int(r) // step][int(r) % step] for r in rows])
         elif with_embedding:
             embeddings = np.stack(found["embeddings"])
         else:
