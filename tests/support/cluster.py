@@ -1,18 +1,22 @@
 """A real, local Kubernetes control plane for tests: etcd, kube-apiserver, kube-controller-manager.
 
 As controller-runtime's envtest does, it runs the real binaries (built by ``make k8s-tools`` into
-``.cluster/bin``) on free loopback ports, with a throwaway PKI and an admin kubeconfig. There is no
-kubelet and no scheduler, so pods never run; the controller-manager binds PVCs of the ``hostpath``
-StorageClass (its host-path provisioner makes directories under /tmp/hostpath_pv), collects garbage
-and finishes namespace deletion. See docs/test-control-plane.md.
+``.cluster/bin``) on free loopback ports, with a throwaway PKI and an admin kubeconfig. In the
+``cluster`` fixture there is no kubelet and no scheduler, so pods never run; the
+controller-manager binds PVCs of the ``hostpath`` StorageClass (its host-path provisioner makes
+directories under /tmp/hostpath_pv), collects garbage and finishes namespace deletion. The
+``node_cluster`` fixture adds a real node (tests/support/node.py): pods run. See
+docs/test-control-plane.md.
 
-The processes themselves are tests/support/controlplane.py. Used three ways:
-- as a pytest plugin (``pytest_plugins = ["tests.support.cluster"]``): the session fixture
-  ``cluster`` and the function fixture ``namespace``;
+The processes themselves are tests/support/controlplane.py and tests/support/node.py. Used three
+ways:
+- as a pytest plugin (``pytest_plugins = ["tests.support.cluster"]``): the session fixtures
+  ``cluster`` and ``node_cluster``, the function fixtures ``namespace`` and ``node_namespace``;
 - ``kopf_operator(cluster, ...)`` runs a kopf operator in-process (``kopf.testing.KopfRunner``),
   as cluster admin or as a ServiceAccount (``cluster.service_account_kubeconfig``);
-- ``python -m tests.support.cluster up|down|status`` (``make cluster`` / ``make cluster-down``)
-  keeps one running in the background with its kubeconfig at ``.cluster/kubeconfig``.
+- ``python -m tests.support.cluster up [--no-node]|down|status`` (``make cluster`` /
+  ``make cluster-down``) keeps one, with its node, running in the background with its kubeconfig
+  at ``.cluster/kubeconfig``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +40,7 @@ import kopf.testing
 import kubernetes.config
 import pytest
 
+from tests.support import node as nodes
 from tests.support.controlplane import (
     HOSTPATH_ROOT,
     REPO,
@@ -58,9 +64,12 @@ __all__ = [
     "ToolsMissingError",
     "cluster",
     "crds",
+    "import_image",
     "kopf_operator",
     "kubeconfig_in_effect",
     "namespace",
+    "node_cluster",
+    "node_namespace",
 ]
 
 CRDS_DIR = REPO / "crds"
@@ -147,6 +156,59 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A control plane with a real node: pods run (docs/test-control-plane.md, "The node").
+
+    Its ``node`` attribute is the Node: ``node.import_image(tar)`` loads an image, ``node.ip`` is
+    the address the API server listens on. CoreDNS serves ``cluster.local``; the default
+    StorageClass is ``local-path`` (volumes writable by any uid). $KUBECONFIG points at it while
+    it runs. Needs root; one node per machine (tests elsewhere wait for the lock).
+    """
+    workdir = tmp_path_factory.mktemp("node-cluster")
+    try:
+        control_plane = Cluster(workdir, node_ip=nodes.NODE_IP)
+        node = nodes.Node(control_plane, workdir / "node")
+    except ToolsMissingError as err:
+        pytest.fail(str(err), pytrace=False)
+    atexit.register(control_plane.stop)
+    try:
+        node.start()
+        control_plane.node = node
+        with kubeconfig_in_effect(control_plane.kubeconfig):
+            yield control_plane
+    finally:
+        control_plane.node = node
+        control_plane.stop()  # the node first, then the control plane
+        atexit.unregister(control_plane.stop)
+    if node.before and node.after != node.before:
+        changed = {k: v for k, v in node.after.items() if v != node.before.get(k)}
+        pytest.fail(f"the test node left something behind: {changed}", pytrace=False)
+
+
+@pytest.fixture
+def node_namespace(node_cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace of the node cluster, whose ``default`` ServiceAccount exists (pods need
+    it); deleted (in the background) afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    node_cluster.kubectl("create", "namespace", name)
+    node_cluster.node.wait_for_service_account(name)
+    yield name
+    node_cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+def import_image(cluster: Cluster, tar: Path) -> list[str]:
+    """Import a `docker save`-format tar into the node of ``cluster``; the names it brought.
+
+    E.g. ``import_image(node_cluster, Path.home() / ".cache/memspace/images/memspace-dev.tar")``,
+    then ``image: memspace:dev`` with ``imagePullPolicy: Never``.
+    """
+    if cluster.node is None:
+        raise ControlPlaneError("this cluster has no node: use the node_cluster fixture")
+    names: list[str] = cluster.node.import_image(tar)
+    return names
+
+
+@pytest.fixture(scope="session")
 def crds(cluster: Cluster) -> list[str]:
     """Every CRD in crds/, applied to the session's cluster and Established."""
     cluster.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))
@@ -185,32 +247,57 @@ def _running() -> dict[str, Any] | None:
     if not _STATE.exists():
         return None
     state: dict[str, Any] = json.loads(_STATE.read_text())
-    return state if _live_groups(state) == state["groups"] else None
+    return state if _live_groups(state) == state["groups"] and _node_alive(state) else None
 
 
-def _up() -> int:
+def _node_alive(state: dict[str, Any]) -> bool:
+    """A cluster started without a node needs none; else its node's processes must all run."""
+    if not state.get("node"):
+        return True
+    node_state = nodes.own_state(Path(state["workdir"]) / "node")
+    return node_state is not None and _live_groups(
+        {"groups": {name: pid for name, pid in node_state["pids"].items() if name != "lock-holder"}}
+    ) == {name: pid for name, pid in node_state["pids"].items() if name != "lock-holder"}
+
+
+def _up(*, with_node: bool = True) -> int:
     if (state := _running()) is not None:
-        print(f"control plane already running at {state['server']}; KUBECONFIG={_KUBECONFIG}")
+        print(f"cluster already running at {state['server']}; KUBECONFIG={_KUBECONFIG}")
         return 0
     _down(quiet=True)
-    control_plane = Cluster(STATE_DIR / "run", watchdog=False)
+    workdir = STATE_DIR / "run"
+    control_plane = Cluster(workdir, watchdog=False, node_ip=nodes.NODE_IP if with_node else None)
+    node = nodes.Node(control_plane, workdir / "node") if with_node else None
+    started = time.monotonic()
     try:
-        control_plane.start()
+        if node is not None:
+            node.start()  # the machine first (blackholes, the node address), then everything
+        else:
+            control_plane.start()
     except BaseException:
+        if node is not None:
+            node.stop()
         control_plane.stop()
         raise
     shutil.copyfile(control_plane.kubeconfig, _KUBECONFIG)
     state = {"server": control_plane.server, "groups": control_plane.groups}
-    _STATE.write_text(json.dumps({**state, "workdir": str(control_plane.workdir)}, indent=2))
-    print(f"control plane {control_plane.version} running at {control_plane.server}")
+    _STATE.write_text(json.dumps({**state, "workdir": str(workdir), "node": with_node}, indent=2))
+    what = f"cluster with node {nodes.NODE_NAME} ({nodes.NODE_IP})" if node else "control plane"
+    print(f"{what} {control_plane.version} running at {control_plane.server}, "
+          f"ready in {time.monotonic() - started:.0f} s")  # fmt: skip
     print(f"export KUBECONFIG={_KUBECONFIG}   # logs in {control_plane.logs}")
+    if node is not None:
+        node.detach()
     control_plane.detach()  # the processes outlive this command: `make cluster-down` stops them
     return 0
 
 
 def _down(*, quiet: bool = False) -> int:
+    notes: list[str] = []
     if _STATE.exists():
         state = json.loads(_STATE.read_text())
+        if state.get("node"):
+            notes = nodes.teardown_own(Path(state["workdir"]) / "node")
         control_plane = Cluster(Path(state["workdir"]), watchdog=False)
         control_plane.groups = _live_groups(state)
         if len(control_plane.groups) == len(state["groups"]):
@@ -220,20 +307,21 @@ def _down(*, quiet: bool = False) -> int:
     _STATE.unlink(missing_ok=True)
     _KUBECONFIG.unlink(missing_ok=True)
     if not quiet:
-        print("control plane stopped")
-    return 0
+        print("cluster stopped" + "".join(f"\nwarning: {note}" for note in notes))
+    return 1 if notes else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.cluster", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
-    command = parser.parse_args(argv).command
+    parser.add_argument("--no-node", action="store_true", help="up: the control plane alone")
+    args = parser.parse_args(argv)
     try:
-        if command == "up":
-            return _up()
-        if command == "down":
+        if args.command == "up":
+            return _up(with_node=not args.no_node)
+        if args.command == "down":
             return _down()
-    except (ToolsMissingError, ControlPlaneError) as err:
+    except (ToolsMissingError, ControlPlaneError, nodes.NodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     state = _running()

@@ -86,10 +86,10 @@ def find_tools(
     return found
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on ``host`` (the loopback interface by default)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -167,12 +167,25 @@ class Cluster:
     Attributes: ``kubeconfig`` (admin, client certificate in system:masters), ``server`` (URL),
     ``bin_dir`` (kubectl, helm and the rest), ``version`` (the built Kubernetes version) and
     ``workdir`` (etcd data, PKI, component logs under ``logs/``).
+
+    With ``node_ip``, it is the control plane of a real node (tests/support/node.py): the API
+    server binds and advertises that address (pods reach it there), its certificate names it,
+    ServiceAccount admission is on (pods get tokens) and it can reach the kubelet; ``node`` is
+    then the Node, once one is started.
     """
 
     def __init__(
-        self, workdir: Path, *, bin_dir: Path = BIN_DIR, watchdog: bool = True, local: bool = True
+        self,
+        workdir: Path,
+        *,
+        bin_dir: Path = BIN_DIR,
+        watchdog: bool = True,
+        local: bool = True,
+        node_ip: str | None = None,
     ) -> None:
         self.local = local  # False: attached to a cluster run elsewhere (kind), see attach()
+        self.node_ip = node_ip
+        self.node: Any = None  # the tests.support.node.Node of a cluster with a node
         names = TOOLS if local else ("kubectl", "helm")
         self.tools = find_tools(bin_dir, names, search_path=not local)
         self.bin_dir = bin_dir
@@ -228,8 +241,19 @@ class Cluster:
         """Start etcd, kube-apiserver and kube-controller-manager; return when all are ready."""
         deadline = time.monotonic() + timeout
         self.logs.mkdir(parents=True, exist_ok=True)
-        subprocess.run([self.tools["memspace-test-pki"], self.pki], check=True)
+        extra_ips = [self.node_ip] if self.node_ip else []
+        subprocess.run([self.tools["memspace-test-pki"], self.pki, *extra_ips], check=True)
         pki = {name: str(self.pki / name) for name in os.listdir(self.pki)}
+        address = self.node_ip or "127.0.0.1"
+        if self.node_ip:
+            admission = [
+                # logs, exec and port-forward: the API server calls the kubelet as admin
+                f"--kubelet-client-certificate={pki['admin.crt']}",
+                f"--kubelet-client-key={pki['admin.key']}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
+        else:
+            admission = ["--disable-admission-plugins=ServiceAccount"]
 
         etcd_url, peer_url = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
         self._spawn("etcd", [
@@ -239,15 +263,15 @@ class Cluster:
             f"--initial-cluster=default={peer_url}", "--unsafe-no-fsync=true",
             "--log-level=warn",
         ])  # fmt: skip
-        port = free_port()
-        self.connect(f"https://127.0.0.1:{port}")
+        port = free_port(address)
+        self.connect(f"https://{address}:{port}")
         self._spawn("kube-apiserver", [
-            # envtest's flags: loopback, RBAC, service-account issuer and keys, no SA admission.
-            "--advertise-address=127.0.0.1", "--bind-address=127.0.0.1",
+            # envtest's flags: loopback, RBAC, service-account issuer and keys, no SA admission
+            # (with a node: its address, and SA admission on).
+            f"--advertise-address={address}", f"--bind-address={address}",
             f"--secure-port={port}", f"--cert-dir={self.pki}",
             f"--etcd-servers={etcd_url}", f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true", "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount",
+            "--allow-privileged=true", "--authorization-mode=RBAC", *admission,
             f"--client-ca-file={pki['ca.crt']}",
             f"--tls-cert-file={pki['apiserver.crt']}",
             f"--tls-private-key-file={pki['apiserver.key']}",
@@ -280,7 +304,8 @@ class Cluster:
         # The ServiceAccount controller making `default` shows the controllers are running.
         sa = "/api/v1/namespaces/default/serviceaccounts/default"
         self._wait("kube-controller-manager", deadline, lambda: self.request("GET", sa)[0] == 200)
-        self._create_storage_class()
+        # With a node, local-path-provisioner's StorageClass is the default (tests/support/node.py).
+        self._create_storage_class(default=self.node_ip is None)
 
     def connect(self, server: str) -> None:
         """Talk to the API server at ``server`` as admin, with the PKI in ``workdir``."""
@@ -292,6 +317,9 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop every process (idempotent) and remove the volumes the provisioner made."""
+        if self.node is not None:
+            self.node.stop()  # first: kubelet and its pods, while the API server still answers
+            self.node = None
         if self.local and self.groups:
             with contextlib.suppress(OSError, ControlPlaneError):
                 self._remove_hostpath_volumes()
@@ -312,6 +340,11 @@ class Cluster:
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
+
+    def watch(self, pgid: int) -> None:
+        """Have the watchdog kill process group ``pgid`` if this process dies (a node's part)."""
+        if self._watchdog is not None:
+            self._watchdog.watch(pgid)
 
     def detach(self) -> None:
         """Let the processes outlive this Python process (``make cluster``): forget them here."""
@@ -479,13 +512,15 @@ class Cluster:
         path = self.workdir / "kubeconfigs" / f"{namespace}.{name}.{uuid.uuid4().hex[:6]}"
         return self.write_kubeconfig(path, token=token)
 
-    def _create_storage_class(self) -> None:
+    def _create_storage_class(self, *, default: bool = True) -> None:
         status, body = self.request("POST", "/apis/storage.k8s.io/v1/storageclasses", {
             "apiVersion": "storage.k8s.io/v1",
             "kind": "StorageClass",
             "metadata": {
                 "name": STORAGE_CLASS,
-                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+                "annotations": {
+                    "storageclass.kubernetes.io/is-default-class": str(default).lower()
+                },
             },
             "provisioner": "kubernetes.io/host-path",
             "reclaimPolicy": "Delete",

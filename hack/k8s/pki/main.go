@@ -1,7 +1,8 @@
 // Command memspace-test-pki writes the throwaway PKI of the test control plane into a directory:
 //
 //	ca.crt, ca.key               the cluster CA (client CA, serving CA, root CA of the cluster)
-//	apiserver.crt, apiserver.key kube-apiserver's serving certificate (loopback and in-cluster names)
+//	apiserver.crt, apiserver.key kube-apiserver's serving certificate (loopback and in-cluster names,
+//	                             and each IP given after DIR: the test node's address)
 //	admin.crt, admin.key         the admin client certificate (O=system:masters)
 //	sa.key, sa.pub               the service-account token signing key pair
 //
@@ -27,17 +28,26 @@ import (
 const validity = 365 * 24 * time.Hour
 
 func main() {
-	if len(os.Args) != 2 {
-		fmt.Fprintln(os.Stderr, "usage: memspace-test-pki DIR")
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: memspace-test-pki DIR [IP...]")
 		os.Exit(2)
 	}
-	if err := run(os.Args[1]); err != nil {
+	var extraIPs []net.IP
+	for _, arg := range os.Args[2:] {
+		ip := net.ParseIP(arg)
+		if ip == nil {
+			fmt.Fprintf(os.Stderr, "memspace-test-pki: %q is not an IP address\n", arg)
+			os.Exit(2)
+		}
+		extraIPs = append(extraIPs, ip)
+	}
+	if err := run(os.Args[1], extraIPs); err != nil {
 		fmt.Fprintln(os.Stderr, "memspace-test-pki:", err)
 		os.Exit(1)
 	}
 }
 
-func run(dir string) error {
+func run(dir string, extraIPs []net.IP) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
@@ -68,6 +78,7 @@ func run(dir string) error {
 		"kubernetes.default.svc.cluster.local",
 	}
 	serving.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, net.IPv4(10, 0, 0, 1)}
+	serving.IPAddresses = append(serving.IPAddresses, extraIPs...)
 	if err := issue(dir, "apiserver", serving, ca, caKey); err != nil {
 		return err
 	}
