@@ -172,7 +172,8 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.fail(str(err), pytrace=False)
     atexit.register(control_plane.stop)
     try:
-        node.start()
+        # Another run's node may hold the machine: wait for it, within pytest's 300 s timeout.
+        node.start(lock_timeout=min(nodes.LOCK_TIMEOUT, 180))
         control_plane.node = node
         with kubeconfig_in_effect(control_plane.kubeconfig):
             yield control_plane

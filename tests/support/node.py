@@ -524,7 +524,7 @@ class Node:
 
     # --- lifecycle --------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 300.0) -> None:
+    def start(self, timeout: float = 300.0, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
         if os.geteuid() != 0:
             raise NodeError("the test node needs root (network, mounts, cgroups)")
         for image in IMAGES:
@@ -536,7 +536,7 @@ class Node:
             )
         deadline = time.monotonic() + timeout
         self._lock = contextlib.ExitStack()
-        self._lock_fd = self._lock.enter_context(machine_lock())
+        self._lock_fd = self._lock.enter_context(machine_lock(lock_timeout))
         try:
             if (stale := _load_state()) is not None:
                 teardown(stale)  # a node that crashed: its leftovers go first
