@@ -111,9 +111,9 @@ async def test_recalls_of_a_large_space_run_on_the_scan_threads(
         await space.remember_many([draft(rng, f"m{i}") for i in range(9000)])
         search = space._search
 
-        def spying(query: memories.Query) -> list[memories.Hit]:
+        def spying(query: memories.Query, now: float) -> list[memories.Hit]:
             names.add(threading.current_thread().name)
-            return search(query)
+            return search(query, now)
 
         space._search = spying  # type: ignore[method-assign]
         await space.recall(memories.Query(cue=draft(rng).embedding, k=3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +382,27 @@ async def test_index_entries_round_trip_and_reject_bad_fields(tmp_path: Path) ->
     entries, problems = index.read_directory(tmp_path)
     assert list(entries) == ["team-a"]
     assert "other.json" in problems
+
+
+async def test_a_recall_counts_each_hit_once_in_every_tier(
+    spaces_registry: registry.Registry,
+) -> None:
+    rng = np.random.default_rng(41)
+    space_id = await make_space(spaces_registry, hot=4, warm=4)
+    async with spaces_registry.lease(space_id) as space:
+        written = [draft(rng, f"m{i}") for i in range(30)]
+        _count, _lsn, ids = await space.remember_many(written)
+        await space.consolidate()
+        by_tier: set[str] = set()
+        for memory_id, item in zip(ids, written, strict=True):
+            for expected in (1, 2):
+                before = time.time()
+                (hit,) = await space.recall(memories.Query(cue=item.embedding, k=1))
+                assert hit.memory.id == memory_id
+                assert hit.memory.recall_count == expected
+                assert hit.memory.last_recalled_at >= before
+                stored = await space.get(memory_id)
+                assert stored.recall_count == expected
+                assert stored.last_recalled_at == hit.memory.last_recalled_at
+            by_tier.add(hit.tier)
+        assert by_tier == set(tiers.NAMES)

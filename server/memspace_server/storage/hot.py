@@ -173,7 +173,15 @@ class HotTier:
             return None
         return self._memory(row, with_embedding)
 
-    def _memory(self, row: int, with_embedding: bool) -> memories.Memory:
+    def hit(self, memory_id: str, with_embedding: bool, at: float) -> memories.Memory | None:
+        """The memory as a recall at `at` returns it: its recall counted (the caller then
+        `touch`es it; the memory is built once, with the counts it will have)."""
+        row = self._row.get(memory_id)
+        if row is None:
+            return None
+        return self._memory(row, with_embedding, at)
+
+    def _memory(self, row: int, with_embedding: bool, hit_at: float = 0.0) -> memories.Memory:
         return memories.Memory(
             id=memories.MemoryId(self._ids[row]),
             content=self._contents[row],
@@ -181,8 +189,8 @@ class HotTier:
             confidence=float(self._confidence[row]),
             tags=dict(self._tags[row]),
             created_at=float(self._created[row]),
-            last_recalled_at=float(self._recalled[row]),
-            recall_count=int(self._count[row]),
+            last_recalled_at=hit_at or float(self._recalled[row]),
+            recall_count=int(self._count[row]) + (1 if hit_at else 0),
         )
 
     def touch(self, memory_id: str, at: float) -> None:

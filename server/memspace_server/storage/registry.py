@@ -108,7 +108,7 @@ class Registry:
             )
         space = self._spaces.get(space_id)
         if space is not None and not space.failed and not space.closing:
-            if space.entry != entry:
+            if space.entry is not entry and space.entry != entry:
                 space.reconfigure(entry)
             return space
         async with self._lock(space_id):

@@ -392,7 +392,9 @@ class Space:
             raise errors.MemoryNotFoundError(f"no memory {memory_id!r} in space {self.id!r}")
         return memory
 
-    def _search(self, query: memories.Query) -> list[memories.Hit]:
+    def _search(self, query: memories.Query, now: float) -> list[memories.Hit]:
+        """The top hits, each memory built once as this recall returns it (its recall counted
+        at `now`; `recall` then touches them on the event loop)."""
         cue = tiers.unit(query.cue)
         candidates = [
             (score, tier.name, memory_id)
@@ -404,13 +406,13 @@ class Space:
         for tier in (self.warm, self.cold):
             wanted = [memory_id for _, name, memory_id in top if name == tier.name]
             if wanted:
-                found.update(tier.get_many(wanted, query.include_embeddings))
+                found.update(tier.get_many(wanted, query.include_embeddings, now))
         hits = []
         for score, name, memory_id in top:
             memory = (
-                self.hot.get(memory_id, query.include_embeddings)
+                self.hot.hit(memory_id, query.include_embeddings, now)
                 if name == tiers.HOT
-                else found[memory_id]
+                else found.get(memory_id)
             )
             if memory is not None:
                 hits.append(memories.Hit(memory=memory, score=score, tier=name))
@@ -429,24 +431,22 @@ class Space:
         if self._recall_bucket is not None:
             self._recall_bucket.take(1)
         self.last_used = time.monotonic()
+        now = time.time()
         async with self._lock.read():
             if self._scan_is_small():
-                hits = self._search(query)
+                hits = self._search(query, now)
             else:
                 # Admitted round robin by space with a cap per space: a flood of recalls on
                 # one space does not queue another space's recall behind it.
-                hits = await self._pools.scans.run(self.id, self._search, query)
-        now = time.time()
-        touched = []
-        for hit in hits:
-            tier = self._locate(hit.memory.id)
-            if tier is not None:
-                tier.touch(hit.memory.id, now)
-            memory = dataclasses.replace(
-                hit.memory, last_recalled_at=now, recall_count=hit.memory.recall_count + 1
-            )
-            touched.append(dataclasses.replace(hit, memory=memory))
-        return touched
+                hits = await self._pools.scans.run(self.id, self._search, query, now)
+            by_name = self._tiers_by_name()
+            for hit in hits:
+                # Still under the read lock: no consolidation has moved the hit since.
+                by_name[hit.tier].touch(hit.memory.id, now)
+        return hits
+
+    def _tiers_by_name(self) -> dict[str, tiers.TierStore]:
+        return {tiers.HOT: self.hot, tiers.WARM: self.warm, tiers.COLD: self.cold}
 
     async def subscribe(self, since_lsn: int = 0) -> AsyncGenerator[feeds.Event, None]:
         """Events in LSN order: from `since_lsn` (inclusive) if the WAL still holds it, then

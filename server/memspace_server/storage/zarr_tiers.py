@@ -363,7 +363,8 @@ class ZarrTier:
                     start = chunk * step
                     np.matmul(block, cue, out=scores[start : start + block.shape[0]])
         scores /= self._norms
-        scores[self._deleted] = -np.inf
+        if self._n != len(self._row):  # tombstones
+            scores[self._deleted] = -np.inf
         return scores
 
     def top_k(
@@ -393,10 +394,18 @@ class ZarrTier:
         return self.get_rows(np.array([row], np.int64), with_embedding)[0]
 
     def get_many(
-        self, memory_ids: Iterable[str], with_embedding: bool
+        self, memory_ids: Iterable[str], with_embedding: bool, hit_at: float = 0.0
     ) -> dict[str, memories.Memory]:
+        """The memories by id; with `hit_at`, as a recall at that time returns them (their
+        recall counted; the caller then `touch`es them)."""
         rows = np.array([self._row[i] for i in memory_ids if i in self._row], np.int64)
-        return {m.id: m for m in self.get_rows(rows, with_embedding)}
+        if rows.shape[0] == 0:
+            return {}
+        columns = self._columns(rows, with_embedding)
+        if hit_at:
+            columns.last_recalled_at[:] = hit_at
+            columns.recall_count += np.uint64(1)
+        return {m.id: m for m in columns}
 
     def get_rows(self, rows: npt.NDArray[np.int64], with_embedding: bool) -> list[memories.Memory]:
         if rows.shape[0] == 0:
