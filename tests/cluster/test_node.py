@@ -95,10 +95,11 @@ def test_a_pod_gets_a_service_account_token_and_reaches_the_api_server(
     assert connect.strip().endswith("0")
 
 
+@pytest.mark.parametrize("storage_class", [None, nodes.IMMEDIATE_STORAGE_CLASS])
 def test_a_non_root_pod_writes_a_local_path_volume(
-    node_cluster: harness.Cluster, node_namespace: str
+    node_cluster: harness.Cluster, node_namespace: str, storage_class: str | None
 ) -> None:
-    claim = {
+    claim: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {"name": "data", "namespace": node_namespace},
@@ -107,7 +108,14 @@ def test_a_non_root_pod_writes_a_local_path_volume(
             "resources": {"requests": {"storage": "1Gi"}},
         },
     }
+    if storage_class is not None:
+        claim["spec"]["storageClassName"] = storage_class
     node_cluster.kubectl("apply", "-f", "-", input=json.dumps(claim))
+    if storage_class == nodes.IMMEDIATE_STORAGE_CLASS:  # bound before any pod uses it
+        node_cluster.kubectl(
+            "wait", "--for=jsonpath={.status.phase}=Bound", "pvc/data", "-n", node_namespace,
+            "--timeout=60s",
+        )  # fmt: skip
     writer = pod(
         "writer", node_namespace, "echo written by $(id -u) > /data/proof; exec sleep 3600",
         securityContext={"runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": True},
@@ -122,7 +130,7 @@ def test_a_non_root_pod_writes_a_local_path_volume(
         node_cluster.kubectl("get", "pvc", "data", "-n", node_namespace, "-o", "json").stdout
     )
     assert pvc["status"]["phase"] == "Bound"
-    assert pvc["spec"]["storageClassName"] == nodes.STORAGE_CLASS
+    assert pvc["spec"]["storageClassName"] == (storage_class or nodes.STORAGE_CLASS)
     pv = json.loads(
         node_cluster.kubectl("get", "pv", pvc["spec"]["volumeName"], "-o", "json").stdout
     )

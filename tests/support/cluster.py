@@ -288,6 +288,8 @@ def _up(*, with_node: bool = True) -> int:
           f"ready in {time.monotonic() - started:.0f} s")  # fmt: skip
     print(f"export KUBECONFIG={_KUBECONFIG}   # logs in {control_plane.logs}")
     if node is not None:
+        print("node start-up, seconds: " + ", ".join(f"{k} {v}" for k, v in node.timings.items()))
+    if node is not None:
         node.detach()
     control_plane.detach()  # the processes outlive this command: `make cluster-down` stops them
     return 0

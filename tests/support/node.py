@@ -66,7 +66,10 @@ NODE_TOOLS = (
 IMAGES_DIR = Path(os.environ.get("MEMSPACE_NODE_IMAGES_DIR", STATE_DIR / "images"))
 IMAGES = ("pause", "coredns", "local-path-provisioner", "busybox")
 BUSYBOX_IMAGE = "memspace.test/busybox:1"  # a toolbox for tests: sh, wget, nslookup, ...
-STORAGE_CLASS = "local-path"
+STORAGE_CLASS = "local-path"  # the default: WaitForFirstConsumer, as on kind
+IMMEDIATE_STORAGE_CLASS = (
+    "local-path-immediate"  # binds at once (one node: no topology to wait for)
+)
 
 # Machine-wide: one node per machine, whatever checkout or test run starts it.
 RUN_DIR = Path("/run/memspace-test-node")
@@ -518,6 +521,7 @@ class Node:
         self.before: dict[str, list[str]] = {}  # snapshot() of the machine before it started
         self.after: dict[str, list[str]] = {}  # and after stop() (taken under the lock)
         self.timings: dict[str, float] = {}  # seconds from start() to each step
+        self._t0 = time.monotonic()
         self._processes: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
         self._lock: contextlib.ExitStack | None = None
         self._lock_fd: int | None = None
@@ -541,9 +545,12 @@ class Node:
             if (stale := _load_state()) is not None:
                 teardown(stale)  # a node that crashed: its leftovers go first
             self.before = snapshot()
+            self._t0 = time.monotonic()
+            self.timings = {}
             self._prepare_machine()
             if not self.cluster.groups:
                 self.cluster.start()
+                self._mark("control plane ready")
             self._start_components(deadline)
         except BaseException:
             self.stop()
@@ -609,8 +616,10 @@ class Node:
         config = self._write_configs()
         self._spawn("containerd", ["--config", str(config["containerd"])])
         self._wait("containerd", deadline, lambda: succeeds(*self.ctr(), "version"))
+        self._mark("containerd ready")
         for image in IMAGES:
             self.import_image(self.images_dir / f"{image}.tar")
+        self._mark("images imported")
         kubeconfig = str(self.cluster.kubeconfig)
         self._spawn(
             "kubelet",
@@ -637,6 +646,7 @@ class Node:
         )
         self._spawn("kube-proxy", [f"--config={config['kube-proxy']}"])
         self._wait("the node to be Ready", deadline, self._node_ready)
+        self._mark("node Ready")
         self.cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(self._addons()))
         for namespace, name in (("kube-system", "coredns"), ("local-path-storage", "local-path")):
             left = max(1, int(deadline - time.monotonic()))
@@ -650,6 +660,10 @@ class Node:
                 timeout=left + 10,
             )
         self._wait("kube-proxy to serve the DNS Service", deadline, self._dns_service_ready)
+        self._mark("CoreDNS and local-path-provisioner serving")
+
+    def _mark(self, step: str) -> None:
+        self.timings[step] = round(time.monotonic() - self._t0, 1)
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
         log = (self.logs / f"{name}.log").open("ab")
@@ -896,7 +910,8 @@ imports = []
 }
 """  # no `forward`: names outside the cluster never leave the machine
         local_path = self.workdir / "local-path"
-        local_path.mkdir(parents=True, exist_ok=True)
+        for sub in ("node", "any"):
+            (local_path / sub).mkdir(parents=True, exist_ok=True)
         helper_pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -975,12 +990,20 @@ imports = []
                 data={
                     "config.json": json.dumps(
                         {
-                            "nodePathMap": [
-                                {
-                                    "node": "DEFAULT_PATH_FOR_NON_LISTED_NODES",
-                                    "paths": [str(local_path)],
+                            "storageClassConfigs": {
+                                STORAGE_CLASS: {
+                                    "nodePathMap": [
+                                        {
+                                            "node": "DEFAULT_PATH_FOR_NON_LISTED_NODES",
+                                            "paths": [str(local_path / "node")],
+                                        }
+                                    ]
                                 },
-                            ]
+                                # A "shared file system" needs no node: it binds before any pod.
+                                IMMEDIATE_STORAGE_CLASS: {
+                                    "sharedFileSystemPath": str(local_path / "any")
+                                },
+                            }
                         }
                     ),
                     # World-writable, so that non-root pods (uid 10001) can write their volumes.
@@ -1024,6 +1047,14 @@ imports = []
                 "provisioner": "rancher.io/local-path",
                 "reclaimPolicy": "Delete",
                 "volumeBindingMode": "WaitForFirstConsumer",
+            },
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass",
+                "metadata": {"name": IMMEDIATE_STORAGE_CLASS},
+                "provisioner": "rancher.io/local-path",
+                "reclaimPolicy": "Delete",
+                "volumeBindingMode": "Immediate",
             },
         ]
         return {"apiVersion": "v1", "kind": "List", "items": items}
