@@ -172,8 +172,9 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.fail(str(err), pytrace=False)
     atexit.register(control_plane.stop)
     try:
-        # Another run's node may hold the machine: wait for it, within pytest's 300 s timeout.
-        node.start(lock_timeout=min(nodes.LOCK_TIMEOUT, 180))
+        # Another run's node may hold the machine: wait for it, by default within pytest's 300 s
+        # timeout (with $MEMSPACE_NODE_LOCK_TIMEOUT and a larger --timeout, longer).
+        node.start(lock_timeout=float(os.environ.get("MEMSPACE_NODE_LOCK_TIMEOUT", "180")))
         control_plane.node = node
         with kubeconfig_in_effect(control_plane.kubeconfig):
             yield control_plane
