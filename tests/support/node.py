@@ -74,6 +74,7 @@ IMMEDIATE_STORAGE_CLASS = (
 # Machine-wide: one node per machine, whatever checkout or test run starts it.
 RUN_DIR = Path("/run/memspace-test-node")
 LOCK_PATH = RUN_DIR / "lock"
+SHIM_SOCKETS = RUN_DIR / "s"  # containerd allows at most 42 characters
 STATE_PATH = RUN_DIR / "state.json"
 LOCK_TIMEOUT = float(os.environ.get("MEMSPACE_NODE_LOCK_TIMEOUT", "900"))
 # What kubelet and containerd write outside their own directories.
@@ -386,6 +387,7 @@ def teardown(state: dict[str, Any] | None = None) -> list[str]:
         elif path == "/run/netns" and target.is_dir():
             for entry in target.glob("cni-*"):
                 entry.unlink(missing_ok=True)
+    shutil.rmtree(SHIM_SOCKETS, ignore_errors=True)
     if workdir:
         for sub in ("containerd", "kubelet", "local-path", "cni"):
             shutil.rmtree(Path(workdir) / sub, ignore_errors=True)
@@ -485,7 +487,7 @@ def snapshot() -> dict[str, list[str]]:
         "netns": sorted(str(p) for p in Path("/run/netns").glob("cni-*")),
         "processes": processes,
         "sysctls": [f"{name}={_read_sysctl(name)}" for name in SYSCTLS],
-        "state": [str(STATE_PATH)] if STATE_PATH.exists() else [],
+        "state": [str(p) for p in (STATE_PATH, SHIM_SOCKETS) if p.exists()],
     }
 
 
@@ -800,6 +802,10 @@ imports = []
 [ttrpc]
   address = "{self.socket}.ttrpc"
 
+# Shim sockets and runc's state of our own, not in /run/containerd (which other engines share).
+[plugins."io.containerd.shim.v1.manager"]
+  socket_dir = "{SHIM_SOCKETS}"
+
 [plugins."io.containerd.internal.v1.opt"]
   path = "{containerd / "opt"}"
 
@@ -817,6 +823,7 @@ imports = []
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         BinaryName = "/usr/sbin/runc"
+        Root = "{containerd / "state" / "runc"}"
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["/usr/lib/cni"]
