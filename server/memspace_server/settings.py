@@ -225,7 +225,54 @@ class ServerSettings(Settings):
         env="MEMSPACE_MAX_BATCH",
         metavar="N",
         gt=0,
-        help="most memories in one RememberBatch stream (all are held until the stream ends)",
+        help="most memories in one RememberBatch stream",
+    )
+    max_batch_bytes: int = setting(
+        64 * 1024 * 1024,
+        env="MEMSPACE_MAX_BATCH_BYTES",
+        metavar="BYTES",
+        gt=0,
+        help="most bytes of memories (content, embedding, tags, ids) in one RememberBatch "
+        "stream; the stream is validated and staged on the space's volume as it arrives, so it "
+        "holds only a small chunk in RAM until it commits. 64 MiB: five such streams at once "
+        "keep a server well under 1 GiB",
+    )
+    max_recall_response_bytes: int = setting(
+        16 * 1024 * 1024,
+        env="MEMSPACE_MAX_RECALL_RESPONSE_BYTES",
+        metavar="BYTES",
+        gt=0,
+        help="largest Recall answer (bytes); a larger one is refused, asking for a smaller k or "
+        "no embeddings. 16 MiB holds 1,000 hits of 768-dimension embeddings and 8 KiB contents",
+    )
+    max_calls: int = setting(
+        4096,
+        env="MEMSPACE_MAX_CALLS",
+        metavar="N",
+        gt=0,
+        help="calls in flight on the whole server (unary and streams); more are refused at once",
+    )
+    max_streams: int = setting(
+        2048,
+        env="MEMSPACE_MAX_STREAMS",
+        metavar="N",
+        gt=0,
+        help="open streams (Subscribe, RememberBatch) on the whole server",
+    )
+    max_calls_per_space: int = setting(
+        256,
+        env="MEMSPACE_MAX_CALLS_PER_SPACE",
+        metavar="N",
+        gt=0,
+        help="unary calls and RememberBatch streams in flight on one space, so one tenant cannot "
+        "take every call slot of a shard",
+    )
+    max_subscribers_per_space: int = setting(
+        1024,
+        env="MEMSPACE_MAX_SUBSCRIBERS_PER_SPACE",
+        metavar="N",
+        gt=0,
+        help="open Subscribe streams on one space (each holds up to --subscriber-buffer events)",
     )
     log_format: LogFormat = setting(
         "text",

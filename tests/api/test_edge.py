@@ -99,7 +99,7 @@ def test_the_error_table_names_every_domain_error() -> None:
 
 BROKEN = {
     "Remember": (storage_spaces.Space, "remember_many"),
-    "RememberBatch": (storage_spaces.Space, "remember_many"),
+    "RememberBatch": (storage_spaces.Space, "commit_batch"),
     "Recall": (storage_spaces.Space, "recall"),
     "Get": (storage_spaces.Space, "get"),
     "Forget": (storage_spaces.Space, "forget"),

@@ -5,8 +5,10 @@ RESOURCE_EXHAUSTED with a message saying what the limit is."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -84,3 +86,199 @@ async def test_recalls_over_the_read_quota_are_resource_exhausted_with_when_to_r
     assert 0.0 < float(trailers(err)[errors_map.RETRY_AFTER_KEY]) <= 0.5
     # Writes are not counted against the read quota.
     await running.memories.Remember(pb.RememberRequest(memory=memory("w")), metadata=meta)
+
+
+# -- the bytes of a RememberBatch stream and of a Recall answer ----------------------------------
+
+
+async def _count(running: Running, space: str = "default") -> int:
+    health = await running.spaces.Health(pb.HealthRequest(space=space))
+    return int(health.spaces[0].memories)
+
+
+async def test_a_batch_over_its_byte_budget_is_resource_exhausted_and_stores_nothing(
+    start: Start,
+) -> None:
+    running = await start(max_batch_bytes=64 * 1024)
+
+    async def requests() -> AsyncIterator[pb.RememberRequest]:
+        for i in range(20):  # 20 x 8 KiB: well over 64 KiB
+            yield pb.RememberRequest(memory=memory("x" * 8192 + str(i)))
+
+    err = await failure(running.memories.RememberBatch(requests()))
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at most 65536 bytes" in details(err)
+    assert "nothing of this one was stored" in details(err)
+    assert await _count(running) == 0
+
+
+async def test_a_batch_larger_than_what_a_stream_keeps_in_ram_is_stored_whole(
+    standalone: Running,
+) -> None:
+    # 1,200 memories of 8 KiB: about 10 MiB, staged in chunks past what a stream keeps in RAM;
+    # IDs repeat across chunks (the last one wins, as in one write).
+    async def requests() -> AsyncIterator[pb.RememberRequest]:
+        for i in range(1200):
+            yield pb.RememberRequest(
+                memory=pb.Memory(
+                    id=f"m{i % 1000}", content=f"{i}:" + "y" * 8192, embedding=vec(1.0, i)
+                )
+            )
+
+    answer = await standalone.memories.RememberBatch(requests())
+    assert answer.count == 1200
+    assert len(answer.ids) == 1200
+    assert await _count(standalone) == 1000
+    for i in (0, 199, 200, 999):
+        found = await standalone.memories.Get(pb.GetRequest(id=f"m{i}"))
+        expected = i + 1000 if i < 200 else i
+        assert found.memory.content.startswith(f"{expected}:")
+    events = standalone.memories.Subscribe(pb.SubscribeRequest(since_lsn=1))
+    lsns = []
+    async for event in events:
+        lsns.append(event.lsn)
+        if len(lsns) == 1200:
+            break
+    events.cancel()
+    assert lsns == list(range(1, 1201))
+    assert answer.last_lsn == 1200
+
+
+async def test_a_recall_answer_over_its_byte_cap_is_resource_exhausted(start: Start) -> None:
+    running = await start(max_recall_response_bytes=4096)
+    for i in range(5):
+        await running.memories.Remember(
+            pb.RememberRequest(memory=memory("z" * 1000 + str(i), 1.0, float(i)))
+        )
+    err = await failure(running.memories.Recall(pb.RecallRequest(cue=vec(1), k=5)))
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at most 4096" in details(err)
+    assert "fewer hits" in details(err)
+    answer = await running.memories.Recall(pb.RecallRequest(cue=vec(1), k=2))
+    assert len(answer.hits) == 2
+
+
+# -- calls and streams in flight ------------------------------------------------------------------
+
+
+class _OpenBatch:
+    """A RememberBatch stream held open: one memory sent, the stream not finished."""
+
+    def __init__(self, running: Running, meta: tuple[tuple[str, str], ...]) -> None:
+        self._queue: asyncio.Queue[pb.RememberRequest | None] = asyncio.Queue()
+        self._queue.put_nowait(pb.RememberRequest(memory=memory("held")))
+        self.call = running.memories.RememberBatch(self._requests(), metadata=meta)
+        self.task = asyncio.ensure_future(self.call)
+
+    async def _requests(self) -> AsyncIterator[pb.RememberRequest]:
+        while (item := await self._queue.get()) is not None:
+            yield item
+
+    async def finish(self) -> pb.RememberBatchResponse:
+        self._queue.put_nowait(None)
+        return await self.task
+
+
+async def _subscribe(running: Running, meta: tuple[tuple[str, str], ...]) -> Any:
+    """A Subscribe stream, open once the server has seen it (it stays silent until an event;
+    the calls after it retry until they see its effect)."""
+    stream = running.memories.Subscribe(pb.SubscribeRequest(), metadata=meta)
+    await asyncio.sleep(0.05)
+    return stream
+
+
+async def _eventually_refused(call: Callable[[], Awaitable[Any]]) -> grpc.aio.AioRpcError:
+    """The error of `call` once the server has admitted what came before (streams open
+    asynchronously): retried for at most 5 s."""
+    for _ in range(100):
+        try:
+            await call()
+        except grpc.aio.AioRpcError as err:
+            return err
+        await asyncio.sleep(0.05)
+    raise AssertionError("the call was never refused")
+
+
+async def test_calls_over_the_server_wide_cap_are_resource_exhausted(start: Start) -> None:
+    running = await start(max_calls=2)
+    streams = [await _subscribe(running, ()) for _ in range(2)]
+    err = await _eventually_refused(
+        lambda: running.memories.Recall(pb.RecallRequest(cue=vec(1), k=1))
+    )
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "maximum of 2 concurrent calls" in details(err)
+    for stream in streams:
+        stream.cancel()
+    await asyncio.sleep(0.2)
+    await running.memories.Recall(pb.RecallRequest(cue=vec(1), k=1))
+
+
+async def test_streams_over_the_server_wide_cap_are_resource_exhausted(start: Start) -> None:
+    running = await start(max_streams=1)
+    stream = await _subscribe(running, ())
+    held: _OpenBatch | None = None
+
+    async def second_stream() -> None:
+        nonlocal held
+        held = _OpenBatch(running, md("default"))
+        await held.finish()
+
+    err = await _eventually_refused(second_stream)
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "maximum of 1 open streams" in details(err)
+    # Unary calls are not streams.
+    await running.memories.Recall(pb.RecallRequest(cue=vec(1), k=1))
+    stream.cancel()
+
+
+async def test_one_space_cannot_take_every_call_slot(
+    start: Start, managed_dirs: tuple[Path, Path]
+) -> None:
+    index_dir, volumes = managed_dirs
+    write_entry(index_dir, "busy", token="tb", volumes=volumes)
+    write_entry(index_dir, "quiet", token="tq", volumes=volumes)
+    running = await start(data_root=volumes, index_dir=index_dir, max_calls_per_space=1)
+    held = _OpenBatch(running, md("busy", "tb"))
+    err = await _eventually_refused(
+        lambda: running.memories.Remember(
+            pb.RememberRequest(memory=memory("more")), metadata=md("busy", "tb")
+        )
+    )
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "space 'busy' has its maximum of 1 calls in flight" in details(err)
+    # Its neighbour is served meanwhile.
+    await running.memories.Remember(
+        pb.RememberRequest(memory=memory("fine")), metadata=md("quiet", "tq")
+    )
+    assert (await held.finish()).count == 1
+    await running.memories.Remember(
+        pb.RememberRequest(memory=memory("more")), metadata=md("busy", "tb")
+    )
+
+
+async def test_subscribers_over_the_per_space_cap_are_resource_exhausted(
+    start: Start, managed_dirs: tuple[Path, Path]
+) -> None:
+    index_dir, volumes = managed_dirs
+    write_entry(index_dir, "watched", token="tw", volumes=volumes)
+    write_entry(index_dir, "other", token="to", volumes=volumes)
+    running = await start(data_root=volumes, index_dir=index_dir, max_subscribers_per_space=2)
+    streams = [await _subscribe(running, md("watched", "tw")) for _ in range(2)]
+
+    async def third() -> None:
+        stream = running.memories.Subscribe(pb.SubscribeRequest(), metadata=md("watched", "tw"))
+        try:
+            await asyncio.wait_for(stream.read(), 0.3)
+        except TimeoutError:
+            stream.cancel()
+
+    err = await _eventually_refused(third)
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "space 'watched' has its maximum of 2 open Subscribe streams" in details(err)
+    # Other spaces, and calls on the same space, are not affected.
+    other = await _subscribe(running, md("other", "to"))
+    await running.memories.Remember(
+        pb.RememberRequest(memory=memory("w")), metadata=md("watched", "tw")
+    )
+    for stream in [*streams, other]:
+        stream.cancel()

@@ -115,6 +115,22 @@ def recall_response(hits: Iterable[memories.Hit]) -> pb.RecallResponse:
     return response
 
 
+HIT_OVERHEAD_BYTES = 64
+"""Bytes of a RecallHit besides its content, embedding and tags (ids, numbers, framing)."""
+
+
+def recall_size(hits: Iterable[memories.Hit]) -> int:
+    """About the bytes a Recall answer takes on the wire (an upper bound for ASCII text, within
+    a few bytes a hit otherwise), computed before the answer is built."""
+    size = 0
+    for hit in hits:
+        found = hit.memory
+        size += HIT_OVERHEAD_BYTES + len(found.id) + len(found.content.encode())
+        size += 4 * len(found.embedding)
+        size += sum(len(k) + len(v) + 8 for k, v in found.tags.items())
+    return size
+
+
 def event(space: str, found: feeds.Event) -> pb.MemoryEvent:
     message = pb.MemoryEvent(space=space, type=_EVENT_TYPES[found.type], id=found.id, lsn=found.lsn)
     set_time(message.at, found.at)

@@ -4,7 +4,8 @@ memspace.v1 service when the handlers are built (see `method_handlers`).
 One call scope (`Edge._scope`) does for every call what the shapes share: it binds the log
 context, counts the call in flight, maps any error through the one table (`errors_map`) and
 observes the call in the metrics. Inside it each shape routes the call (space selection and
-auth, `routing`, with one index lookup) and runs the servicer with the resulting `Call`.
+auth, `routing`, with one index lookup), which also admits it under the caps on calls and
+streams (`limits`), and runs the servicer with the resulting `Call`.
 Servicers never do any of this themselves.
 """
 
@@ -28,7 +29,7 @@ from google.protobuf import message as protobuf_message
 from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
-from memspace_server.api import errors_map, logs, routing
+from memspace_server.api import errors_map, limits, logs, routing
 from memspace_server.api.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ def full_method(service: descriptor.ServiceDescriptor, method: descriptor.Method
 
 
 class Edge:
-    def __init__(self, router: routing.Router, metrics: Metrics) -> None:
+    def __init__(self, router: routing.Router, metrics: Metrics, caps: limits.Limits) -> None:
         self.router = router
         self.metrics = metrics
+        self.limits = caps
         self._ids = itertools.count(1)
         self._prefix = os.urandom(3).hex()
         self.in_flight = 0
@@ -154,13 +156,13 @@ class Edge:
 
     @contextlib.asynccontextmanager
     async def _scope(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], timed: bool = True
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], shape: limits.Shape
     ) -> AsyncIterator[_Scope]:
         """One call from arrival to answer: bind the log context, count it in flight (or refuse
         it while draining), answer any error through the one table, and observe it in the
-        metrics. The body routes the call (`_Scope.route`) and runs the servicer."""
+        metrics. The body routes and admits the call (`_Scope.route`) and runs the servicer."""
         started = time.perf_counter()
-        scope = _Scope(self.router)
+        scope = _Scope(self.router, self.limits, shape)
         code = "OK"
         entered = False
         try:
@@ -178,8 +180,10 @@ class Edge:
             code = _error_code_name(err)
             await self._fail(err, method, context)
         finally:
+            scope.release()
             if entered:
                 self._leave()
+            timed = shape is not limits.Shape.SERVER_STREAM
             elapsed = time.perf_counter() - started if timed else None
             self.metrics.observe(scope.label(), method, code, elapsed)
 
@@ -208,7 +212,7 @@ class Edge:
         self, method: str, policy: routing.Policy, behavior: Unary, names_space: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with self._scope(method, context) as scope:
+            async with self._scope(method, context, limits.Shape.UNARY) as scope:
                 _check_parsed(request)
                 named = request.space if names_space else ""
                 return await behavior(request, scope.route(policy, named))
@@ -221,7 +225,7 @@ class Edge:
         async def handle(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
-            async with self._scope(method, context) as scope:
+            async with self._scope(method, context, limits.Shape.CLIENT_STREAM) as scope:
                 first = None
                 if not scope.named:
                     # Without metadata the first message names the space: read it first.
@@ -238,7 +242,7 @@ class Edge:
         async def handle(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            async with self._scope(method, context, timed=False) as scope:
+            async with self._scope(method, context, limits.Shape.SERVER_STREAM) as scope:
                 _check_parsed(request)
                 named = request.space if names_space else ""
                 call = scope.route(policy, named)
@@ -254,11 +258,14 @@ class _Scope:
     route. The route's index entry, looked up once by the router, also picks the call's metric
     label (only spaces in the index become label values)."""
 
-    def __init__(self, router: routing.Router) -> None:
+    def __init__(self, router: routing.Router, caps: limits.Limits, shape: limits.Shape) -> None:
         self._router = router
+        self._limits = caps
+        self._shape = shape
         self.named: list[str] = []
         self.authorization: list[str] = []
         self._route: routing.Route | None = None
+        self._ticket: limits.Ticket | None = None
 
     def read_metadata(
         self,
@@ -278,9 +285,16 @@ class _Scope:
         logs.bind("", method, request_id or new_request_id())
 
     def route(self, policy: routing.Policy, named_in_request: str) -> Call:
+        """Route the call, then admit it under the caps on calls and streams (the per-space
+        caps need its space; a refused route takes no slot)."""
         self._route = self._router.route(policy, self.named, named_in_request, self.authorization)
         logs.bind_space(self._route.space or "")
+        self._ticket = self._limits.admit(self._shape, self._route.space)
         return Call(self._route)
+
+    def release(self) -> None:
+        if self._ticket is not None:
+            self._ticket.release()
 
     def label(self) -> str:
         route = self._route

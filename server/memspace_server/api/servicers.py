@@ -4,13 +4,13 @@ auth, errors, metrics and logs happen at the edge (`handling`), never here."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
 from memspace_server.api import converters
 from memspace_server.api.handling import Call
-from memspace_server.storage import memories
 from memspace_server.storage import registry as registries
 
 SERVING = "SERVING"
@@ -19,11 +19,18 @@ DRAINING = "DRAINING"
 
 class MemoryServicer:
     def __init__(
-        self, registry: registries.Registry, max_batch: int, draining: Callable[[], bool]
+        self,
+        registry: registries.Registry,
+        draining: Callable[[], bool],
+        max_batch: int,
+        max_batch_bytes: int,
+        max_recall_response_bytes: int,
     ) -> None:
         self.registry = registry
-        self.max_batch = max_batch
         self.draining = draining
+        self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self.max_recall_response_bytes = max_recall_response_bytes
 
     async def remember(self, request: pb.RememberRequest, call: Call) -> pb.RememberResponse:
         draft = converters.draft(request)
@@ -34,27 +41,29 @@ class MemoryServicer:
     async def remember_batch(
         self, requests: AsyncIterator[pb.RememberRequest], call: Call
     ) -> pb.RememberBatchResponse:
-        drafts: list[memories.Draft] = []
         async with self.registry.lease(call.space, call.entry) as space:
-            async for request in requests:
-                if len(drafts) == self.max_batch:
-                    raise errors.ResourceExhaustedError(
-                        f"a RememberBatch stream holds at most {self.max_batch} memories; split "
-                        "it into several streams (nothing of this one was stored)"
-                    )
-                draft = converters.draft(request)
-                # Checked as it arrives: the stream is held until it ends, and messages left
-                # unchecked till then (each up to the message size limit) would let one stream
-                # hold gigabytes before being refused.
-                memories.validate_draft(draft, space.dim, 0.0)
-                drafts.append(draft)
-            count, last_lsn, ids = await space.remember_many(drafts)
+            # Each memory is checked and staged as it arrives (a chunk in RAM, the rest on the
+            # space's volume), within the stream's count and byte budget: a stream never holds
+            # more than a little RAM, however large, and nothing is stored unless all of it is.
+            stage = space.stage_batch(self.max_batch_bytes, self.max_batch)
+            try:
+                async for request in requests:
+                    await stage.add(converters.draft(request), time.time())
+                count, last_lsn, ids = await space.commit_batch(stage)
+            finally:
+                stage.close()
         return pb.RememberBatchResponse(count=count, last_lsn=last_lsn, ids=ids)
 
     async def recall(self, request: pb.RecallRequest, call: Call) -> pb.RecallResponse:
         query = converters.query(request)
         async with self.registry.lease(call.space, call.entry) as space:
             hits = await space.recall(query)
+        size = converters.recall_size(hits)
+        if size > self.max_recall_response_bytes:
+            raise errors.LimitReachedError(
+                f"this recall would answer {size} bytes; at most {self.max_recall_response_bytes} "
+                "are sent. Ask for fewer hits (k), without embeddings, or with tag filters"
+            )
         return converters.recall_response(hits)
 
     async def get(self, request: pb.GetRequest, call: Call) -> pb.GetResponse:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memspace_contract import spaces
-from memspace_server.api import certificates, handling, metrics, routing, servicers, tokens
+from memspace_server.api import certificates, handling, limits, metrics, routing, servicers, tokens
 from memspace_server.settings import ServerSettings, SettingsError, is_loopback, split_address
 from memspace_server.storage import catalogs
 from memspace_server.storage import registry as registries
@@ -47,7 +47,15 @@ class Server:
             allow_default=not settings.managed,
             check_tokens=settings.managed or settings.admin_token_file is not None,
         )
-        self.edge = handling.Edge(self.router, self.metrics)
+        self.limits = limits.Limits(
+            limits.Caps(
+                calls=settings.max_calls,
+                streams=settings.max_streams,
+                calls_per_space=settings.max_calls_per_space,
+                subscribers_per_space=settings.max_subscribers_per_space,
+            )
+        )
+        self.edge = handling.Edge(self.router, self.metrics, self.limits)
         self.health = _Health()
         self.port = 0
         self.draining = False
@@ -97,7 +105,13 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        memory = servicers.MemoryServicer(self.registry, s.max_batch, lambda: self.draining)
+        memory = servicers.MemoryServicer(
+            self.registry,
+            lambda: self.draining,
+            max_batch=s.max_batch,
+            max_batch_bytes=s.max_batch_bytes,
+            max_recall_response_bytes=s.max_recall_response_bytes,
+        )
         space = servicers.SpaceServicer(self.registry, lambda: self.draining)
         by_name = {"MemoryService": memory, "SpaceService": space}
         names = []

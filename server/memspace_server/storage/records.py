@@ -4,6 +4,7 @@ payload  = type:u8 lsn:u64 at:f64 body
 remember = id_len:u16 content_len:u32 confidence:f32 created_at:f64 tags_len:u16 dim:u32
            id content tags_json embedding(dim x float32 little-endian)
 forget   = id_len:u16 id
+batch    = count:u32        the next `count` records are one batch: all or nothing (`wal`)
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from memspace_server.storage import memories, tiers
 
 REMEMBER = 1
 FORGET = 2
+BATCH = 3
 
 _HEAD = struct.Struct("<BQd")
 _REMEMBER = struct.Struct("<HIfdHI")
 _FORGET = struct.Struct("<H")
+_BATCH = struct.Struct("<I")
 
 
 class RecordFormatError(ValueError):
@@ -72,6 +75,24 @@ def encode_remember(lsn: int, at: float, memory: memories.Memory) -> bytes:
 def encode_forget(lsn: int, at: float, memory_id: str) -> bytes:
     mid = memory_id.encode()
     return _HEAD.pack(FORGET, lsn, at) + _FORGET.pack(len(mid)) + mid
+
+
+def encode_batch(lsn: int, at: float, count: int) -> bytes:
+    """The marker that opens a batch of `count` records (they follow it at once)."""
+    return _HEAD.pack(BATCH, lsn, at) + _BATCH.pack(count)
+
+
+def batch_count(payload: bytes | memoryview) -> int | None:
+    """The record count of a batch marker; None for any other record."""
+    if len(payload) != _HEAD.size + _BATCH.size or payload[0] != BATCH:
+        return None
+    return int(_BATCH.unpack_from(payload, _HEAD.size)[0])
+
+
+def restamp(payload: bytearray, lsn: int, at: float) -> None:
+    """Set the LSN and time of an encoded record in place (a staged record gets them only when
+    its batch commits)."""
+    _HEAD.pack_into(payload, 0, payload[0], lsn, at)
 
 
 def peek_lsn(payload: bytes | memoryview) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from memspace_contract import index
 from memspace_server import errors
 from memspace_server.storage import (
+    batches,
     caches,
     checkpoints,
     feeds,
@@ -164,6 +165,27 @@ def _remembered(memory: memories.Memory, now: float, lsn: int) -> tuple[bytes, f
     )
 
 
+def _stamped(chunk: list[bytes], first_lsn: int, now: float) -> list[bytes]:
+    """Blocking: WAL frames of staged records, given their LSNs and commit time."""
+    frames = []
+    for offset, staged in enumerate(chunk):
+        payload = bytearray(staged)
+        records.restamp(payload, first_lsn + offset, now)
+        frames.append(wal.frame(bytes(payload)))
+    return frames
+
+
+def _latest_columns(chunk: list[bytes], dim: int) -> tiers.Columns:
+    """Blocking: the memories of a staged chunk as columns, the last record of each ID only."""
+    latest: dict[str, memoryview] = {}
+    for staged in chunk:
+        view = memoryview(staged)
+        _kind, memory_id, _at = records.peek(view)
+        latest.pop(memory_id, None)
+        latest[memory_id] = view
+    return records.columns(list(latest.values()), dim)
+
+
 def _forgotten(memory_id: str, now: float, lsn: int) -> tuple[bytes, feeds.Event]:
     return (
         records.encode_forget(lsn, now, memory_id),
@@ -211,6 +233,8 @@ class Space:
         self._consolidated: collections.deque[tuple[float, int]] = collections.deque()
         self._count = len(self.hot) + len(self.warm) + len(self.cold)
         self._failure: errors.MemspaceError | None = None
+        self._batch_from: int | None = None
+        """The marker LSN of a batch being committed, whose records are not visible yet."""
         self._closed = False
         self._closing = False
         self._disk_bytes: tuple[float, int] | None = None
@@ -257,7 +281,10 @@ class Space:
 
     @property
     def durable_lsn(self) -> int:
-        """The last LSN on disk: a change-feed reader that saw nothing can resume after it."""
+        """The last LSN on disk and committed: a change-feed reader that saw nothing can resume
+        after it. A batch being written is not part of it until it is whole."""
+        if self._batch_from is not None:
+            return self._batch_from - 1
         return self._wal.durable_lsn
 
     @property
@@ -335,8 +362,10 @@ class Space:
                         f"space {self.id!r} holds {self.count()} memories; its quota "
                         f"maxMemories is {limit}. Forget some or raise the quota"
                     )
+            # One append, but a crash can tear it: as a batch it is replayed whole or not at all.
             lsn, future = self._wal.submit_many(
-                [functools.partial(_remembered, memory, now) for memory in batch]
+                [functools.partial(_remembered, memory, now) for memory in batch],
+                batch=len(batch) > 1,
             )
             latest = {memory.id: memory for memory in batch}
             for memory_id in latest:
@@ -353,6 +382,99 @@ class Space:
         await self._durable(future)
         self._maybe_consolidate()
         return len(batch), lsn, [m.id for m in batch]
+
+    def stage_batch(self, max_bytes: int, max_count: int) -> batches.BatchStage:
+        """A stage for a RememberBatch stream into this space (see `commit_batch`)."""
+        self._check_usable()
+        return batches.BatchStage(
+            self.directory.root, self.dim, max_bytes, max_count, self._executor
+        )
+
+    async def commit_batch(self, stage: batches.BatchStage) -> tuple[int, int, list[str]]:
+        """Store every staged memory or none. Returns (count, last LSN, IDs).
+
+        The batch goes to the WAL as a marker and its records, a chunk per append, under the
+        write lock: readers wait, and nothing else enters the log meanwhile. Each chunk enters
+        the hot tier once it is durable. Once the first append is queued the commit runs to its
+        end even if its caller is cancelled (a cut-short batch in the middle of the log could
+        not be told from the records after it); a failed append fails the space, which reloads
+        from disk, where recovery cuts the incomplete batch off."""
+        self._check_usable()
+        count = len(stage)
+        if count == 0:
+            return 0, self.durable_lsn, []
+        if self._bucket is not None:
+            self._bucket.take(count)
+        task = asyncio.get_running_loop().create_task(self._commit_batch(stage))
+        return await asyncio.shield(task)
+
+    async def _commit_batch(self, stage: batches.BatchStage) -> tuple[int, int, list[str]]:
+        count = len(stage)
+        loop = asyncio.get_running_loop()
+        async with self._lock.write():
+            self._check_usable()
+            limit = self.entry.quota.max_memories
+            if limit is not None:
+                new = {i for i in stage.ids if self._locate(i) is None}
+                if self.count() + len(new) > limit:
+                    raise errors.QuotaExceededError(
+                        f"space {self.id!r} holds {self.count()} memories; its quota "
+                        f"maxMemories is {limit}. Forget some or raise the quota"
+                    )
+            now = time.time()
+            first = self._wal.next_lsn
+            self._batch_from = first
+            self._wal.holding_segment = True
+            lsn = first
+            queued: tuple[asyncio.Future[None], list[bytes]] | None = None
+            submitted = False
+            try:
+                header: list[bytes] = [wal.frame(records.encode_batch(first, now, count))]
+                async for chunk in stage.chunks():
+                    frames = await loop.run_in_executor(self._executor, _stamped, chunk, lsn, now)
+                    lsn += len(chunk)
+                    if queued is not None:
+                        await self._apply_durable(*queued)
+                    _last, future = self._wal.submit_frames(header + frames, len(chunk), [])
+                    submitted = True
+                    header = []
+                    queued = (future, chunk)
+                    del frames
+                if queued is not None:
+                    await self._apply_durable(*queued)
+            except BaseException:
+                # Part of the batch may be in the log, and part of it in the hot tier: only a
+                # reload from disk (which cuts the batch off) makes the space whole again.
+                if submitted:
+                    self._failure = self._failure or errors.UnavailableError(
+                        f"space {self.id!r}: a batch failed midway; it reloads from disk"
+                    )
+                raise
+            finally:
+                self._wal.holding_segment = False
+                self._batch_from = None
+            last = lsn - 1
+            self._note_writes(count, now)
+            self.feed.publish(
+                feeds.Event(feeds.EventType.REMEMBERED, memory_id, first + n, now)
+                for n, memory_id in enumerate(stage.ids)
+            )
+        self._maybe_consolidate()
+        return count, last, list(stage.ids)
+
+    async def _apply_durable(self, future: asyncio.Future[None], chunk: list[bytes]) -> None:
+        """Wait for a chunk to be on disk, then put its memories in the hot tier."""
+        await self._durable(future)
+        columns = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _latest_columns, chunk, self.dim
+        )
+        for memory_id in columns.ids:
+            tier = self._locate(memory_id)
+            if tier is None:
+                self._count += 1
+            else:
+                tier.remove(memory_id)
+        self.hot.add(columns)
 
     async def forget(self, memory_id: str) -> tuple[bool, int]:
         self._check_usable()
@@ -380,6 +502,7 @@ class Space:
         memory_id = memories.check_id(memory_id)
         self.last_used = time.monotonic()
         async with self._lock.read():
+            self._check_usable()
             memory = self.hot.get(memory_id)
             if memory is None:
                 for tier in (self.warm, self.cold):
@@ -433,6 +556,7 @@ class Space:
         self.last_used = time.monotonic()
         now = time.time()
         async with self._lock.read():
+            self._check_usable()
             if self._scan_is_small():
                 hits = self._search(query, now)
             else:

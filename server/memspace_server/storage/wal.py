@@ -6,6 +6,13 @@ LSNs, appended by a group commit (concurrent writers share one write and one fsy
 
 Recovery reads every segment, checks every CRC and LSN, truncates a torn final record (a crash
 mid-append), and refuses with CorruptWalError anything damaged before the tail.
+
+A batch (RememberBatch) is a marker record naming a count, followed at once by that many
+records, all in one segment. The marker carries the LSN of the batch's first record and takes no
+LSN of its own (nothing else is appended while a batch is written, and a segment is
+not rolled in its middle). It may take several appends; recovery applies its records only once
+all are there, and cuts an incomplete batch at the tail off the log like a torn record, so a
+batch is replayed whole or not at all.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -86,9 +94,10 @@ def _intact_record_after(data: bytes, pos: int, lsn: int, horizon: int = 64) -> 
 
 
 def _scan_segment(
-    path: Path, data: bytes, expect_lsn: int, on_record: Callable[[int, memoryview], None]
+    path: Path, data: bytes, expect_lsn: int, on_record: Callable[[int, memoryview, int], None]
 ) -> _Scan:
-    """Check every frame of one segment, calling on_record(lsn, payload) for each valid one."""
+    """Check every frame of one segment, calling on_record(lsn, payload, offset) for each valid
+    one."""
     if data[: len(MAGIC)] != MAGIC:
         if len(data) < len(MAGIC) and MAGIC.startswith(data):
             return _Scan(end=0, torn=True, last_lsn=expect_lsn - 1)
@@ -125,10 +134,55 @@ def _scan_segment(
             raise errors.CorruptWalError(
                 f"WAL segment {path.name}: LSN {record_lsn} at offset {pos}, expected {lsn + 1}"
             )
-        lsn = record_lsn
-        on_record(lsn, payload)
+        if records.batch_count(payload) is None:  # a batch marker takes no LSN of its own
+            lsn = record_lsn
+        on_record(record_lsn, payload, pos)
         pos = end
     return _Scan(end=pos, torn=False, last_lsn=lsn)
+
+
+@dataclasses.dataclass
+class _OpenBatch:
+    """A batch marker met during recovery whose records are not all read yet."""
+
+    segment: int
+    offset: int
+    lsn: int
+    remaining: int
+    payloads: list[memoryview] = dataclasses.field(default_factory=list)
+
+
+class _Replay:
+    """Hands each record after the floor LSN to `apply`, and a batch's records only once the
+    whole batch has been read."""
+
+    def __init__(self, floor_lsn: int, apply: Callable[[memoryview], None]) -> None:
+        self.floor_lsn = floor_lsn
+        self.apply = apply
+        self.replayed = 0
+        self.segment = 0
+        self.batch: _OpenBatch | None = None
+
+    def record(self, lsn: int, payload: memoryview, offset: int) -> None:
+        batch = self.batch
+        if batch is not None:
+            if lsn > self.floor_lsn:
+                batch.payloads.append(payload)
+            batch.remaining -= 1
+            if batch.remaining == 0:
+                for held in batch.payloads:
+                    self.apply(held)
+                self.replayed += len(batch.payloads)
+                self.batch = None
+            return
+        count = records.batch_count(payload)
+        if count is not None:
+            if count:  # the marker holds the LSN of the batch's first record
+                self.batch = _OpenBatch(self.segment, offset, lsn, count)
+            return
+        if lsn > self.floor_lsn:
+            self.apply(payload)
+            self.replayed += 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,16 +204,12 @@ def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]
             f"WAL starts at LSN {expect} but the checkpoint ends at {floor_lsn}: "
             "records are missing"
         )
-    replayed = 0
     truncated = 0
-
-    def on_record(lsn: int, payload: memoryview) -> None:
-        nonlocal replayed
-        if lsn > floor_lsn:
-            apply(payload)
-            replayed += 1
+    replay = _Replay(floor_lsn, apply)
+    on_record = replay.record
 
     for index, (first, path) in enumerate(segments):
+        replay.segment = index
         if first != expect:
             raise errors.CorruptWalError(
                 f"WAL segment {path.name} starts at LSN {first}, expected {expect}"
@@ -190,9 +240,36 @@ def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]
                 out.flush()
                 os.fsync(out.fileno())
         expect = scan.last_lsn + 1
+    if replay.batch is not None:
+        truncated += _cut_incomplete_batch(segments, replay.batch)
+        expect = replay.batch.lsn
     return Recovered(
-        next_lsn=max(expect, floor_lsn + 1), replayed=replayed, truncated_bytes=truncated
+        next_lsn=max(expect, floor_lsn + 1), replayed=replay.replayed, truncated_bytes=truncated
     )
+
+
+def _cut_incomplete_batch(segments: list[tuple[int, Path]], batch: _OpenBatch) -> int:
+    """A batch cut off by a crash (or a failed append) midway: none of it was acknowledged. It
+    can only be the end of the log; cut it off like a torn record. Returns the bytes cut."""
+    if batch.segment != len(segments) - 1:
+        raise errors.CorruptWalError(
+            f"WAL segment {segments[batch.segment][1].name}: a batch at LSN {batch.lsn} is "
+            "incomplete but is not at the end of the log"
+        )
+    path = segments[batch.segment][1]
+    log.warning(
+        "cutting an incomplete batch (LSN %d on, %d records missing) off the tail of WAL "
+        "segment %s",
+        batch.lsn,
+        batch.remaining,
+        path,
+    )
+    cut = path.stat().st_size - batch.offset
+    with path.open("r+b") as out:
+        out.truncate(batch.offset)
+        out.flush()
+        os.fsync(out.fileno())
+    return cut
 
 
 def read_range(
@@ -241,6 +318,9 @@ def _read_segment(
             raise errors.CorruptWalError(
                 f"WAL segment {path.name}: bad record length {length} at offset {pos}"
             )
+        if data[pos + _FRAME.size] == records.BATCH:
+            pos = end  # a batch marker: no LSN, no event
+            continue
         lsn += 1
         if lsn > after_lsn:
             payload = data[pos + _FRAME.size : end]
@@ -256,6 +336,8 @@ def _read_segment(
 class _Waiter(Generic[T]):
     lsn: int
     """The last LSN of the waiter's records."""
+    count: int
+    """How many records (LSNs) it submitted."""
     future: asyncio.Future[None]
     events: list[T]
 
@@ -287,6 +369,9 @@ class Wal(Generic[T]):
         self._size = 0
         self._roll_requested = False
         self.syncs = 0
+        self.holding_segment = False
+        """Set while a batch is written in several appends: the segment is not rolled for size
+        in its middle (a batch always lies in one segment)."""
         self.appended_bytes = 0
         """Bytes appended since the counter was last reset (by consolidation)."""
         segments = list_segments(directory)
@@ -316,15 +401,18 @@ class Wal(Generic[T]):
         return self.submit_many([build])
 
     def submit_many(
-        self, builds: Sequence[Callable[[int], tuple[bytes, T]]]
+        self, builds: Sequence[Callable[[int], tuple[bytes, T]]], batch: bool = False
     ) -> tuple[int, asyncio.Future[None]]:
         """`submit` for several records at once: consecutive LSNs, one future for them all.
+        With `batch`, they go behind a batch marker: recovery replays all of them or none.
         Returns the last LSN."""
         if self._failure is not None:
             raise self._failure
         frames = []
         events = []
         lsn = self._next_lsn
+        if batch:
+            frames.append(frame(records.encode_batch(lsn, time.time(), len(builds))))
         for offset, build in enumerate(builds):
             payload, event = build(lsn + offset)
             if len(payload) > MAX_RECORD:
@@ -333,13 +421,24 @@ class Wal(Generic[T]):
                 )
             frames.append(frame(payload))
             events.append(event)
-        last = lsn + len(frames) - 1
+        return self.submit_frames(frames, len(builds), events)
+
+    def submit_frames(
+        self, frames: list[bytes], lsns: int, events: list[T]
+    ) -> tuple[int, asyncio.Future[None]]:
+        """Queue framed records made for the `lsns` LSNs from `next_lsn` on (batch markers
+        among them take none); the caller holds what keeps anyone else from submitting
+        meanwhile, the space's write lock. `on_durable` gets `events` once they are on disk.
+        Returns the last LSN."""
+        if self._failure is not None:
+            raise self._failure
+        last = self._next_lsn + lsns - 1
         self._next_lsn = last + 1
         self.appended_bytes += sum(len(f) for f in frames)
         self._pending.extend(frames)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(_Waiter(last, future, events))
+        self._waiters.append(_Waiter(last, lsns, future, events))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_loop())
         return last, future
@@ -406,7 +505,8 @@ class Wal(Generic[T]):
 
     def _write(self, data: bytes, first_lsn: int) -> None:
         """Blocking: append one batch and fsync it (runs in the executor)."""
-        if self._fd is None or self._roll_requested or self._size >= self._segment_bytes:
+        full = self._size >= self._segment_bytes and not self.holding_segment
+        if self._fd is None or self._roll_requested or full:
             self._open_segment(self.directory / segment_name(first_lsn), create=True)
             self._roll_requested = False
         assert self._fd is not None
@@ -433,7 +533,7 @@ class Wal(Generic[T]):
             batch, self._pending = self._pending, []
             waiters, self._waiters = self._waiters, []
             try:
-                first = waiters[0].lsn - len(waiters[0].events) + 1
+                first = waiters[0].lsn - waiters[0].count + 1
                 await loop.run_in_executor(self._executor, self._write, b"".join(batch), first)
             except Exception as err:  # every waiter must hear of any failure, not hang
                 self._fail(err, waiters)
