@@ -6,7 +6,7 @@ RESOURCE_EXHAUSTED with a message saying what the limit is."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -179,51 +179,50 @@ class _OpenBatch:
         return await self.task
 
 
+async def _admitted(running: Running, calls: int) -> None:
+    """Wait until the server has admitted `calls` calls (streams open asynchronously)."""
+    for _ in range(200):
+        if running.server.limits.calls >= calls:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"the server admitted {running.server.limits.calls} calls, not {calls}")
+
+
 async def _subscribe(running: Running, meta: tuple[tuple[str, str], ...]) -> Any:
-    """A Subscribe stream, open once the server has seen it (it stays silent until an event;
-    the calls after it retry until they see its effect)."""
+    """A Subscribe stream, once the server has admitted it (it stays silent until an event)."""
+    before = running.server.limits.calls
     stream = running.memories.Subscribe(pb.SubscribeRequest(), metadata=meta)
-    await asyncio.sleep(0.05)
+    await _admitted(running, before + 1)
     return stream
 
 
-async def _eventually_refused(call: Callable[[], Awaitable[Any]]) -> grpc.aio.AioRpcError:
-    """The error of `call` once the server has admitted what came before (streams open
-    asynchronously): retried for at most 5 s."""
-    for _ in range(100):
-        try:
-            await call()
-        except grpc.aio.AioRpcError as err:
-            return err
-        await asyncio.sleep(0.05)
-    raise AssertionError("the call was never refused")
+async def _refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err
+    raise AssertionError("the call was not refused")
 
 
 async def test_calls_over_the_server_wide_cap_are_resource_exhausted(start: Start) -> None:
     running = await start(max_calls=2)
     streams = [await _subscribe(running, ()) for _ in range(2)]
-    err = await _eventually_refused(
-        lambda: running.memories.Recall(pb.RecallRequest(cue=vec(1), k=1))
-    )
+    err = await _refused(running.memories.Recall(pb.RecallRequest(cue=vec(1), k=1)))
     assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "maximum of 2 concurrent calls" in details(err)
     for stream in streams:
         stream.cancel()
-    await asyncio.sleep(0.2)
+    for _ in range(200):
+        if running.server.limits.calls == 0:
+            break
+        await asyncio.sleep(0.025)
     await running.memories.Recall(pb.RecallRequest(cue=vec(1), k=1))
 
 
 async def test_streams_over_the_server_wide_cap_are_resource_exhausted(start: Start) -> None:
     running = await start(max_streams=1)
     stream = await _subscribe(running, ())
-    held: _OpenBatch | None = None
-
-    async def second_stream() -> None:
-        nonlocal held
-        held = _OpenBatch(running, md("default"))
-        await held.finish()
-
-    err = await _eventually_refused(second_stream)
+    err = await _refused(_OpenBatch(running, md("default")).finish())
     assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "maximum of 1 open streams" in details(err)
     # Unary calls are not streams.
@@ -239,8 +238,9 @@ async def test_one_space_cannot_take_every_call_slot(
     write_entry(index_dir, "quiet", token="tq", volumes=volumes)
     running = await start(data_root=volumes, index_dir=index_dir, max_calls_per_space=1)
     held = _OpenBatch(running, md("busy", "tb"))
-    err = await _eventually_refused(
-        lambda: running.memories.Remember(
+    await _admitted(running, 1)
+    err = await _refused(
+        running.memories.Remember(
             pb.RememberRequest(memory=memory("more")), metadata=md("busy", "tb")
         )
     )
@@ -265,14 +265,8 @@ async def test_subscribers_over_the_per_space_cap_are_resource_exhausted(
     running = await start(data_root=volumes, index_dir=index_dir, max_subscribers_per_space=2)
     streams = [await _subscribe(running, md("watched", "tw")) for _ in range(2)]
 
-    async def third() -> None:
-        stream = running.memories.Subscribe(pb.SubscribeRequest(), metadata=md("watched", "tw"))
-        try:
-            await asyncio.wait_for(stream.read(), 0.3)
-        except TimeoutError:
-            stream.cancel()
-
-    err = await _eventually_refused(third)
+    third = running.memories.Subscribe(pb.SubscribeRequest(), metadata=md("watched", "tw"))
+    err = await _refused(third.read())
     assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "space 'watched' has its maximum of 2 open Subscribe streams" in details(err)
     # Other spaces, and calls on the same space, are not affected.
