@@ -32,6 +32,8 @@ from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 SECRET_KEYS = ("space", "endpoint", "token")
 CA_KEY = "ca.crt"
 """The key of the CA bundle in a credentials Secret (and its file in a mounted one)."""
+CERT_KEY, KEY_KEY = "tls.crt", "tls.key"
+"""The keys of a client certificate and its key in a credentials Secret (mutual TLS)."""
 TLS_ENV = {
     "secure": "MEMSPACE_SECURE",
     "ca_file": "MEMSPACE_CA_FILE",
@@ -70,6 +72,9 @@ class Credentials:
     cert_file: Path | None = None
     """PEM client certificate, for servers that require one (mutual TLS); with `key_file`."""
     key_file: Path | None = None
+    cert: bytes | None = None
+    """The client certificate in memory (PEM), instead of a file; with `key`."""
+    key: bytes | None = None
     server_name: str | None = None
     """The name the server's certificate must carry when it is not the endpoint's host (an
     endpoint reached through a port-forward, say)."""
@@ -83,25 +88,33 @@ class Credentials:
                 object.__setattr__(self, key, Path(value))  # a str given by a caller
         if (self.cert_file is None) != (self.key_file is None):
             raise CredentialsError("a client certificate needs both cert_file and key_file")
+        if (self.cert is None) != (self.key is None):
+            raise CredentialsError("a client certificate needs both cert and key")
         if self.ca is not None and self.ca_file is not None:
             raise CredentialsError("give the CA as ca_file or as ca, not both")
-        if not self.secure and (self.ca_file or self.ca or self.cert_file):
+        if self.cert is not None and self.cert_file is not None:
+            raise CredentialsError("give the client certificate as files or in memory, not both")
+        if not self.secure and (self.ca_file or self.ca or self.cert_file or self.cert):
             object.__setattr__(self, "secure", True)
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike[str]) -> Credentials:
-        """Read the files `space`, `endpoint`, `token` and `ca.crt` of a mounted Secret (each
-        optional; `ca.crt` turns TLS on)."""
+        """Read the files `space`, `endpoint`, `token`, `ca.crt`, `tls.crt` and `tls.key` of a
+        mounted Secret (each optional; `ca.crt` turns TLS on, `tls.crt` and `tls.key` are a
+        client certificate for mutual TLS)."""
         root = Path(directory)
         if not root.is_dir():
             raise CredentialsError(f"credentials directory {root} does not exist")
         found = {key: _read(root / key) for key in SECRET_KEYS if (root / key).exists()}
-        ca_file = root / CA_KEY
+        ca_file, cert_file, key_file = root / CA_KEY, root / CERT_KEY, root / KEY_KEY
+        pair = cert_file.exists() and key_file.exists()
         return cls(
             endpoint=found.get("endpoint") or DEFAULT_ENDPOINT,
             space=found.get("space") or None,
             token=found.get("token") or None,
             ca_file=ca_file if ca_file.exists() else None,
+            cert_file=cert_file if pair else None,
+            key_file=key_file if pair else None,
         )
 
     @classmethod
@@ -157,10 +170,10 @@ class Credentials:
         if not self.secure:
             return None
         roots = self.ca if self.ca is not None else _read_bytes(self.ca_file)
+        chain = self.cert if self.cert is not None else _read_bytes(self.cert_file)
+        key = self.key if self.key is not None else _read_bytes(self.key_file)
         return grpc.ssl_channel_credentials(
-            root_certificates=roots,
-            private_key=_read_bytes(self.key_file),
-            certificate_chain=_read_bytes(self.cert_file),
+            root_certificates=roots, private_key=key, certificate_chain=chain
         )
 
     def channel_options(self) -> list[tuple[str, Any]]:

@@ -103,8 +103,8 @@ def issue(
     lifetime: datetime.timedelta,
     ip_addresses: Iterable[str] = (),
 ) -> KeyPair:
-    """A leaf certificate signed by `ca` for these names, valid for `lifetime` (capped at the
-    CA's own expiry)."""
+    """A leaf certificate signed by `ca` for these names (none: a client certificate), valid
+    for `lifetime` (capped at the CA's own expiry), for server and client authentication."""
     ca_cert = ca.certificate
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
@@ -114,7 +114,7 @@ def issue(
     end = min(now + lifetime, ca_cert.not_valid_after_utc)
     names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
@@ -143,13 +143,14 @@ def issue(
             ),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if names:  # a client certificate may name nothing
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 

@@ -73,6 +73,7 @@ class Certifier:
         self.trust: bytes | None = None
         self.shards: set[int] = set()
         """Shards whose certificate is kept current (those that have been ensured)."""
+        self._operator_pair: certificates.KeyPair | None = None
         self._checked: set[int] = set()
         """Shards checked since the last renewal round: a reconcile does not read again."""
 
@@ -316,6 +317,37 @@ class Certifier:
             ) from err
         log.info("TLS: renewed the certificate of %s", naming.shard_name(shard))
         self._checked.add(shard)
+
+    # -- client certificates (mutual TLS) ----------------------------------------------------------
+
+    async def tenant_certificate(self, space_id: str) -> certificates.KeyPair | None:
+        """A client certificate for a space's credentials Secret, or None without mutual TLS.
+        Signed by the next CA and valid until its end: the Secret is written once, and the
+        next CA stays trusted through the following rotation, as does the Secret's ca.crt."""
+        if not (self.enabled and self._settings.tls_client_auth):
+            return None
+        authority = self._authority or await self._ensure_authority()
+        lifetime = authority.next.certificate.not_valid_after_utc - datetime.datetime.now(
+            datetime.UTC
+        )
+        return certificates.issue(authority.next, f"space {space_id}", [], lifetime)
+
+    def operator_certificate(self) -> certificates.KeyPair | None:
+        """The health checks' own client certificate (mutual TLS), renewed with a third of its
+        lifetime left or when another CA signs; None without mutual TLS or before the CA."""
+        authority = self._authority
+        if not (self.enabled and self._settings.tls_client_auth) or authority is None:
+            return None
+        held = self._operator_pair
+        if (
+            held is None
+            or not certificates.signed_by(held.cert, authority.current.cert)
+            or certificates.remaining(held.cert) <= RENEW_AT
+        ):
+            held = self._operator_pair = certificates.issue(
+                authority.current, "memspace-operator", [], self._settings.tls_cert_days * DAY
+            )
+        return held
 
     @staticmethod
     def _current(secret: dict[str, Any], authority: Authority, names: list[str]) -> bool:

@@ -1,6 +1,7 @@
 """The credentials Secret `<name>-memspace` in the MemorySpace's namespace: keys `space`,
 `endpoint` and `token`, all a client needs (design section 3), and `ca.crt` when the shards
-serve TLS (the CA bundle their certificates chain to).
+serve TLS (the CA bundle their certificates chain to), and `tls.crt`/`tls.key` with mutual TLS
+(the space's client certificate).
 
 The operator never reads Secrets outside the server namespace: its cluster-wide rights on
 Secrets are create and delete. So the token's SHA-256 in the shard's index is the record of
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from memspace_contract import index
-from memspace_operator import errors, kube, models, naming
+from memspace_operator import certificates, errors, kube, models, naming
 
 TOKEN_BYTES = 32
 
@@ -36,12 +37,18 @@ def new_token() -> str:
 
 
 def manifest(
-    space: models.MemorySpace, endpoint: str, token: str, ca: bytes | None = None
+    space: models.MemorySpace,
+    endpoint: str,
+    token: str,
+    ca: bytes | None = None,
+    client_pair: certificates.KeyPair | None = None,
 ) -> dict[str, Any]:
     ref = space.ref
     data = {"space": space.spec.space_id, "endpoint": endpoint, "token": token}
     if ca is not None:
         data["ca.crt"] = ca.decode()
+    if client_pair is not None:
+        data["tls.crt"], data["tls.key"] = client_pair.cert.decode(), client_pair.key.decode()
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -83,6 +90,7 @@ async def ensure(
     record: Callable[[str], Awaitable[None]],
     *,
     ca: bytes | None = None,
+    client_pair: Callable[[], Awaitable[certificates.KeyPair | None]] | None = None,
 ) -> tuple[str, bool]:
     """Make sure the Secret exists with a token whose hash the index holds. `record` writes a
     new hash to the index. Returns (token SHA-256, whether a new token was made)."""
@@ -92,7 +100,8 @@ async def ensure(
     token = new_token()
     digest = index.token_sha256(token)
     await record(digest)
-    body = manifest(space, endpoint, token, ca)
+    pair = None if client_pair is None else await client_pair()
+    body = manifest(space, endpoint, token, ca, pair)
     try:
         await client.create(kube.secrets(space.ref.namespace), body)
     except errors.AlreadyExistsError:

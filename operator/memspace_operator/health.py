@@ -18,7 +18,7 @@ import grpc
 
 from memspace_contract import client, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_operator import statuses
+from memspace_operator import certificates, statuses
 from memspace_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,11 @@ class Poller:
         shards_in_use: Callable[[], list[int]],
         on_health: Callable[[ShardHealth], Awaitable[None]],
         trust: Callable[[], bytes | None] = lambda: None,
+        client_pair: Callable[[], certificates.KeyPair | None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._trust = trust
+        self._client_pair = client_pair
         self._shards_in_use = shards_in_use
         self._on_health = on_health
         self._token = AdminToken(settings.admin_token_file)
@@ -150,10 +152,13 @@ class Poller:
     def _credentials(self, shard: int, token: str, trust: bytes | None) -> client.Credentials:
         if not self._settings.tls_enabled:
             return client.Credentials(endpoint=self._settings.endpoint(shard), token=token)
+        pair = self._client_pair()
         return client.Credentials(
             endpoint=self._settings.endpoint(shard),
             token=token,
             ca=trust,
+            cert=None if pair is None else pair.cert,
+            key=None if pair is None else pair.key,
             server_name=self._settings.shard_server_name(shard),
         )
 

@@ -48,7 +48,11 @@ class Operator:
         self.claims = watching.ClaimWatch(client, settings, self.on_claim)
         self.certifier = certifying.Certifier(client, settings)
         self.poller = health.Poller(
-            settings, self.shards_in_use, self.on_health, lambda: self.certifier.trust
+            settings,
+            self.shards_in_use,
+            self.on_health,
+            lambda: self.certifier.trust,
+            self.certifier.operator_certificate,
         )
         self.volume_notes: dict[spaces.SpaceId, str] = {}
         """Per space, a note for VolumeBound's message (a refused expansion, say)."""

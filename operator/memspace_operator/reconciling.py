@@ -24,7 +24,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from memspace_contract import spaces
-from memspace_operator import credentials, errors, kube, models, naming, statuses, tracking, volumes
+from memspace_operator import (
+    certificates,
+    credentials,
+    errors,
+    kube,
+    models,
+    naming,
+    statuses,
+    tracking,
+    volumes,
+)
 from memspace_operator.operating import Operator
 
 log = logging.getLogger(__name__)
@@ -198,7 +208,13 @@ async def _credentials_and_index(
     endpoint = op.settings.endpoint(shard)
     await op.certifier.ensure_shard(shard)
     trust = await op.certifier.require_trust()
-    digest, made = await credentials.ensure(op.kube, space, endpoint, trusted, record, ca=trust)
+
+    async def client_pair() -> certificates.KeyPair | None:
+        return await op.certifier.tenant_certificate(spec.space_id)
+
+    digest, made = await credentials.ensure(
+        op.kube, space, endpoint, trusted, record, ca=trust, client_pair=client_pair
+    )
     secret = naming.credentials_secret(space.ref.name)
     if made:
         op.recorder.normal(

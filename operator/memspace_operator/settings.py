@@ -114,6 +114,13 @@ class Settings(_Base):
         help="Secret in the server namespace (tls.crt, tls.key, ca.crt) that every shard serves "
         "with, made by cert-manager; unset: the operator's own CA issues one per shard",
     )
+    tls_client_auth: bool = setting(
+        False,
+        env="MEMSPACE_TLS_CLIENT_AUTH",
+        help="mutual TLS: shards accept only clients with a certificate of the operator's CA; "
+        "each credentials Secret gets one (tls.crt, tls.key) and the health checks present "
+        "one of their own. Needs the operator's own CA (no MEMSPACE_TLS_SECRET)",
+    )
     tls_ca_secret: str = setting(
         "memspace-ca",
         env="MEMSPACE_TLS_CA_SECRET",
@@ -167,6 +174,16 @@ class Settings(_Base):
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"{err!r}; only {{shard}} and {{namespace}} may be used") from err
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _client_auth_needs_the_operator_ca(self) -> Settings:
+        if self.tls_client_auth and (not self.tls_enabled or self.tls_secret is not None):
+            raise ValueError(
+                "MEMSPACE_TLS_CLIENT_AUTH needs TLS with the operator's own CA "
+                "(MEMSPACE_TLS_ENABLED true, MEMSPACE_TLS_SECRET unset): it issues the clients' "
+                "certificates"
+            )
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

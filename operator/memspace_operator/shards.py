@@ -42,6 +42,8 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             f"--tls-cert-file={naming.TLS_PATH}/tls.crt",
             f"--tls-key-file={naming.TLS_PATH}/tls.key",
         ]
+        if settings.tls_client_auth:
+            transport.append(f"--tls-client-ca-file={naming.TLS_PATH}/ca.crt")
     else:
         transport = ["--insecure"]
     for space_id in space_ids:

@@ -350,5 +350,9 @@ def test_a_mounted_secret_with_a_ca_turns_tls_on(tmp_path: Path) -> None:
         ("grpc.ssl_target_name_override", "memspace-shard-0.ns.svc")
     ]
     assert not client.Credentials.from_env({}).secure
+    for key in ("tls.crt", "tls.key"):
+        (secret / key).write_text("PEM")
+    mutual = client.Credentials.from_directory(secret)
+    assert (mutual.cert_file, mutual.key_file) == (secret / "tls.crt", secret / "tls.key")
     with pytest.raises(client.CredentialsError, match="both cert_file and key_file"):
         client.Credentials(cert_file=Path("/c.crt"))

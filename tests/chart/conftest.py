@@ -192,6 +192,7 @@ def full_values(server_namespace: str) -> dict[str, Any]:
             "caLifetimeDays": 1825,
             "certLifetimeDays": 30,
             "clusterDomain": "corp.example",
+            "clientAuth": True,
         },
         "networkPolicy": {
             "enabled": True,

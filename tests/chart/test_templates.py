@@ -219,6 +219,7 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "MEMSPACE_TLS_CA_DAYS": "1825",
         "MEMSPACE_TLS_CERT_DAYS": "30",
         "MEMSPACE_CLUSTER_DOMAIN": "corp.example",
+        "MEMSPACE_TLS_CLIENT_AUTH": "true",
         "MEMSPACE_LOG_FORMAT": "json",
     }
     # The operator reads them as meant (and would refuse to start on a bad one).
@@ -242,6 +243,10 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
     assert settings.tls_secret is None
     assert (settings.tls_ca_days, settings.tls_cert_days) == (1825, 30)
     assert settings.cluster_domain == "corp.example"
+    assert settings.tls_client_auth
+    statefulset, _ = shard_objects(settings)
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert f"--tls-client-ca-file={naming.TLS_PATH}/ca.crt" in container["args"]
 
 
 def test_by_default_the_operator_gets_the_design_s_settings(helm: Helm) -> None:
@@ -266,6 +271,7 @@ def test_by_default_the_operator_gets_the_design_s_settings(helm: Helm) -> None:
     assert settings.tls_ca_days == defaults.tls_ca_days
     assert settings.tls_cert_days == defaults.tls_cert_days
     assert settings.cluster_domain == defaults.cluster_domain
+    assert settings.tls_client_auth is defaults.tls_client_auth is False
     assert find(objects, "Certificate") == []
     # Every variable the chart sets is one the operator reads.
     known = {Settings.env(name) for name in Settings.model_fields}
@@ -457,3 +463,11 @@ def test_with_tls_off_the_shards_run_insecure_and_no_certificate_is_made(helm: H
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert "--insecure" in container["args"]
     assert not [arg for arg in container["args"] if arg.startswith("--tls-")]
+
+
+def test_mutual_tls_with_cert_manager_is_refused_saying_why(helm: Helm, tmp_path: Path) -> None:
+    values = {"tls": {"clientAuth": True, "certManager": {"issuerRef": {"name": "ca"}}}}
+    with values_file(values, tmp_path) as path:
+        result = helm.run("template", "memspace", str(CHART), "-f", str(path), check=False)
+    assert result.returncode != 0
+    assert "tls.clientAuth needs the operator's own CA" in result.stderr

@@ -200,11 +200,14 @@ def tenant_credentials(
     assert data is not None, f"no credentials Secret for {namespace}/{name}"
     ca = data.get("ca.crt")
     shard = ((kube.space(namespace, name) or {}).get("status") or {}).get("shard")
+    cert, key = data.get("tls.crt"), data.get("tls.key")
     return client.Credentials(
         endpoint=data["endpoint"],
         space=data["space"],
         token=data["token"],
         ca=ca.encode() if ca else None,
+        cert=cert.encode() if cert else None,
+        key=key.encode() if key else None,
         server_name=f"memspace-shard-{shard}.{server_namespace}.svc" if ca else None,
     )
 

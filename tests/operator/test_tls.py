@@ -197,6 +197,38 @@ async def test_the_next_ca_takes_over_and_running_shards_serve_its_certificates(
         assert body
 
 
+async def test_with_mutual_tls_only_clients_with_a_certificate_of_the_ca_get_in(
+    deployment: Deployment, kubelet: FakeKubelet
+) -> None:
+    kube, ns, server_ns = deployment.kube, deployment.namespace, deployment.server_namespace
+    with deployment.running(MEMSPACE_TLS_CLIENT_AUTH="true"):
+        deployment.apply("mutual", embeddingDim=DIM)
+        # The health checks present the operator's own client certificate.
+        await asyncio.to_thread(deployment.wait_condition, "mutual", "Healthy", "True")
+        statefulset = kube.statefulset(server_ns, "memspace-shard-0") or {}
+        (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+        assert "--tls-client-ca-file=/etc/memspace/tls/ca.crt" in container["args"]
+
+        tenant = kube.secret(ns, "mutual-memspace") or {}
+        assert set(tenant) == {"space", "endpoint", "token", "ca.crt", "tls.crt", "tls.key"}
+        ca = kube.secret(server_ns, "memspace-ca") or {}
+        pair = certificates.KeyPair(pem(tenant, "tls.crt"), pem(tenant, "tls.key"))
+        assert certificates.matches(pair)
+        # Signed by the next CA, and valid as long: it outlives the next rotation.
+        assert certificates.signed_by(pair.cert, pem(ca, "next.crt"))
+        next_ca = x509.load_pem_x509_certificate(pem(ca, "next.crt"))
+        assert pair.certificate.not_valid_after_utc == next_ca.not_valid_after_utc
+
+        credentials = tenant_credentials(kube, ns, "mutual", server_ns)
+        assert await recall_code(credentials) is grpc.StatusCode.OK
+        without = dataclasses.replace(credentials, cert=None, key=None)
+        assert await recall_code(without) is grpc.StatusCode.UNAVAILABLE
+        stranger_ca = certificates.new_ca("stranger", datetime.timedelta(days=1))
+        forged = certificates.issue(stranger_ca, "forged", [], datetime.timedelta(days=1))
+        with_forged = dataclasses.replace(credentials, cert=forged.cert, key=forged.key)
+        assert await recall_code(with_forged) is grpc.StatusCode.UNAVAILABLE
+
+
 def test_with_tls_off_shards_run_insecure_and_tenants_get_no_ca(deployment: Deployment) -> None:
     kube, server_ns = deployment.kube, deployment.server_namespace
     with deployment.running(MEMSPACE_TLS_ENABLED="false"):
