@@ -8,7 +8,9 @@
 - p99 Remember latency at 32 concurrent writers, and the echo server's p99 at 32 callers;
 - fan-out: space B's Remember p99 while space A has 1,000 subscribers and takes batches, vs
   alone (`subscribe_fanout_remember_p99_ratio`; the subscribers run in another process);
-- time from start to serving with 10,000 spaces on disk (vs one space).
+- time from start to serving with 10,000 spaces on disk (vs one space);
+- TLS: unary Recall throughput and the time to a first answer on a new connection, a TLS server
+  vs a plaintext one over the same space (rounds interleaved).
 
 Servers run as `memspace serve` subprocesses (the load generator runs here), so the figures
 include process start, imports and the real flags. `python -m benchmarks.grpc_bench echo` is the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -45,7 +48,7 @@ from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 REPO = Path(__file__).resolve().parents[1]
 ECHO_METHOD = "/bench.Echo/Echo"
 CONCURRENCY = 32
-PARTS = ("throughput", "restart", "many", "fanout")
+PARTS = ("throughput", "restart", "many", "fanout", "tls")
 _ADDRESS = re.compile(r"serving (?:\d+ spaces )?on (\S+)")
 
 
@@ -420,6 +423,77 @@ async def p99(
     results["inprocess_remember_p99_ms_32_writers"] = round(p99_ms(local), 2)
 
 
+# -- TLS -------------------------------------------------------------------------------------
+
+
+def tls_files(work: Path) -> bytes:
+    """A CA and a certificate for `localhost` it signed, in `work`; returns the CA (PEM)."""
+    import datetime  # noqa: PLC0415
+
+    from memspace_operator import certificates  # noqa: PLC0415  # the operator's own issuer
+
+    work.mkdir(parents=True, exist_ok=True)
+    ca = certificates.new_ca("bench", datetime.timedelta(days=1))
+    leaf = certificates.issue(ca, "bench", ["localhost"], datetime.timedelta(days=1))
+    (work / "tls.crt").write_bytes(leaf.cert)
+    (work / "tls.key").write_bytes(leaf.key)
+    return ca.cert
+
+
+async def tls(results: dict[str, object], work: Path, quick: bool) -> None:
+    """The same space behind a plaintext and a TLS `memspace serve`: Recall QPS at CONCURRENCY
+    and the median time from a new channel to its first answer (the handshake), interleaved."""
+    seconds = 1.5 if quick else 3.0
+    rounds = 2 if quick else 3
+    connects = 30 if quick else 100
+    ca = tls_files(work)
+    plain_data, tls_data = work / "plain", work / "tls"
+    plain = memspace_serve(plain_data, work / "plain.log")
+    with running(plain):
+        async with grpc.aio.insecure_channel(plain.address) as channel:
+            await pb_grpc.SpaceServiceStub(channel).CreateSpace(
+                pb.CreateSpaceRequest(space="recall", embedding_dim=64)
+            )
+            await fill(pb_grpc.MemoryServiceStub(channel), "recall", 1_000, 64)
+    copy_space(plain_data, tls_data, "recall")
+    files = ("--tls-cert-file", str(work / "tls.crt"), "--tls-key-file", str(work / "tls.key"))
+    secured = memspace_serve(tls_data, work / "tls.log", *files)
+    plain = memspace_serve(plain_data, work / "plain.log")
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    credentials = grpc.ssl_channel_credentials(ca)
+
+    def channel_to(name: str) -> grpc.aio.Channel:
+        if name == "plaintext":
+            return grpc.aio.insecure_channel(plain.address)
+        return grpc.aio.secure_channel(secured.address, credentials, options=options)
+
+    recall = pb.RecallRequest(space="recall", cue=vectors(1, 64)[0].tolist(), k=10)
+    rates: dict[str, list[float]] = {"plaintext": [], "tls": []}
+    first: dict[str, list[float]] = {"plaintext": [], "tls": []}
+    with running(plain), running(secured):
+        held = {name: channel_to(name) for name in rates}
+        try:
+            for _ in range(rounds):
+                for name, channel in held.items():
+                    call = functools.partial(pb_grpc.MemoryServiceStub(channel).Recall, recall)
+                    rate, _ = await closed_loop(call, CONCURRENCY, seconds)
+                    rates[name].append(rate)
+            for _ in range(connects):
+                for name, samples in first.items():
+                    started = time.perf_counter()
+                    async with channel_to(name) as fresh:
+                        await pb_grpc.MemoryServiceStub(fresh).Recall(recall)
+                    samples.append(time.perf_counter() - started)
+        finally:
+            for channel in held.values():
+                await channel.close(None)
+    results["tls_recall_qps"] = round(max(rates["tls"]))
+    results["plaintext_recall_qps"] = round(max(rates["plaintext"]))
+    results["tls_vs_plaintext_recall"] = round(max(rates["tls"]) / max(rates["plaintext"]), 3)
+    results["tls_first_call_ms"] = round(median_ms(first["tls"]), 2)
+    results["plaintext_first_call_ms"] = round(median_ms(first["plaintext"]), 2)
+
+
 # -- many spaces ---------------------------------------------------------------------------
 
 
@@ -696,6 +770,10 @@ async def _run(
         started = time.perf_counter()
         await fanout(results, work, quick)
         print(f"   fan-out: {time.perf_counter() - started:.0f} s", flush=True)
+    if "tls" in parts:
+        started = time.perf_counter()
+        await tls(results, work / "tls-bench", quick)
+        print(f"   TLS vs plaintext: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 async def _throughput(results: dict[str, object], quick: bool, work: Path) -> None:
