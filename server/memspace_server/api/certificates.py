@@ -111,6 +111,9 @@ class Reloading:
         except OSError as err:
             raise CertificateError(f"cannot read a TLS file: {err}") from err
         self.current = load(files)
+        self._refused: tuple[Stamp, ...] | None = None
+        """Stamps of a changed set that could not be used: not read again until they change."""
+        self._problem: str | None = None
         self.reloads = 0
         """Certificate sets loaded after the first (a figure for tests and logs)."""
 
@@ -123,20 +126,31 @@ class Reloading:
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """grpc's certificate fetcher: a new configuration, or None to keep the current one.
-        Runs on one of grpc's threads at each handshake; must not raise."""
+        Runs on one of grpc's threads at each handshake; must not raise. A set of files that
+        cannot be used is warned about once and not read again until it changes."""
         with self._lock:
             try:
                 stamps = _stamps(self.files)
-                if stamps == self._stamps:
-                    return None
+            except OSError as err:
+                self._refuse(None, f"cannot read a TLS file: {err}")
+                return None
+            if stamps in (self._stamps, self._refused):
+                return None
+            try:
                 loaded = load(self.files)
-            except (OSError, CertificateError) as err:
-                log.warning(
-                    "TLS files changed but cannot be used yet (%s); keeping the previous", err
-                )
+            except CertificateError as err:
+                self._refuse(stamps, str(err))
                 return None
             self._stamps = stamps
+            self._refused = None
             self.current = loaded
             self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.files.cert)
         return loaded.configuration()
+
+    def _refuse(self, stamps: tuple[Stamp, ...] | None, problem: str) -> None:
+        if problem != self._problem:
+            log.warning("TLS files changed but cannot be used (%s); keeping the previous", problem)
+        self._problem = problem
+        if stamps is not None:
+            self._refused = stamps
