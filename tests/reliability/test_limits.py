@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -71,16 +70,10 @@ async def test_five_maximal_batch_streams_keep_the_server_under_one_gib(
     finally:
         sampling = False
         await sampler
-    refusal = "RESOURCE_EXHAUSTED: a RememberBatch stream carries at most 67108864 bytes"
-    for n, (code, why) in enumerate(codes):
-        # The server refuses each stream (its log says so); the client sees that status, or,
-        # when its own side was still sending as the refusal arrived, grpc's client reports
-        # "Internal error from Core" instead (a client-side artefact of a stream ended early).
-        assert re.search(rf"{refusal}.*\[space=flood-{n} ", server.log()), n
-        if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
-            assert (code, why) == (grpc.StatusCode.INTERNAL, "Internal error from Core"), n
-        else:
-            assert "at most 67108864 bytes" in why
+    # The refused streams are read to their end (and thrown away): their clients get the
+    # refusal, not a stream cut off under them.
+    assert {code for code, _ in codes} == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert all("at most 67108864 bytes" in why for _, why in codes)
     assert peak < GIB_KIB, f"peak RSS {peak // 1024} MiB"
     async with connect(address) as stubs:
         for n in range(limits_bench.STREAMS):
