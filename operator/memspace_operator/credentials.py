@@ -10,12 +10,19 @@ which token the Secret holds, and it is written *before* the Secret is created:
 1. When the index holds a hash from this incarnation of the space, a dry-run create tells
    whether the Secret exists (it needs only the create right); if it does, done: the token is
    never rotated by accident.
-2. Otherwise a new token is made, its hash written to the index, then the Secret is created.
-   A Secret of that name found then is stale (from an earlier owner of the name, or a run
-   interrupted before its hash was recorded) and is replaced.
+2. Otherwise a new token is made, its hash written to the index, then the Secret is created,
+   and the uid the API server gave it is recorded on the space's PVC (`proof`).
 
-A crash between 2's two writes leaves a hash whose Secret does not exist: the next run finds
-no Secret and makes a new token. Deleting the Secret on purpose rotates the token the same way.
+A Secret of that name found at 2 is deleted only with the recorded uid as a precondition, so
+the API server deletes exactly the Secret the operator made and nothing else. A Secret it cannot
+prove it made (a tenant's own, or one from a run interrupted between creating it and recording
+its uid) is left alone: the space's index entry is withdrawn and the space waits, with reason
+SecretNotOwned, until the tenant deletes or renames it. The same proof guards the delete at
+deletion; without one the Secret's ownerReference lets the garbage collector remove it.
+
+A crash between 2's first two writes leaves a hash whose Secret does not exist: the next run
+finds no Secret and makes a new token. Deleting the Secret on purpose rotates the token the same
+way.
 """
 
 from __future__ import annotations
@@ -82,6 +89,25 @@ async def exists(client: kube.Kube, space: models.MemorySpace) -> bool:
     return False
 
 
+def not_owned(space: models.MemorySpace) -> errors.SecretNotOwnedError:
+    secret = naming.credentials_secret(space.ref.name)
+    return errors.SecretNotOwnedError(
+        f"a Secret named {secret} already exists in this namespace and memspace did not make it "
+        "(memspace never reads, replaces or deletes a Secret it did not create); delete or "
+        f"rename that Secret and the credentials are created at the next check"
+    )
+
+
+async def _delete_own(client: kube.Kube, url: str, proof: str | None) -> bool:
+    """Delete the Secret at `url` if it is the one whose uid is `proof`; whether it was."""
+    if proof is None:
+        return False
+    try:
+        return await client.delete(url, uid=proof)
+    except errors.ConflictError:
+        return False  # another Secret of that name: not ours
+
+
 async def ensure(
     client: kube.Kube,
     space: models.MemorySpace,
@@ -91,34 +117,39 @@ async def ensure(
     *,
     ca: bytes | None = None,
     client_pair: Callable[[], Awaitable[certificates.KeyPair | None]] | None = None,
+    proof: str | None,
+    remember: Callable[[str], Awaitable[None]],
 ) -> tuple[str, bool]:
     """Make sure the Secret exists with a token whose hash the index holds. `record` writes a
-    new hash to the index. Returns (token SHA-256, whether a new token was made)."""
+    new hash to the index; `proof` is the uid of the Secret the operator last created and
+    `remember` records a new one. Returns (token SHA-256, whether a new token was made);
+    errors.SecretNotOwnedError when a Secret of that name is not the operator's."""
     if trusted_sha256 is not None and await exists(client, space):
         return trusted_sha256, False
     url = kube.secrets(space.ref.namespace, naming.credentials_secret(space.ref.name))
+    if await exists(client, space) and not await _delete_own(client, url, proof):
+        raise not_owned(space)
     token = new_token()
     digest = index.token_sha256(token)
     await record(digest)
     pair = None if client_pair is None else await client_pair()
     body = manifest(space, endpoint, token, ca, pair)
     try:
-        await client.create(kube.secrets(space.ref.namespace), body)
-    except errors.AlreadyExistsError:
-        await client.delete(url)  # stale: its token's hash is in no index
-        try:
-            await client.create(kube.secrets(space.ref.namespace), body)
-        except errors.AlreadyExistsError as err:
-            raise errors.TemporaryError(
-                f"credentials Secret {url} is still being deleted; retrying", delay=2.0
-            ) from err
+        created = await client.create(kube.secrets(space.ref.namespace), body)
+    except errors.AlreadyExistsError as err:
+        raise errors.TemporaryError(
+            f"credentials Secret {url} is still being deleted; retrying", delay=2.0
+        ) from err
+    await remember(str(created["metadata"]["uid"]))
     return digest, True
 
 
-async def remove(client: kube.Kube, ref: models.SpaceRef) -> bool:
+async def remove(client: kube.Kube, ref: models.SpaceRef, proof: str | None) -> bool:
+    """Delete the credentials Secret if it is the one the operator made (uid `proof`); without a
+    proof, the Secret's ownerReference lets the garbage collector remove it."""
     url = kube.secrets(ref.namespace, naming.credentials_secret(ref.name))
     try:
-        return await client.delete(url)
+        return await _delete_own(client, url, proof)
     except errors.ForbiddenError:
         # The namespace is terminating or gone with everything in it.
         return False

@@ -10,8 +10,10 @@ to kopf (TemporaryError with a delay, PermanentError) in one place.
     │       ├── ForbiddenError          403: RBAC is missing a rule; retried slowly
     │       ├── InvalidError            422: the object was refused (see PermanentError)
     │       └── GoneError               410: a watch's resourceVersion is too old
+    ├── SecretNotOwnedError     a Secret of the credentials' name that memspace did not make
     └── PermanentError          no retry helps until the MemorySpace changes
-        └── InvalidSpecError    the spec cannot be used (the schema should have caught it)
+        ├── InvalidSpecError    the spec cannot be used (the schema should have caught it)
+        └── ClassLimitError     the spec asks for more than its MemorySpaceClass allows
 
 `reason` is the CamelCase reason shown in conditions and Events.
 """
@@ -76,6 +78,13 @@ class GoneError(ApiError):
     reason = "Expired"
 
 
+class SecretNotOwnedError(OperatorError):
+    """The credentials Secret's name is taken by a Secret memspace cannot prove it made; it is
+    left alone, and the space waits (re-checked at every resync) until it is gone."""
+
+    reason = "SecretNotOwned"
+
+
 class PermanentError(OperatorError):
     """No retry helps until the MemorySpace changes; reported in the Ready condition."""
 
@@ -84,6 +93,13 @@ class PermanentError(OperatorError):
 
 class InvalidSpecError(PermanentError):
     reason = "InvalidSpec"
+
+
+class ClassLimitError(PermanentError):
+    """The spec asks for more than its MemorySpaceClass allows (or names a class that does not
+    exist); re-checked at every resync, so a class raised by the platform admin takes effect."""
+
+    reason = "ClassLimitExceeded"
 
 
 def api_error(status: int, body: object) -> ApiError:

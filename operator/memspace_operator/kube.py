@@ -226,9 +226,18 @@ class Kube:
         )
         return answer
 
-    async def delete(self, url_path: str, *, missing_ok: bool = True) -> bool:
-        """Delete an object in the background; False when it was not there (and missing_ok)."""
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    async def delete(
+        self, url_path: str, *, missing_ok: bool = True, uid: str | None = None
+    ) -> bool:
+        """Delete an object in the background; False when it was not there (and missing_ok).
+        With `uid`, only that very object: another of the same name is a ConflictError."""
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             await self.request("DELETE", url_path, body=body)
         except errors.NotFoundError:

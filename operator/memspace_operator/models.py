@@ -51,6 +51,11 @@ class SpaceSpec:
     tiers: index.Tiers
     quota: index.Quota
     state: index.State
+    class_name: str | None = None
+    """spec.className; None: the default class (if any)."""
+    unset: frozenset[str] = frozenset()
+    """The fields a MemorySpaceClass may default that the spec leaves unset (DEFAULTABLE);
+    they hold the built-in defaults here, which a class default replaces."""
 
     @property
     def size_bytes(self) -> decimal.Decimal:
@@ -64,6 +69,18 @@ class MemorySpace:
     spec: SpaceSpec
     deleting: bool
     status: Mapping[str, Any]
+
+
+DEFAULTABLE = (
+    "hotCapacity",
+    "storageSize",
+    "storageClassName",
+    "maxMemories",
+    "maxWritesPerSecond",
+    "maxRecallsPerSecond",
+)
+DEFAULT_HOT_CAPACITY = 100_000
+DEFAULT_SIZE = "10Gi"
 
 
 def quantity(value: str) -> decimal.Decimal:
@@ -113,13 +130,13 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
             f"spec.embeddingDim is {dim}; allowed 1..{index.MAX_EMBEDDING_DIM}"
         )
     storage = _section(spec, "storage")
-    size = str(storage.get("size") or "10Gi")
+    size = str(storage.get("size") or DEFAULT_SIZE)
     if quantity(size) <= 0:
         raise errors.InvalidSpecError(f"spec.storage.size {size!r} must be above zero")
     storage_class = storage.get("storageClassName") or None
     reclaim = _choice(storage.get("reclaimPolicy", "Retain"), ("Retain", "Delete"), "reclaimPolicy")
     tiers_doc = _section(spec, "tiers")
-    hot = _int(tiers_doc, "hotCapacity", 100_000, "spec.tiers")
+    hot = _int(tiers_doc, "hotCapacity", DEFAULT_HOT_CAPACITY, "spec.tiers")
     warm = _int(tiers_doc, "warmCapacity", 1_000_000, "spec.tiers")
     assert hot is not None
     assert warm is not None
@@ -130,12 +147,22 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     )
     quota_doc = _section(spec, "quota")
     max_memories = _int(quota_doc, "maxMemories", None, "spec.quota")
-    rate = quota_doc.get("maxWritesPerSecond")
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
-        raise errors.InvalidSpecError(f"spec.quota.maxWritesPerSecond must be a number: {rate!r}")
-    if (max_memories is not None and max_memories < 1) or (rate is not None and rate <= 0):
+    rate = _rate(quota_doc, "maxWritesPerSecond")
+    recalls = _rate(quota_doc, "maxRecallsPerSecond")
+    if max_memories is not None and max_memories < 1:
         raise errors.InvalidSpecError("spec.quota values must be above zero when set")
     state = _choice(spec.get("state", "Active"), index.STATES, "spec.state")
+    class_name = spec.get("className") or None
+    if class_name is not None and not isinstance(class_name, str):
+        raise errors.InvalidSpecError(f"spec.className must be a string, got {class_name!r}")
+    given = {
+        "hotCapacity": "hotCapacity" in tiers_doc,
+        "storageSize": bool(storage.get("size")),
+        "storageClassName": bool(storage_class),
+        "maxMemories": max_memories is not None,
+        "maxWritesPerSecond": rate is not None,
+        "maxRecallsPerSecond": recalls is not None,
+    }
     return SpaceSpec(
         space_id=space_id,
         embedding_dim=dim,
@@ -147,9 +174,26 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
             warm_capacity=warm,
             cold_compression=cast("index.Compression", compression),
         ),
-        quota=index.Quota(max_memories=max_memories, max_writes_per_second=rate),
+        quota=index.Quota(
+            max_memories=max_memories,
+            max_writes_per_second=rate,
+            max_recalls_per_second=recalls,
+        ),
         state=cast("index.State", state),
+        class_name=class_name,
+        unset=frozenset(name for name, present in given.items() if not present),
     )
+
+
+def _rate(quota_doc: Mapping[str, Any], key: str) -> float | None:
+    rate = quota_doc.get(key)
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        raise errors.InvalidSpecError(f"spec.quota.{key} must be a number: {rate!r}")
+    if rate <= 0:
+        raise errors.InvalidSpecError("spec.quota values must be above zero when set")
+    return rate
 
 
 def parse(body: Mapping[str, Any]) -> MemorySpace:

@@ -30,6 +30,12 @@ OWNER_UID = "memspace.dev/owner-uid"
 """Annotation on a space's PVC: the uid of the MemorySpace that holds its space ID."""
 OWNER_FULL_NAME = "memspace.dev/owner"
 """Annotation: namespace/name of the owner, in full (a label value holds at most 63 chars)."""
+RELEASE_TO = "memspace.dev/release-to-namespace"
+"""Annotation a platform admin puts on a retained PVC: the one namespace (other than its owner
+namespace) whose MemorySpace may adopt it. Without it only the owner namespace may."""
+CREDENTIALS_UID = "memspace.dev/credentials-uid"
+"""Annotation on a space's PVC: the uid of the credentials Secret the operator created, the
+proof that lets it delete that Secret (and no other of the same name)."""
 
 FINALIZER = "memspace.dev/finalizer"
 SERVER_PORT = 50051
@@ -40,6 +46,7 @@ VOLUMES_PATH = "/var/lib/memspace/spaces"
 INDEX_PATH = "/etc/memspace/spaces"
 ADMIN_PATH = "/etc/memspace/admin"
 TLS_PATH = "/etc/memspace/tls"
+METRICS_TOKEN_PATH = "/etc/memspace/metrics"  # noqa: S105  # a directory, not a secret
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 

@@ -17,6 +17,7 @@ from typing import Any
 from memspace_contract import spaces
 from memspace_operator import (
     certifying,
+    classes,
     events,
     health,
     indexing,
@@ -40,6 +41,7 @@ class Operator:
         self.kube = client
         self.recorder = events.Recorder()
         self.book = tracking.Book(client)
+        self.classes = classes.Catalog(client, settings.storage_class)
         self.assignments = sharding.Shards(settings.max_spaces_per_shard, settings.max_shards)
         self.index = indexing.Index(client, settings)
         self.mounter = mounting.Mounter(

@@ -19,6 +19,7 @@ duplicated or orphaned. The order is chosen so that every crash point is recover
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 from memspace_contract import spaces
 from memspace_operator import (
     certificates,
+    classes,
     credentials,
     errors,
     kube,
@@ -119,10 +121,12 @@ async def _claim(op: Operator, tracked: tracking.Tracked) -> volumes.Claim:
 
 
 async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
-    space = tracked.space
+    requested = tracked.requested or tracked.space
+    applied = await op.classes.apply(requested)
+    tracked.space = space = dataclasses.replace(requested, spec=applied.spec)
     claim = await _claim(op, tracked)
-    if claim.holder is not None:
-        await _conflict(op, tracked, claim.holder)
+    if claim.conflict is not None:
+        await _conflict(op, tracked, claim.conflict)
         return
     op.book.set_owner(tracked, True)
     tracked.observed.claim_name = naming.claim_name(space.spec.space_id)
@@ -133,10 +137,24 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
     tracked.observed.shard = shard
     tracked.observed.endpoint = op.settings.endpoint(shard)
     await _expand(op, tracked, pvc)
-    secret = await _credentials_and_index(op, tracked, shard, fresh=claim.fresh)
+    try:
+        secret = await _credentials_and_index(op, tracked, shard, pvc, fresh=claim.fresh)
+    except errors.SecretNotOwnedError as err:
+        await op.index.remove(shard, space.spec.space_id)  # no token of it is known
+        observed = tracked.observed
+        before = observed.problem
+        _clear_children(observed)
+        observed.problem = statuses.Problem(err.reason, err.message)
+        if before != observed.problem:
+            op.recorder.warning(space.ref, err.reason, err.message)
+        _publish(op, tracked)
+        return
     op.mounter.request(shard)
     observed = tracked.observed
-    observed.problem = None
+    before = observed.problem
+    observed.problem = _exceeded(applied)
+    if observed.problem is not None and observed.problem != before:
+        op.recorder.warning(space.ref, observed.problem.reason, observed.problem.message)
     observed.credentials_secret = secret
     observed.volume = op.volume_condition(space.spec.space_id, pvc)
     observed.mount = op.mount_condition(space.spec.space_id)
@@ -145,14 +163,27 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
     _publish(op, tracked)
 
 
-async def _conflict(op: Operator, tracked: tracking.Tracked, holder: str) -> None:
+def _exceeded(applied: classes.Applied) -> statuses.Problem | None:
+    """ClassLimitExceeded for a space served at its class's limits rather than its spec's."""
+    if not applied.exceeded:
+        return None
+    return statuses.Problem(
+        "ClassLimitExceeded",
+        "; ".join(applied.exceeded)
+        + ": the space is served at the class's limits; lower the spec or ask the platform "
+        "admin for another class",
+    )
+
+
+async def _conflict(op: Operator, tracked: tracking.Tracked, why: str) -> None:
     op.book.set_owner(tracked, False)
     observed = tracked.observed
     _clear_children(observed)
     observed.problem = statuses.Problem(
         "SpaceIdConflict",
-        f"space ID {tracked.space.spec.space_id!r} is held by MemorySpace {holder}; set another "
-        "spec.spaceId (or delete that MemorySpace, which frees it)",
+        f"space ID {tracked.space.spec.space_id!r} {why}; set another spec.spaceId (space IDs "
+        "are unique in the cluster; a volume kept from a deleted space passes to another "
+        "namespace only when a platform admin releases it)",
     )
     op.recorder.warning(tracked.ref, "SpaceIdConflict", observed.problem.message)
     _publish(op, tracked)
@@ -192,7 +223,7 @@ async def _assign(
 
 
 async def _credentials_and_index(
-    op: Operator, tracked: tracking.Tracked, shard: int, *, fresh: bool
+    op: Operator, tracked: tracking.Tracked, shard: int, pvc: dict[str, Any], *, fresh: bool
 ) -> str:
     """The credentials Secret and the index entry; returns the Secret's name."""
     space = tracked.space
@@ -205,6 +236,9 @@ async def _credentials_and_index(
     async def record(digest: str) -> None:
         await op.index.put(shard, models.index_entry(spec, digest))
 
+    async def remember(uid: str) -> None:
+        await volumes.record_credentials(op.kube, op.settings, pvc, uid)
+
     endpoint = op.settings.endpoint(shard)
     await op.certifier.ensure_shard(shard)
     trust = await op.certifier.require_trust()
@@ -212,8 +246,17 @@ async def _credentials_and_index(
     async def client_pair() -> certificates.KeyPair | None:
         return await op.certifier.tenant_certificate(spec.space_id)
 
+    proof = None if fresh else volumes.credentials_uid(pvc)
     digest, made = await credentials.ensure(
-        op.kube, space, endpoint, trusted, record, ca=trust, client_pair=client_pair
+        op.kube,
+        space,
+        endpoint,
+        trusted,
+        record,
+        ca=trust,
+        client_pair=client_pair,
+        proof=proof,
+        remember=remember,
     )
     secret = naming.credentials_secret(space.ref.name)
     if made:
@@ -284,10 +327,8 @@ async def finalize(op: Operator, body: Mapping[str, Any]) -> None:
     try:
         space = models.parse(body)
     except errors.InvalidSpecError:
-        # Nothing was made for a spec that never parsed, beyond perhaps its Secret.
-        metadata = body.get("metadata") or {}
-        ref = models.SpaceRef(metadata["namespace"], metadata["name"], metadata.get("uid", ""))
-        await credentials.remove(op.kube, ref)
+        # Nothing was made for a spec that never parsed (a Secret left by an earlier spec goes
+        # with the MemorySpace: its ownerReference lets the garbage collector take it).
         return
     tracked = op.book.track(space)
     async with tracked.lock:
@@ -326,7 +367,9 @@ async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
             f"detached from {naming.shard_name(shard)}"
             + (" and removed from its index" if removed else ""),
         )
-    await credentials.remove(op.kube, space.ref)
+    await credentials.remove(
+        op.kube, space.ref, volumes.credentials_uid(pvc) if pvc is not None else None
+    )
     if pvc is not None:
         done = await volumes.release(
             op.kube, op.settings, space, delete=space.spec.reclaim_policy == "Delete"

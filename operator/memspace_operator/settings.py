@@ -84,6 +84,13 @@ class Settings(_Base):
         help="Secret (key `token`) in the server namespace that the shard pods mount as their "
         "admin token; the chart creates it",
     )
+    metrics_token_secret: str | None = setting(
+        None,
+        env="MEMSPACE_METRICS_TOKEN_SECRET",
+        help="Secret (key `token`) in the server namespace whose token the shards' metrics port "
+        "requires as `Authorization: Bearer` (`memspace serve --metrics-token-file`); the chart "
+        "creates it. Unset: the metrics port answers anyone who reaches it",
+    )
     shard_endpoint_template: str = setting(
         DEFAULT_ENDPOINT_TEMPLATE,
         env="MEMSPACE_SHARD_ENDPOINT_TEMPLATE",

@@ -1,6 +1,6 @@
 """The objects of one server shard: StatefulSet `memspace-shard-N` (one replica) and Service
 `memspace-shard-N`, mounting the shard's index Secret, the admin token, its TLS Secret (unless
-TLS is off) and one PVC per space.
+TLS is off), the metrics token (when the metrics port requires one) and one PVC per space.
 
 Only manifests and their comparison live here; `mounting` decides when they are written.
 """
@@ -46,6 +46,15 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             transport.append(f"--tls-client-ca-file={naming.TLS_PATH}/ca.crt")
     else:
         transport = ["--insecure"]
+    metrics_args = []
+    if settings.metrics_token_secret:
+        volumes.append(
+            {"name": "metrics-token", "secret": {"secretName": settings.metrics_token_secret}}
+        )
+        mounts.append(
+            {"name": "metrics-token", "mountPath": naming.METRICS_TOKEN_PATH, "readOnly": True}
+        )
+        metrics_args.append(f"--metrics-token-file={naming.METRICS_TOKEN_PATH}/token")
     for space_id in space_ids:
         volume = naming.volume_name(space_id)
         volumes.append(
@@ -64,6 +73,7 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             *transport,
             f"--health-listen=0.0.0.0:{naming.HEALTH_PORT}",
             f"--metrics-listen=0.0.0.0:{naming.METRICS_PORT}",
+            *metrics_args,
             f"--admin-token-file={naming.ADMIN_PATH}/token",
             f"--drain-timeout={DRAIN_TIMEOUT_S}",
             "--drain-notice=3",

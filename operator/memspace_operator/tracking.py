@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Tracked:
     space: models.MemorySpace
+    """The space as served: its spec after its MemorySpaceClass (see `requested`)."""
     observed: statuses.Observed
     written: dict[str, Any]
     """The status as last written (or read): what `publish` compares with."""
@@ -36,6 +37,8 @@ class Tracked:
     reconciled: bool = False
     """A reconcile has published the space's status: observers may publish it too (before
     that, a half-made status would cost a write of its own)."""
+    requested: models.MemorySpace | None = None
+    """The space as its object asks for it, before its class applies; None: same as `space`."""
 
     @property
     def ref(self) -> models.SpaceRef:
@@ -96,6 +99,7 @@ class Book:
             self._by_uid[space.ref.uid] = tracked
         else:
             tracked.space = space
+        tracked.requested = space
         tracked.observed.generation = space.generation
         tracked.observed.state = space.spec.state
         tracked.observed.space_id = space.spec.space_id

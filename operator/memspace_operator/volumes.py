@@ -4,7 +4,12 @@ the cluster-wide claim on its space ID.
 The PVC's name is derived from the space ID, so the API server lets only one exist: whoever
 created it (annotation memspace.dev/owner-uid) holds the ID. A later MemorySpace claiming the
 same ID is a SpaceIdConflict, unless the holder is gone or let the volume go (`Retain` on
-deletion labels it retained): then the claimant adopts the volume, data included.
+deletion labels it retained) *and* the claimant is in the volume's owner namespace: then it
+adopts the volume, data included. A volume passes to another namespace only when a platform
+admin annotates it `memspace.dev/release-to-namespace: <namespace>`.
+
+A conflict's message never names another namespace or its objects: whether some other tenant
+holds an ID, and who, is not a claimant's business.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ class Claim:
     fresh: bool = False
     """Created or adopted by this reconcile: a new incarnation of the space ID, so nothing
     found in the index about it can be trusted."""
-    holder: str | None = None
-    """Set for a SpaceIdConflict: namespace/name of the MemorySpace holding the ID."""
+    conflict: str | None = None
+    """Set for a SpaceIdConflict: why, in words safe to show the claimant (the holder is named
+    only when it is in the claimant's own namespace)."""
 
 
 def owner_uid(pvc: dict[str, Any]) -> str | None:
@@ -35,6 +41,23 @@ def owner(pvc: dict[str, Any]) -> tuple[str, str] | None:
     full = (pvc.get("metadata", {}).get("annotations") or {}).get(naming.OWNER_FULL_NAME, "")
     namespace, _, name = full.partition("/")
     return (namespace, name) if namespace and name else None
+
+
+def owner_namespace(pvc: dict[str, Any]) -> str | None:
+    """The namespace the volume belongs to: its holder's, or its last holder's when retained."""
+    found = owner(pvc)
+    if found is not None:
+        return found[0]
+    return labels(pvc).get(naming.OWNER_NAMESPACE) or None
+
+
+def released_to(pvc: dict[str, Any]) -> str | None:
+    """The namespace a platform admin released the volume to, if any."""
+    return (pvc.get("metadata", {}).get("annotations") or {}).get(naming.RELEASE_TO) or None
+
+
+def credentials_uid(pvc: dict[str, Any]) -> str | None:
+    return (pvc.get("metadata", {}).get("annotations") or {}).get(naming.CREDENTIALS_UID) or None
 
 
 def labels(pvc: dict[str, Any]) -> dict[str, str]:
@@ -60,6 +83,17 @@ def _identity(space: models.MemorySpace) -> dict[str, Any]:
         },
         "annotations": {naming.OWNER_UID: ref.uid, naming.OWNER_FULL_NAME: str(ref)},
     }
+
+
+def _adoption(space: models.MemorySpace) -> dict[str, Any]:
+    """The identity patch of an adoption: the new holder, no release, no earlier credentials."""
+    identity = _identity(space)
+    identity["annotations"] = {
+        **identity["annotations"],
+        naming.RELEASE_TO: None,
+        naming.CREDENTIALS_UID: None,
+    }
+    return identity
 
 
 def manifest(settings: Settings, space: models.MemorySpace, shard: int | None) -> dict[str, Any]:
@@ -119,11 +153,13 @@ async def resolve(
     `before_adopting` cleaned up what the previous holder left), or another's (a conflict)."""
     if owner_uid(pvc) == space.ref.uid:
         return Claim(pvc)
-    if is_retained(pvc) or not await _holder_exists(client, pvc):
+    namespace = space.ref.namespace
+    may_adopt = released_to(pvc) or owner_namespace(pvc)
+    if may_adopt == namespace and (is_retained(pvc) or not await _holder_exists(client, pvc)):
         await before_adopting(pvc)
         url = kube.pvcs(settings.server_namespace, pvc["metadata"]["name"])
         patch = {
-            "metadata": {**_identity(space), "resourceVersion": pvc["metadata"]["resourceVersion"]}
+            "metadata": {**_adoption(space), "resourceVersion": pvc["metadata"]["resourceVersion"]}
         }
         try:
             adopted = await client.patch(url, patch)
@@ -133,7 +169,10 @@ async def resolve(
             ) from err
         return Claim(adopted, fresh=True)
     holder = owner(pvc)
-    return Claim(pvc, holder=f"{holder[0]}/{holder[1]}" if holder else "another MemorySpace")
+    if holder is not None and holder[0] == namespace and not is_retained(pvc):
+        return Claim(pvc, conflict=f"is held by MemorySpace {holder[1]} in this namespace")
+    # Nothing about the holder: not its namespace, not whether it is alive or a retained volume.
+    return Claim(pvc, conflict="is taken outside this namespace")
 
 
 async def label_shard(
@@ -141,6 +180,14 @@ async def label_shard(
 ) -> dict[str, Any]:
     url = kube.pvcs(settings.server_namespace, pvc["metadata"]["name"])
     return await client.patch(url, {"metadata": {"labels": {naming.SHARD: str(shard)}}})
+
+
+async def record_credentials(
+    client: kube.Kube, settings: Settings, pvc: dict[str, Any], uid: str
+) -> dict[str, Any]:
+    """Record on the PVC the uid of the credentials Secret the operator just created."""
+    url = kube.pvcs(settings.server_namespace, pvc["metadata"]["name"])
+    return await client.patch(url, {"metadata": {"annotations": {naming.CREDENTIALS_UID: uid}}})
 
 
 def requested(pvc: dict[str, Any]) -> str | None:
@@ -207,7 +254,12 @@ async def release(
     if delete:
         gone = await client.delete(url)
         return f"deleted claim {name} (reclaimPolicy Delete)" if gone else f"claim {name} was gone"
-    patch = {"metadata": {"labels": {naming.RETAINED: "true", naming.SHARD: None}}}
+    patch = {
+        "metadata": {
+            "labels": {naming.RETAINED: "true", naming.SHARD: None},
+            "annotations": {naming.CREDENTIALS_UID: None},
+        }
+    }
     try:
         await client.patch(url, patch)
     except errors.NotFoundError:

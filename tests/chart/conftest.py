@@ -198,7 +198,8 @@ def full_values(server_namespace: str) -> dict[str, Any]:
             "enabled": True,
             "clientNamespaceLabels": {"example.com/memspace-client": "yes"},
             "clientPodLabels": {"example.com/agent": "true"},
-            "metricsNamespaceLabels": {"kubernetes.io/metadata.name": "monitoring"},
+            "metricsNamespace": "prometheus",
+            "metricsNamespaceLabels": {"example.com/monitoring": "true"},
             "denyShardEgress": True,
             "extraIngress": [
                 {
@@ -207,15 +208,23 @@ def full_values(server_namespace: str) -> dict[str, Any]:
                 }
             ],
         },
+        "admission": {
+            "spaceIdPrefix": {
+                "enabled": True,
+                "namespaceSelector": {"matchLabels": {"example.com/tenant": "true"}},
+            },
+            "operatorSecrets": {"enabled": True},
+        },
         "podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"},
         "metrics": {
+            "auth": {"enabled": True, "create": True, "secretName": "shards-metrics-token"},
             "serviceMonitor": {
                 "enabled": True,
                 "namespace": "",
                 "labels": {"release": "prometheus"},
                 "interval": "15s",
                 "scrapeTimeout": "5s",
-            }
+            },
         },
     }
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.chart import serving
 from tests.chart.conftest import (
@@ -64,6 +63,21 @@ SERVICE_MONITOR_SPEC = {
                     "scheme": {"type": "string", "enum": ["http", "https"]},
                     "interval": {"type": "string", "pattern": DURATION},
                     "scrapeTimeout": {"type": "string", "pattern": DURATION},
+                    "authorization": {
+                        "type": "object",
+                        "properties": {
+                            "type": {"type": "string"},
+                            "credentials": {
+                                "type": "object",
+                                "required": ["key"],
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "name": {"type": "string"},
+                                    "optional": {"type": "boolean"},
+                                },
+                            },
+                        },
+                    },
                 },
             },
         },
@@ -131,9 +145,10 @@ def test_every_rendered_object_is_valid_and_restricted_on_the_api_server(
         kinds = {obj["kind"] for obj in objects}
         expected = {"CustomResourceDefinition", "Deployment", "Secret", "ServiceAccount"}
         expected |= {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-        expected |= {"PodDisruptionBudget"}
+        expected |= {"PodDisruptionBudget", "NetworkPolicy"}
+        expected |= {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
         if values == "full":
-            expected |= {"NetworkPolicy", "ServiceMonitor"}
+            expected |= {"ServiceMonitor"}
         assert kinds == expected
         stream = "\n---\n".join(json.dumps(obj) for obj in objects)
         # Server-side apply, dry run: the API server validates every object, strictly (unknown
@@ -154,22 +169,25 @@ def test_every_rendered_object_is_valid_and_restricted_on_the_api_server(
 def test_helm_installs_upgrades_and_uninstalls_keeping_the_crd(
     cluster: harness.Cluster, crds: list[str], installation: Installation
 ) -> None:
-    crd = "customresourcedefinition/memoryspaces.memspace.dev"
+    adopted = [
+        "customresourcedefinition/memoryspaces.memspace.dev",
+        "customresourcedefinition/memoryspaceclasses.memspace.dev",
+    ]
     release = installation.release
-    # The session's CRD was applied by kubectl; mark it as this release's so that helm adopts it
-    # (what a user does to move a CRD applied by hand under the chart, docs/install.md).
-    cluster.kubectl("label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
-    cluster.kubectl(
-        "annotate", crd, f"meta.helm.sh/release-name={release}",
-        f"meta.helm.sh/release-namespace={installation.namespace}", "--overwrite",
-    )  # fmt: skip
+    # The session's CRDs were applied by kubectl; mark them as this release's so that helm adopts
+    # them (what a user does to move a CRD applied by hand under the chart, docs/install.md).
+    for crd in adopted:
+        cluster.kubectl("label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+        cluster.kubectl(
+            "annotate", crd, f"meta.helm.sh/release-name={release}",
+            f"meta.helm.sh/release-namespace={installation.namespace}", "--overwrite",
+        )  # fmt: skip
     try:
         installed = installation.install({"operator": {"replicas": 0}})
         assert "STATUS: deployed" in installed.stdout
-        annotations = json.loads(cluster.kubectl("get", crd, "-o", "json").stdout)["metadata"][
-            "annotations"
-        ]
-        assert annotations["helm.sh/resource-policy"] == "keep"
+        for crd in adopted:
+            metadata = json.loads(cluster.kubectl("get", crd, "-o", "json").stdout)["metadata"]
+            assert metadata["annotations"]["helm.sh/resource-policy"] == "keep"
 
         cluster.helm(
             "upgrade", release, str(CHART), "-n", installation.namespace, "--reuse-values",
@@ -181,7 +199,8 @@ def test_helm_installs_upgrades_and_uninstalls_keeping_the_crd(
         assert token == installation.admin_token(installation.namespace)
 
         installation.uninstall()
-        assert cluster.kubectl("get", crd, check=False).returncode == 0, "the CRD was deleted"
+        for crd in adopted:
+            assert cluster.kubectl("get", crd, check=False).returncode == 0, f"{crd} was deleted"
         gone = cluster.kubectl(
             "get", "deployment", f"{release}-operator", "-n", installation.namespace, check=False
         )
@@ -189,11 +208,12 @@ def test_helm_installs_upgrades_and_uninstalls_keeping_the_crd(
         role = cluster.kubectl("get", "clusterrole", f"{release}-operator", check=False)
         assert role.returncode != 0
     finally:
-        cluster.kubectl(
-            "annotate", crd, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-",
-            "helm.sh/resource-policy-", check=False,
-        )  # fmt: skip
-        cluster.kubectl("label", crd, "app.kubernetes.io/managed-by-", check=False)
+        for crd in adopted:
+            cluster.kubectl(
+                "annotate", crd, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-",
+                "helm.sh/resource-policy-", check=False,
+            )  # fmt: skip
+            cluster.kubectl("label", crd, "app.kubernetes.io/managed-by-", check=False)
 
 
 def test_the_chart_s_service_account_may_do_what_the_operator_does_and_no_more(
@@ -220,6 +240,7 @@ def test_the_chart_s_service_account_may_do_what_the_operator_does_and_no_more(
             ("get", "secrets", "-n", server),
             ("patch", "statefulsets.apps", "-n", server),
             ("create", "services", "-n", server),
+            ("list", "memoryspaceclasses.memspace.dev"),
         ]
         denied = [
             ("get", "secrets", "-n", tenant),  # it never reads a tenant's credentials
@@ -232,6 +253,7 @@ def test_the_chart_s_service_account_may_do_what_the_operator_does_and_no_more(
             ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
             ("create", "memoryspaces.memspace.dev", "-n", tenant),
             ("delete", "memoryspaces.memspace.dev", "-n", tenant),
+            ("patch", "memoryspaceclasses.memspace.dev"),
         ]
         assert [rule for rule in allowed if not can(*rule)] == []
         assert [rule for rule in denied if can(*rule)] == []
@@ -256,7 +278,10 @@ async def test_the_installed_chart_s_operator_serves_a_space_with_its_service_ac
         "operator": {"healthInterval": 0.5, "resyncInterval": 5},
         "server": {"mountBatchWindow": 0.5},
         "defaultStorageClass": harness.STORAGE_CLASS,
-        "networkPolicy": {"enabled": True},
+        "networkPolicy": {
+            "enabled": True,
+            "clientNamespaceLabels": {"memspace.dev/client": "true"},
+        },
     }
     installed = await asyncio.to_thread(installation.install, values)
     notes = installed.stdout.split("NOTES:", 1)[1]
@@ -345,52 +370,90 @@ async def test_on_a_real_cluster_the_chart_s_image_serves_a_space_end_to_end(
         cluster.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
 
 
-def test_the_documented_admission_policy_ties_space_ids_to_their_namespace(
-    cluster: harness.Cluster, crds: list[str]
+def test_the_chart_s_admission_policies_tie_space_ids_to_namespaces_and_guard_secrets(
+    cluster: harness.Cluster, crds: list[str], helm: Helm
 ) -> None:
-    """docs/security.md, "Space IDs owned by namespaces": the policy as the page shows it."""
-    page = (harness.REPO / "docs" / "security.md").read_text()
-    section = page.split("## Space IDs owned by namespaces", 1)[1]
-    policy, binding = yaml.safe_load_all(section.split("```yaml\n", 1)[1].split("```", 1)[0])
-    # Bound to this test's namespaces only: other tests' spaces stay unaffected.
-    marker = unique("vap")
-    binding["spec"]["matchResources"] = {
-        "namespaceSelector": {"matchLabels": {"memspace.dev/test": marker}}
+    """admission.spaceIdPrefix and admission.operatorSecrets, enforced by the API server."""
+    marker, release, release_ns = unique("vap"), unique("memspace"), unique("memspace-ops")
+    values = {
+        "admission": {
+            # Bound to this test's namespaces only: other tests' spaces stay unaffected.
+            "spaceIdPrefix": {
+                "enabled": True,
+                "namespaceSelector": {"matchLabels": {"memspace.dev/test": marker}},
+            },
+            "operatorSecrets": {"enabled": True},
+        }
     }
-    owned, unlabelled = unique("team"), unique("other")
-    create_namespace(
-        cluster, owned, {"memspace.dev/test": marker, "memspace.dev/space-id-prefix": "team-a"}
-    )
-    create_namespace(cluster, unlabelled, {"memspace.dev/test": marker})
-    stream = json.dumps(policy) + "\n---\n" + json.dumps(binding)
+    objects = helm.template(values, release=release, namespace=release_ns)
+    chosen = [o for o in objects if o["kind"].startswith("ValidatingAdmissionPolicy")]
+    chosen += [o for o in objects if o["kind"] in ("ServiceAccount", "ClusterRole")]
+    chosen += [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+    assert len(chosen) == 7
+    team = unique("team")
+    create_namespace(cluster, release_ns, {})
+    create_namespace(cluster, team, {"memspace.dev/test": marker})
+    stream = "\n---\n".join(json.dumps(o) for o in chosen)
     cluster.kubectl("apply", "-f", "-", input=stream)
 
-    def create(namespace: str, space_id: str) -> subprocess.CompletedProcess[str]:
+    def create(name: str, space_id: str | None) -> subprocess.CompletedProcess[str]:
         body = {
             "apiVersion": "memspace.dev/v1alpha1",
             "kind": "MemorySpace",
-            "metadata": {"name": "notes", "namespace": namespace},
-            "spec": {"spaceId": space_id},
+            "metadata": {"name": name, "namespace": team},
+            "spec": {"spaceId": space_id} if space_id else {},
         }
         return cluster.kubectl(
             "create", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
         )
 
+    identity = cluster.service_account_kubeconfig(release_ns, "memspace-operator")
+
+    def secret(name: str, labels: dict[str, str]) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": team, "labels": labels},
+            "stringData": {"token": "x"},
+        }
+        cluster.kubectl("create", "-f", "-", input=json.dumps(body))
+
+    def delete_as_operator(name: str) -> subprocess.CompletedProcess[str]:
+        return cluster.kubectl(
+            "delete", "secret", name, "-n", team, kubeconfig=identity, check=False
+        )
+
     try:
         # The API server starts enforcing a new policy within a few seconds.
         def refused_once_enforced() -> subprocess.CompletedProcess[str] | None:
-            result = create(owned, "team-b-notes")
+            result = create("notes", "other-team-notes")
             return result if result.returncode != 0 else None
 
         refused = wait_for("the policy to be enforced", refused_once_enforced, timeout=60)
-        assert "space ID team-b-notes must start with team-a-" in refused.stderr
-        assert create(owned, "team-a-notes").returncode == 0
-        other = create(unlabelled, "other-notes")
-        assert other.returncode != 0
-        assert "has no label memspace.dev/space-id-prefix" in other.stderr
+        assert f"must start with this namespace's name: {team}-" in refused.stderr
+        assert "other-team-notes" in refused.stderr
+        assert create("notes", f"{team}-notes").returncode == 0
+        assert create(team, None).returncode == 0  # metadata.name is the ID: the name itself
+        assert create("notes", None).returncode != 0  # ID "notes", not the namespace's
+
+        # The operator's ServiceAccount may delete the Secrets it labelled, no other.
+        secret("made-by-memspace", {"app.kubernetes.io/managed-by": "memspace-operator"})
+        secret("the-tenant-s-own", {"app": "mine"})
+        secret("unlabelled", {})
+
+        def denied_once_enforced() -> subprocess.CompletedProcess[str] | None:
+            result = delete_as_operator("unlabelled")
+            return result if result.returncode != 0 else None
+
+        denied = wait_for("the Secret policy to be enforced", denied_once_enforced, timeout=60)
+        assert "the memspace operator may delete only Secrets it made" in denied.stderr
+        assert delete_as_operator("the-tenant-s-own").returncode != 0
+        assert delete_as_operator("made-by-memspace").returncode == 0
+        # Anyone else is not bound by it.
+        cluster.kubectl("delete", "secret", "the-tenant-s-own", "-n", team)
     finally:
         cluster.kubectl("delete", "-f", "-", input=stream, check=False)
-        for name in (owned, unlabelled):
+        for name in (team, release_ns):
             cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 

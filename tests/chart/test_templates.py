@@ -87,14 +87,15 @@ def test_the_chart_carries_a_byte_identical_copy_of_every_crd() -> None:
         )
 
 
-def test_the_rendered_crd_is_the_source_kept_on_uninstall(helm: Helm) -> None:
-    source = yaml.safe_load((CRDS / "memoryspaces.memspace.dev.yaml").read_text())
-    crd = one(helm.template(), "CustomResourceDefinition")
+@pytest.mark.parametrize("name", ["memoryspaces.memspace.dev", "memoryspaceclasses.memspace.dev"])
+def test_the_rendered_crd_is_the_source_kept_on_uninstall(helm: Helm, name: str) -> None:
+    source = yaml.safe_load((CRDS / f"{name}.yaml").read_text())
+    crd = one(helm.template(), "CustomResourceDefinition", name)
     annotations = crd["metadata"].pop("annotations")
     assert annotations == {"helm.sh/resource-policy": "keep"}
     assert crd == source
 
-    unkept = one(helm.template({"crds": {"keep": False}}), "CustomResourceDefinition")
+    unkept = one(helm.template({"crds": {"keep": False}}), "CustomResourceDefinition", name)
     assert "annotations" not in unkept["metadata"]
     assert unkept == source
     assert find(helm.template({"crds": {"install": False}}), "CustomResourceDefinition") == []
@@ -114,6 +115,7 @@ def _leaves(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, 
 _MAPS = {"labels", "annotations", "podAnnotations", "podLabels", "nodeSelector", "affinity"}
 _MAPS |= {"clientNamespaceLabels", "clientPodLabels", "metricsNamespaceLabels", "resources"}
 _MAPS |= {"issuerRef"}  # a cert-manager ObjectReference, passed through as given
+_MAPS |= {"namespaceSelector"}
 
 
 def _is_map(path: str) -> bool:
@@ -210,6 +212,7 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "MEMSPACE_API_CONCURRENCY": "8",
         "MEMSPACE_ADMIN_TOKEN_SECRET": "shards-admin-token",
         "MEMSPACE_ADMIN_TOKEN_FILE": "/etc/memspace/admin/token",
+        "MEMSPACE_METRICS_TOKEN_SECRET": "shards-metrics-token",
         "MEMSPACE_STORAGE_CLASS": "fast-ssd",
         "MEMSPACE_SERVER_SERVICE_ACCOUNT": "memspace-shard",
         "MEMSPACE_SHARD_ENDPOINT_TEMPLATE": (
@@ -234,6 +237,7 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
     assert settings.storage_class == "fast-ssd"
     assert settings.service_account == "memspace-shard"
     assert settings.admin_token_secret == "shards-admin-token"
+    assert settings.metrics_token_secret == "shards-metrics-token"
     assert settings.server_resources == {
         "limits": {"memory": "16Gi"},
         "requests": {"cpu": "2", "memory": "8Gi"},
@@ -341,7 +345,10 @@ def test_the_admin_token_is_random_and_the_same_in_both_namespaces(helm: Helm) -
     together = tokens(helm.template(namespace="memspace-system"))
     assert set(together) == {"memspace-system"}
     assert together["memspace-system"] != split["ops"]
-    assert find(helm.template({"adminToken": {"create": False}}), "Secret") == []
+    assert (
+        find(helm.template({"adminToken": {"create": False}}), "Secret", "memspace-admin-token")
+        == []
+    )
 
 
 # --- objects about the shards ---------------------------------------------------------------------
@@ -351,15 +358,34 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return selector.items() <= labels.items()
 
 
-def test_the_network_policy_lets_in_only_labelled_clients_the_operator_and_prometheus(
+def test_by_default_the_network_policy_lets_grpc_in_from_anywhere_and_metrics_from_monitoring(
     helm: Helm,
 ) -> None:
-    assert find(helm.template(), "NetworkPolicy") == []
-    plain = one(helm.template({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
-    namespaces = [rule["from"][0]["namespaceSelector"] for rule in plain["spec"]["ingress"]]
-    assert namespaces[0] == {"matchLabels": {"memspace.dev/client": "true"}}
-    assert namespaces[2] == {"matchLabels": {"memspace.dev/metrics": "true"}}
+    plain = one(helm.template(), "NetworkPolicy")
+    clients, operator, prometheus = plain["spec"]["ingress"]
+    # gRPC from every namespace (each call needs its space's token), metrics from one namespace.
+    assert clients == {
+        "from": [{"namespaceSelector": {}}],
+        "ports": [{"port": "grpc", "protocol": "TCP"}],
+    }
+    assert operator["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert prometheus == {
+        "from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+        "ports": [{"port": "metrics", "protocol": "TCP"}],
+    }
+    assert plain["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert find(helm.template({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+    elsewhere = one(helm.template({"networkPolicy": {"metricsNamespace": "obs"}}), "NetworkPolicy")
+    assert elsewhere["spec"]["ingress"][2]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}
+    ]
 
+
+def test_the_network_policy_narrows_to_labelled_clients_the_operator_and_prometheus(
+    helm: Helm,
+) -> None:
     objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")
     policy = one(objects, "NetworkPolicy")
     assert policy["metadata"]["namespace"] == "memspace-spaces"
@@ -385,6 +411,9 @@ def test_the_network_policy_lets_in_only_labelled_clients_the_operator_and_prome
     assert _selects(source["podSelector"]["matchLabels"], operator_pod)
     assert operator["ports"] == [{"port": "grpc", "protocol": "TCP"}]
     assert prometheus["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert prometheus["from"] == [
+        {"namespaceSelector": {"matchLabels": {"example.com/monitoring": "true"}}}
+    ]
     assert extra["from"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} <= shard_ports
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
@@ -418,6 +447,15 @@ def test_the_disruption_budget_and_service_monitor_select_the_operator_s_shards(
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
     assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
     assert naming.SHARD in monitor["spec"]["targetLabels"]
+    # It sends the shards' metrics token, from a Secret in its own namespace.
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "shards-metrics-token", "key": "token"},
+    }
+    assert one(objects, "Secret", "shards-metrics-token")["metadata"]["namespace"] == (
+        "memspace-spaces"
+    )
 
 
 # --- TLS ------------------------------------------------------------------------------------------
@@ -471,3 +509,60 @@ def test_mutual_tls_with_cert_manager_is_refused_saying_why(helm: Helm, tmp_path
         result = helm.run("template", "memspace", str(CHART), "-f", str(path), check=False)
     assert result.returncode != 0
     assert "tls.clientAuth needs the operator's own CA" in result.stderr
+
+
+def test_the_metrics_token_is_random_kept_where_the_shards_and_the_monitor_are(
+    helm: Helm,
+) -> None:
+    def tokens(objects: list[Manifest]) -> dict[str, str]:
+        return {
+            secret["metadata"]["namespace"]: base64.b64decode(secret["data"]["token"]).decode()
+            for secret in find(objects, "Secret", "memspace-metrics-token")
+        }
+
+    defaults = helm.template(namespace="memspace-system")
+    assert set(tokens(defaults)) == {"memspace-system"}
+    assert len(tokens(defaults)["memspace-system"]) >= 32
+    env = env_of(one(defaults, "Deployment"))
+    assert env["MEMSPACE_METRICS_TOKEN_SECRET"] == "memspace-metrics-token"
+    # The shard pods the operator makes from those settings require it on the metrics port.
+    statefulset, _ = shard_objects(Settings.from_env(env))
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-token-file=/etc/memspace/metrics/token" in container["args"]
+
+    monitored = {"metrics": {"serviceMonitor": {"enabled": True, "namespace": "monitoring"}}}
+    split = tokens(helm.template(monitored, namespace="memspace-system"))
+    assert set(split) == {"memspace-system", "monitoring"}
+    assert split["memspace-system"] == split["monitoring"]
+
+    off = helm.template({"metrics": {"auth": {"enabled": False}}})
+    assert find(off, "Secret", "memspace-metrics-token") == []
+    assert "MEMSPACE_METRICS_TOKEN_SECRET" not in env_of(one(off, "Deployment"))
+
+
+def test_the_admission_policies_are_rendered_when_enabled(helm: Helm) -> None:
+    defaults = helm.template(namespace="memspace-system")
+    # By default: only the one on the operator's own Secret deletions.
+    (policy,) = find(defaults, "ValidatingAdmissionPolicy")
+    assert policy["metadata"]["name"].endswith("-operator-secrets")
+    (condition,) = policy["spec"]["matchConditions"]
+    assert "system:serviceaccount:memspace-system:memspace-operator" in condition["expression"]
+    (binding,) = find(defaults, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+
+    objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")
+    names = sorted(p["metadata"]["name"] for p in find(objects, "ValidatingAdmissionPolicy"))
+    assert len(names) == 2
+    assert names[0].endswith("-operator-secrets")
+    assert names[1].endswith("-space-id-prefix")
+    prefix_binding = next(
+        b
+        for b in find(objects, "ValidatingAdmissionPolicyBinding")
+        if b["metadata"]["name"].endswith("-space-id-prefix")
+    )
+    assert prefix_binding["spec"]["matchResources"] == {
+        "namespaceSelector": {"matchLabels": {"example.com/tenant": "true"}}
+    }
+    nothing = {"admission": {"operatorSecrets": {"enabled": False}}}
+    assert find(helm.template(nothing), "ValidatingAdmissionPolicy") == []

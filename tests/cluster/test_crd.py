@@ -1,10 +1,13 @@
-"""The MemorySpace CRD on a real API server: established, defaulted, strict about bad objects."""
+"""The MemorySpace and MemorySpaceClass CRDs on a real API server: established, defaulted, strict
+about bad objects; and Kubernetes' own object-count quota on MemorySpaces."""
 
 from __future__ import annotations
 
 import copy
 import json
 import subprocess
+import time
+import uuid
 from typing import Any, cast
 
 import kubernetes.client
@@ -51,10 +54,12 @@ def test_a_minimal_space_gets_every_default(
             "dict[str, Any]",
             objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body),
         )
+    # hotCapacity and storage.size stay unset: the space's MemorySpaceClass (or the operator's
+    # built-in 100000 and 10Gi) decides them.
     assert created["spec"] == {
         "embeddingDim": 768,
-        "storage": {"size": "10Gi", "reclaimPolicy": "Retain"},
-        "tiers": {"hotCapacity": 100000, "warmCapacity": 1000000, "coldCompression": "zstd"},
+        "storage": {"reclaimPolicy": "Retain"},
+        "tiers": {"warmCapacity": 1000000, "coldCompression": "zstd"},
         "state": "Active",
     }
 
@@ -97,6 +102,10 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
     "zero-size": ({"storage": {"size": "0"}}, "spec.storage.size must be a positive quantity"),
     "no-hot": ({"tiers": {"hotCapacity": 0}}, "spec.tiers.hotCapacity: Invalid value: 0"),
     "no-quota": ({"quota": {"maxMemories": 0}}, "spec.quota.maxMemories: Invalid value: 0"),
+    "no-recalls": (
+        {"quota": {"maxRecallsPerSecond": 0}},
+        "spec.quota.maxRecallsPerSecond: Invalid value: 0",
+    ),
     # No spaceId: the name is the ID, so it must be one.
     "x": (
         {},
@@ -253,3 +262,130 @@ def test_a_bad_status_is_rejected(
     )  # fmt: skip
     assert result.returncode != 0
     assert 'Unsupported value: "Maybe"' in result.stderr
+
+
+# --- MemorySpaceClass -----------------------------------------------------------------------------
+
+CLASSES = "memoryspaceclasses"
+
+
+def space_class(name: str, spec: dict[str, Any], default: bool = False) -> dict[str, Any]:
+    annotations = {"memspace.dev/is-default-class": "true"} if default else {}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MemorySpaceClass",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": spec,
+    }
+
+
+def test_a_class_is_cluster_scoped_and_shows_its_limits(
+    cluster: harness.Cluster, crds: list[str]
+) -> None:
+    assert "customresourcedefinition.apiextensions.k8s.io/memoryspaceclasses.memspace.dev" in crds
+    name = f"gold-{uuid.uuid4().hex[:8]}"
+    body = space_class(
+        name,
+        {
+            "limits": {"hotCapacity": 5000, "storageSize": "20Gi", "maxRecallsPerSecond": 50},
+            "defaults": {"storageSize": "5Gi", "storageClassName": "fast"},
+            "allowedStorageClasses": ["fast"],
+        },
+        default=True,
+    )
+    cluster.kubectl("create", "-f", "-", input=json.dumps(body))
+    try:
+        table = cluster.kubectl("get", "mspc", name).stdout.splitlines()
+        assert table[0].split() == ["NAME", "DEFAULT", "MAX-HOT", "MAX-SIZE", "AGE"]
+        assert table[1].split()[:4] == [name, "true", "5000", "20Gi"]
+        # A MemorySpace names its class.
+        space = memory_space("classy", "default", className=name)
+        assert (
+            cluster.kubectl(
+                "create", "--dry-run=server", "-f", "-", input=json.dumps(space)
+            ).returncode
+            == 0
+        )
+    finally:
+        cluster.kubectl("delete", CLASSES, name, check=False)
+
+
+@pytest.mark.usefixtures("crds")
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"limits": {"hotCapacity": 10}, "defaults": {"hotCapacity": 20}},
+            "every default must be at most its limit",
+        ),
+        (
+            {"limits": {"storageSize": "1Gi"}, "defaults": {"storageSize": "2Gi"}},
+            "every default must be at most its limit",
+        ),
+        (
+            {"defaults": {"storageClassName": "slow"}, "allowedStorageClasses": ["fast"]},
+            "spec.defaults.storageClassName must be one of spec.allowedStorageClasses",
+        ),
+        ({"limits": {"storageSize": "lots"}}, "must be a positive quantity"),
+        ({"limits": {"maxRecallsPerSecond": 0}}, "spec.limits.maxRecallsPerSecond: Invalid value"),
+        ({"limits": {"embeddingDim": 5000}}, "spec.limits.embeddingDim: Invalid value"),
+    ],
+)
+def test_an_inconsistent_class_is_rejected(
+    cluster: harness.Cluster, spec: dict[str, Any], message: str
+) -> None:
+    body = space_class(f"bad-{uuid.uuid4().hex[:8]}", spec)
+    result = cluster.kubectl(
+        "create", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+# --- counts per namespace -------------------------------------------------------------------------
+
+
+def test_a_resource_quota_caps_the_memory_spaces_of_a_namespace(
+    cluster: harness.Cluster, crds: list[str], namespace: str
+) -> None:
+    """docs/operations.md, "Limits per namespace": Kubernetes' object-count quota, enforced by
+    the API server itself."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "memspace", "namespace": namespace},
+        "spec": {"hard": {"count/memoryspaces.memspace.dev": "2"}},
+    }
+
+    def used() -> dict[str, Any]:
+        got = cluster.kubectl("get", "resourcequota", "memspace", "-n", namespace, "-o=json")
+        return cast("dict[str, Any]", json.loads(got.stdout).get("status") or {})
+
+    # The API server refuses every MemorySpace of the namespace until the quota controller has
+    # counted them. It learns a new CRD within 30 s and counts a quota when the quota is made
+    # (else at its next full resync, 5 minutes later): a quota made sooner is made again.
+    deadline = time.monotonic() + 120
+    while True:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(quota))
+        counted = time.monotonic() + 10
+        while time.monotonic() < counted:
+            if "count/memoryspaces.memspace.dev" in (used().get("used") or {}):
+                break
+            time.sleep(0.5)
+        else:
+            assert time.monotonic() < deadline, f"the quota was never counted: {used()}"
+            cluster.kubectl("delete", "resourcequota", "memspace", "-n", namespace)
+            continue
+        break
+    for name in ("one", "two"):
+        assert apply(cluster, memory_space(name, namespace)).returncode == 0
+    refused = apply(cluster, memory_space("three", namespace))
+    assert refused.returncode != 0
+    assert "exceeded quota: memspace" in refused.stderr
+    assert "count/memoryspaces.memspace.dev" in refused.stderr
+    # Deleting one frees its slot.
+    cluster.kubectl("delete", "msp", "one", "-n", namespace)
+    deadline = time.monotonic() + 60
+    while apply(cluster, memory_space("three", namespace)).returncode != 0:
+        assert time.monotonic() < deadline, "the freed slot never became usable"
+        time.sleep(0.5)

@@ -120,3 +120,23 @@ def test_defaults_the_api_server_adds_do_not_count_as_a_template_change() -> Non
     container["terminationMessagePath"] = "/dev/termination-log"
     current["spec"]["template"]["spec"]["volumes"][0]["secret"]["defaultMode"] = 420
     assert not shards.template_differs(current, desired)
+
+
+def test_with_a_metrics_token_the_shard_mounts_it_and_its_metrics_port_requires_it() -> None:
+    plain = shards.pod_spec(Settings(), 0, [])
+    assert not any("metrics-token" in arg for arg in plain["containers"][0]["args"])
+    settings = Settings(metrics_token_secret="memspace-metrics-token")
+    pod = shards.pod_spec(settings, 0, [])
+    container = pod["containers"][0]
+    assert "--metrics-token-file=/etc/memspace/metrics/token" in container["args"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["metrics-token"]["secret"] == {"secretName": "memspace-metrics-token"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["metrics-token"] == {
+        "name": "metrics-token",
+        "mountPath": "/etc/memspace/metrics",
+        "readOnly": True,
+    }
+    assert Settings.from_env(
+        {"MEMSPACE_METRICS_TOKEN_SECRET": "memspace-metrics-token"}
+    ).metrics_token_secret == ("memspace-metrics-token")

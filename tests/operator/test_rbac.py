@@ -37,6 +37,10 @@ def test_the_operator_works_under_its_least_privilege_rbac(
         assert can_i(cluster, identity, "delete", "secrets", "-n", ns)
         for verb in ("get", "list", "watch"):
             assert not can_i(cluster, identity, verb, "secrets", "-n", ns)
+        # MemorySpaceClasses are read, never written.
+        for verb in ("get", "list"):
+            assert can_i(cluster, identity, verb, "memoryspaceclasses.memspace.dev")
+        assert not can_i(cluster, identity, "create", "memoryspaceclasses.memspace.dev")
         # Volumes and shards only in the server namespace.
         assert can_i(cluster, identity, "create", "persistentvolumeclaims", "-n", server_ns)
         assert not can_i(cluster, identity, "create", "persistentvolumeclaims", "-n", ns)

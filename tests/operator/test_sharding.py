@@ -1,5 +1,6 @@
 """Shard assignment and space ID ownership: overflow into a new shard, ShardsFull at maxShards,
-and SpaceIdConflict for a later claimant of a taken space ID."""
+and SpaceIdConflict for a later claimant of a taken space ID (across namespaces:
+test_tenancy.py)."""
 
 from __future__ import annotations
 
@@ -55,29 +56,27 @@ def test_spaces_past_the_last_shard_wait_as_shards_full(deployment: Deployment) 
 def test_a_taken_space_id_is_a_conflict_until_its_owner_lets_it_go(
     deployment: Deployment,
 ) -> None:
-    kube = deployment.kube
-    first_ns, second_ns = deployment.namespace, deployment.add_namespace()
+    kube, ns = deployment.kube, deployment.namespace
     with deployment.running():
         deployment.apply("owner", spaceId="shared-id")
         deployment.wait_condition("owner", "Mounted", "True")
-        deployment.apply("claimant", namespace=second_ns, spaceId="shared-id")
-        body = deployment.wait_condition(
-            "claimant", "Ready", "False", "SpaceIdConflict", namespace=second_ns
-        )
-        assert f"{first_ns}/owner" in condition(body, "Ready")["message"]
+        deployment.apply("claimant", spaceId="shared-id")
+        body = deployment.wait_condition("claimant", "Ready", "False", "SpaceIdConflict")
+        # Both are in one namespace: the holder may be named.
+        assert "held by MemorySpace owner in this namespace" in condition(body, "Ready")["message"]
         assert [c["type"] for c in body["status"]["conditions"]] == ["Ready"]
-        assert kube.secret(second_ns, "claimant-memspace") is None
+        assert kube.secret(ns, "claimant-memspace") is None
         pvc = kube.pvc(deployment.server_namespace, "space-shared-id") or {}
-        assert pvc["metadata"]["labels"]["memspace.dev/owner-namespace"] == first_ns
+        assert pvc["metadata"]["labels"]["memspace.dev/owner-name"] == "owner"
         owner = deployment.space("owner") or {}
         assert condition(owner, "Mounted")["status"] == "True"
         assert owner["status"]["credentialsSecret"] == "owner-memspace"
 
-        # The owner goes (Retain): the claimant adopts the space ID and its volume.
-        kube.delete_space(first_ns, "owner")
+        # The owner goes (Retain): the claimant of its namespace adopts the ID and its volume.
+        kube.delete_space(ns, "owner")
         deployment.wait_gone("owner")
-        deployment.wait_condition("claimant", "Mounted", "True", namespace=second_ns)
-        assert kube.secret(second_ns, "claimant-memspace") is not None
+        deployment.wait_condition("claimant", "Mounted", "True")
+        assert kube.secret(ns, "claimant-memspace") is not None
         wait_for(
             "the index to carry the new owner's token",
             lambda: "shared-id.json" in deployment.index(0),

@@ -70,6 +70,16 @@ Rendered once per release render and shared by every copy of the Secret.
 {{- end -}}
 {{- end }}
 
+{{/* The metrics token: the value already in the cluster, else a new random one. */}}
+{{- define "memspace.metricsToken" -}}
+{{- $existing := lookup "v1" "Secret" (include "memspace.serverNamespace" .) .Values.metrics.auth.secretName -}}
+{{- if and $existing $existing.data (hasKey $existing.data "token") -}}
+{{- index $existing.data "token" | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 48 -}}
+{{- end -}}
+{{- end }}
+
 {{/* The restricted Pod Security container context: no root, no privilege, no capabilities. */}}
 {{- define "memspace.containerSecurityContext" -}}
 runAsNonRoot: true
