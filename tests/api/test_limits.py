@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memspace_contract import index
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_server.api import errors_map
+from memspace_server.api import errors_map, serving
 from tests.api.conftest import (
     Running,
     Start,
@@ -276,3 +277,18 @@ async def test_subscribers_over_the_per_space_cap_are_resource_exhausted(
     )
     for stream in [*streams, other]:
         stream.cancel()
+
+
+async def test_health_watch_streams_are_capped_too(start: Start) -> None:
+    running = await start(max_calls=1)
+    health = health_pb2_grpc.HealthStub(running.api.channel)
+    watches = [
+        health.Watch(health_pb2.HealthCheckRequest()) for _ in range(1 + serving.OTHER_CALLS)
+    ]
+    for watch in watches:
+        await watch.read()  # each answers SERVING at once, then stays open
+    extra = health.Watch(health_pb2.HealthCheckRequest())
+    err = await _refused(extra.read())
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    for watch in watches:
+        watch.cancel()

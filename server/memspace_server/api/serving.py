@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 CLOSE_SHARE = 0.4
 """Share of the drain timeout kept for flushing spaces after in-flight calls."""
+OTHER_CALLS = 64
+"""Calls besides memspace's own (health checks and watches, reflection) a server takes at once,
+on top of --max-calls."""
 STOP_GRACE_S = 0.5
 """Grace of grpc's own stop, once no memspace call is in flight."""
 
@@ -103,7 +106,10 @@ class Server:
                 ("grpc.max_receive_message_length", s.max_receive_message_bytes),
                 ("grpc.max_send_message_length", s.max_send_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            # A backstop for the calls the edge does not see (grpc.health.v1 Watch streams,
+            # reflection): memspace's own calls are capped, with a clearer message, by the edge.
+            maximum_concurrent_rpcs=s.max_calls + OTHER_CALLS,
         )
         memory = servicers.MemoryServicer(
             self.registry,
