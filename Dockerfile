@@ -28,7 +28,9 @@ COPY contract/ contract/
 COPY operator/ operator/
 COPY cli/ cli/
 # The project itself: its dependencies and build backend are already installed from the lock.
+# The build backend does not ship.
 RUN /opt/memspace/bin/pip install --no-compile --no-deps --no-build-isolation . \
+ && /opt/memspace/bin/pip uninstall --yes setuptools wheel \
  && find /opt/memspace -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}

@@ -32,7 +32,7 @@ dockerd=/usr/sbin/dockerd
 # recipe (suite, packages, cleanup below) makes a new base; bump BASE_RECIPE for cleanup changes.
 suite=bookworm
 base_packages=python3,python3-venv,passwd
-BASE_RECIPE=1
+BASE_RECIPE=2
 # The sources the image is built from: exactly what the Dockerfile copies (the context is staged).
 context_paths=(Dockerfile .dockerignore requirements.lock pyproject.toml README.md
                server contract operator cli hack/image/pip)
@@ -132,13 +132,19 @@ base_image() { # prints the tag of the local base image, making it if needed
     debootstrap --variant=minbase --include="$base_packages" "$suite" "$root" "$mirror" \
       >"$cache/base/debootstrap.log" 2>&1 \
       || { tail -20 "$cache/base/debootstrap.log" >&2; die "debootstrap failed"; }
-    # What a container base does not need: package caches, lists, logs.
+    # What a container base does not need: package caches, lists, logs, documentation and
+    # translations (about 50 MB; glibc's locale.alias stays).
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
-           "$root"/var/log/* "$root"/tmp/*
+           "$root"/var/log/* "$root"/tmp/* \
+           "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/*
+    find "$root"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
     tar --numeric-owner --xattrs -C "$root" -cf "$rootfs_tar.tmp" .
     mv "$rootfs_tar.tmp" "$rootfs_tar"
     rm -rf "$root"
   fi
+  # A new base: what was built on an older one is stale, its build cache too. Start clean.
+  "$docker" image prune --all --force >/dev/null
+  find "$cache/base" -maxdepth 1 -name '*.tar' ! -name "$(basename "$rootfs_tar")" -delete
   say "importing the base as $tag"
   "$docker" import "$rootfs_tar" "$tag" >/dev/null
   echo "$tag"
@@ -182,19 +188,24 @@ build() {
   daemon_start
   local base; base="$(base_image)"
   python3 "$repo/hack/image/host.py" pip-config "$staged/hack/image/pip"
-  local previous; previous="$("$docker" image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)"
+  : >"$cache/images/build.log"
   say "docker build $image on $base (inputs $hash)"
-  "$docker" build --network host --build-arg "BASE_IMAGE=$base" -t "$image" \
-    --label "dev.memspace.inputs=$hash" "$staged" >"$cache/images/build.log" 2>&1 \
-    || { tail -30 "$cache/images/build.log" >&2; die "docker build failed (log: $cache/images/build.log)"; }
+  # The build stage is tagged too: it stays as the builder's cache (a source change does not
+  # download the locked packages again), while everything untagged (an older image, the cache of
+  # an older lock) is pruned after the build.
+  local target
+  for target in build final; do
+    local tag="$image" stage=()
+    [[ "$target" == build ]] && tag="memspace-build:dev" stage=(--target build)
+    "$docker" build --network host --build-arg "BASE_IMAGE=$base" "${stage[@]}" -t "$tag" \
+      --label "dev.memspace.inputs=$hash" "$staged" >>"$cache/images/build.log" 2>&1 \
+      || { tail -30 "$cache/images/build.log" >&2
+           die "docker build failed (log: $cache/images/build.log)"; }
+  done
   "$docker" save -o "$tar_path.tmp" "$image"
   mv "$tar_path.tmp" "$tar_path"
   echo "$hash" >"$tar_path.inputs"
-  # The previous image goes (its layers, unless shared); the build stage's layers stay as the
-  # builder's cache, so a source change does not download the locked packages again.
-  if [[ -n "$previous" && "$previous" != "$("$docker" image inspect -f '{{.Id}}' "$image")" ]]; then
-    "$docker" rmi "$previous" >/dev/null 2>&1 || true
-  fi
+  "$docker" image prune --force >/dev/null
   say "saved $image: $(du -h "$tar_path" | cut -f1)"
   echo "$tar_path"
 }
