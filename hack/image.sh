@@ -5,6 +5,9 @@
 #   hack/image.sh [build]        build if any input changed; print the tar's path (make image)
 #   hack/image.sh daemon-start   start the build's dockerd, print its DOCKER_HOST (tests use it)
 #   hack/image.sh daemon-stop    stop it (containers first), leaving nothing running
+#   hack/image.sh lock-file      the lock a build holds; whoever starts the dockerd for a while
+#                                (tests/support/image.py) holds it too, so no one stops it under
+#                                another's build
 #
 # The engine is Debian's docker.io (installed with apt-get when missing), a dockerd of our own with
 # its own data root, exec root and socket under the cache, no iptables rules and no bridge, started
@@ -23,6 +26,7 @@ tar_path="$cache/images/memspace-dev.tar"
 docker_dir="$cache/docker"
 socket="$docker_dir/docker.sock"
 pidfile="$docker_dir/dockerd.pid"
+cgroup_parent=memspace-image  # the containers' cgroups, removed when the daemon stops
 export DOCKER_HOST="unix://$socket"
 export DOCKER_BUILDKIT=0  # the classic builder: BuildKit would ask a registry for its frontend
 # Debian's client, which speaks dockerd 20.10's API (another docker may come first on PATH).
@@ -64,15 +68,28 @@ ensure_packages() { # apt-get install whatever of Debian's docker.io and deboots
   if [[ -n "$placed" ]]; then rm -f "$policy"; fi
 }
 
-running() { [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+daemons() { # the PIDs of every dockerd on our data root (whoever started it, whatever pidfile)
+  local proc
+  for proc in /proc/[0-9]*; do
+    [[ "$(readlink "$proc/exe" 2>/dev/null)" == "$dockerd" ]] || continue
+    tr '\0' '\n' <"$proc/cmdline" 2>/dev/null | grep -qxF "$docker_dir/data" \
+      && echo "${proc#/proc/}"
+  done
+  return 0
+}
 
 daemon_start() {
   mkdir -p "$docker_dir"
-  if running; then
-    "$docker" version >/dev/null 2>&1 && return 0
-    die "a dockerd (pid $(cat "$pidfile")) holds $docker_dir but does not answer"
+  if [[ -n "$(daemons)" ]]; then
+    # Another run's daemon (a build, or a test's engine under the same lock) may be starting.
+    local waited=0
+    until "$docker" version >/dev/null 2>&1; do
+      (( waited < 120 )) || die "a dockerd ($(daemons | xargs)) holds $docker_dir but does not answer"
+      sleep 0.5; waited=$((waited + 1))
+    done
+    return 0
   fi
-  rm -f "$socket"
+  rm -f "$socket" "$pidfile"
   say "starting dockerd (data root $docker_dir/data)"
   # Only Debian's binaries on PATH: dockerd starts the containerd and runc it finds there.
   # setsid: the daemon must not take a terminal's signals; its output goes to a log.
@@ -80,8 +97,8 @@ daemon_start() {
     --data-root "$docker_dir/data" --exec-root "$docker_dir/run" \
     --host "$DOCKER_HOST" --pidfile "$pidfile" \
     --iptables=false --ip-forward=false --ip-masq=false --bridge=none \
-    --oom-score-adjust=0 --log-level=warn \
-    </dev/null >"$docker_dir/dockerd.log" 2>&1 &
+    --oom-score-adjust=0 --log-level=warn --cgroup-parent="/$cgroup_parent" \
+    </dev/null >"$docker_dir/dockerd.log" 2>&1 9>&- &
   local waited=0
   until "$docker" version >/dev/null 2>&1; do
     if (( waited >= 120 )); then
@@ -94,25 +111,37 @@ daemon_start() {
 }
 
 daemon_stop() {
-  running || { rm -f "$pidfile"; return 0; }
-  local pid; pid="$(cat "$pidfile")"
-  local containers
-  containers="$("$docker" ps -q 2>/dev/null || true)"
-  if [[ -n "$containers" ]]; then
-    # shellcheck disable=SC2086  # one argument per container ID
-    "$docker" rm -f $containers >/dev/null 2>&1 || true
+  local pids; pids="$(daemons | xargs)"
+  if [[ -n "$pids" ]]; then
+    local containers
+    containers="$("$docker" ps -q 2>/dev/null || true)"
+    if [[ -n "$containers" ]]; then
+      # shellcheck disable=SC2086  # one argument per container ID
+      "$docker" rm -f $containers >/dev/null 2>&1 || true
+    fi
+    # shellcheck disable=SC2086  # one argument per PID
+    kill -TERM $pids 2>/dev/null || true
+    local waited=0 pid
+    for pid in $pids; do
+      while kill -0 "$pid" 2>/dev/null; do
+        if (( waited >= 60 )); then kill -KILL "$pid" 2>/dev/null || true; fi
+        sleep 0.5; waited=$((waited + 1))
+      done
+    done
   fi
-  kill -TERM "$pid" 2>/dev/null || true
-  local waited=0
-  while kill -0 "$pid" 2>/dev/null; do
-    if (( waited >= 60 )); then kill -KILL "$pid" 2>/dev/null || true; fi
-    sleep 0.5; waited=$((waited + 1))
+  # What dockerd leaves behind when it stops (or when it was killed): its network namespace's
+  # bind mount, its data root's bind mount on itself, the containers' cgroups (deepest first).
+  local mounted
+  for mounted in "$docker_dir/run/netns/default" "$docker_dir/data"; do
+    while mountpoint -q "$mounted" 2>/dev/null; do umount "$mounted" || break; done
   done
-  # dockerd leaves its network namespace's bind mount behind.
-  if mountpoint -q "$docker_dir/run/netns/default" 2>/dev/null; then
-    umount "$docker_dir/run/netns/default" || true
-  fi
   rm -f "$pidfile" "$socket"
+  local hierarchy
+  for hierarchy in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
+    if [[ -d "$hierarchy$cgroup_parent" ]]; then
+      find "$hierarchy$cgroup_parent" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    fi
+  done
 }
 
 base_image() { # prints the tag of the local base image, making it if needed
@@ -182,7 +211,7 @@ build() {
   fi
   ensure_packages
   local started=""
-  running || started=1
+  [[ -n "$(daemons)" ]] || started=1
   # shellcheck disable=SC2064  # expand now: stop only a daemon this run started
   trap "rm -rf '$staged'; ${started:+daemon_stop}" EXIT
   daemon_start
@@ -212,6 +241,7 @@ build() {
 
 case "${1:-build}" in
   build) build ;;
+  lock-file) echo "$cache/.image.lock" ;;
   daemon-start) mkdir -p "$cache"; ensure_packages; daemon_start; echo "$DOCKER_HOST" ;;
   daemon-stop) daemon_stop ;;
   *) die "usage: $0 [build|daemon-start|daemon-stop]" ;;

@@ -7,6 +7,7 @@ bridge) for as long as a test needs containers, and stops it with every containe
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 from collections.abc import Iterator
@@ -77,9 +78,15 @@ class Docker:
 
 @contextlib.contextmanager
 def engine() -> Iterator[Docker]:
-    """dockerd for the duration; every container and the daemon are gone afterwards."""
-    host = _script("daemon-start", timeout=300.0)
-    try:
-        yield Docker(host)
-    finally:
-        _script("daemon-stop", timeout=120.0)
+    """dockerd for the duration; every container and the daemon are gone afterwards. Holds the
+    build's lock meanwhile: another run's build waits rather than lose its daemon to our stop
+    (so call `build()` before, not inside)."""
+    lock = Path(_script("lock-file", timeout=30.0))
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        host = _script("daemon-start", timeout=300.0)
+        try:
+            yield Docker(host)
+        finally:
+            _script("daemon-stop", timeout=120.0)
