@@ -256,6 +256,82 @@ def test_the_lock_check_refuses_a_package_without_a_hash(tmp_path: Path) -> None
     assert "has no hash" in lock_check(tmp_path, PYPROJECT.read_text(), unhashed)
 
 
+def test_the_build_takes_the_machine_s_pip_settings_but_no_path_of_the_machine(
+    tmp_path: Path,
+) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nnot a real one\n-----END CERTIFICATE-----\n")
+    out = tmp_path / "pip"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PIP_") and key != "VIRTUAL_ENV"
+    }
+    env |= {
+        "PIP_CONFIG_FILE": os.devnull,  # this machine's own files stay out of the test
+        "PIP_CERT": str(bundle),
+        "PIP_FIND_LINKS": str(tmp_path / "wheels"),
+        "PIP_INDEX_URL": "https://index.invalid/simple",
+        "PIP_DEFAULT_TIMEOUT": "42",
+    }
+    subprocess.run(
+        [sys.executable, str(REPO_IMAGE_HACK / "host.py"), "pip-config", str(out)],
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    config = (out / "pip.conf").read_text()
+    assert "index-url = https://index.invalid/simple" in config
+    assert "default-timeout = 42" in config
+    # The CA bundle travels into the build context, named by its path inside the build stage.
+    assert "cert = /etc/memspace-build/pip/cert.pem" in config
+    assert (out / "cert.pem").read_bytes() == bundle.read_bytes()
+    assert "ENV PIP_NO_CACHE_DIR=1" in DOCKERFILE.read_text()
+    assert "PIP_CONFIG_FILE=/etc/memspace-build/pip/pip.conf" in DOCKERFILE.read_text()
+    # Settings naming places on this machine do not.
+    assert "find-links" not in config
+    assert str(tmp_path) not in config
+
+
+def test_debootstrap_reads_the_mirror_apt_uses(tmp_path: Path) -> None:
+    sources = tmp_path / "sources.list.d"
+    sources.mkdir()
+    (sources / "debian.sources").write_text(
+        "Types: deb\n"
+        "URIs: http://mirror.invalid/debian-security\n"
+        "Suites: bookworm-security\n"
+        "Components: main\n"
+        "\n"
+        "# a comment\n"
+        "Types: deb deb-src\n"
+        "URIs: http://mirror.invalid/debian\n"
+        "Suites: bookworm bookworm-updates\n"
+        "Components: main\n"
+    )
+    (tmp_path / "sources.list").write_text(
+        "deb [arch=amd64] http://other.invalid/debian trixie main\n"
+    )
+    code = (
+        "import sys, pathlib; sys.path.insert(0, sys.argv[1]); import host; "
+        "host.APT = pathlib.Path(sys.argv[2]); sys.exit(host.main(['apt-mirror', sys.argv[3]]))"
+    )
+
+    def mirror(suite: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, str(REPO_IMAGE_HACK), str(tmp_path), suite],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    assert mirror("bookworm").stdout.strip() == "http://mirror.invalid/debian"
+    assert mirror("trixie").stdout.strip() == "http://other.invalid/debian"
+    missing = mirror("sid")
+    assert missing.returncode == 1
+    assert "no apt source for suite 'sid'" in missing.stderr
+
+
 # -- the image, built and run for real --------------------------------------------------------
 
 IMAGE_TIMEOUT_S = 1800
@@ -271,6 +347,10 @@ def docker() -> Iterator[image.Docker]:
     """The image, built (or reused) and loaded into the build's own dockerd, running until the
     module ends; the daemon and every container are stopped afterwards."""
     tar = image.build()
+    # Unchanged inputs: the saved image is reused as it is, not rebuilt.
+    built = tar.stat().st_mtime_ns
+    assert image.build() == tar
+    assert tar.stat().st_mtime_ns == built
     with image.engine() as engine:
         engine("load", "-i", str(tar), timeout=600)
         yield engine
