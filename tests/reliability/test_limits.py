@@ -3,6 +3,8 @@
 - five maximal RememberBatch streams at once (64 MiB each, the default --max-batch-bytes) are
   stored, and five streams far over it are refused, while the server stays under 1 GiB of RSS
   (the same flood is `batch_flood_rss_mib` in `make bench`);
+- a batch that does not fit its volume is refused (RESOURCE_EXHAUSTED, volume full) and leaves
+  neither memories nor staged bytes behind;
 - a server killed with SIGKILL in the middle of committing a batch comes back without any of
   it, with every acknowledged write, and takes the batch again.
 """
@@ -17,10 +19,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 
 from benchmarks import limits_bench
 from memspace_contract.v1 import memspace_pb2 as pb
-from tests.reliability.conftest import CALL_TIMEOUT_S, DIM, Servers, code_of, connect
+from tests.reliability.conftest import (
+    CALL_TIMEOUT_S,
+    DIM,
+    Servers,
+    Tmpfs,
+    code_of,
+    connect,
+    error_of,
+)
 
 GIB_KIB = 1024 * 1024
 
@@ -146,3 +157,38 @@ async def test_a_kill_in_the_middle_of_a_batch_commit_loses_it_whole(servers: Se
     async with connect(address) as stubs:
         health = await stubs.spaces.Health(pb.HealthRequest(space="default"))
         assert health.spaces[0].memories == 3 + count
+
+
+@pytest.mark.parametrize(
+    "count",
+    [
+        pytest.param(150, id="full-while-committing"),  # 9 MiB: staged, then the WAL fills
+        pytest.param(250, id="full-while-staging"),  # 15 MiB: the staging file fills it
+    ],
+)
+async def test_a_batch_that_does_not_fit_its_volume_is_refused_and_stores_nothing(
+    servers: Servers, tmpfs: Tmpfs, count: int
+) -> None:
+    root = tmpfs("6m") / "data"
+    server = servers(root)
+    address = await server.start()
+    content = "f" * (60 * 1024)
+
+    async def batch(count: int) -> AsyncIterator[pb.RememberRequest]:
+        for i in range(count):
+            yield pb.RememberRequest(
+                memory=pb.Memory(id=f"f{i}", content=f"{i}:{content}", embedding=[1.0] * DIM)
+            )
+
+    async with connect(address) as stubs:
+        err = await error_of(stubs.memories.RememberBatch(batch(count), timeout=CALL_TIMEOUT_S))
+        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "volume is full" in (err.details() or "")
+        health = await stubs.spaces.Health(pb.HealthRequest(space="default"))
+        assert health.spaces[0].memories == 0
+        # The staging file went with the stream, a cut-short batch is cut off the log: the
+        # room is there again.
+        answer = await stubs.memories.RememberBatch(batch(20), timeout=CALL_TIMEOUT_S)
+        assert answer.count == 20
+        health = await stubs.spaces.Health(pb.HealthRequest(space="default"))
+        assert health.spaces[0].memories == 20

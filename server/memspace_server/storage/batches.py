@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import errno
+import os
 import struct
 import tempfile
 from collections.abc import AsyncIterator
@@ -96,7 +98,21 @@ class BatchStage:
             self._in_ram += size
             return
         loop = asyncio.get_running_loop()
-        self._chunks.append(await loop.run_in_executor(self._executor, self._spill, chunk))
+        try:
+            spilled = await loop.run_in_executor(self._executor, self._spill, chunk)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.DiskFullError(
+                    "the space's volume is full; the batch could not be staged on it (nothing "
+                    "of it was stored). Free space or grow the volume (storage.size), or send "
+                    "smaller batches"
+                ) from err
+            reason = os.strerror(err.errno or 0)
+            raise errors.UnavailableError(
+                f"the batch could not be staged on the space's volume ({reason}); nothing of it "
+                "was stored, retry shortly"
+            ) from err
+        self._chunks.append(spilled)
 
     def _spill(self, chunk: list[bytes]) -> _Spilled:
         """Blocking: append a chunk to the staging file (no fsync: a crash discards it)."""
