@@ -86,7 +86,7 @@ chart-crds:
 	hack/sync-chart-crd.sh
 
 proto: venv
-	$(BIN)/python server/proto/generate.py
+	$(BIN)/python contract/proto/generate.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

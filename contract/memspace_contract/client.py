@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from memspace_contract import spaces
+from memspace_contract import spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 
@@ -42,8 +42,8 @@ TLS_ENV = {
     "server_name": "MEMSPACE_SERVER_NAME",
 }
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
-SPACE_METADATA = "x-memory-space"
-AUTHORIZATION_METADATA = "authorization"
+SPACE_METADATA = wire.SPACE_KEY
+AUTHORIZATION_METADATA = wire.AUTHORIZATION_KEY
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -162,7 +162,7 @@ class Credentials:
         if self.space is not None:
             pairs.append((SPACE_METADATA, self.space))
         if self.token is not None:
-            pairs.append((AUTHORIZATION_METADATA, f"Bearer {self.token}"))
+            pairs.append((AUTHORIZATION_METADATA, f"{wire.BEARER} {self.token}"))
         return tuple(pairs)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:

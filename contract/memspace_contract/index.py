@@ -11,22 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from memspace_contract import spaces
+from memspace_contract import spaces, wire
 
 SUFFIX = ".json"
 MAX_EMBEDDING_DIM = 4096
-COMPRESSIONS = ("zstd", "lz4", "none")
-STATES = ("Active", "Inactive")
 
 Compression = Literal["zstd", "lz4", "none"]
+COMPRESSIONS: Final[tuple[Compression, ...]] = ("zstd", "lz4", "none")
 State = Literal["Active", "Inactive"]
+"""A space's state in the index (and in MemorySpace spec.state)."""
+STATES: Final[tuple[State, ...]] = (wire.ACTIVE, wire.INACTIVE)
+
+# The defaults of an entry, of a MemorySpace spec and of CreateSpace alike (design section 2).
+DEFAULT_EMBEDDING_DIM: Final = 768
+DEFAULT_HOT_CAPACITY: Final = 100_000
+DEFAULT_WARM_CAPACITY: Final = 1_000_000
+DEFAULT_COMPRESSION: Final[Compression] = "zstd"
+DEFAULT_STATE: Final[State] = wire.ACTIVE
 
 
 class InvalidIndexEntryError(ValueError):
@@ -35,11 +44,11 @@ class InvalidIndexEntryError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Tiers:
-    hot_capacity: int = 100_000
+    hot_capacity: int = DEFAULT_HOT_CAPACITY
     """Memories kept in RAM before the least recently recalled move to warm."""
-    warm_capacity: int = 1_000_000
+    warm_capacity: int = DEFAULT_WARM_CAPACITY
     """Memories kept in the uncompressed, memory-mapped warm tier before moving to cold."""
-    cold_compression: Compression = "zstd"
+    cold_compression: Compression = DEFAULT_COMPRESSION
     """Lossless codec of the cold tier."""
 
 
@@ -61,7 +70,7 @@ class IndexEntry:
     token_sha256: str | None = None
     tiers: Tiers = Tiers()
     quota: Quota = Quota()
-    state: State = "Active"
+    state: State = DEFAULT_STATE
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +97,19 @@ class IndexEntry:
 def token_sha256(token: str) -> str:
     """The hex SHA-256 of a token: the only form in which a token leaves its Secret."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_token_sha256(value: object) -> bool:
+    """`value` has the form of token_sha256's result: 64 lower-case hex digits."""
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def token_opens(digest: str, trusted_sha256: str | None) -> bool:
+    """Whether a presented token (as its `token_sha256` digest) is the trusted one, compared in
+    constant time; a space without a trusted hash is opened by no token of its own."""
+    return trusted_sha256 is not None and hmac.compare_digest(digest, trusted_sha256)
 
 
 def _int(doc: Mapping[str, Any], key: str, default: int, low: int, high: int | None) -> int:
@@ -127,23 +149,19 @@ def parse_entry(doc: Any) -> IndexEntry:
         space_id = spaces.parse_space_id(doc.get("spaceId", ""))
     except spaces.InvalidSpaceIdError as err:
         raise InvalidIndexEntryError(f"spaceId: {err}") from err
-    dim = _int(doc, "embeddingDim", 768, 1, MAX_EMBEDDING_DIM)
+    dim = _int(doc, "embeddingDim", DEFAULT_EMBEDDING_DIM, 1, MAX_EMBEDDING_DIM)
     token = doc.get("tokenSha256")
-    if token is not None and (
-        not isinstance(token, str)
-        or len(token) != 64
-        or any(c not in "0123456789abcdef" for c in token)
-    ):
+    if token is not None and not is_token_sha256(token):
         raise InvalidIndexEntryError("tokenSha256 must be 64 lower-case hex digits or null")
     tiers_doc = _section(doc, "tiers")
-    compression = tiers_doc.get("coldCompression", "zstd")
+    compression = tiers_doc.get("coldCompression", DEFAULT_COMPRESSION)
     if compression not in COMPRESSIONS:
         raise InvalidIndexEntryError(
             f"tiers.coldCompression is {compression!r}; allowed: {', '.join(COMPRESSIONS)}"
         )
     tiers = Tiers(
-        hot_capacity=_int(tiers_doc, "hotCapacity", 100_000, 1, None),
-        warm_capacity=_int(tiers_doc, "warmCapacity", 1_000_000, 1, None),
+        hot_capacity=_int(tiers_doc, "hotCapacity", DEFAULT_HOT_CAPACITY, 1, None),
+        warm_capacity=_int(tiers_doc, "warmCapacity", DEFAULT_WARM_CAPACITY, 1, None),
         cold_compression=compression,
     )
     quota_doc = _section(doc, "quota")
@@ -152,7 +170,7 @@ def parse_entry(doc: Any) -> IndexEntry:
         max_memories = _int(quota_doc, "maxMemories", 0, 1, None)
     write_rate = _rate(quota_doc, "maxWritesPerSecond")
     recall_rate = _rate(quota_doc, "maxRecallsPerSecond")
-    state = doc.get("state", "Active")
+    state = doc.get("state", DEFAULT_STATE)
     if state not in STATES:
         raise InvalidIndexEntryError(f"state is {state!r}; allowed: {', '.join(STATES)}")
     return IndexEntry(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from memspace_contract import client, spaces
+from memspace_contract import client, spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_operator import certificates, statuses
 from memspace_operator.settings import Settings
@@ -38,9 +38,9 @@ class ShardHealth:
 
 
 _STATES: dict[str, tuple[statuses.ConditionStatus, str, str]] = {
-    "Active": ("True", "Serving", "served by {shard}"),
-    "Inactive": ("True", "Inactive", "unloaded by {shard} (Inactive)"),
-    "Unmounted": ("False", "VolumeNotMounted", "{shard} does not see the space's volume yet"),
+    wire.ACTIVE: ("True", "Serving", "served by {shard}"),
+    wire.INACTIVE: ("True", "Inactive", "unloaded by {shard} (Inactive)"),
+    wire.UNMOUNTED: ("False", "VolumeNotMounted", "{shard} does not see the space's volume yet"),
 }
 _FAILED: tuple[statuses.ConditionStatus, str, str] = (
     "False",
@@ -190,6 +190,6 @@ class Poller:
         return ShardHealth(
             shard,
             endpoint,
-            serving=answer.status == "SERVING",
+            serving=answer.status == wire.SERVING,
             spaces={spaces.SpaceId(s.space): s for s in answer.spaces},
         )

@@ -79,7 +79,7 @@ DEFAULTABLE = (
     "maxWritesPerSecond",
     "maxRecallsPerSecond",
 )
-DEFAULT_HOT_CAPACITY = 100_000
+DEFAULT_HOT_CAPACITY = index.DEFAULT_HOT_CAPACITY
 DEFAULT_SIZE = "10Gi"
 
 
@@ -123,7 +123,7 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     except spaces.InvalidSpaceIdError as err:
         where = "spec.spaceId" if spec.get("spaceId") else "metadata.name (spaceId not set)"
         raise errors.InvalidSpecError(f"{where}: {err}") from err
-    dim = _int(spec, "embeddingDim", 768, "spec")
+    dim = _int(spec, "embeddingDim", index.DEFAULT_EMBEDDING_DIM, "spec")
     assert dim is not None
     if not 1 <= dim <= index.MAX_EMBEDDING_DIM:
         raise errors.InvalidSpecError(
@@ -137,13 +137,15 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     reclaim = _choice(storage.get("reclaimPolicy", "Retain"), ("Retain", "Delete"), "reclaimPolicy")
     tiers_doc = _section(spec, "tiers")
     hot = _int(tiers_doc, "hotCapacity", DEFAULT_HOT_CAPACITY, "spec.tiers")
-    warm = _int(tiers_doc, "warmCapacity", 1_000_000, "spec.tiers")
+    warm = _int(tiers_doc, "warmCapacity", index.DEFAULT_WARM_CAPACITY, "spec.tiers")
     assert hot is not None
     assert warm is not None
     if hot < 1 or warm < 1:
         raise errors.InvalidSpecError("spec.tiers.hotCapacity and warmCapacity must be at least 1")
     compression = _choice(
-        tiers_doc.get("coldCompression", "zstd"), index.COMPRESSIONS, "spec.tiers.coldCompression"
+        tiers_doc.get("coldCompression", index.DEFAULT_COMPRESSION),
+        index.COMPRESSIONS,
+        "spec.tiers.coldCompression",
     )
     quota_doc = _section(spec, "quota")
     max_memories = _int(quota_doc, "maxMemories", None, "spec.quota")
@@ -151,7 +153,7 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     recalls = _rate(quota_doc, "maxRecallsPerSecond")
     if max_memories is not None and max_memories < 1:
         raise errors.InvalidSpecError("spec.quota values must be above zero when set")
-    state = _choice(spec.get("state", "Active"), index.STATES, "spec.state")
+    state = _choice(spec.get("state", index.DEFAULT_STATE), index.STATES, "spec.state")
     class_name = spec.get("className") or None
     if class_name is not None and not isinstance(class_name, str):
         raise errors.InvalidSpecError(f"spec.className must be a string, got {class_name!r}")

@@ -13,11 +13,12 @@ import dataclasses
 from collections.abc import Iterable
 
 from memspace_contract import spaces
+from memspace_contract.wire import ShardNumber
 
 
 @dataclasses.dataclass(frozen=True)
 class Assignment:
-    shard: int
+    shard: ShardNumber
     owner_uid: str
     """The MemorySpace holding the space ID (the PVC's owner-uid annotation)."""
 
@@ -27,7 +28,7 @@ class Shards:
         self.max_spaces_per_shard = max_spaces_per_shard
         self.max_shards = max_shards
         self._assigned: dict[spaces.SpaceId, Assignment] = {}
-        self._known: set[int] = set()
+        self._known: set[ShardNumber] = set()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -41,22 +42,22 @@ class Shards:
         return sum(1 for a in self._assigned.values() if a.shard == shard)
 
     @property
-    def shards(self) -> list[int]:
+    def shards(self) -> list[ShardNumber]:
         """Every shard numbered below the highest one in use or known to exist."""
         top = max([*self._known, *(a.shard for a in self._assigned.values())], default=-1)
-        return list(range(top + 1))
+        return [ShardNumber(n) for n in range(top + 1)]
 
     # -- changing --------------------------------------------------------------------------
 
     def know(self, shards: Iterable[int]) -> None:
         """Shards that exist (their StatefulSets), assigned or not."""
-        self._known.update(shards)
+        self._known.update(ShardNumber(n) for n in shards)
 
     def record(self, space_id: spaces.SpaceId, shard: int, owner_uid: str) -> None:
         """A durable assignment found on a PVC."""
-        self._assigned[space_id] = Assignment(shard, owner_uid)
+        self._assigned[space_id] = Assignment(ShardNumber(shard), owner_uid)
 
-    def assign(self, space_id: spaces.SpaceId, owner_uid: str) -> int | None:
+    def assign(self, space_id: spaces.SpaceId, owner_uid: str) -> ShardNumber | None:
         """The space's shard, choosing one if it has none; None when every shard is full."""
         found = self._assigned.get(space_id)
         if found is not None:
@@ -70,7 +71,7 @@ class Shards:
         if open_shards:
             shard = min(open_shards, key=lambda s: (counts[s], s))
         elif len(counts) < self.max_shards:
-            shard = len(counts)
+            shard = ShardNumber(len(counts))
         else:
             return None
         self._assigned[space_id] = Assignment(shard, owner_uid)

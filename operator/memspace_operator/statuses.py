@@ -13,6 +13,8 @@ import datetime
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from memspace_contract import index, wire
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 TYPES = ("VolumeBound", "Mounted", "Healthy")
 READY = "Ready"
@@ -79,7 +81,7 @@ class Observed:
 
     space_id: str
     generation: int
-    state: str = "Active"
+    state: str = index.DEFAULT_STATE
     problem: Problem | None = None
     shard: int | None = None
     endpoint: str | None = None
@@ -109,7 +111,7 @@ def _ready(observed: Observed, parts: list[Condition]) -> Condition:
     for part in volume:
         if part.status != "True":
             return Condition(READY, part.status, part.reason, part.message)
-    if observed.state == "Inactive":
+    if observed.state == wire.INACTIVE:
         return Condition(
             READY,
             "False",

@@ -31,6 +31,8 @@ each class to one status code in a single table.
 
 from __future__ import annotations
 
+from memspace_contract.wire import Lsn
+
 
 class MemspaceError(Exception):
     """Base of every error the server reports to a client on purpose."""
@@ -95,7 +97,7 @@ class ResumableError(MemspaceError):
 
     def __init__(self, message: str, resume_lsn: int) -> None:
         super().__init__(message)
-        self.resume_lsn = resume_lsn
+        self.resume_lsn = Lsn(resume_lsn)
 
 
 class SubscriberTooSlowError(ResourceExhaustedError, ResumableError):

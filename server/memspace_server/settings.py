@@ -14,6 +14,7 @@ from typing import Literal
 
 import pydantic
 
+from memspace_contract import index
 from memspace_contract.settings import Settings, SettingsError, setting
 from memspace_server.storage.settings import EngineSettings
 
@@ -168,11 +169,11 @@ class ServerSettings(Settings):
         "so load balancers that probe health move traffic away first; part of the drain timeout",
     )
     default_embedding_dim: int = setting(
-        768,
+        index.DEFAULT_EMBEDDING_DIM,
         env="MEMSPACE_DEFAULT_EMBEDDING_DIM",
         metavar="N",
         ge=1,
-        le=4096,
+        le=index.MAX_EMBEDDING_DIM,
         help="standalone: embedding size of the 'default' space when it is created",
     )
     index_refresh_s: float = setting(

@@ -1,4 +1,4 @@
-"""The committed protobuf code is exactly what server/proto/generate.py makes of the .proto."""
+"""The committed protobuf code is exactly what contract/proto/generate.py makes of the .proto."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_generated_code_matches_the_proto_source() -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "server" / "proto" / "generate.py"), "--check"],
+        [sys.executable, str(REPO / "contract" / "proto" / "generate.py"), "--check"],
         capture_output=True,
         text=True,
         check=False,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memspace_contract import wire
 from memspace_server.storage import hot, memories, tiers, zarr_tiers
 
 from .conftest import DIM
@@ -16,7 +17,7 @@ from .conftest import DIM
 Factory = Callable[[], tiers.TierStore]
 
 
-def _zarr(path: Path, name: str, compression: str) -> Factory:
+def _zarr(path: Path, name: wire.TierName, compression: str) -> Factory:
     return lambda: zarr_tiers.ZarrTier(
         path / name, name, DIM, chunk_rows=16, compression=compression
     )

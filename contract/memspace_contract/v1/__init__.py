@@ -1,1 +1,1 @@
-"""Generated code of the memspace.v1 gRPC API (see server/proto/generate.py)."""
+"""Generated code of the memspace.v1 gRPC API (see contract/proto/generate.py)."""

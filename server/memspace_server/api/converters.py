@@ -16,7 +16,6 @@ from memspace_server import errors
 from memspace_server.storage import feeds, memories
 from memspace_server.storage.spaces import Health
 
-DEFAULT_EMBEDDING_DIM = 768
 MAX_CAPACITY = 2**40
 
 _EVENT_TYPES = {
@@ -141,14 +140,14 @@ def event(space: str, found: feeds.Event) -> pb.MemoryEvent:
 
 
 def embedding_dim(message: pb.CreateSpaceRequest) -> int:
-    return message.embedding_dim or DEFAULT_EMBEDDING_DIM
+    return message.embedding_dim or index.DEFAULT_EMBEDDING_DIM
 
 
 def token_sha256(message: pb.CreateSpaceRequest) -> str | None:
     digest = message.token_sha256
     if not digest:
         return None
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if not index.is_token_sha256(digest):
         raise errors.InvalidArgumentError(
             "token_sha256 must be the hex SHA-256 of the space's token: 64 lower-case hex "
             "digits (or empty for a space without a token of its own)"
@@ -173,7 +172,7 @@ def tiers(message: pb.CreateSpaceRequest) -> index.Tiers:
     return index.Tiers(
         hot_capacity=_capacity(given.hot_capacity, "hot_capacity", defaults.hot_capacity),
         warm_capacity=_capacity(given.warm_capacity, "warm_capacity", defaults.warm_capacity),
-        cold_compression=compression,  # type: ignore[arg-type]  # checked against the Literal
+        cold_compression=compression,
     )
 
 
@@ -216,6 +215,6 @@ def space_health(found: Health) -> pb.SpaceHealth:
         pressure=found.pressure,
         wal_lag_ms=found.wal_lag_ms,
         consolidation_rate=found.consolidation_rate,
-        tier_memories=found.tier_memories,
+        tier_memories=dict(found.tier_memories.items()),
         disk_bytes=found.disk_bytes,
     )

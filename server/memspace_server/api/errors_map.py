@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 
+from memspace_contract import wire
 from memspace_server import errors
 
 TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
@@ -45,9 +46,9 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
 }
 
 INTERNAL_MESSAGE = "internal error (request {request_id}); the server log has the details"
-RETRY_AFTER_KEY = "memspace-retry-after-s"
+RETRY_AFTER_KEY = wire.RETRY_AFTER_KEY
 """Trailing metadata of a call refused by a rate quota: seconds until a retry can succeed."""
-RESUME_LSN_KEY = "memspace-resume-lsn"
+RESUME_LSN_KEY = wire.RESUME_LSN_KEY
 """Trailing metadata of a Subscribe stream that ended early: the since_lsn to resume from."""
 
 

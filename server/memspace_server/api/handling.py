@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import descriptor
 from google.protobuf import message as protobuf_message
 
-from memspace_contract import index, spaces
+from memspace_contract import index, spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
 from memspace_server.api import errors_map, limits, logs, routing
@@ -276,11 +276,11 @@ class _Scope:
         """Note the spaces and tokens the call's metadata names; bind its log context."""
         request_id = ""
         for key, value in context.invocation_metadata() or ():
-            if key == routing.SPACE_KEY:
+            if key == wire.SPACE_KEY:
                 self.named.append(str(value))
-            elif key == routing.AUTHORIZATION_KEY:
+            elif key == wire.AUTHORIZATION_KEY:
                 self.authorization.append(str(value))
-            elif key == routing.REQUEST_ID_KEY:
+            elif key == wire.REQUEST_ID_KEY:
                 request_id = str(value)[:64]
         logs.bind("", method, request_id or new_request_id())
 

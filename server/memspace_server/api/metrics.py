@@ -16,6 +16,7 @@ from typing import Any
 import prometheus_client
 from prometheus_client import core
 
+from memspace_contract import wire
 from memspace_server.api import tokens
 from memspace_server.storage.spaces import Health
 
@@ -91,7 +92,7 @@ class _SpaceCollector:
         for space, health in snap.health.items():
             for tier, count in health.tier_memories.items():
                 tiers.add_metric([space, tier], count)
-            up.add_metric([space], int(health.state == "Active"))
+            up.add_metric([space], int(health.state == wire.ACTIVE))
         yield tiers
         yield up
 

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hmac
 from collections.abc import Callable, Sequence
 
-from memspace_contract import index, spaces
+from memspace_contract import index, spaces, wire
 from memspace_server import errors
 
-SPACE_KEY = "x-memory-space"
-AUTHORIZATION_KEY = "authorization"
-REQUEST_ID_KEY = "x-request-id"
+SPACE_KEY = wire.SPACE_KEY
 
 
 class Scope(enum.Enum):
@@ -147,12 +144,8 @@ class Router:
         if not self.check_tokens:
             return False
         digest = index.token_sha256(bearer_token(authorization))
-        admin = self._admin_sha256 is not None and hmac.compare_digest(digest, self._admin_sha256)
-        own = (
-            entry is not None
-            and entry.token_sha256 is not None
-            and hmac.compare_digest(digest, entry.token_sha256)
-        )
+        admin = index.token_opens(digest, self._admin_sha256)
+        own = entry is not None and index.token_opens(digest, entry.token_sha256)
         if access is Access.ADMIN:
             allowed = admin
         elif access is Access.TENANT_OR_ADMIN:

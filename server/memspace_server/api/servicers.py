@@ -9,14 +9,12 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+from memspace_contract import wire
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
 from memspace_server.api import converters
 from memspace_server.api.handling import Call
 from memspace_server.storage import registry as registries
-
-SERVING = "SERVING"
-DRAINING = "DRAINING"
 
 
 class MemoryServicer:
@@ -165,6 +163,6 @@ class SpaceServicer:
     async def health(self, request: pb.HealthRequest, call: Call) -> pb.HealthResponse:
         found = await self.registry.health(call.route.space)
         return pb.HealthResponse(
-            status=DRAINING if self.draining() else SERVING,
+            status=wire.DRAINING if self.draining() else wire.SERVING,
             spaces=[converters.space_health(h) for h in found],
         )

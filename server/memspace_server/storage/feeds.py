@@ -16,6 +16,7 @@ import enum
 import time
 from collections.abc import AsyncIterator, Iterable
 
+from memspace_contract.wire import Lsn
 from memspace_server import errors
 
 
@@ -28,7 +29,7 @@ class EventType(enum.Enum):
 class Event:
     type: EventType
     id: str
-    lsn: int
+    lsn: Lsn
     at: float
 
 

@@ -10,11 +10,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from memspace_contract import wire
 from memspace_server.storage import memories, tiers
 
 
 class HotTier:
-    name = tiers.HOT
+    name: wire.TierName = tiers.HOT
 
     def __init__(self, dim: int) -> None:
         self.dim = dim

@@ -11,10 +11,11 @@ from typing import NewType
 import numpy as np
 import numpy.typing as npt
 
+from memspace_contract import wire
 from memspace_server import errors
 
 MemoryId = NewType("MemoryId", str)
-Lsn = NewType("Lsn", int)
+Lsn = wire.Lsn
 Vector = npt.NDArray[np.float32]
 
 MAX_CONTENT_BYTES = 64 * 1024
@@ -56,7 +57,7 @@ class Draft:
 class Hit:
     memory: Memory
     score: float
-    tier: str
+    tier: wire.TierName
 
 
 @dataclasses.dataclass(frozen=True)

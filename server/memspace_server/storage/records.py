@@ -15,6 +15,7 @@ import struct
 
 import numpy as np
 
+from memspace_contract.wire import Lsn
 from memspace_server.storage import memories, tiers
 
 REMEMBER = 1
@@ -95,8 +96,8 @@ def restamp(payload: bytearray, lsn: int, at: float) -> None:
     _HEAD.pack_into(payload, 0, payload[0], lsn, at)
 
 
-def peek_lsn(payload: bytes | memoryview) -> int:
-    return int(_HEAD.unpack_from(payload)[1])
+def peek_lsn(payload: bytes | memoryview) -> Lsn:
+    return Lsn(_HEAD.unpack_from(payload)[1])
 
 
 def peek(payload: memoryview) -> tuple[int, str, float]:

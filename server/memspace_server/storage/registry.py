@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from memspace_contract import index, spaces
+from memspace_contract import index, spaces, wire
 from memspace_server import errors
 from memspace_server.storage import catalogs, checkpoints, layout, scheduling, tiers
 from memspace_server.storage.settings import EngineSettings
@@ -62,7 +62,7 @@ class Registry:
         if changed:
             for space_id, space in list(self._spaces.items()):
                 entry = self.catalog.get(space_id)
-                if entry is None or entry.state == "Inactive":
+                if entry is None or entry.state == wire.INACTIVE:
                     await self.unload(space_id)
                 else:
                     try:
@@ -101,7 +101,7 @@ class Registry:
             raise errors.UnavailableError("the server is shutting down; retry on another shard")
         if entry is None:
             entry = self.entry(space_id)
-        if entry.state == "Inactive":
+        if entry.state == wire.INACTIVE:
             raise errors.SpaceInactiveError(
                 f"space {space_id!r} is Inactive: its data is kept but not served. Set its "
                 "state to Active to use it"
@@ -257,15 +257,15 @@ class Registry:
         root = self.volume(entry.space_id)
         counts: dict[str, int] = {}
         disk = 0
-        state: str = entry.state if root.is_dir() else "Unmounted"
+        state: wire.SpaceState = entry.state if root.is_dir() else wire.UNMOUNTED
         if root.is_dir():
             try:
                 counts = checkpoints.read_manifest(root / "hot").counts
             except errors.MemspaceError:
-                state = "Failed"
+                state = wire.FAILED
             disk = layout.SpaceDir(root).disk_bytes()
         if entry.space_id in self._refused:
-            state = "Failed"
+            state = wire.FAILED
         tier_counts = {name: counts.get(name, 0) for name in tiers.NAMES}
         return Health(
             space=entry.space_id,

@@ -21,7 +21,8 @@ import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 
-from memspace_contract import index
+from memspace_contract import index, wire
+from memspace_contract.wire import Lsn
 from memspace_server import errors
 from memspace_server.storage import (
     batches,
@@ -51,9 +52,9 @@ INLINE_SCAN = 1 << 17
 @dataclasses.dataclass(frozen=True)
 class Health:
     space: str
-    state: str
+    state: wire.SpaceState
     memories: int
-    tier_memories: dict[str, int]
+    tier_memories: dict[wire.TierName, int]
     pressure: float
     wal_lag_ms: float
     consolidation_rate: float
@@ -158,7 +159,7 @@ def _replay_chunk(replay: Iterator[records.Record]) -> list[feeds.Event]:
     return events
 
 
-def _remembered(memory: memories.Memory, now: float, lsn: int) -> tuple[bytes, feeds.Event]:
+def _remembered(memory: memories.Memory, now: float, lsn: Lsn) -> tuple[bytes, feeds.Event]:
     return (
         records.encode_remember(lsn, now, memory),
         feeds.Event(feeds.EventType.REMEMBERED, memory.id, lsn, now),
@@ -186,7 +187,7 @@ def _latest_columns(chunk: list[bytes], dim: int) -> tiers.Columns:
     return records.columns(list(latest.values()), dim)
 
 
-def _forgotten(memory_id: str, now: float, lsn: int) -> tuple[bytes, feeds.Event]:
+def _forgotten(memory_id: str, now: float, lsn: Lsn) -> tuple[bytes, feeds.Event]:
     return (
         records.encode_forget(lsn, now, memory_id),
         feeds.Event(feeds.EventType.FORGOTTEN, memory_id, lsn, now),
@@ -280,15 +281,15 @@ class Space:
         return self._closing or self._closed
 
     @property
-    def durable_lsn(self) -> int:
+    def durable_lsn(self) -> Lsn:
         """The last LSN on disk and committed: a change-feed reader that saw nothing can resume
         after it. A batch being written is not part of it until it is whole."""
         if self._batch_from is not None:
-            return self._batch_from - 1
+            return Lsn(self._batch_from - 1)
         return self._wal.durable_lsn
 
     @property
-    def next_lsn(self) -> int:
+    def next_lsn(self) -> Lsn:
         return self._wal.next_lsn
 
     def count(self) -> int:
@@ -339,11 +340,11 @@ class Space:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def remember(self, draft: memories.Draft) -> tuple[str, int]:
+    async def remember(self, draft: memories.Draft) -> tuple[str, Lsn]:
         _count, lsn, ids = await self.remember_many([draft])
         return ids[0], lsn
 
-    async def remember_many(self, drafts: Sequence[memories.Draft]) -> tuple[int, int, list[str]]:
+    async def remember_many(self, drafts: Sequence[memories.Draft]) -> tuple[int, Lsn, list[str]]:
         """Store every draft or none: all are validated before anything is written."""
         self._check_usable()
         now = time.time()
@@ -390,7 +391,7 @@ class Space:
             self.directory.root, self.dim, max_bytes, max_count, self._executor
         )
 
-    async def commit_batch(self, stage: batches.BatchStage) -> tuple[int, int, list[str]]:
+    async def commit_batch(self, stage: batches.BatchStage) -> tuple[int, Lsn, list[str]]:
         """Store every staged memory or none. Returns (count, last LSN, IDs).
 
         The batch goes to the WAL as a marker and its records, a chunk per append, under the
@@ -408,7 +409,7 @@ class Space:
         task = asyncio.get_running_loop().create_task(self._commit_batch(stage))
         return await asyncio.shield(task)
 
-    async def _commit_batch(self, stage: batches.BatchStage) -> tuple[int, int, list[str]]:
+    async def _commit_batch(self, stage: batches.BatchStage) -> tuple[int, Lsn, list[str]]:
         count = len(stage)
         loop = asyncio.get_running_loop()
         async with self._lock.write():
@@ -425,7 +426,7 @@ class Space:
             first = self._wal.next_lsn
             self._batch_from = first
             self._wal.holding_segment = True
-            lsn = first
+            lsn: int = first
             queued: tuple[asyncio.Future[None], list[bytes]] | None = None
             submitted = False
             try:
@@ -453,10 +454,10 @@ class Space:
             finally:
                 self._wal.holding_segment = False
                 self._batch_from = None
-            last = lsn - 1
+            last = Lsn(lsn - 1)
             self._note_writes(count, now)
             self.feed.publish(
-                feeds.Event(feeds.EventType.REMEMBERED, memory_id, first + n, now)
+                feeds.Event(feeds.EventType.REMEMBERED, memory_id, Lsn(first + n), now)
                 for n, memory_id in enumerate(stage.ids)
             )
         self._maybe_consolidate()
@@ -476,7 +477,7 @@ class Space:
                 tier.remove(memory_id)
         self.hot.add(columns)
 
-    async def forget(self, memory_id: str) -> tuple[bool, int]:
+    async def forget(self, memory_id: str) -> tuple[bool, Lsn]:
         self._check_usable()
         memory_id = memories.check_id(memory_id)
         if self._bucket is not None:
@@ -486,7 +487,7 @@ class Space:
             self._check_usable()
             tier = self._locate(memory_id)
             if tier is None:
-                return False, 0
+                return False, Lsn(0)
             lsn, future = self._wal.submit(functools.partial(_forgotten, memory_id, now))
             tier.remove(memory_id)
             self._count -= 1
@@ -746,7 +747,7 @@ class Space:
         oldest = self._oldest_unconsolidated
         return Health(
             space=self.id,
-            state="Failed" if self.failed else self.entry.state,
+            state=wire.FAILED if self.failed else self.entry.state,
             memories=self.count(),
             tier_memories={
                 tiers.HOT: len(self.hot),

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from memspace_contract import wire
 from memspace_server.storage import memories
 
-HOT = "hot"
-WARM = "warm"
-COLD = "cold"
-NAMES = (HOT, WARM, COLD)
+HOT: Final = wire.HOT
+WARM: Final = wire.WARM
+COLD: Final = wire.COLD
+NAMES = wire.TIERS
 
 Scores = npt.NDArray[np.float32]
 Rows = npt.NDArray[np.int64]
@@ -85,7 +86,7 @@ class TierStore(Protocol):
     """One tier of one space. Blocking methods are called from worker threads; mutations happen
     under the space's write lock, scans under its read lock."""
 
-    name: str
+    name: wire.TierName
 
     def __len__(self) -> int: ...
     def __contains__(self, memory_id: object) -> bool: ...
@@ -155,6 +156,10 @@ def best(scores: Scores, rows: Rows | None, k: int, min_score: float) -> list[tu
     return out
 
 
-def merge(candidates: Iterable[tuple[float, str, str]], k: int) -> list[tuple[float, str, str]]:
+Candidate = tuple[float, wire.TierName, str]
+"""(score, tier, memory id) of one recall hit before the tiers' answers are merged."""
+
+
+def merge(candidates: Iterable[Candidate], k: int) -> list[Candidate]:
     """Merge (score, tier, id) candidates of several tiers into the overall top k."""
     return sorted(candidates, key=lambda c: (-c[0], c[2]))[:k]

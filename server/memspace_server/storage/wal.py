@@ -32,6 +32,7 @@ from typing import Generic, TypeVar
 
 import crc32c
 
+from memspace_contract.wire import Lsn
 from memspace_server import errors
 from memspace_server.storage import records
 
@@ -380,29 +381,29 @@ class Wal(Generic[T]):
             self._open_segment(path, create=False)
 
     @property
-    def next_lsn(self) -> int:
-        return self._next_lsn
+    def next_lsn(self) -> Lsn:
+        return Lsn(self._next_lsn)
 
     @property
-    def durable_lsn(self) -> int:
-        return self._durable_lsn
+    def durable_lsn(self) -> Lsn:
+        return Lsn(self._durable_lsn)
 
     @property
     def failure(self) -> errors.MemspaceError | None:
         return self._failure
 
-    def first_retained_lsn(self) -> int:
+    def first_retained_lsn(self) -> Lsn:
         segments = list_segments(self.directory)
-        return segments[0][0] if segments else self._next_lsn
+        return Lsn(segments[0][0] if segments else self._next_lsn)
 
-    def submit(self, build: Callable[[int], tuple[bytes, T]]) -> tuple[int, asyncio.Future[None]]:
+    def submit(self, build: Callable[[Lsn], tuple[bytes, T]]) -> tuple[Lsn, asyncio.Future[None]]:
         """Reserve the next LSN, frame the payload `build(lsn)` makes and queue it for the next
         group commit, with the event `on_durable` gets once it is on disk."""
         return self.submit_many([build])
 
     def submit_many(
-        self, builds: Sequence[Callable[[int], tuple[bytes, T]]], batch: bool = False
-    ) -> tuple[int, asyncio.Future[None]]:
+        self, builds: Sequence[Callable[[Lsn], tuple[bytes, T]]], batch: bool = False
+    ) -> tuple[Lsn, asyncio.Future[None]]:
         """`submit` for several records at once: consecutive LSNs, one future for them all.
         With `batch`, they go behind a batch marker: recovery replays all of them or none.
         Returns the last LSN."""
@@ -414,7 +415,7 @@ class Wal(Generic[T]):
         if batch:
             frames.append(frame(records.encode_batch(lsn, time.time(), len(builds))))
         for offset, build in enumerate(builds):
-            payload, event = build(lsn + offset)
+            payload, event = build(Lsn(lsn + offset))
             if len(payload) > MAX_RECORD:
                 raise errors.InvalidMemoryError(
                     f"a record of {len(payload)} bytes exceeds the WAL limit of {MAX_RECORD}"
@@ -425,7 +426,7 @@ class Wal(Generic[T]):
 
     def submit_frames(
         self, frames: list[bytes], lsns: int, events: list[T]
-    ) -> tuple[int, asyncio.Future[None]]:
+    ) -> tuple[Lsn, asyncio.Future[None]]:
         """Queue framed records made for the `lsns` LSNs from `next_lsn` on (batch markers
         among them take none); the caller holds what keeps anyone else from submitting
         meanwhile, the space's write lock. `on_durable` gets `events` once they are on disk.
@@ -441,7 +442,7 @@ class Wal(Generic[T]):
         self._waiters.append(_Waiter(last, lsns, future, events))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_loop())
-        return last, future
+        return Lsn(last), future
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is durable."""

@@ -25,6 +25,7 @@ import zarr
 import zarr.codecs
 import zarr.core.sync as zarr_sync
 
+from memspace_contract import wire
 from memspace_server import errors
 from memspace_server.storage import caches, memories, tiers
 
@@ -87,7 +88,7 @@ class ZarrTier:
     def __init__(
         self,
         root: Path,
-        name: str,
+        name: wire.TierName,
         dim: int,
         *,
         chunk_rows: int,

@@ -1,8 +1,8 @@
-"""Generate the Python code of the memspace.v1 API from server/proto into
+"""Generate the Python code of the memspace.v1 API from contract/proto into
 contract/memspace_contract/v1 (messages, gRPC stubs and their .pyi type stubs).
 
-    python server/proto/generate.py            write the generated files
-    python server/proto/generate.py --check    exit 1 if the committed files are stale
+    python contract/proto/generate.py            write the generated files
+    python contract/proto/generate.py --check    exit 1 if the committed files are stale
 
 Needs the lint extras (grpcio-tools, mypy-protobuf). The generated files are committed and never
 edited by hand; a test runs `--check`.
@@ -20,10 +20,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PROTO_ROOT = REPO / "server" / "proto"
+PROTO_ROOT = REPO / "contract" / "proto"
 PROTO = Path("memspace/v1/memspace.proto")
 TARGET = REPO / "contract" / "memspace_contract" / "v1"
-PACKAGE_INIT = '"""Generated code of the memspace.v1 gRPC API (see server/proto/generate.py)."""\n'
+PACKAGE_INIT = (
+    '"""Generated code of the memspace.v1 gRPC API (see contract/proto/generate.py)."""\n'
+)
 
 # protoc names the modules after the proto path (memspace.v1); they live in memspace_contract.v1.
 _FIXES: dict[str, list[tuple[str, str]]] = {
@@ -110,7 +112,7 @@ def main() -> int:
         stale = stale_files(Path(tmp), TARGET)
     if stale:
         print(
-            f"stale generated code: {', '.join(stale)}; run python server/proto/generate.py",
+            f"stale generated code: {', '.join(stale)}; run python contract/proto/generate.py",
             file=sys.stderr,
         )
         return 1
