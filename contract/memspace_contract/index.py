@@ -13,13 +13,11 @@ import dataclasses
 import hashlib
 import hmac
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from memspace_contract import spaces, wire
+from memspace_contract import durable, spaces, wire
 
 SUFFIX = ".json"
 MAX_EMBEDDING_DIM = 4096
@@ -223,18 +221,9 @@ def read_directory(directory: Path) -> tuple[dict[spaces.SpaceId, IndexEntry], d
 
 
 def write_entry(directory: Path, entry: IndexEntry) -> None:
-    """Write one entry atomically (temporary file, fsync, rename)."""
+    """Write one entry atomically (temporary file, fsync, rename), readable by its owner only."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=SUFFIX)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(entry.dumps())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, directory / entry_filename(entry.space_id))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    durable.atomic_write(directory / entry_filename(entry.space_id), entry.dumps(), mode=0o600)
 
 
 def remove_entry(directory: Path, space_id: spaces.SpaceId) -> bool:

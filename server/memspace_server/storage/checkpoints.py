@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from memspace_contract import durable
 from memspace_server import errors
 from memspace_server.storage import hot as hot_tier
 from memspace_server.storage import tiers, zarr_tiers
@@ -58,21 +58,10 @@ class Manifest:
         }
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, allow_pickle=False, **arrays)
-    with path.open("wb") as out:
-        out.write(buffer.getbuffer())
-        out.flush()
-        os.fsync(out.fileno())
+    durable.write_file(path, buffer.getbuffer())
 
 
 def _load(path: Path) -> dict[str, npt.NDArray[Any]]:
@@ -215,11 +204,7 @@ class Checkpointer:
             cold=refs[tiers.COLD],
             counts={tiers.HOT: len(hot), tiers.WARM: len(warm), tiers.COLD: len(cold)},
         )
-        tmp = self.directory / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest.to_json(), indent=1))
-        _fsync_file(tmp)
-        os.replace(tmp, self.directory / MANIFEST)
-        _fsync_file(self.directory)
+        durable.atomic_write(self.directory / MANIFEST, json.dumps(manifest.to_json(), indent=1))
         self.manifest = manifest
         hot.unsaved.difference_update(fresh)
         self._sweep()

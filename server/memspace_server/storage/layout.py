@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from memspace_contract import spaces
+from memspace_contract import durable, spaces
 from memspace_server import errors
 
 IDENTITY = "space.json"
@@ -62,17 +62,7 @@ def _write_identity(root: Path, space_id: spaces.SpaceId, dim: int) -> None:
         "formatVersion": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    tmp = root / f".{IDENTITY}.tmp"
-    with tmp.open("w") as out:
-        json.dump(doc, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, root / IDENTITY)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.atomic_write(root / IDENTITY, json.dumps(doc))
 
 
 def open_dir(root: Path, space_id: spaces.SpaceId, dim: int) -> SpaceDir:

@@ -112,6 +112,30 @@ def peek(payload: memoryview) -> tuple[int, str, float]:
         raise RecordFormatError(f"unreadable record: {err}") from err
 
 
+_RememberFields = tuple[str, str, float, float, dict[str, str], np.ndarray]
+
+
+def _remember_fields(payload: bytes | memoryview) -> _RememberFields:
+    """(id, content, confidence, created_at, tags, embedding) of a remember record: the one
+    decoder of its body. The embedding is a read-only view into the record (no copy until the
+    memory is placed in a tier)."""
+    id_len, content_len, confidence, created, tags_len, dim = _REMEMBER.unpack_from(
+        payload, _HEAD.size
+    )
+    pos = _HEAD.size + _REMEMBER.size
+    view = memoryview(payload)
+    memory_id = str(view[pos : pos + id_len], "utf-8")
+    pos += id_len
+    content = str(view[pos : pos + content_len], "utf-8")
+    pos += content_len
+    tags = json.loads(view[pos : pos + tags_len].tobytes()) if tags_len else {}
+    pos += tags_len
+    if pos + 4 * dim != len(view):
+        raise RecordFormatError("remember record has a wrong length")
+    embedding = np.frombuffer(payload, dtype=np.float32, count=dim, offset=pos)
+    return memory_id, content, confidence, created, tags, embedding
+
+
 def columns(payloads: list[memoryview], dim: int) -> tiers.Columns:
     """Decode remember records straight into a batch of columns (replay's fast path)."""
     count = len(payloads)
@@ -121,22 +145,19 @@ def columns(payloads: list[memoryview], dim: int) -> tiers.Columns:
     confidence = np.empty(count, np.float32)
     created = np.empty(count, np.float64)
     embeddings = np.empty((count, dim), np.float32)
-    body = _HEAD.size
-    after = _HEAD.size + _REMEMBER.size
     try:
         for row, payload in enumerate(payloads):
-            id_len, content_len, confidence[row], created[row], tags_len, found_dim = (
-                _REMEMBER.unpack_from(payload, body)
+            memory_id, content, confidence[row], created[row], tagged, embedding = _remember_fields(
+                payload
             )
-            if found_dim != dim:
-                raise RecordFormatError(f"a record holds {found_dim} values, the space {dim}")
-            pos = after + id_len
-            ids.append(str(payload[after:pos], "utf-8"))
-            contents.append(str(payload[pos : pos + content_len], "utf-8"))
-            pos += content_len
-            tags.append(json.loads(payload[pos : pos + tags_len].tobytes()) if tags_len else {})
-            pos += tags_len
-            embeddings[row] = np.frombuffer(payload, np.float32, dim, pos)
+            if embedding.shape[0] != dim:
+                raise RecordFormatError(
+                    f"a record holds {embedding.shape[0]} values, the space {dim}"
+                )
+            ids.append(memory_id)
+            contents.append(content)
+            tags.append(tagged)
+            embeddings[row] = embedding
     except (struct.error, UnicodeDecodeError, ValueError) as err:
         raise RecordFormatError(f"unreadable record: {err}") from err
     return tiers.Columns(
@@ -156,36 +177,23 @@ def decode(payload: bytes | memoryview) -> Record:
         kind, lsn, at = _HEAD.unpack_from(payload)
         pos = _HEAD.size
         if kind == REMEMBER:
-            id_len, content_len, confidence, created, tags_len, dim = _REMEMBER.unpack_from(
-                payload, pos
-            )
-            pos += _REMEMBER.size
-            mid = bytes(payload[pos : pos + id_len]).decode()
-            pos += id_len
-            content = bytes(payload[pos : pos + content_len]).decode()
-            pos += content_len
-            tags = json.loads(bytes(payload[pos : pos + tags_len])) if tags_len else {}
-            pos += tags_len
-            # A read-only view into the record: no copy until the memory is placed in a tier.
-            embedding = np.frombuffer(payload, dtype=np.float32, count=dim, offset=pos)
-            if pos + 4 * dim != len(payload):
-                raise RecordFormatError("remember record has trailing bytes")
+            memory_id, content, confidence, created, tags, embedding = _remember_fields(payload)
             memory = memories.Memory(
-                id=memories.MemoryId(mid),
+                id=memories.MemoryId(memory_id),
                 content=content,
                 embedding=embedding,
                 confidence=confidence,
                 tags=tags,
                 created_at=created,
             )
-            return Remembered(lsn=memories.Lsn(lsn), at=at, memory=memory)
+            return Remembered(lsn=Lsn(lsn), at=at, memory=memory)
         if kind == FORGET:
             (id_len,) = _FORGET.unpack_from(payload, pos)
             pos += _FORGET.size
             if pos + id_len != len(payload):
                 raise RecordFormatError("forget record has a wrong length")
             mid = bytes(payload[pos : pos + id_len]).decode()
-            return Forgotten(lsn=memories.Lsn(lsn), at=at, id=memories.MemoryId(mid))
+            return Forgotten(lsn=Lsn(lsn), at=at, id=memories.MemoryId(mid))
     except (struct.error, UnicodeDecodeError, ValueError) as err:
         raise RecordFormatError(f"unreadable record: {err}") from err
     raise RecordFormatError(f"unknown record type {kind}")

@@ -11,14 +11,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
 import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from memspace_contract import index, spaces, wire
+from memspace_contract import durable, index, spaces, wire
 from memspace_server import errors
 from memspace_server.storage import catalogs, checkpoints, layout, scheduling, tiers
 from memspace_server.storage.settings import EngineSettings
@@ -198,7 +197,7 @@ class Registry:
                 await loop.run_in_executor(self.executor, self._make_volume, root, entry)
                 await loop.run_in_executor(self.executor, self.catalog.put, entry)
             except OSError as err:
-                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if not durable.is_disk_full(err):
                     raise
                 raise errors.DiskFullError(
                     f"space {space_id!r} was not created: the data volume is full. Free space "

@@ -12,7 +12,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import errno
 import functools
 import itertools
 import logging
@@ -21,7 +20,7 @@ import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 
-from memspace_contract import index, wire
+from memspace_contract import durable, index, wire
 from memspace_contract.wire import Lsn
 from memspace_server import errors
 from memspace_server.storage import (
@@ -669,7 +668,7 @@ class Space:
                 await loop.run_in_executor(self._executor, self._consolidate_blocking, demoted, lsn)
             except Exception as err:
                 log.exception("space %s: consolidation failed; the space will reload", self.id)
-                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                if durable.is_disk_full(err):
                     self._failure = errors.DiskFullError(
                         "the space's volume is full; consolidation could not write its checkpoint"
                     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import errno
 import logging
 import mmap
 import os
@@ -32,6 +31,7 @@ from typing import Generic, TypeVar
 
 import crc32c
 
+from memspace_contract import durable
 from memspace_contract.wire import Lsn
 from memspace_server import errors
 from memspace_server.storage import records
@@ -238,8 +238,7 @@ def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]
                     out.truncate(len(MAGIC))
                 else:
                     out.truncate(scan.end)
-                out.flush()
-                os.fsync(out.fileno())
+            durable.fsync_file(path)
         expect = scan.last_lsn + 1
     if replay.batch is not None:
         truncated += _cut_incomplete_batch(segments, replay.batch)
@@ -496,11 +495,7 @@ class Wal(Generic[T]):
         fd = os.open(path, flags, 0o640)
         if create:
             os.write(fd, MAGIC)
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            durable.fsync_dir(self.directory)
         self._fd = fd
         self._size = os.fstat(fd).st_size
 
@@ -548,7 +543,7 @@ class Wal(Generic[T]):
                         waiter.future.set_result(None)
 
     def _fail(self, err: Exception, waiters: list[_Waiter[T]]) -> None:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if durable.is_disk_full(err):
             failure: errors.MemspaceError = errors.DiskFullError(
                 "the space's volume is full; the write was not stored. Free space or grow the "
                 "volume (storage.size), then retry"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import mmap
-import os
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ import zarr
 import zarr.codecs
 import zarr.core.sync as zarr_sync
 
-from memspace_contract import wire
+from memspace_contract import durable, wire
 from memspace_server import errors
 from memspace_server.storage import caches, memories, tiers
 
@@ -47,24 +46,6 @@ def _compressors(compression: str) -> Any:
     if compression == "lz4":
         return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
     return None
-
-
-def _fsync_tree(paths: Iterable[Path]) -> None:
-    dirs: set[Path] = set()
-    for path in paths:
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            dirs.add(path.parent)
-    for directory in dirs:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _vlen_utf8(path: Path) -> list[str]:
@@ -178,7 +159,7 @@ class ZarrTier:
                 dtype=str,
                 compressors=None if self.mapped else _compressors(self.compression),
             )
-        _fsync_tree(p for p in self.path.rglob("zarr.json"))
+        durable.fsync_paths(self.path.rglob("zarr.json"))
         return group
 
     def _load(self, rows: int, state: Mapping[str, npt.NDArray[Any]] | None) -> None:
@@ -295,7 +276,7 @@ class ZarrTier:
                 self.path.joinpath(column, "c", str(chunk), *suffix)
                 for chunk in range(start // rows, (end - 1) // rows + 1)
             )
-        _fsync_tree(paths)
+        durable.fsync_paths(paths)
 
     def remove(self, memory_id: str) -> bool:
         row = self._row.pop(memory_id, None)
