@@ -143,12 +143,8 @@ class Registry:
     ) -> AsyncIterator[Space]:
         """The loaded space, kept loaded while the caller uses it (`entry` as for `load`)."""
         space = await self.load(space_id, entry)
-        space.leases += 1
-        try:
+        with space.leased():
             yield space
-        finally:
-            space.leases -= 1
-            space.last_used = time.monotonic()
 
     # -- standalone management ---------------------------------------------------------------
 
@@ -294,13 +290,13 @@ class Registry:
     def close_feeds(self) -> None:
         """End every change-feed stream (at drain), leaving the spaces loaded."""
         for space in self._spaces.values():
-            space.feed.close()
+            space.end_subscriptions()
 
     async def maintain(self) -> None:
         """One round of housekeeping: consolidate spaces that are due, unload idle ones."""
         now = time.monotonic()
         for space_id, space in list(self._spaces.items()):
-            if space.leases == 0 and now - space.last_used > self.idle_unload_s:
+            if space.idle_s(now) > self.idle_unload_s:
                 await self.unload(space_id)
             elif space.due_for_consolidation() and not space.failed:
                 with contextlib.suppress(errors.MemspaceError):

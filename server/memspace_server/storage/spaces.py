@@ -9,13 +9,11 @@ reopens it from disk, which recovers exactly what was acknowledged.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
-import shutil
 import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
@@ -25,25 +23,22 @@ from memspace_contract.wire import Lsn
 from memspace_server import errors
 from memspace_server.storage import (
     batches,
-    caches,
-    checkpoints,
+    consolidating,
     feeds,
-    layout,
     locks,
     memories,
     quotas,
     records,
+    recovering,
     scheduling,
     tiers,
     wal,
-    zarr_tiers,
 )
 from memspace_server.storage.hot import HotTier
 from memspace_server.storage.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
-RATE_WINDOW_S = 60.0
 INLINE_SCAN = 1 << 17
 """Floats of the hot tier up to which a recall scans on the event loop (about 50 µs)."""
 
@@ -58,87 +53,6 @@ class Health:
     wal_lag_ms: float
     consolidation_rate: float
     disk_bytes: int
-
-
-@dataclasses.dataclass
-class _Recovered:
-    directory: layout.SpaceDir
-    checkpointer: checkpoints.Checkpointer
-    hot: HotTier
-    warm: zarr_tiers.ZarrTier
-    cold: zarr_tiers.ZarrTier
-    next_lsn: int
-    replayed: int
-    oldest_unconsolidated: float | None
-
-
-def _recover(
-    root: Path, entry: index.IndexEntry, settings: EngineSettings, chunks: caches.SpaceChunks
-) -> _Recovered:
-    """Load a space from its volume (blocking)."""
-    directory = layout.open_dir(root, entry.space_id, entry.embedding_dim)
-    checkpointer = checkpoints.Checkpointer(directory.hot)
-    manifest = checkpointer.manifest
-    dim = entry.embedding_dim
-    rows = settings.rows_per_chunk(dim)
-    hot = checkpointer.restore_hot(dim)
-    warm = zarr_tiers.ZarrTier(
-        directory.warm,
-        tiers.WARM,
-        dim,
-        chunk_rows=rows,
-        compression="none",
-        generation=manifest.warm.generation,
-        rows=manifest.warm.rows,
-        state=checkpointer.state(manifest.warm),
-    )
-    cold = zarr_tiers.ZarrTier(
-        directory.cold,
-        tiers.COLD,
-        dim,
-        chunk_rows=rows,
-        compression=entry.tiers.cold_compression,
-        generation=manifest.cold.generation,
-        rows=manifest.cold.rows,
-        state=checkpointer.state(manifest.cold),
-        chunks=chunks,
-    )
-    latest: dict[str, memoryview | None] = {}
-    oldest: list[float] = []
-
-    def apply(payload: memoryview) -> None:
-        kind, memory_id, at = records.peek(payload)
-        if not oldest:
-            oldest.append(at)
-        latest.pop(memory_id, None)
-        latest[memory_id] = payload if kind == records.REMEMBER else None
-
-    try:
-        recovered = wal.recover(directory.wal, manifest.lsn, apply)
-        holding = [tier for tier in (hot, warm, cold) if len(tier)]
-        for memory_id in latest if holding else ():
-            for tier in holding:
-                tier.remove(memory_id)
-        hot.add(records.columns([p for p in latest.values() if p is not None], dim))
-    except records.RecordFormatError as err:
-        raise errors.CorruptWalError(f"space {entry.space_id!r}: {err}") from err
-    if recovered.replayed:
-        log.info(
-            "space %s: replayed %d WAL records after checkpoint LSN %d",
-            entry.space_id,
-            recovered.replayed,
-            manifest.lsn,
-        )
-    return _Recovered(
-        directory=directory,
-        checkpointer=checkpointer,
-        hot=hot,
-        warm=warm,
-        cold=cold,
-        next_lsn=recovered.next_lsn,
-        replayed=recovered.replayed,
-        oldest_unconsolidated=oldest[0] if oldest else None,
-    )
 
 
 REPLAY_CHUNK = 256
@@ -199,7 +113,7 @@ class Space:
     def __init__(
         self,
         entry: index.IndexEntry,
-        state: _Recovered,
+        state: recovering.Recovered,
         settings: EngineSettings,
         pools: scheduling.Pools,
     ) -> None:
@@ -228,9 +142,8 @@ class Space:
         self._consolidation_task: asyncio.Task[int] | None = None
         self._bucket = self._make_bucket(entry)
         self._recall_bucket = self._make_recall_bucket(entry)
-        self._unconsolidated = state.replayed
-        self._oldest_unconsolidated = state.oldest_unconsolidated
-        self._consolidated: collections.deque[tuple[float, int]] = collections.deque()
+        self._backlog = consolidating.Backlog(state.replayed, state.oldest_unconsolidated)
+        self._rate = consolidating.Rate()
         self._count = len(self.hot) + len(self.warm) + len(self.cold)
         self._failure: errors.MemspaceError | None = None
         self._batch_from: int | None = None
@@ -238,8 +151,8 @@ class Space:
         self._closed = False
         self._closing = False
         self._disk_bytes: tuple[float, int] | None = None
-        self.last_used = time.monotonic()
-        self.leases = 0
+        self._last_used = time.monotonic()
+        self._leases = 0
 
     @classmethod
     async def open(
@@ -251,7 +164,9 @@ class Space:
     ) -> Space:
         loop = asyncio.get_running_loop()
         chunks = pools.chunks.for_space(entry.space_id)
-        state = await loop.run_in_executor(pools.io, _recover, root, entry, settings, chunks)
+        state = await loop.run_in_executor(
+            pools.io, recovering.recover, root, entry, settings, chunks
+        )
         return cls(entry, state, settings, pools)
 
     @staticmethod
@@ -290,6 +205,25 @@ class Space:
     @property
     def next_lsn(self) -> Lsn:
         return self._wal.next_lsn
+
+    @contextlib.contextmanager
+    def leased(self) -> Iterator[Space]:
+        """Keep the space from being unloaded as idle while the caller uses it; its idle time
+        counts from the end of the last lease."""
+        self._leases += 1
+        try:
+            yield self
+        finally:
+            self._leases -= 1
+            self._last_used = time.monotonic()
+
+    def idle_s(self, now: float) -> float:
+        """Seconds since the space was last used (`time.monotonic` clock); 0 while leased."""
+        return 0.0 if self._leases else max(0.0, now - self._last_used)
+
+    def end_subscriptions(self) -> None:
+        """End every change-feed stream (at drain); the space stays loaded."""
+        self.feed.close()
 
     def count(self) -> int:
         """Memories in the space. Kept by the writes themselves, so it stays exact while a
@@ -332,10 +266,8 @@ class Space:
             raise
 
     def _note_writes(self, count: int, now: float) -> None:
-        self.last_used = time.monotonic()
-        self._unconsolidated += count
-        if self._oldest_unconsolidated is None:
-            self._oldest_unconsolidated = now
+        self._last_used = time.monotonic()
+        self._backlog.note(count, now)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -500,7 +432,7 @@ class Space:
     async def get(self, memory_id: str) -> memories.Memory:
         self._check_usable()
         memory_id = memories.check_id(memory_id)
-        self.last_used = time.monotonic()
+        self._last_used = time.monotonic()
         async with self._lock.read():
             self._check_usable()
             memory = self.hot.get(memory_id)
@@ -553,7 +485,7 @@ class Space:
         query = memories.validate_query(query, self.dim)
         if self._recall_bucket is not None:
             self._recall_bucket.take(1)
-        self.last_used = time.monotonic()
+        self._last_used = time.monotonic()
         now = time.time()
         async with self._lock.read():
             self._check_usable()
@@ -617,18 +549,12 @@ class Space:
 
     # -- consolidation ---------------------------------------------------------------------
 
-    def _needs_consolidation(self) -> bool:
-        tiers_config = self.entry.tiers
-        return (
-            len(self.hot) > tiers_config.hot_capacity
-            or len(self.warm) > tiers_config.warm_capacity
-            or self._wal.appended_bytes > self.settings.consolidate_wal_bytes
-        )
-
     def _maybe_consolidate(self) -> None:
         if self._consolidation_task is not None and not self._consolidation_task.done():
             return
-        if self._needs_consolidation():
+        if consolidating.needs_consolidation(
+            self.hot, self.warm, self._wal, self.entry.tiers, self.settings.consolidate_wal_bytes
+        ):
             self._consolidation_task = asyncio.get_running_loop().create_task(
                 self._background_consolidation()
             )
@@ -642,12 +568,11 @@ class Space:
 
     def due_for_consolidation(self) -> bool:
         """Unconsolidated records older than the consolidation interval (for the registry)."""
-        oldest = self._oldest_unconsolidated
-        return oldest is not None and time.time() - oldest > self.settings.consolidate_interval_s
+        return self._backlog.due(self.settings.consolidate_interval_s, time.time())
 
     async def consolidate(self) -> int:
-        """Demote over-capacity tiers, write a checkpoint and drop the WAL it covers. Returns the
-        number of WAL records consolidated."""
+        """Demote over-capacity tiers, write a checkpoint and drop the WAL it covers
+        (`consolidating`). Returns the number of WAL records consolidated."""
         self._check_usable()
         async with self._consolidation_lock, self._lock.write():
             self._check_usable()
@@ -658,14 +583,25 @@ class Space:
                 raise
             lsn = self._wal.durable_lsn
             caps = self.entry.tiers
-            slack = self.settings.demote_slack
-            excess = len(self.hot) - caps.hot_capacity
             demoted = self.hot.take_least_recent(
-                excess + int(caps.hot_capacity * slack) if excess > 0 else 0
+                consolidating.overflow(len(self.hot), caps.hot_capacity, self.settings.demote_slack)
             )
-            loop = asyncio.get_running_loop()
+            write = functools.partial(
+                consolidating.write,
+                demoted,
+                hot=self.hot,
+                warm=self.warm,
+                cold=self.cold,
+                checkpointer=self._checkpointer,
+                log=self._wal,
+                caps=caps,
+                settings=self.settings,
+                lsn=lsn,
+            )
             try:
-                await loop.run_in_executor(self._executor, self._consolidate_blocking, demoted, lsn)
+                self.warm, self.cold = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, write
+                )
             except Exception as err:
                 log.exception("space %s: consolidation failed; the space will reload", self.id)
                 if durable.is_disk_full(err):
@@ -677,63 +613,16 @@ class Space:
                         f"space {self.id!r}: consolidation failed; it reloads from disk"
                     )
                 raise self._failure from err
-            count = self._unconsolidated
-            self._unconsolidated = 0
-            self._oldest_unconsolidated = None
-            self._wal.appended_bytes = 0
-            now = time.monotonic()
-            self._consolidated.append((now, count + len(demoted)))
+            count = self._backlog.clear()
+            self._wal.mark_consolidated()
+            self._rate.note(count + len(demoted))
             self._disk_bytes = None
             return count
-
-    def _consolidate_blocking(self, demoted: tiers.Columns, lsn: int) -> None:
-        caps = self.entry.tiers
-        self.warm.add(demoted)
-        excess = len(self.warm) - caps.warm_capacity
-        if excess > 0:
-            self.cold.add(
-                self.warm.take_least_recent(
-                    excess + int(caps.warm_capacity * self.settings.demote_slack)
-                )
-            )
-        for name in (tiers.WARM, tiers.COLD):
-            tier = self.warm if name == tiers.WARM else self.cold
-            if tier.rows > 1024 and tier.tombstones() > tier.rows * self.settings.compact_ratio:
-                compacted = self._compact(tier)
-                if name == tiers.WARM:
-                    self.warm = compacted
-                else:
-                    self.cold = compacted
-        self._checkpointer.write(lsn, self.hot, self.warm, self.cold)
-        self._wal.drop_through(lsn)
-        for tier in (self.warm, self.cold):
-            for stale in tier.root.glob("g*"):
-                if stale.is_dir() and stale != tier.path:
-                    shutil.rmtree(stale, ignore_errors=True)
-
-    def _compact(self, tier: zarr_tiers.ZarrTier) -> zarr_tiers.ZarrTier:
-        compression = self.entry.tiers.cold_compression if tier.name == tiers.COLD else "none"
-        fresh = zarr_tiers.ZarrTier(
-            tier.root,
-            tier.name,
-            self.dim,
-            chunk_rows=tier.chunk_rows,
-            compression=compression,
-            generation=tier.generation + 1,
-            chunks=self._chunks,
-        )
-        for batch in tier.live_batches(tier.chunk_rows * 4):
-            fresh.add(batch)
-        tier.close()
-        return fresh
 
     # -- metrics and lifecycle -------------------------------------------------------------
 
     def consolidation_rate(self) -> float:
-        horizon = time.monotonic() - RATE_WINDOW_S
-        while self._consolidated and self._consolidated[0][0] < horizon:
-            self._consolidated.popleft()
-        return sum(n for _, n in self._consolidated) / RATE_WINDOW_S
+        return self._rate.per_second()
 
     def disk_bytes(self) -> int:
         """Bytes on the space's volume (cached for a few seconds: it walks the directory)."""
@@ -743,7 +632,6 @@ class Space:
         return self._disk_bytes[1]
 
     def health(self) -> Health:
-        oldest = self._oldest_unconsolidated
         return Health(
             space=self.id,
             state=wire.FAILED if self.failed else self.entry.state,
@@ -754,7 +642,7 @@ class Space:
                 tiers.COLD: len(self.cold),
             },
             pressure=len(self.hot) / self.entry.tiers.hot_capacity,
-            wal_lag_ms=max(0.0, (time.time() - oldest) * 1000.0) if oldest is not None else 0.0,
+            wal_lag_ms=self._backlog.lag_ms(time.time()),
             consolidation_rate=self.consolidation_rate(),
             disk_bytes=self.disk_bytes(),
         )
@@ -765,7 +653,7 @@ class Space:
             return
         self._closing = True
         try:
-            if consolidate and not self.failed and self._unconsolidated:
+            if consolidate and not self.failed and self._backlog.records:
                 await self.consolidate()
         except errors.MemspaceError as err:
             log.warning("space %s: could not consolidate on close: %s", self.id, err)

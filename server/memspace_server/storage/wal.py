@@ -373,7 +373,7 @@ class Wal(Generic[T]):
         """Set while a batch is written in several appends: the segment is not rolled for size
         in its middle (a batch always lies in one segment)."""
         self.appended_bytes = 0
-        """Bytes appended since the counter was last reset (by consolidation)."""
+        """Bytes appended since the last consolidation (`mark_consolidated`)."""
         segments = list_segments(directory)
         if segments:
             _first, path = segments[-1]
@@ -390,6 +390,11 @@ class Wal(Generic[T]):
     @property
     def failure(self) -> errors.MemspaceError | None:
         return self._failure
+
+    def mark_consolidated(self) -> None:
+        """Everything appended so far is in a checkpoint: count appended bytes from zero again
+        (they decide when the next consolidation is due). Call on the event loop."""
+        self.appended_bytes = 0
 
     def first_retained_lsn(self) -> Lsn:
         segments = list_segments(self.directory)

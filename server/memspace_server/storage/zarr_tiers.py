@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import mmap
+import shutil
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -475,6 +476,30 @@ class ZarrTier:
         for memory_id in batch.ids:
             self.remove(memory_id)
         return batch
+
+    def compacted(self, compression: str) -> ZarrTier:
+        """The next generation of this tier with only its live rows (its tombstones dropped),
+        written with `compression`; this one is closed. Its files stay until a checkpoint names
+        the new generation and `sweep_generations` runs."""
+        fresh = ZarrTier(
+            self.root,
+            self.name,
+            self.dim,
+            chunk_rows=self.chunk_rows,
+            compression=compression,
+            generation=self.generation + 1,
+            chunks=self._cache,
+        )
+        for batch in self.live_batches(self.chunk_rows * 4):
+            fresh.add(batch)
+        self.close()
+        return fresh
+
+    def sweep_generations(self) -> None:
+        """Delete every generation but this one: call once a checkpoint names this one."""
+        for stale in self.root.glob("g*"):
+            if stale.is_dir() and stale != self.path:
+                shutil.rmtree(stale, ignore_errors=True)
 
     def live_batches(self, size: int) -> Iterable[tiers.Columns]:
         live = np.flatnonzero(~self._deleted)
