@@ -3,7 +3,7 @@ WAL, checkpoints, the Zarr tiers, a space's identity file and the spaces index.
 
 - `fsync_file` / `fsync_dir`: flush a file's data, or a directory's entries (a new, renamed or
   removed name survives a power cut only once its directory is flushed).
-- `write_file`: write a new file and flush it.
+- `write_file`: write a new file and flush it; `truncate`: cut a file short and flush it.
 - `atomic_write`: replace a file whole: a temporary file beside it, flushed, renamed over it, and
   the directory flushed; a reader sees the old content or the new, never a mix.
 - `is_disk_full`: whether an OSError means the volume has no room (ENOSPC, or EDQUOT where a
@@ -58,6 +58,16 @@ def write_file(path: Path, data: bytes | memoryview, mode: int = 0o666) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut `path` to `size` bytes, durably."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
         os.fsync(fd)
     finally:
         os.close(fd)

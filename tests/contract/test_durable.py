@@ -69,3 +69,10 @@ def test_fsync_paths_flushes_the_files_that_exist(tmp_path: Path) -> None:
 )
 def test_a_full_volume_or_quota_is_a_full_disk(err: BaseException, full: bool) -> None:
     assert durable.is_disk_full(err) is full
+
+
+def test_truncate_cuts_a_file_short(tmp_path: Path) -> None:
+    path = tmp_path / "segment.wal"
+    path.write_bytes(b"0123456789")
+    durable.truncate(path, 4)
+    assert path.read_bytes() == b"0123"

@@ -265,10 +265,7 @@ def _cut_incomplete_batch(segments: list[tuple[int, Path]], batch: _OpenBatch) -
         path,
     )
     cut = path.stat().st_size - batch.offset
-    with path.open("r+b") as out:
-        out.truncate(batch.offset)
-        out.flush()
-        os.fsync(out.fileno())
+    durable.truncate(path, batch.offset)
     return cut
 
 
