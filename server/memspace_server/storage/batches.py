@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import errno
 import os
 import struct
 import tempfile
@@ -21,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
+from memspace_contract import durable
 from memspace_server import errors
 from memspace_server.storage import memories, records
 
@@ -101,7 +101,7 @@ class BatchStage:
         try:
             spilled = await loop.run_in_executor(self._executor, self._spill, chunk)
         except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            if durable.is_disk_full(err):
                 raise errors.DiskFullError(
                     "the space's volume is full; the batch could not be staged on it (nothing "
                     "of it was stored). Free space or grow the volume (storage.size), or send "
