@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -81,10 +82,16 @@ async def test_five_maximal_batch_streams_keep_the_server_under_one_gib(
     finally:
         sampling = False
         await sampler
-    # The refused streams are read to their end (and thrown away): their clients get the
-    # refusal, not a stream cut off under them.
-    assert {code for code, _ in codes} == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
-    assert all("at most 67108864 bytes" in why for _, why in codes)
+    refusal = "RESOURCE_EXHAUSTED: a RememberBatch stream carries at most 67108864 bytes"
+    for n, (code, why) in enumerate(codes):
+        # The server refuses each stream at once (its log says so); the client sees that
+        # status or, when it was still sending as the refusal arrived, grpc's client reports
+        # "Internal error from Core" instead (grpc/grpc#36066; tests/reliability/test_load.py).
+        assert re.search(rf"{refusal}.*\[space=flood-{n} ", server.log()), n
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert "at most 67108864 bytes" in why
+        else:
+            assert (code, why) == (grpc.StatusCode.INTERNAL, "Internal error from Core"), n
     assert peak < GIB_KIB, f"peak RSS {peak // 1024} MiB"
     async with connect(address) as stubs:
         for n in range(limits_bench.STREAMS):

@@ -4,8 +4,6 @@ auth, errors, metrics and logs happen at the edge (`handling`), never here."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
@@ -47,13 +45,8 @@ class MemoryServicer:
             # more than a little RAM, however large, and nothing is stored unless all of it is.
             stage = space.stage_batch(self.max_batch_bytes, self.max_batch)
             try:
-                try:
-                    async for request in requests:
-                        await stage.add(converters.draft(request), time.time())
-                except errors.MemspaceError:
-                    stage.close()
-                    await _discard_rest(requests, self.max_batch - len(stage))
-                    raise
+                async for request in requests:
+                    await stage.add(converters.draft(request), time.time())
                 count, last_lsn, ids = await space.commit_batch(stage)
             finally:
                 stage.close()
@@ -114,24 +107,6 @@ class MemoryServicer:
         raise errors.SubscriptionEndedError(
             f"{why}; subscribe again with since_lsn={resume} to resume", resume_lsn=resume
         )
-
-
-DISCARD_S = 10.0
-"""Longest a refused RememberBatch stream is read on (and thrown away) before its answer."""
-
-
-async def _discard_rest(requests: AsyncIterator[pb.RememberRequest], most: int) -> None:
-    """Read what a client still sends on a stream refused midway, keeping nothing, for at most
-    `most` messages and DISCARD_S seconds. A client whose stream ends under its feet while it
-    still sends gets grpc's own INTERNAL instead of the refusal; read to its end, it gets the
-    refusal. Bounded, so a client cannot keep a refused stream going."""
-    with contextlib.suppress(TimeoutError, errors.MemspaceError):
-        async with asyncio.timeout(DISCARD_S):
-            read = 0
-            async for _request in requests:
-                read += 1
-                if read >= most:
-                    break
 
 
 class SpaceServicer:
