@@ -232,10 +232,10 @@ build_pause() { gcc -static -O2 -Wall -Wextra -Werror -o "$out/pause" "$node_src
 fresh "$pause_dir" "$pause_hash" pause || build "pause" "$pause_dir" "$pause_hash" build_pause
 
 # Each image is a docker-save tar; tests/support/node.py imports them into the node's containerd.
-images_dir="$cache/node-images"
 busybox=/bin/busybox
 images_hash="$(inputs_hash "$node_src/images.py" "$pause_dir/.stamp" "$coredns_dir/.stamp" \
   "$local_path_dir/.stamp" "$busybox")"
+images_dir="$cache/node-images-$images_hash"  # by hash, as the PKI writer
 build_images() {
   local mk=(python3 "$node_src/images.py")
   "${mk[@]}" "$out/pause.tar" --tag memspace.test/pause:1 \
