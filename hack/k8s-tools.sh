@@ -7,7 +7,8 @@
 # and those of the test node (docs/test-control-plane.md, "The node"):
 #   kube-scheduler, kubelet, kube-proxy            go build from hack/k8s/kube, as the control plane
 #   containerd, containerd-shim-runc-v2, ctr       go install github.com/containerd/containerd/v2/cmd/...
-#   coredns, local-path-provisioner                go install from the Go module proxy
+#   coredns                                        go build of hack/node/coredns (the plugins we use)
+#   local-path-provisioner                         go install from the Go module proxy
 #   pause                                          gcc -static of hack/node/pause.c
 #   images/*.tar                                   hack/node/images.py: pause, CoreDNS, local-path,
 #                                                  busybox (docker-save tars for `ctr images import`)
@@ -206,11 +207,14 @@ fresh "$containerd_dir" "$containerd_hash" containerd containerd-shim-runc-v2 ct
   || BUILD_HINT="about 3 min on 2 cores" build "containerd $CONTAINERD_VERSION" "$containerd_dir" "$containerd_hash" build_containerd
 
 # --- the node: CoreDNS and local-path-provisioner (run as pods) -----------------------------------
+# CoreDNS with the few plugins the node's Corefile uses (hack/node/coredns): half the packages.
 coredns_dir="$cache/coredns-$COREDNS_VERSION"
-coredns_hash="$(echo "$COREDNS_VERSION" | inputs_hash -)"
+check_module_version "$repo/hack/node/coredns/go.mod" github.com/coredns/coredns "$COREDNS_VERSION"
+coredns_hash="$(inputs_hash "$repo"/hack/node/coredns/{go.mod,go.sum,main.go})"
 build_coredns() {
-  (cd "$out" && GOBIN="$out" go install -trimpath -ldflags "-s -w" \
-    "github.com/coredns/coredns@$COREDNS_VERSION")
+  (cd "$repo/hack/node/coredns" && go build -mod=readonly -trimpath \
+    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+    -o "$out/coredns" .)
 }
 fresh "$coredns_dir" "$coredns_hash" coredns \
   || BUILD_HINT="about 4 min on 2 cores" build "CoreDNS $COREDNS_VERSION" "$coredns_dir" "$coredns_hash" build_coredns

@@ -2,7 +2,8 @@
 # Regenerates the Go modules that build the test control plane from hack/k8s/versions.env:
 #   hack/k8s/kube: requires k8s.io/kubernetes $KUBE_VERSION and replaces every staging module
 #                  (the list is read from that version's own go.mod) with its v0.x.y tag;
-#   hack/k8s/etcd: requires go.etcd.io/etcd/server/v3 $ETCD_VERSION (its root is package main).
+#   hack/k8s/etcd: requires go.etcd.io/etcd/server/v3 $ETCD_VERSION (its root is package main);
+#   hack/node/coredns: requires github.com/coredns/coredns $COREDNS_VERSION.
 # Run it after a version bump and commit the result; hack/k8s-tools.sh only builds.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -62,5 +63,19 @@ gen_etcd() {
   (cd "$dir" && go mod tidy)
 }
 
+gen_coredns() { # hack/node/coredns: CoreDNS with the test node's plugins (its main.go is ours)
+  local dir="$here/../node/coredns"
+  {
+    echo "module memspace.dev/hack/node/coredns"
+    echo
+    echo "go 1.26.0"
+    echo
+    echo "require github.com/coredns/coredns $COREDNS_VERSION"
+  } > "$dir/go.mod"
+  rm -f "$dir/go.sum"
+  (cd "$dir" && go mod tidy)
+}
+
 gen_kube
 gen_etcd
+gen_coredns
