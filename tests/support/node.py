@@ -423,6 +423,7 @@ def _remove_chains(binary: str) -> None:
     saved = run(f"{binary}-save", check=False)
     table = ""
     jumps: list[tuple[str, list[str]]] = []
+    raw_jumps: list[tuple[str, str]] = []  # as iptables-save wrote them (its quoting)
     chains: dict[str, list[str]] = {}
     for line in saved.splitlines():
         if line.startswith("*"):
@@ -435,6 +436,23 @@ def _remove_chains(binary: str) -> None:
             target = words[words.index("-j") + 1] if "-j" in words else ""
             if not OUR_CHAINS.match(chain) and OUR_CHAINS.match(target):
                 jumps.append((table, words[1:]))
+                raw_jumps.append((table, line[3:]))
+    # One iptables-restore per table (kube-proxy makes hundreds of chains); rule by rule if not.
+    for table in sorted({t for t, _ in jumps} | set(chains)):
+        batch = [f"*{table}"]
+        batch += [f"-D {rule}" for t, rule in raw_jumps if t == table]
+        batch += [f"-F {name}" for name in chains.get(table, [])]
+        batch += [f"-X {name}" for name in chains.get(table, [])]
+        restore = subprocess.run(
+            [f"{binary}-restore", "-w", "--noflush"],
+            input="\n".join([*batch, "COMMIT", ""]),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if restore.returncode == 0:
+            jumps = [(t, rule) for t, rule in jumps if t != table]
+            chains.pop(table, None)
     for table, rule in jumps:
         run(binary, "-w", "-t", table, "-D", *rule, check=False)
     for table, names in chains.items():
