@@ -80,7 +80,7 @@ def test_a_crashed_node_is_torn_down_without_a_trace_and_starts_again(
     assert nodes.teardown() == []  # from the recorded state, whose PIDs are dead now
     after = nodes.snapshot()
     assert after == node.before
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in shims)
+    assert not any(nodes.alive(pid) for pid in shims)
 
     # The node starts again on the same control plane, and runs pods.
     node.stop()

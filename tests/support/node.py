@@ -281,6 +281,11 @@ def _kill_and_wait(pids: Sequence[int] | set[int], timeout: float = 20.0) -> Non
         time.sleep(0.05)
 
 
+def alive(pid: int) -> bool:
+    """Is ``pid`` a running process (not gone, not a zombie waiting for its reaper)?"""
+    return Path(f"/proc/{pid}").exists() and not _zombie(pid)
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -558,9 +563,9 @@ class Node:
             raise NodeError(
                 f"containerd's socket path is too long for a unix socket: {self.socket}"
             )
-        deadline = time.monotonic() + timeout
         self._lock = contextlib.ExitStack()
         self._lock_fd = self._lock.enter_context(machine_lock(lock_timeout))
+        deadline = time.monotonic() + timeout  # from the moment the machine is ours
         try:
             if (stale := _load_state()) is not None:
                 teardown(stale)  # a node that crashed: its leftovers go first
