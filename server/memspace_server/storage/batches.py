@@ -22,7 +22,7 @@ from typing import IO
 
 from memspace_contract import durable
 from memspace_server import errors
-from memspace_server.storage import memories, records
+from memspace_server.storage import memories, records, tiers, wal
 
 CHUNK_BYTES = 1024 * 1024
 """Encoded records per chunk: the unit of staging, of WAL appends and of hot-tier inserts."""
@@ -156,3 +156,24 @@ class BatchStage:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def stamped(chunk: list[bytes], first_lsn: int, now: float) -> list[bytes]:
+    """Blocking: WAL frames of staged records, given their LSNs and commit time."""
+    frames = []
+    for offset, staged in enumerate(chunk):
+        payload = bytearray(staged)
+        records.restamp(payload, first_lsn + offset, now)
+        frames.append(wal.frame(bytes(payload)))
+    return frames
+
+
+def latest_columns(chunk: list[bytes], dim: int) -> tiers.Columns:
+    """Blocking: the memories of a staged chunk as columns, the last record of each ID only."""
+    latest: dict[str, memoryview] = {}
+    for staged in chunk:
+        view = memoryview(staged)
+        _kind, memory_id, _at = records.peek(view)
+        latest.pop(memory_id, None)
+        latest[memory_id] = view
+    return records.columns(list(latest.values()), dim)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
@@ -31,6 +30,7 @@ from memspace_server.storage import (
     records,
     recovering,
     scheduling,
+    subscribing,
     tiers,
     wal,
 )
@@ -55,49 +55,11 @@ class Health:
     disk_bytes: int
 
 
-REPLAY_CHUNK = 256
-"""Events read from the WAL per worker-thread hop of a Subscribe replay."""
-
-
-def _replay_chunk(replay: Iterator[records.Record]) -> list[feeds.Event]:
-    """The next events of a replay (blocking: the WAL is read as they are taken)."""
-    events = []
-    for record in itertools.islice(replay, REPLAY_CHUNK):
-        if isinstance(record, records.Remembered):
-            events.append(
-                feeds.Event(feeds.EventType.REMEMBERED, record.memory.id, record.lsn, record.at)
-            )
-        else:
-            events.append(feeds.Event(feeds.EventType.FORGOTTEN, record.id, record.lsn, record.at))
-    return events
-
-
 def _remembered(memory: memories.Memory, now: float, lsn: Lsn) -> tuple[bytes, feeds.Event]:
     return (
         records.encode_remember(lsn, now, memory),
         feeds.Event(feeds.EventType.REMEMBERED, memory.id, lsn, now),
     )
-
-
-def _stamped(chunk: list[bytes], first_lsn: int, now: float) -> list[bytes]:
-    """Blocking: WAL frames of staged records, given their LSNs and commit time."""
-    frames = []
-    for offset, staged in enumerate(chunk):
-        payload = bytearray(staged)
-        records.restamp(payload, first_lsn + offset, now)
-        frames.append(wal.frame(bytes(payload)))
-    return frames
-
-
-def _latest_columns(chunk: list[bytes], dim: int) -> tiers.Columns:
-    """Blocking: the memories of a staged chunk as columns, the last record of each ID only."""
-    latest: dict[str, memoryview] = {}
-    for staged in chunk:
-        view = memoryview(staged)
-        _kind, memory_id, _at = records.peek(view)
-        latest.pop(memory_id, None)
-        latest[memory_id] = view
-    return records.columns(list(latest.values()), dim)
 
 
 def _forgotten(memory_id: str, now: float, lsn: Lsn) -> tuple[bytes, feeds.Event]:
@@ -363,7 +325,9 @@ class Space:
             try:
                 header: list[bytes] = [wal.frame(records.encode_batch(first, now, count))]
                 async for chunk in stage.chunks():
-                    frames = await loop.run_in_executor(self._executor, _stamped, chunk, lsn, now)
+                    frames = await loop.run_in_executor(
+                        self._executor, batches.stamped, chunk, lsn, now
+                    )
                     lsn += len(chunk)
                     if queued is not None:
                         await self._apply_durable(*queued)
@@ -398,7 +362,7 @@ class Space:
         """Wait for a chunk to be on disk, then put its memories in the hot tier."""
         await self._durable(future)
         columns = await asyncio.get_running_loop().run_in_executor(
-            self._executor, _latest_columns, chunk, self.dim
+            self._executor, batches.latest_columns, chunk, self.dim
         )
         for memory_id in columns.ids:
             tier = self._locate(memory_id)
@@ -519,33 +483,9 @@ class Space:
                     f"(it holds LSN {first} onwards); resubscribe with since_lsn >= {first} or 0"
                 )
         subscription = self.feed.subscribe(self.settings.subscriber_buffer, durable)
-        return self._stream(subscription, since_lsn, durable)
-
-    async def _stream(
-        self, subscription: feeds.Subscription, since_lsn: int, durable: int
-    ) -> AsyncGenerator[feeds.Event, None]:
-        try:
-            if since_lsn and since_lsn <= durable:
-                # A chunk at a time: a subscriber that reads slowly holds one chunk of events,
-                # never a copy of the log.
-                replay = wal.read_range(self.directory.wal, since_lsn - 1, durable)
-                loop = asyncio.get_running_loop()
-                try:
-                    while chunk := await loop.run_in_executor(
-                        self._executor, _replay_chunk, replay
-                    ):
-                        for event in chunk:
-                            subscription.note_replayed(event.lsn)
-                            yield event
-                finally:
-                    # A cancelled call may leave a worker inside the generator: it then
-                    # closes when collected.
-                    with contextlib.suppress(ValueError):
-                        replay.close()
-            async for event in subscription.live():
-                yield event
-        finally:
-            subscription.close()
+        return subscribing.follow(
+            subscription, self.directory.wal, since_lsn, durable, self._executor
+        )
 
     # -- consolidation ---------------------------------------------------------------------
 
