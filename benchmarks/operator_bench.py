@@ -13,9 +13,13 @@ with `memspace operator` running as its own process; the figures are
   (`apiserver_request_total`) over a window holding twelve health rounds and a full re-check
   of every space (target: 0; nothing else writes those resources at rest here).
 
-No shard runs (there is no kubelet): health is polled against a closed loopback port, so every
-space sits at Healthy=False ShardUnreachable, which must not cause writes either. `--quick`
-uses 100 spaces and a 20 s window. Skipped, with a note, when the control plane is not built.
+- state_change_effective_s: p50/p99 seconds from a `spec.state` patch to the shard answering
+  accordingly, with a real shard process (see benchmarks/state_changes.py; target p99 <= 1 s).
+
+For the first three no shard runs (there is no kubelet): health is polled against a closed
+loopback port, so every space sits at Healthy=False ShardUnreachable, which must not cause writes
+either. `--quick` uses 100 spaces, a 20 s window and 10 state changes each way. Skipped, with a
+note, when the control plane is not built.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, cast
 import kubernetes.client
 import kubernetes.watch
 
+from benchmarks import state_changes
 from tests.support import controlplane
 
 GROUP, VERSION, PLURAL = "memspace.dev", "v1alpha1", "memoryspaces"
@@ -71,6 +76,7 @@ def run(results: dict[str, object], quick: bool) -> None:
         try:
             cluster.start()
             _bench(cluster, workdir, count, idle_s, results)
+            state_changes.run(cluster, workdir, results, rounds=10 if quick else 50)
         finally:
             cluster.stop()
 

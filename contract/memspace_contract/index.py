@@ -4,7 +4,12 @@ server for itself) and read by the server. The format is a contract between the 
     {"spaceId": "team-a", "tokenSha256": "<hex>", "embeddingDim": 768,
      "tiers": {"hotCapacity": 100000, "warmCapacity": 1000000, "coldCompression": "zstd"},
      "quota": {"maxMemories": null, "maxWritesPerSecond": null, "maxRecallsPerSecond": null},
-     "state": "Active"}
+     "state": "Active", "generation": 3}
+
+`generation` (an addition; absent: 0) is the MemorySpace's metadata.generation the entry was
+written for. The operator hands a changed entry to its shard directly as well (SpaceService's
+ApplyIndexEntry); the shard keeps, per space, the entry of the higher generation of the two ways
+in, and reports the generation it applied in Health, which the operator's Ready waits for.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class IndexEntry:
     tiers: Tiers = Tiers()
     quota: Quota = Quota()
     state: State = DEFAULT_STATE
+    generation: int = 0
+    """The MemorySpace generation this entry was written for (0: not known)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +93,7 @@ class IndexEntry:
                 "maxRecallsPerSecond": self.quota.max_recalls_per_second,
             },
             "state": self.state,
+            "generation": self.generation,
         }
 
     def dumps(self) -> str:
@@ -182,6 +190,7 @@ def parse_entry(doc: Any) -> IndexEntry:
             max_recalls_per_second=recall_rate,
         ),
         state=state,
+        generation=_int(doc, "generation", 0, 0, None),
     )
 
 

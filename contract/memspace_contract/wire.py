@@ -39,6 +39,8 @@ UNMOUNTED: Final = "Unmounted"
 """In the index, but its volume is not mounted on the shard (yet)."""
 FAILED: Final = "Failed"
 """Refused (a wrong volume, a corrupt WAL) or failed after loading; the shard's log says why."""
+ABSENT: Final = "Absent"
+"""ApplyIndexEntryResponse.state of a space not in the index (removed): not served."""
 
 # -- numbers and names -------------------------------------------------------------------------
 

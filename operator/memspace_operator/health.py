@@ -1,8 +1,15 @@
-"""Health of the spaces, from their shards: every `health_interval_s` one Health RPC per shard
-(admin token, no space named: every space of the shard in one answer), through the contract's
-gRPC client, over TLS verified against the shards' CA (for the name of the shard's Service)
-unless TLS is off. What it reports becomes each space's Healthy condition and health figures; the
-status is written only when they changed meaningfully (see statuses.Figures.differs).
+"""Health of the spaces, from their shards, and index entries handed to them directly.
+
+Every `health_interval_s` one Health RPC per shard (admin token, no space named: every space of
+the shard in one answer), through the contract's gRPC client, over TLS verified against the
+shards' CA (for the name of the shard's Service) unless TLS is off. What it reports becomes each
+space's Healthy condition and health figures; the status is written only when they changed
+meaningfully (see statuses.Figures.differs).
+
+`Poller.apply` hands one changed index entry to its shard (SpaceService.ApplyIndexEntry) right
+after the operator wrote it to the shard's index Secret, whose projection a kubelet refreshes
+only about once a minute: the shard answers with the generation it now applies, which the
+space's Ready waits for (Health reports it too, after a shard restart for instance).
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
 
-from memspace_contract import client, spaces, wire
+from memspace_contract import client, index, spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_operator import certificates, statuses
 from memspace_operator.settings import Settings
@@ -35,6 +43,8 @@ class ShardHealth:
     serving: bool = False
     spaces: Mapping[spaces.SpaceId, pb.SpaceHealth] = dataclasses.field(default_factory=dict)
     error: str | None = None
+    asked_at: float = 0.0
+    """When (time.monotonic) the shard was asked."""
 
 
 _STATES: dict[str, tuple[statuses.ConditionStatus, str, str]] = {
@@ -173,6 +183,7 @@ class Poller:
         return fresh
 
     async def _ask(self, shard: int) -> ShardHealth:
+        asked_at = time.monotonic()
         endpoint = self._settings.endpoint(shard)
         token = self._token.read()
         if token is None:
@@ -192,4 +203,38 @@ class Poller:
             endpoint,
             serving=answer.status == wire.SERVING,
             spaces={spaces.SpaceId(s.space): s for s in answer.spaces},
+            asked_at=asked_at,
         )
+
+    async def apply(
+        self, shard: int, space_id: spaces.SpaceId, entry: index.IndexEntry | None, generation: int
+    ) -> int | None:
+        """Hand shard N the space's entry (None: its removal at `generation`). Returns the
+        generation the shard confirmed it applies, or None when it could not be told (it is
+        not up yet, say): then its projected index brings the change later, and Health
+        confirms it."""
+        endpoint = self._settings.endpoint(shard)
+        token = self._token.read()
+        trust = self._trust()
+        if token is None or (self._settings.tls_enabled and trust is None):
+            return None
+        shard_client = await self._client(self._credentials(shard, token, trust), shard)
+        request = pb.ApplyIndexEntryRequest(
+            space=space_id,
+            entry="" if entry is None else entry.dumps(),
+            removed_generation=generation if entry is None else 0,
+        )
+        try:
+            answer = await shard_client.spaces.ApplyIndexEntry(request, timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            log.info(
+                "shard %d at %s did not take the index entry of %s (%s %s); its projected "
+                "index brings it later",
+                shard,
+                endpoint,
+                space_id,
+                err.code().name,
+                err.details(),
+            )
+            return None
+        return int(answer.generation)

@@ -222,9 +222,10 @@ def fallback_space_id(body: Mapping[str, Any]) -> spaces.SpaceId | None:
     return spaces.parse_space_id(candidate) if spaces.is_valid_space_id(candidate) else None
 
 
-def index_entry(spec: SpaceSpec, token_sha256: str | None) -> index.IndexEntry:
-    """What the shard's index says about this space."""
+def index_entry(spec: SpaceSpec, token_sha256: str | None, generation: int) -> index.IndexEntry:
+    """What the shard's index says about this space (at the MemorySpace's `generation`)."""
     return index.IndexEntry(
+        generation=generation,
         space_id=spec.space_id,
         embedding_dim=spec.embedding_dim,
         token_sha256=token_sha256,

@@ -192,6 +192,12 @@ class Operator:
             observed = tracked.observed
             before = observed.health
             observed.health = condition
+            found = result.spaces.get(space_id)
+            if found is not None and (
+                found.index_generation >= observed.index_generation
+                or result.asked_at > observed.index_confirmed_at
+            ):
+                observed.index_generation = int(found.index_generation)
             if figures is not None and figures.differs(observed.figures):
                 observed.figures = figures
                 observed.figures_time = statuses.now()

@@ -10,7 +10,10 @@ duplicated or orphaned. The order is chosen so that every crash point is recover
 3. the volume size (expansion only);
 4. the shard's TLS certificate (see `certifying`), then the credentials Secret with the CA
    bundle, whose token hash goes to the index first (see `credentials`);
-5. the index entry (tiers, quota, state) in the shard's index Secret;
+5. the index entry (tiers, quota, state, and the MemorySpace's generation) in the shard's index
+   Secret, then handed to the shard directly (ApplyIndexEntry): the Secret's projection reaches
+   a running shard only about a minute later, the call at once; Ready waits for the shard to
+   confirm the generation (here, or through Health);
 6. the mount, requested from the shard's mounter (batched).
 
 `finalize` undoes them in reverse, tolerating children that never existed or are gone.
@@ -21,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from memspace_contract import spaces
+from memspace_contract import index, spaces
 from memspace_operator import (
     certificates,
     classes,
@@ -138,9 +142,12 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
     tracked.observed.endpoint = op.settings.endpoint(shard)
     await _expand(op, tracked, pvc)
     try:
-        secret = await _credentials_and_index(op, tracked, shard, pvc, fresh=claim.fresh)
+        secret, entry = await _credentials_and_index(op, tracked, shard, pvc, fresh=claim.fresh)
     except errors.SecretNotOwnedError as err:
         await op.index.remove(shard, space.spec.space_id)  # no token of it is known
+        tracked.handed = None
+        if op.poller.enabled:
+            await op.poller.apply(shard, space.spec.space_id, None, space.generation)
         observed = tracked.observed
         before = observed.problem
         _clear_children(observed)
@@ -149,6 +156,7 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
             op.recorder.warning(space.ref, err.reason, err.message)
         _publish(op, tracked)
         return
+    await _hand_to_shard(op, tracked, shard, entry)
     op.mounter.request(shard)
     observed = tracked.observed
     before = observed.problem
@@ -224,8 +232,8 @@ async def _assign(
 
 async def _credentials_and_index(
     op: Operator, tracked: tracking.Tracked, shard: int, pvc: dict[str, Any], *, fresh: bool
-) -> str:
-    """The credentials Secret and the index entry; returns the Secret's name."""
+) -> tuple[str, index.IndexEntry]:
+    """The credentials Secret and the index entry; returns the Secret's name and the entry."""
     space = tracked.space
     spec = space.spec
     await op.index.ensure_secret(shard)
@@ -234,7 +242,7 @@ async def _credentials_and_index(
     trusted = None if entry is None else entry.token_sha256
 
     async def record(digest: str) -> None:
-        await op.index.put(shard, models.index_entry(spec, digest))
+        await op.index.put(shard, models.index_entry(spec, digest, space.generation))
 
     async def remember(uid: str) -> None:
         await volumes.record_credentials(op.kube, op.settings, pvc, uid)
@@ -263,7 +271,7 @@ async def _credentials_and_index(
         op.recorder.normal(
             space.ref, "CredentialsCreated", f"created Secret {secret} with a new token"
         )
-    desired = models.index_entry(spec, digest)
+    desired = models.index_entry(spec, digest, space.generation)
     if not made and entry != desired:
         await op.index.put(shard, desired)
         op.recorder.normal(
@@ -272,7 +280,27 @@ async def _credentials_and_index(
             f"index entry in {naming.index_secret(shard)} now says state {spec.state}, "
             f"hotCapacity {spec.tiers.hot_capacity}, warmCapacity {spec.tiers.warm_capacity}",
         )
-    return secret
+    return secret, desired
+
+
+async def _hand_to_shard(
+    op: Operator, tracked: tracking.Tracked, shard: int, entry: index.IndexEntry
+) -> None:
+    """Hand the entry to the shard unless it confirmed this very entry already (an entry may
+    change without a new generation: a MemorySpaceClass's defaults, say). A shard that cannot
+    be told now (not started yet, say) gets it from its projected index; Health then reports
+    the generation it applies, and the next re-check tells it again."""
+    observed = tracked.observed
+    observed.confirming = op.poller.enabled
+    if not observed.confirming:
+        return
+    if tracked.handed == entry and observed.index_generation >= entry.generation:
+        return
+    confirmed = await op.poller.apply(shard, entry.space_id, entry, entry.generation)
+    if confirmed is not None:
+        tracked.handed = entry
+        observed.index_generation = confirmed
+        observed.index_confirmed_at = time.monotonic()
 
 
 async def _expand(op: Operator, tracked: tracking.Tracked, pvc: dict[str, Any]) -> None:
@@ -353,6 +381,15 @@ async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
     if mine:
         op.assignments.release(space_id)
     if shard is not None:
+        # The space stops serving first: its entry leaves the index Secret (the fallback a
+        # restarted shard reads) and the shard is told at once. Then the volume detaches.
+        removed = await op.index.remove(shard, space_id)
+        if op.poller.enabled:
+            confirmed = await op.poller.apply(shard, space_id, None, space.generation)
+            if confirmed is not None:
+                op.recorder.normal(
+                    space.ref, "Unserved", f"{naming.shard_name(shard)} no longer serves it"
+                )
         op.mounter.request(shard)
         timeout = op.settings.mount_batch_window_s + DETACH_GRACE_S
         if not await op.mounter.wait_detached(space_id, shard, limit_s=timeout):
@@ -360,7 +397,6 @@ async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
                 f"{naming.shard_name(shard)} still mounts the space; waiting for it to detach",
                 delay=op.settings.mount_batch_window_s,
             )
-        removed = await op.index.remove(shard, space_id)
         op.recorder.normal(
             space.ref,
             "Detached",

@@ -92,6 +92,14 @@ class Observed:
     health: Condition | None = None
     figures: Figures | None = None
     figures_time: str | None = None
+    confirming: bool = False
+    """The operator can ask the shard (it has an admin token): Ready waits for the shard to
+    confirm the generation of the space's index entry."""
+    index_generation: int = 0
+    """The generation of the space's index entry its shard confirmed it applies."""
+    index_confirmed_at: float = 0.0
+    """When (time.monotonic) the shard last confirmed it directly: a Health answer asked
+    before then may be older and does not lower it."""
 
 
 def now() -> str:
@@ -100,6 +108,29 @@ def now() -> str:
 
 def _pending(type_: str, reason: str, message: str) -> Condition:
     return Condition(type_, "Unknown", reason, message)
+
+
+def _unconfirmed(observed: Observed) -> Condition | None:
+    """Ready while the shard has not confirmed the space's current index entry: it may still
+    serve the space as before (Inactive, quota, tiers take effect only once it has)."""
+    if not observed.confirming or observed.index_generation >= observed.generation:
+        return None
+    shard = f"memspace-shard-{observed.shard}"
+    if observed.state == wire.INACTIVE:
+        return Condition(
+            READY,
+            "False",
+            "Deactivating",
+            f"{shard} has not yet confirmed generation {observed.generation} of the index "
+            "entry, which makes the space Inactive: until it does, it may still serve it",
+        )
+    return Condition(
+        READY,
+        "False",
+        "IndexPending",
+        f"{shard} has not yet confirmed generation {observed.generation} of the space's "
+        f"index entry (it applies generation {observed.index_generation})",
+    )
 
 
 def _ready(observed: Observed, parts: list[Condition]) -> Condition:
@@ -111,6 +142,9 @@ def _ready(observed: Observed, parts: list[Condition]) -> Condition:
     for part in volume:
         if part.status != "True":
             return Condition(READY, part.status, part.reason, part.message)
+    pending = _unconfirmed(observed)
+    if pending is not None:
+        return pending
     if observed.state == wire.INACTIVE:
         return Condition(
             READY,
@@ -170,6 +204,8 @@ def render(observed: Observed, previous: Mapping[str, Any]) -> dict[str, Any]:
         "credentialsSecret": observed.credentials_secret,
     }
     status.update({key: value for key, value in optional.items() if value is not None})
+    if observed.confirming and observed.index_generation:
+        status["indexGeneration"] = observed.index_generation
     figures = observed.figures
     if figures is not None:
         status.update(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from memspace_contract import spaces
+from memspace_contract import index, spaces
 from memspace_operator import errors, kube, models, statuses
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class Tracked:
     publishing: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     flush: asyncio.Task[None] | None = None
     """A publish scheduled by `publish_soon`."""
+    handed: index.IndexEntry | None = None
+    """The index entry its shard last confirmed it applies (ApplyIndexEntry)."""
     reconciled: bool = False
     """A reconcile has published the space's status: observers may publish it too (before
     that, a half-made status would cost a write of its own)."""
@@ -51,6 +53,9 @@ def _restore(space: models.MemorySpace) -> statuses.Observed:
     observed = statuses.Observed(
         space_id=space.spec.space_id, generation=space.generation, state=space.spec.state
     )
+    generation = status.get("indexGeneration")
+    if isinstance(generation, int) and not isinstance(generation, bool):
+        observed.index_generation = generation
     for condition in status.get("conditions") or []:
         if not isinstance(condition, Mapping) or condition.get("type") not in statuses.TYPES:
             continue

@@ -294,6 +294,11 @@ def rpc_callers(api: Api) -> dict[str, Caller]:
     async def health(space: str, meta: Sequence[tuple[str, str]]) -> Any:
         return await s.Health(pb.HealthRequest(space=space), metadata=meta)
 
+    async def apply_index_entry(space: str, meta: Sequence[tuple[str, str]]) -> Any:
+        return await s.ApplyIndexEntry(
+            pb.ApplyIndexEntryRequest(space=space, removed_generation=1), metadata=meta
+        )
+
     return {
         "Remember": remember,
         "RememberBatch": remember_batch,
@@ -306,6 +311,7 @@ def rpc_callers(api: Api) -> dict[str, Caller]:
         "DeleteSpace": delete_space,
         "ListSpaces": list_spaces,
         "Health": health,
+        "ApplyIndexEntry": apply_index_entry,
     }
 
 

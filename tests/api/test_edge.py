@@ -63,6 +63,7 @@ async def test_every_rpc_is_served_through_the_edge(standalone: Running) -> None
     await sp.ListSpaces(pb.ListSpacesRequest())
     await sp.Health(pb.HealthRequest())
     await sp.DeleteSpace(pb.DeleteSpaceRequest(space="other"))
+    await failure(sp.ApplyIndexEntry(pb.ApplyIndexEntryRequest(space="other")))
     await asyncio.sleep(0.1)  # the cancelled stream finishes on the server
     registry = standalone.server.metrics.registry
     counted = {
@@ -109,6 +110,7 @@ BROKEN = {
     "DeleteSpace": (registries.Registry, "delete"),
     "ListSpaces": (registries.Registry, "entries"),
     "Health": (registries.Registry, "health"),
+    "ApplyIndexEntry": (registries.Registry, "apply"),
 }
 
 

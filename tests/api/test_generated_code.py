@@ -103,5 +103,6 @@ def test_contract_field_numbers_are_those_of_the_design() -> None:
             "Subscribe",
             "Consolidate",
         ],
-        "SpaceService": ["CreateSpace", "DeleteSpace", "ListSpaces", "Health"],
+        # ApplyIndexEntry is an addition (the operator's direct path into a shard's index).
+        "SpaceService": ["CreateSpace", "DeleteSpace", "ListSpaces", "Health", "ApplyIndexEntry"],
     }

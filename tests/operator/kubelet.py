@@ -141,6 +141,11 @@ class FakeKubelet:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-kubelet", daemon=True)
         self.errors: list[str] = []
+        self.project_index = True
+        """False: index Secret changes are not projected into running shards (a real kubelet
+        refreshes a Secret volume only about once a minute; this one every SYNC_S seconds)."""
+        self.paused = False
+        """True: nothing at all happens (no projection, no restart), as on a stalled node."""
 
     def __enter__(self) -> FakeKubelet:
         self._thread.start()
@@ -166,6 +171,8 @@ class FakeKubelet:
             self._stop.wait(SYNC_S)
 
     def sync(self) -> None:
+        if self.paused:
+            return
         for statefulset in self.kube.statefulsets(self.server_namespace):
             labels = statefulset["metadata"].get("labels") or {}
             if not labels.get("memspace.dev/shard", "").isdigit():
@@ -180,7 +187,7 @@ class FakeKubelet:
 
     def _sync_shard(self, shard: ShardProcess, statefulset: dict[str, Any]) -> None:
         secret = self.kube.secret(self.server_namespace, f"memspace-shard-{shard.shard}-spaces")
-        if secret is not None and secret != shard.index_data:
+        if secret is not None and secret != shard.index_data and self.project_index:
             project(shard.index, secret)
             shard.index_data = secret
         tls_secret = tls_secret_of(statefulset)

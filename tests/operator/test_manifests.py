@@ -59,7 +59,7 @@ def test_a_spec_is_parsed_with_the_defaults_of_the_crd() -> None:
     assert space.spec.reclaim_policy == "Retain"
     assert space.spec.tiers == index.Tiers()
     assert space.spec.quota == index.Quota(max_memories=10)
-    entry = models.index_entry(space.spec, "ab" * 32)
+    entry = models.index_entry(space.spec, "ab" * 32, 4)
     assert index.loads(entry.dumps()) == entry
 
 

@@ -396,6 +396,11 @@ class SpaceServiceStub:
                 request_serializer=memspace_dot_v1_dot_memspace__pb2.HealthRequest.SerializeToString,
                 response_deserializer=memspace_dot_v1_dot_memspace__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.ApplyIndexEntry = channel.unary_unary(
+                '/memspace.v1.SpaceService/ApplyIndexEntry',
+                request_serializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryRequest.SerializeToString,
+                response_deserializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryResponse.FromString,
+                _registered_method=True)
 
 
 class SpaceServiceServicer:
@@ -429,6 +434,15 @@ class SpaceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyIndexEntry(self, request, context):
+        """Addition, admin only: apply one spaces index entry at once (under the operator: the change
+        it just wrote to the shard's index Secret, whose projection arrives much later). The entry
+        of the higher generation wins between this and the index directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpaceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -451,6 +465,11 @@ def add_SpaceServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=memspace_dot_v1_dot_memspace__pb2.HealthRequest.FromString,
                     response_serializer=memspace_dot_v1_dot_memspace__pb2.HealthResponse.SerializeToString,
+            ),
+            'ApplyIndexEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyIndexEntry,
+                    request_deserializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryRequest.FromString,
+                    response_serializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -563,6 +582,33 @@ class SpaceService:
             '/memspace.v1.SpaceService/Health',
             memspace_dot_v1_dot_memspace__pb2.HealthRequest.SerializeToString,
             memspace_dot_v1_dot_memspace__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyIndexEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memspace.v1.SpaceService/ApplyIndexEntry',
+            memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryRequest.SerializeToString,
+            memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -152,6 +152,11 @@ class SpaceServiceStub:
     """Standalone only; FAILED_PRECONDITION under the operator. Deletes the space's data."""
     ListSpaces: _grpc.UnaryUnaryMultiCallable[_memspace_pb2.ListSpacesRequest, _memspace_pb2.ListSpacesResponse]
     Health: _grpc.UnaryUnaryMultiCallable[_memspace_pb2.HealthRequest, _memspace_pb2.HealthResponse]
+    ApplyIndexEntry: _grpc.UnaryUnaryMultiCallable[_memspace_pb2.ApplyIndexEntryRequest, _memspace_pb2.ApplyIndexEntryResponse]
+    """Addition, admin only: apply one spaces index entry at once (under the operator: the change
+    it just wrote to the shard's index Secret, whose projection arrives much later). The entry
+    of the higher generation wins between this and the index directory.
+    """
 
 @_typing.type_check_only
 class SpaceServiceAsyncStub(SpaceServiceStub):
@@ -166,6 +171,11 @@ class SpaceServiceAsyncStub(SpaceServiceStub):
     """Standalone only; FAILED_PRECONDITION under the operator. Deletes the space's data."""
     ListSpaces: _aio.UnaryUnaryMultiCallable[_memspace_pb2.ListSpacesRequest, _memspace_pb2.ListSpacesResponse]  # type: ignore[assignment]
     Health: _aio.UnaryUnaryMultiCallable[_memspace_pb2.HealthRequest, _memspace_pb2.HealthResponse]  # type: ignore[assignment]
+    ApplyIndexEntry: _aio.UnaryUnaryMultiCallable[_memspace_pb2.ApplyIndexEntryRequest, _memspace_pb2.ApplyIndexEntryResponse]  # type: ignore[assignment]
+    """Addition, admin only: apply one spaces index entry at once (under the operator: the change
+    it just wrote to the shard's index Secret, whose projection arrives much later). The entry
+    of the higher generation wins between this and the index directory.
+    """
 
 class SpaceServiceServicer(metaclass=_abc_1.ABCMeta):
     """The management plane: spaces of this server. Opened by the admin token (Health of one space
@@ -201,5 +211,16 @@ class SpaceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _memspace_pb2.HealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memspace_pb2.HealthResponse, _abc.Awaitable[_memspace_pb2.HealthResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ApplyIndexEntry(
+        self,
+        request: _memspace_pb2.ApplyIndexEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memspace_pb2.ApplyIndexEntryResponse, _abc.Awaitable[_memspace_pb2.ApplyIndexEntryResponse]]:
+        """Addition, admin only: apply one spaces index entry at once (under the operator: the change
+        it just wrote to the shard's index Secret, whose projection arrives much later). The entry
+        of the higher generation wins between this and the index directory.
+        """
 
 def add_SpaceServiceServicer_to_server(servicer: SpaceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

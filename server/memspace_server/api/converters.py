@@ -217,4 +217,6 @@ def space_health(found: Health) -> pb.SpaceHealth:
         consolidation_rate=found.consolidation_rate,
         tier_memories=dict(found.tier_memories.items()),
         disk_bytes=found.disk_bytes,
+        index_generation=found.index_generation,
+        unknown=found.unknown,
     )

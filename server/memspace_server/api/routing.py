@@ -64,6 +64,7 @@ POLICIES: dict[str, Policy] = {
     "/memspace.v1.SpaceService/DeleteSpace": Policy(Scope.NAMED_SPACE, Access.ADMIN),
     "/memspace.v1.SpaceService/ListSpaces": Policy(Scope.NO_SPACE, Access.ADMIN),
     "/memspace.v1.SpaceService/Health": Policy(Scope.SPACE_OR_ALL, Access.TENANT_OR_ADMIN),
+    "/memspace.v1.SpaceService/ApplyIndexEntry": Policy(Scope.NAMED_SPACE, Access.ADMIN),
 }
 
 

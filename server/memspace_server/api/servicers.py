@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-from memspace_contract import wire
+from memspace_contract import index, wire
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
 from memspace_server.api import converters
@@ -141,3 +141,16 @@ class SpaceServicer:
             status=wire.DRAINING if self.draining() else wire.SERVING,
             spaces=[converters.space_health(h) for h in found],
         )
+
+    async def apply_index_entry(
+        self, request: pb.ApplyIndexEntryRequest, call: Call
+    ) -> pb.ApplyIndexEntryResponse:
+        entry = None
+        if request.entry:
+            try:
+                entry = index.loads(request.entry)
+            except index.InvalidIndexEntryError as err:
+                raise errors.InvalidArgumentError(f"the index entry is not valid: {err}") from err
+        generation = entry.generation if entry is not None else request.removed_generation
+        state, applied = await self.registry.apply(call.space, entry, generation)
+        return pb.ApplyIndexEntryResponse(state=state, generation=applied)

@@ -57,18 +57,39 @@ class Registry:
         """Re-read the index; unload spaces that left it or turned Inactive."""
         version = self.catalog.version
         scanned = await asyncio.get_running_loop().run_in_executor(self.executor, self.catalog.scan)
-        changed = self.catalog.apply(scanned, version)
+        changed = self.catalog.take(scanned, version)
         if changed:
-            for space_id, space in list(self._spaces.items()):
-                entry = self.catalog.get(space_id)
-                if entry is None or entry.state == wire.INACTIVE:
-                    await self.unload(space_id)
-                else:
-                    try:
-                        space.reconfigure(entry)
-                    except errors.SpaceConflictError as err:
-                        log.error("%s", err)
+            await self._settle()
         return changed
+
+    async def apply(
+        self, space_id: spaces.SpaceId, entry: index.IndexEntry | None, generation: int
+    ) -> tuple[str, int]:
+        """Apply one index entry (None: the space's removal at `generation`) at once, ahead of
+        the index directory. From its return on new calls see it (an Inactive or removed space
+        refuses them) and a loaded space it stops serving is unloaded. Returns the space's
+        state in effect ("Active", "Inactive" or "Absent") and that entry's generation."""
+        if self.catalog.writable:
+            raise errors.ManagedIndexError(
+                "this server keeps its own index (standalone): use CreateSpace and DeleteSpace"
+            )
+        if self.catalog.apply(space_id, entry, generation):
+            await self._settle()
+        found = self.catalog.get(space_id)
+        state = wire.ABSENT if found is None else found.state
+        return state, self.catalog.generation(space_id)
+
+    async def _settle(self) -> None:
+        """Unload the loaded spaces the index no longer serves; reconfigure the others."""
+        for space_id, space in list(self._spaces.items()):
+            entry = self.catalog.get(space_id)
+            if entry is None or entry.state == wire.INACTIVE:
+                await self.unload(space_id)
+            else:
+                try:
+                    space.reconfigure(entry)
+                except errors.SpaceConflictError as err:
+                    log.error("%s", err)
 
     def entries(self) -> dict[spaces.SpaceId, index.IndexEntry]:
         return self.catalog.entries()
@@ -232,20 +253,16 @@ class Registry:
         without loading it."""
         wanted = [space_id] if space_id is not None else sorted(self.catalog.entries())
         found = []
+        loop = asyncio.get_running_loop()
         for sid in wanted:
             entry = self.entry(sid)
             space = self._spaces.get(sid)
             if space is not None and not space.closed:
                 # Health walks the volume for its size (cached a few seconds): off the loop.
-                found.append(
-                    await asyncio.get_running_loop().run_in_executor(self.executor, space.health)
-                )
+                figures = await loop.run_in_executor(self.executor, space.health)
             else:
-                found.append(
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.executor, self._unloaded_health, entry
-                    )
-                )
+                figures = await loop.run_in_executor(self.executor, self._unloaded_health, entry)
+            found.append(dataclasses.replace(figures, index_generation=entry.generation))
         return found
 
     def _unloaded_health(self, entry: index.IndexEntry) -> Health:

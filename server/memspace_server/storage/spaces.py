@@ -53,6 +53,10 @@ class Health:
     wal_lag_ms: float
     consolidation_rate: float
     disk_bytes: int
+    index_generation: int = 0
+    """The generation of the space's index entry in effect (filled in by the registry)."""
+    unknown: tuple[str, ...] = ()
+    """Figures above that are not known (their values then mean nothing)."""
 
 
 def _remembered(memory: memories.Memory, now: float, lsn: Lsn) -> tuple[bytes, feeds.Event]:
