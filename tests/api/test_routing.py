@@ -184,3 +184,22 @@ async def test_a_managed_server_has_no_default_space(
         )
     )
     assert ok is grpc.StatusCode.OK
+
+
+async def test_empty_metadata_with_a_named_field_goes_to_the_field(with_team: Running) -> None:
+    """Metadata wins only when present and non-empty (design section 5): an empty
+    `x-memory-space` is as if absent when the request's field names a space."""
+    await with_team.memories.Remember(
+        pb.RememberRequest(space="team-a", memory=memory("a")), metadata=md("")
+    )
+    assert await count(with_team, "team-a") == 1
+    assert await count(with_team, "default") == 0
+
+
+async def test_empty_metadata_without_a_field_is_invalid_never_default(with_team: Running) -> None:
+    err = await failure(
+        with_team.memories.Remember(pb.RememberRequest(memory=memory("a")), metadata=md(""))
+    )
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty" in details(err)
+    assert await count(with_team, "default") == 0

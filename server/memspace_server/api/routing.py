@@ -4,7 +4,8 @@ Every RPC of memspace.v1 has a policy in POLICIES (a test checks none is missing
 `handling` applies `Router.route` to every call before its servicer runs, so no handler selects
 a space or checks a token by itself.
 
-Space selection (design section 5): metadata `x-memory-space`, else the request's `space` field.
+Space selection (design section 5): metadata `x-memory-space` when present and non-empty, else
+the request's `space` field (an empty header with an empty field is INVALID_ARGUMENT).
 Both present and different: INVALID_ARGUMENT. Neither: the `default` space where the server
 allows it (standalone), else INVALID_ARGUMENT. A malformed ID is INVALID_ARGUMENT, never a
 fallback to `default`.
@@ -114,6 +115,15 @@ class Router:
                 "give exactly one"
             )
         header = named_in_metadata[0] if named_in_metadata else None
+        if header == "":
+            # Metadata wins only when present and non-empty: an empty header defers to the
+            # request's field, and names no space by itself (never the default one).
+            if not named_in_request:
+                raise errors.InvalidSpaceIdError(
+                    f"metadata {SPACE_KEY} is empty and the request's space field too: name a "
+                    "space in one of them (a space ID is 3 to 63 characters of a-z, 0-9 and '-')"
+                )
+            header = None
         if header is not None and named_in_request and header != named_in_request:
             raise errors.InvalidArgumentError(
                 f"metadata {SPACE_KEY} names space {header[:80]!r} but the request's space "
