@@ -119,6 +119,6 @@ def test_the_newest_of_several_default_classes_wins() -> None:
 def test_the_read_quota_of_the_spec_reaches_the_index_entry() -> None:
     parsed = spec(quota={"maxRecallsPerSecond": 7})
     assert parsed.unset == frozenset(models.DEFAULTABLE) - {"maxRecallsPerSecond"}
-    entry = models.index_entry(parsed, None)
+    entry = models.index_entry(parsed, None, 1)
     assert entry.quota.max_recalls_per_second == 7
     assert entry.to_json()["quota"]["maxRecallsPerSecond"] == 7
