@@ -103,6 +103,23 @@ def _size(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+_NAMES = {
+    "memories": "memories",
+    "tierMemories": "tier_memories",
+    "pressure": "pressure",
+    "walLagMs": "wal_lag_ms",
+    "consolidationRate": "consolidation_rate",
+}
+
+
+def _known(unknown: set[str], **figures: Any) -> dict[str, Any]:
+    return {key: None if _NAMES[key] in unknown else value for key, value in figures.items()}
+
+
+def _shown(value: Any, form: str) -> str:
+    return "?" if value is None else format(value, form)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     cells = [COLUMNS]
     for row in rows:
@@ -111,13 +128,12 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             (
                 row["space"],
                 row["state"],
-                str(row["memories"]),
-                str(tiers.get("hot", 0)),
-                str(tiers.get("warm", 0)),
-                str(tiers.get("cold", 0)),
-                f"{row['pressure']:.2f}",
-                f"{row['walLagMs']:.0f}ms",
-                f"{row['consolidationRate']:.1f}/s",
+                _shown(row["memories"], "d"),
+                *(_shown(None if tiers is None else tiers.get(t, 0), "d") for t in TIERS),
+                _shown(row["pressure"], ".2f"),
+                _shown(row["walLagMs"], ".0f") + ("" if row["walLagMs"] is None else "ms"),
+                _shown(row["consolidationRate"], ".1f")
+                + ("" if row["consolidationRate"] is None else "/s"),
                 _size(row["diskBytes"]),
             )
         )
@@ -164,11 +180,15 @@ async def fetch(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "space": h.space,
                 "state": h.state,
-                "memories": h.memories,
-                "tierMemories": {tier: h.tier_memories.get(tier, 0) for tier in TIERS},
-                "pressure": h.pressure,
-                "walLagMs": h.wal_lag_ms,
-                "consolidationRate": h.consolidation_rate,
+                # A figure the server does not know (Health's `unknown`) is null, never 0.
+                **_known(
+                    set(h.unknown),
+                    memories=h.memories,
+                    tierMemories={tier: h.tier_memories.get(tier, 0) for tier in TIERS},
+                    pressure=h.pressure,
+                    walLagMs=h.wal_lag_ms,
+                    consolidationRate=h.consolidation_rate,
+                ),
                 "diskBytes": h.disk_bytes,
             }
             for h in response.spaces

@@ -78,6 +78,7 @@ def assess(
         wal_lag_ms=found.wal_lag_ms,
         consolidation_rate=found.consolidation_rate,
         tier_memories={k: int(v) for k, v in found.tier_memories.items()},
+        unknown=frozenset(found.unknown),
     )
     if not result.serving:
         return statuses.Condition(

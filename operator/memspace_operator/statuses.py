@@ -54,10 +54,13 @@ class Figures:
     wal_lag_ms: float
     consolidation_rate: float
     tier_memories: Mapping[str, int]
+    unknown: frozenset[str] = frozenset()
+    """Figures the shard does not know (Health's `unknown`: a space not loaded since a crash):
+    left out of the status rather than shown as 0."""
 
     def differs(self, shown: Figures | None) -> bool:
         """Whether these figures are worth a status write over the `shown` ones."""
-        if shown is None:
+        if shown is None or self.unknown != shown.unknown:
             return True
         if self.memories != shown.memories or dict(self.tier_memories) != dict(shown.tier_memories):
             return True
@@ -208,14 +211,18 @@ def render(observed: Observed, previous: Mapping[str, Any]) -> dict[str, Any]:
         status["indexGeneration"] = observed.index_generation
     figures = observed.figures
     if figures is not None:
+        shown = {
+            "memories": ("memories", figures.memories),
+            "pressure": ("pressure", round(figures.pressure, 4)),
+            "wal_lag_ms": ("walLagMs", round(figures.wal_lag_ms, 1)),
+            "consolidation_rate": ("consolidationRate", round(figures.consolidation_rate, 3)),
+            "tier_memories": (
+                "tierMemories",
+                {k: int(v) for k, v in sorted(figures.tier_memories.items())},
+            ),
+        }
         status.update(
-            {
-                "memories": figures.memories,
-                "pressure": round(figures.pressure, 4),
-                "walLagMs": round(figures.wal_lag_ms, 1),
-                "consolidationRate": round(figures.consolidation_rate, 3),
-                "tierMemories": {k: int(v) for k, v in sorted(figures.tier_memories.items())},
-            }
+            {key: value for name, (key, value) in shown.items() if name not in figures.unknown}
         )
         if observed.figures_time:
             status["lastHealthTime"] = observed.figures_time

@@ -68,14 +68,22 @@ def _restore(space: models.MemorySpace) -> statuses.Observed:
         setattr(
             observed, {"VolumeBound": "volume", "Mounted": "mount"}.get(value.type, "health"), value
         )
-    if "memories" in status and status.get("lastHealthTime"):
+    if status.get("lastHealthTime"):
         tiers = status.get("tierMemories") or {}
+        keys = {
+            "memories": "memories",
+            "pressure": "pressure",
+            "wal_lag_ms": "walLagMs",
+            "consolidation_rate": "consolidationRate",
+            "tier_memories": "tierMemories",
+        }
         observed.figures = statuses.Figures(
             memories=int(status.get("memories") or 0),
             pressure=float(status.get("pressure") or 0.0),
             wal_lag_ms=float(status.get("walLagMs") or 0.0),
             consolidation_rate=float(status.get("consolidationRate") or 0.0),
             tier_memories={str(k): int(v) for k, v in tiers.items()},
+            unknown=frozenset(name for name, key in keys.items() if key not in status),
         )
         observed.figures_time = str(status["lastHealthTime"])
     return observed

@@ -168,3 +168,40 @@ def test_a_space_the_shard_does_not_report_is_not_loaded_yet() -> None:
     result = health.ShardHealth(0, "127.0.0.1:1", serving=True, spaces={})
     condition, _ = health.assess(result, spaces.SpaceId("notes"))
     assert condition.reason == "NotLoaded"
+
+
+def test_figures_the_shard_does_not_know_are_left_out_never_shown_as_zero() -> None:
+    answer = health.ShardHealth(
+        0,
+        "127.0.0.1:1",
+        serving=True,
+        spaces={
+            spaces.SpaceId("notes"): pb.SpaceHealth(
+                space="notes",
+                state="Active",
+                consolidation_rate=0.5,
+                unknown=["memories", "tier_memories", "pressure", "wal_lag_ms"],
+            )
+        },
+    )
+    _, found = health.assess(answer, spaces.SpaceId("notes"))
+    assert found is not None
+    status = statuses.render(observed(figures=found), {})
+    for key in ("memories", "tierMemories", "pressure", "walLagMs"):
+        assert key not in status
+    assert status["consolidationRate"] == 0.5
+    # Once known they are shown (and the change is worth a write).
+    known = figures(memories=5)
+    assert known.differs(found)
+    assert statuses.render(observed(figures=known), {})["memories"] == 5
+
+
+def test_ready_waits_for_the_shard_to_confirm_the_generation() -> None:
+    pending = ready(observed(confirming=True, index_generation=2))
+    assert (pending["status"], pending["reason"]) == ("False", "IndexPending")
+    inactive = ready(observed(confirming=True, index_generation=2, state="Inactive"))
+    assert inactive["reason"] == "Deactivating"
+    confirmed = ready(observed(confirming=True, index_generation=3, state="Inactive"))
+    assert confirmed["reason"] == "Inactive"
+    assert ready(observed(confirming=True, index_generation=3))["reason"] == "Ready"
+    assert ready(observed(confirming=False))["reason"] == "Ready"  # no admin token to ask with

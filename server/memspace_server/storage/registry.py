@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -19,13 +20,47 @@ from pathlib import Path
 
 from memspace_contract import durable, index, spaces, wire
 from memspace_server import errors
-from memspace_server.storage import catalogs, checkpoints, layout, scheduling, tiers
+from memspace_server.storage import (
+    catalogs,
+    checkpoints,
+    consolidating,
+    layout,
+    scheduling,
+    tiers,
+    wal,
+)
 from memspace_server.storage.settings import EngineSettings
 from memspace_server.storage.spaces import Health, Space
 
 log = logging.getLogger(__name__)
 
 REFUSAL_BACKOFF_S = 5.0
+COUNT_FIGURES = ("memories", "tier_memories", "pressure", "wal_lag_ms")
+"""The figures an unloaded space's checkpoint gives, unknown when its WAL holds more."""
+
+
+def _owns(root: Path, space_id: spaces.SpaceId) -> bool:
+    """Whether the volume at `root` is the space's own (or empty, or not mounted): its
+    identity file names the space. Blocking."""
+    try:
+        found = json.loads((root / layout.IDENTITY).read_text()).get("spaceId")
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(found == space_id)
+
+
+def _wal_holds_records(directory: Path) -> bool:
+    """Whether any WAL segment holds a record (a consolidated, closed space keeps at most one
+    empty segment). Blocking."""
+    for _, path in wal.list_segments(directory):
+        try:
+            if path.stat().st_size > len(wal.MAGIC):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 class Registry:
@@ -50,6 +85,9 @@ class Registry:
         self._locks: dict[spaces.SpaceId, asyncio.Lock] = {}
         self._refused: dict[spaces.SpaceId, tuple[errors.MemspaceError, float]] = {}
         self._closed = False
+        self._started = time.monotonic()
+        self._history: dict[spaces.SpaceId, consolidating.Rate] = {}
+        """Consolidations of the last minute of spaces unloaded since (for their Health)."""
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -266,18 +304,31 @@ class Registry:
         return found
 
     def _unloaded_health(self, entry: index.IndexEntry) -> Health:
+        """An unloaded space, described without loading it: its counts from its checkpoint when
+        its WAL holds nothing more (after a crash it does: the counts are then unknown, never
+        0), its consolidation rate from what it did while loaded in the last minute. A volume
+        that is not the space's own (refused) reports no figures of it at all."""
         root = self.volume(entry.space_id)
         counts: dict[str, int] = {}
         disk = 0
+        unknown: set[str] = set()
         state: wire.SpaceState = entry.state if root.is_dir() else wire.UNMOUNTED
-        if root.is_dir():
+        foreign = entry.space_id in self._refused or not _owns(root, entry.space_id)
+        if foreign:
+            state = wire.FAILED
+            unknown.update(COUNT_FIGURES)
+        elif root.is_dir():
             try:
                 counts = checkpoints.read_manifest(root / "hot").counts
             except errors.MemspaceError:
                 state = wire.FAILED
+                unknown.update(COUNT_FIGURES)
+            if _wal_holds_records(root / "wal"):
+                unknown.update(COUNT_FIGURES)  # the WAL holds writes the checkpoint lacks
             disk = layout.SpaceDir(root).disk_bytes()
-        if entry.space_id in self._refused:
-            state = wire.FAILED
+        history = self._history.get(entry.space_id)
+        if history is None and time.monotonic() - self._started < consolidating.RATE_WINDOW_S:
+            unknown.add("consolidation_rate")  # consolidations before this server started
         tier_counts = {name: counts.get(name, 0) for name in tiers.NAMES}
         return Health(
             space=entry.space_id,
@@ -286,8 +337,9 @@ class Registry:
             tier_memories=tier_counts,
             pressure=tier_counts[tiers.HOT] / entry.tiers.hot_capacity,
             wal_lag_ms=0.0,
-            consolidation_rate=0.0,
+            consolidation_rate=history.per_second() if history is not None else 0.0,
             disk_bytes=disk,
+            unknown=tuple(sorted(unknown)),
         )
 
     async def unload(self, space_id: spaces.SpaceId) -> bool:
@@ -302,6 +354,7 @@ class Registry:
             finally:
                 if self._spaces.get(space_id) is space:
                     del self._spaces[space_id]
+                self._history[space_id] = space.rate
             return True
 
     def close_feeds(self) -> None:

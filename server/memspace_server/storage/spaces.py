@@ -559,7 +559,9 @@ class Space:
                 raise self._failure from err
             count = self._backlog.clear()
             self._wal.mark_consolidated()
-            self._rate.note(count + len(demoted))
+            # Memories consolidated are the WAL records moved into the tiers; demotions between
+            # tiers are not consolidations (counting both read 10 records + 8 demotions as 18).
+            self._rate.note(count)
             self._disk_bytes = None
             return count
 
@@ -567,6 +569,12 @@ class Space:
 
     def consolidation_rate(self) -> float:
         return self._rate.per_second()
+
+    @property
+    def rate(self) -> consolidating.Rate:
+        """Its consolidations of the last minute (kept by the registry when the space unloads,
+        so that its rate stays known)."""
+        return self._rate
 
     def disk_bytes(self) -> int:
         """Bytes on the space's volume (cached for a few seconds: it walks the directory)."""
