@@ -12,6 +12,7 @@ import logging
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,7 +23,7 @@ from memspace_contract import spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server.api import logs
 from memspace_server.storage import spaces as storage_spaces
-from tests.api.conftest import DIM, Running, Start, md, memory
+from tests.api.conftest import DIM, Running, Start, md, memory, status_of, write_entry
 
 
 async def fill(running: Running, space: str, count: int) -> list[str]:
@@ -247,3 +248,26 @@ async def test_log_lines_of_a_call_carry_its_space_method_and_request_id(
         "req-42",
     )
     assert "boom" in line["exception"]
+
+
+async def test_a_refused_call_counts_under_the_space_it_names_when_that_space_exists(
+    start: Start, managed_dirs: tuple[Path, Path], admin_token_file: Path
+) -> None:
+    index_dir, volumes = managed_dirs
+    write_entry(index_dir, "team-a", token="ta", volumes=volumes)
+    running = await start(data_root=volumes, index_dir=index_dir, admin_token_file=admin_token_file)
+    cue = [1.0, 0.0, 0.0, 0.0]
+    wrong = running.memories.Recall(pb.RecallRequest(cue=cue, k=1), metadata=md("team-a", "tb"))
+    assert await status_of(wrong) is grpc.StatusCode.PERMISSION_DENIED
+    unknown = running.memories.Recall(pb.RecallRequest(cue=cue, k=1), metadata=md("team-z", "tb"))
+    assert await status_of(unknown) is grpc.StatusCode.PERMISSION_DENIED
+    registry = running.server.metrics.registry
+    method = "MemoryService/Recall"
+
+    def counted(space: str) -> float | None:
+        labels = {"space": space, "method": method, "code": "PERMISSION_DENIED"}
+        return registry.get_sample_value("memspace_requests_total", labels)
+
+    assert counted("team-a") == 1
+    assert counted("") == 1  # a space not in the index never becomes a label value
+    assert counted("team-z") is None

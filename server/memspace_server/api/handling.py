@@ -266,6 +266,7 @@ class _Scope:
         self.authorization: list[str] = []
         self._route: routing.Route | None = None
         self._ticket: limits.Ticket | None = None
+        self._refused_space: str | None = None
 
     def read_metadata(
         self,
@@ -287,7 +288,15 @@ class _Scope:
     def route(self, policy: routing.Policy, named_in_request: str) -> Call:
         """Route the call, then admit it under the caps on calls and streams (the per-space
         caps need its space; a refused route takes no slot)."""
-        self._route = self._router.route(policy, self.named, named_in_request, self.authorization)
+        try:
+            self._route = self._router.route(
+                policy, self.named, named_in_request, self.authorization
+            )
+        except errors.MemspaceError:
+            # A refused call (a wrong token, say) still counts under the space it names when
+            # that space is in the index: its refusals belong to its series, not to "".
+            self._refused_space = self._router.known_space(policy, self.named, named_in_request)
+            raise
         logs.bind_space(self._route.space or "")
         self._ticket = self._limits.admit(self._shape, self._route.space)
         return Call(self._route)
@@ -298,7 +307,9 @@ class _Scope:
 
     def label(self) -> str:
         route = self._route
-        if route is None or route.space is None or route.entry is None:
+        if route is None:
+            return self._refused_space or ""
+        if route.space is None or route.entry is None:
             return ""
         return route.space
 

@@ -169,6 +169,19 @@ class Router:
             raise errors.PermissionDeniedError(_denial(access, space))
         return admin
 
+    def known_space(
+        self, policy: Policy, named_in_metadata: Sequence[str], named_in_request: str
+    ) -> spaces.SpaceId | None:
+        """The space a call names when it is in the index (None: it names none, a malformed
+        one or one not in the index); for counting a refused call."""
+        try:
+            space = self.select(policy.scope, named_in_metadata, named_in_request)
+        except errors.MemspaceError:
+            return None
+        if space is None or self._lookup(space) is None:
+            return None
+        return space
+
     def route(
         self,
         policy: Policy,
