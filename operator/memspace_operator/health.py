@@ -32,6 +32,9 @@ from memspace_operator.settings import Settings
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 5.0
+APPLY_TIMEOUT_S = 2.0
+"""ApplyIndexEntry runs inside a reconcile: a shard that cannot answer soon (its pod is not up)
+gets the change from its index Secret instead, and the reconcile goes on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +229,7 @@ class Poller:
             removed_generation=generation if entry is None else 0,
         )
         try:
-            answer = await shard_client.spaces.ApplyIndexEntry(request, timeout=RPC_TIMEOUT_S)
+            answer = await shard_client.spaces.ApplyIndexEntry(request, timeout=APPLY_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
             log.info(
                 "shard %d at %s did not take the index entry of %s (%s %s); its projected "
