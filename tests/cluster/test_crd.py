@@ -215,6 +215,7 @@ FULL_STATUS: dict[str, Any] = {
     "endpoint": "memspace-shard-0.memspace-system.svc:50051",
     "claimName": "space-notes",
     "credentialsSecret": "notes-memspace",
+    "indexGeneration": 1,
     "memories": 1234,
     "pressure": 0.25,
     "walLagMs": 12.5,
