@@ -20,7 +20,7 @@ import crc32c
 import numpy as np
 
 from memspace_contract import index, spaces
-from memspace_server.storage import memories, records, registry, settings, wal
+from memspace_server.storage import frames, memories, registry, settings, wal
 
 DIM = 768
 COLD_CACHE_BYTES = 512 * 1024 * 1024
@@ -190,8 +190,8 @@ def _raw_group_commit_rate(directory: Path, batch: int, seconds: float) -> float
         tags={},
         created_at=1.0,
     )
-    frame = wal.frame(records.encode_remember(1, 1.0, memory))
-    chunk = frame * batch
+    # The same bytes the server appends: one batch frame a write of `batch` memories.
+    chunk = wal.frame(frames.encode(1, 1.0, DIM, [memory] * batch))
     fd = os.open(directory / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     count = 0
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from memspace_server import errors
-from memspace_server.storage import memories, records, wal
+from memspace_server.storage import frames, memories, records, wal
 
 
 @pytest.fixture
@@ -20,19 +21,29 @@ def executor() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
         yield pool
 
 
-def _memory(i: int) -> memories.Memory:
+def _memory(i: int, dim: int = 4) -> memories.Memory:
     return memories.Memory(
         id=memories.MemoryId(f"m{i}"),
         content=f"content {i}",
-        embedding=np.full(4, i + 1, np.float32),
+        embedding=np.full(dim, i + 1, np.float32),
         confidence=0.5,
         tags={"i": str(i)},
         created_at=100.0 + i,
     )
 
 
-def _remember(i: int) -> Callable[[int], tuple[bytes, int]]:
-    return lambda lsn: (records.encode_remember(lsn, 1.0, _memory(i)), lsn)
+def _remember(i: int) -> Callable[[int], tuple[list[bytes], list[int]]]:
+    return lambda lsn: ([frames.encode(lsn, 1.0, 4, [_memory(i)])], [lsn])
+
+
+def _remember_batch(
+    first: int, count: int, dim: int = 4
+) -> Callable[[int], tuple[list[bytes], list[int]]]:
+    batch = [_memory(i, dim) for i in range(first, first + count)]
+    return lambda lsn: (
+        [frames.encode(lsn, 1.0, dim, batch)],
+        list(range(lsn, lsn + count)),
+    )
 
 
 async def _write(
@@ -42,18 +53,38 @@ async def _write(
     start: int = 1,
     group: int = 5,
 ) -> wal.Wal[int]:
-    """Append `count` records, `group` concurrent writers at a time."""
+    """Append `count` records, `group` concurrent writers at a time, one record a write."""
     log: wal.Wal[int] = wal.Wal(directory, start, executor, lambda events: None, 1024)
     for first in range(0, count, group):
-        futures = [log.submit(_remember(i))[1] for i in range(first, min(count, first + group))]
+        futures = [log.submit(1, _remember(i))[1] for i in range(first, min(count, first + group))]
         await asyncio.gather(*futures)
     return log
 
 
+def _decode(payload: memoryview, batch: bool, skip: int) -> list[records.Record]:
+    if batch:
+        return frames.decode(payload).records()[skip:]
+    return [records.decode(payload)]
+
+
 def _replay(directory: Path, floor: int = 0) -> tuple[list[records.Record], wal.Recovered]:
     found: list[records.Record] = []
-    recovered = wal.recover(directory, floor, lambda payload: found.append(records.decode(payload)))
+    recovered = wal.recover(
+        directory, floor, lambda payload, batch, skip: found.extend(_decode(payload, batch, skip))
+    )
     return found, recovered
+
+
+def _write_legacy(directory: Path, first: int, count: int) -> Path:
+    """A format-1 segment as an older server wrote it: one record per frame."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / wal.segment_name(first)
+    body = b"".join(
+        wal.frame(records.encode_remember(lsn, 1.0, _memory(lsn)))
+        for lsn in range(first, first + count)
+    )
+    path.write_bytes(wal.MAGIC_V1 + body)
+    return path
 
 
 async def test_records_come_back_in_lsn_order_with_their_contents(
@@ -88,7 +119,7 @@ async def test_a_torn_final_record_is_truncated_and_appends_continue(
     last = wal.list_segments(tmp_path)[-1][1]
     intact = last.stat().st_size
     with last.open("ab") as out:
-        out.write(wal.frame(records.encode_forget(11, 1.0, "m1"))[:-3])
+        out.write(wal.frame(frames.encode(11, 1.0, 4, (), ("m1",)))[:-3])
     found, recovered = _replay(tmp_path)
     assert len(found) == 10
     assert recovered.truncated_bytes > 0
@@ -151,3 +182,174 @@ async def test_dropped_segments_leave_only_unconsolidated_records(
     assert [r.lsn for r in found] == [31, 32, 33, 34, 35]
     assert recovered.next_lsn == 36
     assert [r.lsn for r in wal.read_range(tmp_path, 32, 34)] == [33, 34]
+
+
+async def test_one_write_is_one_frame_and_replays_record_by_record(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    last, future = log.submit(300, _remember_batch(0, 300, dim=8))
+    await future
+    assert last == 300
+    assert log.syncs == 1
+    await log.close()
+    (segment,) = wal.list_segments(tmp_path)
+    assert segment[1].read_bytes()[: len(wal.MAGIC)] == wal.MAGIC
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == list(range(1, 301))
+    assert recovered.next_lsn == 301
+    sample = found[41]
+    assert isinstance(sample, records.Remembered)
+    assert sample.memory.id == "m41"
+    assert sample.memory.content == "content 41"
+    assert dict(sample.memory.tags) == {"i": "41"}
+    assert sample.memory.created_at == 141.0
+    assert sample.memory.embedding.tolist() == [42.0] * 8
+    # A floor inside the frame replays only the records after it.
+    found, recovered = _replay(tmp_path, floor=250)
+    assert [r.lsn for r in found] == list(range(251, 301))
+    assert recovered.replayed == 50
+    assert [r.lsn for r in wal.read_range(tmp_path, 97, 103)] == [98, 99, 100, 101, 102, 103]
+
+
+def test_a_frame_mixes_remembers_and_forgets_and_non_ascii_text() -> None:
+    memory = dataclasses.replace(_memory(1), id=memories.MemoryId("ключ"), content="žluť 🐍")
+    payload = frames.encode(7, 2.5, 4, [memory, _memory(2)], ["gone"])
+    frame = frames.decode(payload)
+    assert frames.peek(payload) == (7, 3, None)
+    assert frame.ids == ["ключ", "m2", "gone"]
+    assert [r.lsn for r in frame.records()] == [7, 8, 9]
+    first, _, gone = frame.records()
+    assert isinstance(first, records.Remembered)
+    assert first.memory.content == "žluť 🐍"
+    assert isinstance(gone, records.Forgotten)
+    assert gone.id == "gone"
+    columns = frame.columns(np.array([1], np.int64))
+    assert columns.ids == ["m2"]
+    assert columns.embeddings.tolist() == [[3.0] * 4]
+
+
+def test_a_frame_with_trailing_or_missing_bytes_is_unreadable() -> None:
+    payload = frames.encode(1, 1.0, 4, [_memory(1)])
+    for damaged in (payload + b"x", payload[:-1], payload[:40]):
+        with pytest.raises(records.RecordFormatError):
+            frames.decode(damaged)
+
+
+async def test_a_torn_final_frame_is_truncated(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    await log.submit(20, _remember_batch(0, 20))[1]
+    await log.close()
+    (segment,) = wal.list_segments(tmp_path)
+    intact = segment[1].stat().st_size
+    torn = wal.frame(frames.encode(21, 1.0, 4, [_memory(n) for n in range(30)]))
+    for cut in (3, len(torn) // 2, len(torn) - 1):
+        with segment[1].open("ab") as out:
+            out.write(torn[:cut])
+        found, recovered = _replay(tmp_path)
+        assert [r.lsn for r in found] == list(range(1, 21))
+        assert recovered.truncated_bytes == cut
+        assert segment[1].stat().st_size == intact
+
+
+async def test_a_bit_flip_in_a_frame_refuses_the_log_unless_it_is_the_tail(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    await log.submit(20, _remember_batch(0, 20))[1]
+    await log.submit(20, _remember_batch(20, 20))[1]
+    await log.close()
+    (segment,) = wal.list_segments(tmp_path)
+    clean = segment[1].read_bytes()
+    first_frame = wal._FRAME.unpack_from(clean, len(wal.MAGIC))[0] + wal._FRAME.size
+    for offset in (len(wal.MAGIC) + 30, len(wal.MAGIC) + first_frame // 2):
+        data = bytearray(clean)
+        data[offset] ^= 0x10
+        segment[1].write_bytes(bytes(data))
+        with pytest.raises(errors.CorruptWalError, match="checksum mismatch"):
+            _replay(tmp_path)
+    # A damaged length field in the first frame, with an intact frame after it: damage too.
+    data = bytearray(clean)
+    data[len(wal.MAGIC) + 2] ^= 0x40
+    segment[1].write_bytes(bytes(data))
+    with pytest.raises(errors.CorruptWalError):
+        _replay(tmp_path)
+    # The same flip in the last frame is a torn final write: it goes, the first frame stays.
+    data = bytearray(clean)
+    data[-5] ^= 0x10
+    segment[1].write_bytes(bytes(data))
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == list(range(1, 21))
+    assert recovered.truncated_bytes == len(clean) - len(wal.MAGIC) - first_frame
+
+
+async def test_an_old_format_wal_replays_and_appends_continue_in_the_new_format(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    _write_legacy(tmp_path, 1, 10)
+    _write_legacy(tmp_path, 11, 5)
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == list(range(1, 16))
+    assert recovered.next_lsn == 16
+    log: wal.Wal[int] = wal.Wal(tmp_path, 16, executor, lambda events: None)
+    await log.submit(10, _remember_batch(16, 10))[1]
+    await log.close()
+    segments = wal.list_segments(tmp_path)
+    assert [first for first, _ in segments] == [1, 11, 16]
+    assert segments[-1][1].read_bytes()[: len(wal.MAGIC)] == wal.MAGIC
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == list(range(1, 26))
+    assert recovered.next_lsn == 26
+    assert [r.lsn for r in wal.read_range(tmp_path, 13, 18)] == [14, 15, 16, 17, 18]
+    legacy = found[3]
+    assert isinstance(legacy, records.Remembered)
+    assert legacy.memory.content == "content 4"
+
+
+async def test_an_empty_old_format_segment_takes_the_new_format_in_place(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    _write_legacy(tmp_path, 1, 4)
+    empty = _write_legacy(tmp_path, 5, 0)
+    log: wal.Wal[int] = wal.Wal(tmp_path, 5, executor, lambda events: None)
+    await log.submit(3, _remember_batch(5, 3))[1]
+    await log.close()
+    assert [first for first, _ in wal.list_segments(tmp_path)] == [1, 5]
+    assert empty.read_bytes()[: len(wal.MAGIC)] == wal.MAGIC
+    assert [r.lsn for r in _replay(tmp_path)[0]] == list(range(1, 8))
+
+
+async def test_a_write_of_several_frames_replays_whole_or_not_at_all(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    await log.submit(5, _remember_batch(0, 5))[1]
+
+    def two_frames(first: int) -> tuple[list[bytes], list[int]]:
+        batch = [_memory(i) for i in range(5, 25)]
+        return (
+            [
+                frames.encode(first, 1.0, 4, batch[:12]),
+                frames.encode(first + 12, 1.0, 4, batch[12:]),
+            ],
+            list(range(first, first + 20)),
+        )
+
+    last, future = log.submit(20, two_frames)
+    await future
+    assert last == 25
+    await log.close()
+    (segment,) = wal.list_segments(tmp_path)
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == list(range(1, 26))
+    assert [r.lsn for r in wal.read_range(tmp_path, 3, 9)] == [4, 5, 6, 7, 8, 9]
+    # Torn inside its last frame: the whole write goes, its first frame and marker too.
+    data = segment[1].read_bytes()
+    segment[1].write_bytes(data[:-10])
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == list(range(1, 6))
+    assert recovered.next_lsn == 6
+    first_write = wal._FRAME.size + wal._FRAME.unpack_from(data, len(wal.MAGIC))[0]
+    assert segment[1].stat().st_size == len(wal.MAGIC) + first_write

@@ -22,7 +22,7 @@ from typing import IO
 
 from memspace_contract import durable
 from memspace_server import errors
-from memspace_server.storage import memories, records, tiers, wal
+from memspace_server.storage import frames, memories, records, tiers, wal
 
 CHUNK_BYTES = 1024 * 1024
 """Encoded records per chunk: the unit of staging, of WAL appends and of hot-tier inserts."""
@@ -158,14 +158,11 @@ class BatchStage:
             self._file = None
 
 
-def stamped(chunk: list[bytes], first_lsn: int, now: float) -> list[bytes]:
-    """Blocking: WAL frames of staged records, given their LSNs and commit time."""
-    frames = []
-    for offset, staged in enumerate(chunk):
-        payload = bytearray(staged)
-        records.restamp(payload, first_lsn + offset, now)
-        frames.append(wal.frame(bytes(payload)))
-    return frames
+def stamped(chunk: list[bytes], first_lsn: int, now: float, dim: int) -> list[bytes]:
+    """Blocking: the WAL frame of a chunk of staged records (one batch frame, `frames`), given
+    their LSNs and commit time."""
+    columns = records.columns([memoryview(staged) for staged in chunk], dim)
+    return [wal.frame(frames.encode(first_lsn, now, dim, columns))]
 
 
 def latest_columns(chunk: list[bytes], dim: int) -> tiers.Columns:

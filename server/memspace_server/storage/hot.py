@@ -81,9 +81,10 @@ class HotTier:
         self._ids.extend(batch.ids)
         self._contents.extend(batch.contents)
         self._tags.extend(batch.tags)
-        for offset, (memory_id, tags) in enumerate(zip(batch.ids, batch.tags, strict=True)):
-            self._row[memory_id] = start + offset
-            self._tag_index.add(start + offset, tags)
+        self._row.update(zip(batch.ids, range(start, end), strict=True))
+        for row, tags in enumerate(batch.tags, start):
+            if tags:
+                self._tag_index.add(row, tags)
         self._n = end
         self.unsaved.update(batch.ids)
 

@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from memspace_contract import durable, index, wire
 from memspace_contract.wire import Lsn
@@ -24,14 +27,15 @@ from memspace_server.storage import (
     batches,
     consolidating,
     feeds,
+    frames,
     locks,
     memories,
     quotas,
-    records,
     recovering,
     scheduling,
     subscribing,
     tiers,
+    validating,
     wal,
 )
 from memspace_server.storage.hot import HotTier
@@ -59,17 +63,42 @@ class Health:
     """Figures above that are not known (their values then mean nothing)."""
 
 
-def _remembered(memory: memories.Memory, now: float, lsn: Lsn) -> tuple[bytes, feeds.Event]:
-    return (
-        records.encode_remember(lsn, now, memory),
-        feeds.Event(feeds.EventType.REMEMBERED, memory.id, lsn, now),
+FRAME_BYTES = 16 * 1024 * 1024
+"""A write larger than this goes into several WAL frames (behind a batch marker)."""
+
+
+def _remembered(
+    batch: tiers.Columns, now: float, dim: int, first: Lsn
+) -> tuple[list[bytes], list[feeds.Event]]:
+    """The frames and events of remembering `batch` at LSNs first, first + 1, ..."""
+    # An upper bound of each memory's bytes in a frame (UTF-8 takes at most 4 a character).
+    text = np.fromiter(
+        (len(i) + len(c) for i, c in zip(batch.ids, batch.contents, strict=True)),
+        np.int64,
+        len(batch),
     )
+    sizes = 4 * dim + 64 + 4 * text
+    if any(batch.tags):
+        sizes += [sum(4 * (len(k) + len(v)) + 8 for k, v in t.items()) for t in batch.tags]
+    ends = np.cumsum(sizes)
+    cuts = np.searchsorted(ends, np.arange(FRAME_BYTES, int(ends[-1]), FRAME_BYTES), "right")
+    bounds = sorted({0, *cuts.tolist(), len(batch)})
+    payloads = [
+        frames.encode(first + start, now, dim, batch.slice(start, end))
+        for start, end in itertools.pairwise(bounds)
+        if end > start
+    ]
+    remembered = feeds.EventType.REMEMBERED
+    events = [feeds.Event(remembered, i, Lsn(lsn), now) for lsn, i in enumerate(batch.ids, first)]
+    return payloads, events
 
 
-def _forgotten(memory_id: str, now: float, lsn: Lsn) -> tuple[bytes, feeds.Event]:
+def _forgotten(
+    memory_id: str, now: float, dim: int, lsn: Lsn
+) -> tuple[list[bytes], list[feeds.Event]]:
     return (
-        records.encode_forget(lsn, now, memory_id),
-        feeds.Event(feeds.EventType.FORGOTTEN, memory_id, lsn, now),
+        [frames.encode(lsn, now, dim, (), (memory_id,))],
+        [feeds.Event(feeds.EventType.FORGOTTEN, memory_id, lsn, now)],
     )
 
 
@@ -245,41 +274,42 @@ class Space:
         """Store every draft or none: all are validated before anything is written."""
         self._check_usable()
         now = time.time()
-        batch = [memories.validate_draft(d, self.dim, now) for d in drafts]
-        if not batch:
+        batch = validating.validate(drafts, self.dim, now)
+        count = len(batch)
+        if not count:
             return 0, self._wal.durable_lsn, []
         if self._bucket is not None:
-            self._bucket.take(len(batch))
+            self._bucket.take(count)
         async with self._lock.write():
             self._check_usable()
+            last = {memory_id: row for row, memory_id in enumerate(batch.ids)}
             limit = self.entry.quota.max_memories
             if limit is not None:
-                new = {m.id for m in batch if self._locate(m.id) is None}
-                if self.count() + len(new) > limit:
+                new = sum(1 for memory_id in last if self._locate(memory_id) is None)
+                if self.count() + new > limit:
                     raise errors.QuotaExceededError(
                         f"space {self.id!r} holds {self.count()} memories; its quota "
                         f"maxMemories is {limit}. Forget some or raise the quota"
                     )
-            # One append, but a crash can tear it: as a batch it is replayed whole or not at all.
-            lsn, future = self._wal.submit_many(
-                [functools.partial(_remembered, memory, now) for memory in batch],
-                batch=len(batch) > 1,
+            # One frame (a write over FRAME_BYTES: several behind a batch marker), replayed
+            # whole or not at all.
+            lsn, future = self._wal.submit(
+                count, functools.partial(_remembered, batch, now, self.dim)
             )
-            latest = {memory.id: memory for memory in batch}
-            for memory_id in latest:
+            for memory_id in last:
                 tier = self._locate(memory_id)
                 if tier is None:
                     self._count += 1
                 else:
                     tier.remove(memory_id)
-            if len(latest) == 1:
-                self.hot.add_one(batch[-1])
-            else:
-                self.hot.add_memories(list(latest.values()))
-            self._note_writes(len(batch), now)
+            if len(last) == count:
+                self.hot.add(batch)
+            else:  # an id given twice: its last draft counts
+                self.hot.add(batch.take(np.sort(np.fromiter(last.values(), np.int64, len(last)))))
+            self._note_writes(count, now)
         await self._durable(future)
         self._maybe_consolidate()
-        return len(batch), lsn, [m.id for m in batch]
+        return count, lsn, batch.ids
 
     def stage_batch(self, max_bytes: int, max_count: int) -> batches.BatchStage:
         """A stage for a RememberBatch stream into this space (see `commit_batch`)."""
@@ -327,19 +357,19 @@ class Space:
             queued: tuple[asyncio.Future[None], list[bytes]] | None = None
             submitted = False
             try:
-                header: list[bytes] = [wal.frame(records.encode_batch(first, now, count))]
+                header: list[bytes] = [wal.frame(frames.encode_marker(first, now, count))]
                 async for chunk in stage.chunks():
-                    frames = await loop.run_in_executor(
-                        self._executor, batches.stamped, chunk, lsn, now
+                    framed = await loop.run_in_executor(
+                        self._executor, batches.stamped, chunk, lsn, now, self.dim
                     )
                     lsn += len(chunk)
                     if queued is not None:
                         await self._apply_durable(*queued)
-                    _last, future = self._wal.submit_frames(header + frames, len(chunk), [])
+                    _last, future = self._wal.submit_frames(header + framed, len(chunk), [])
                     submitted = True
                     header = []
                     queued = (future, chunk)
-                    del frames
+                    del framed
                 if queued is not None:
                     await self._apply_durable(*queued)
             except BaseException:
@@ -387,7 +417,9 @@ class Space:
             tier = self._locate(memory_id)
             if tier is None:
                 return False, Lsn(0)
-            lsn, future = self._wal.submit(functools.partial(_forgotten, memory_id, now))
+            lsn, future = self._wal.submit(
+                1, functools.partial(_forgotten, memory_id, now, self.dim)
+            )
             tier.remove(memory_id)
             self._count -= 1
             self._note_writes(1, now)

@@ -66,6 +66,32 @@ class Columns:
             recall_count=np.array([m.recall_count for m in items], np.uint64),
         )
 
+    def slice(self, start: int, end: int) -> Columns:
+        """Rows start..end-1 (views of the arrays)."""
+        return Columns(
+            ids=self.ids[start:end],
+            contents=self.contents[start:end],
+            embeddings=self.embeddings[start:end],
+            confidence=self.confidence[start:end],
+            tags=self.tags[start:end],
+            created_at=self.created_at[start:end],
+            last_recalled_at=self.last_recalled_at[start:end],
+            recall_count=self.recall_count[start:end],
+        )
+
+    def take(self, rows: Rows) -> Columns:
+        """The given rows (copies)."""
+        return Columns(
+            ids=[self.ids[r] for r in rows],
+            contents=[self.contents[r] for r in rows],
+            embeddings=self.embeddings[rows],
+            confidence=self.confidence[rows],
+            tags=[self.tags[r] for r in rows],
+            created_at=self.created_at[rows],
+            last_recalled_at=self.last_recalled_at[rows],
+            recall_count=self.recall_count[rows],
+        )
+
     def memory(self, i: int) -> memories.Memory:
         return memories.Memory(
             id=memories.MemoryId(self.ids[i]),

@@ -1,10 +1,14 @@
-"""The write-ahead log of one space: segmented files of CRC32C-framed records with consecutive
+"""The write-ahead log of one space: segmented files of CRC32C-framed payloads with consecutive
 LSNs, appended by a group commit (concurrent writers share one write and one fsync).
 
     segment  = magic(8) frame*          named <first LSN, 20 digits>.wal
     frame    = length:u32 crc32c:u32 payload(length)
 
-Recovery reads every segment, checks every CRC and LSN, truncates a torn final record (a crash
+Format 2 (magic "MSWAL02\n", every segment written now): each payload is a batch frame holding
+one write's records as columns, or a batch marker (`frames`). Format 1 ("MSWAL01\n", older
+servers): each payload is one record or a batch marker (`records`); such segments still replay,
+and appends continue in a new segment.
+Recovery reads every segment, checks every CRC and LSN, truncates a torn final frame (a crash
 mid-append), and refuses with CorruptWalError anything damaged before the tail.
 
 A batch (RememberBatch) is a marker record naming a count, followed at once by that many
@@ -34,14 +38,18 @@ import crc32c
 from memspace_contract import durable
 from memspace_contract.wire import Lsn
 from memspace_server import errors
-from memspace_server.storage import records
+from memspace_server.storage import frames, records
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"MSWAL01\n"
+MAGIC = b"MSWAL02\n"
+MAGIC_V1 = b"MSWAL01\n"
 SUFFIX = ".wal"
 _FRAME = struct.Struct("<II")
 MAX_RECORD = 16 * 1024 * 1024
+"""Largest payload of a format-1 segment (one record)."""
+MAX_FRAME = 64 * 1024 * 1024
+"""Largest payload of a format-2 segment (one batch frame); a larger write is split."""
 
 T = TypeVar("T")
 
@@ -94,15 +102,61 @@ def _intact_record_after(data: bytes, pos: int, lsn: int, horizon: int = 64) -> 
     return None
 
 
-def _scan_segment(
-    path: Path, data: bytes, expect_lsn: int, on_record: Callable[[int, memoryview, int], None]
-) -> _Scan:
-    """Check every frame of one segment, calling on_record(lsn, payload, offset) for each valid
-    one."""
-    if data[: len(MAGIC)] != MAGIC:
-        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+def _intact_frame_after(data: bytes, pos: int) -> int | None:
+    """The offset of an intact format-2 frame after `pos`, if any: every batch frame starts
+    with the frame mark, and a CRC that matches tells a frame from bytes that look like one."""
+    size = len(data)
+    hit = data.find(frames.MARK, pos + _FRAME.size + 1)
+    while hit != -1:
+        at = hit - _FRAME.size
+        length, crc = _FRAME.unpack_from(data, at)
+        end = at + _FRAME.size + length
+        intact = 0 < length <= MAX_FRAME and end <= size
+        if intact and crc32c.crc32c(memoryview(data)[hit:end]) == crc:
+            return at
+        hit = data.find(frames.MARK, hit + 1)
+    return None
+
+
+OnPayload = Callable[[memoryview, bool, int], None]
+"""Replay's callback: (payload, is a format-2 batch frame, leading records to skip)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """One valid frame a segment scan found."""
+
+    first: int
+    """Its first LSN (a batch marker: the batch's first)."""
+    count: int
+    """Its records (0 for a batch marker)."""
+    marker: int | None
+    """A batch marker's record count; None for any other frame."""
+    payload: memoryview
+    v2: bool
+    offset: int
+
+
+OnFrame = Callable[[_Found], None]
+
+
+def _version(data: bytes | mmap.mmap) -> int:
+    head = data[: len(MAGIC)]
+    if head == MAGIC:
+        return 2
+    if head == MAGIC_V1:
+        return 1
+    return 0
+
+
+def _scan_segment(path: Path, data: bytes, expect_lsn: int, on_frame: OnFrame) -> _Scan:
+    """Check every frame of one segment, calling on_frame for each valid one."""
+    version = _version(data)
+    if version == 0:
+        if len(data) < len(MAGIC) and (MAGIC.startswith(data) or MAGIC_V1.startswith(data)):
             return _Scan(end=0, torn=True, last_lsn=expect_lsn - 1)
         raise errors.CorruptWalError(f"WAL segment {path.name} does not start with the WAL magic")
+    limit = MAX_FRAME if version == 2 else MAX_RECORD
     view = memoryview(data)
     pos = len(MAGIC)
     size = len(data)
@@ -112,11 +166,16 @@ def _scan_segment(
             return _Scan(end=pos, torn=True, last_lsn=lsn)
         length, crc = _FRAME.unpack_from(data, pos)
         end = pos + _FRAME.size + length
-        if length == 0 or length > MAX_RECORD or end > size:
+        if length == 0 or length > limit or end > size:
             # A frame that runs past the end of the file, or zeros left by a crash, can only be
             # a torn final write; anything else here is damage. So is a length running past the
-            # end with intact records after it: a damaged length field, not a torn append.
-            if not any(view[pos:]) or (end > size and _intact_record_after(data, pos, lsn) is None):
+            # end with intact frames after it: a damaged length field, not a torn append.
+            intact = (
+                _intact_frame_after(data, pos)
+                if version == 2
+                else _intact_record_after(data, pos, lsn)
+            )
+            if not any(view[pos:]) or (end > size and intact is None):
                 return _Scan(end=pos, torn=True, last_lsn=lsn)
             raise errors.CorruptWalError(
                 f"WAL segment {path.name}: bad record length {length} at offset {pos} before the "
@@ -130,14 +189,18 @@ def _scan_segment(
                 f"WAL segment {path.name}: checksum mismatch at offset {pos} before the tail; "
                 "refusing to serve a space whose log is damaged"
             )
-        record_lsn = records.peek_lsn(payload)
-        if record_lsn != lsn + 1:
+        if version == 2:
+            first, count, marker = frames.peek(payload)
+        else:
+            first, marker = records.peek_lsn(payload), records.batch_count(payload)
+            count = 0 if marker is not None else 1
+        if first != lsn + 1:
             raise errors.CorruptWalError(
-                f"WAL segment {path.name}: LSN {record_lsn} at offset {pos}, expected {lsn + 1}"
+                f"WAL segment {path.name}: LSN {first} at offset {pos}, expected {lsn + 1}"
             )
-        if records.batch_count(payload) is None:  # a batch marker takes no LSN of its own
-            lsn = record_lsn
-        on_record(record_lsn, payload, pos)
+        # A batch marker takes no LSN of its own.
+        on_frame(_Found(first, count, marker, payload, version == 2, pos))
+        lsn += count
         pos = end
     return _Scan(end=pos, torn=False, last_lsn=lsn)
 
@@ -150,40 +213,56 @@ class _OpenBatch:
     offset: int
     lsn: int
     remaining: int
-    payloads: list[memoryview] = dataclasses.field(default_factory=list)
+    held: list[tuple[memoryview, bool, int]] = dataclasses.field(default_factory=list)
 
 
 class _Replay:
-    """Hands each record after the floor LSN to `apply`, and a batch's records only once the
-    whole batch has been read."""
+    """Hands each frame holding records after the floor LSN to `apply`, and a batch's frames
+    only once the whole batch has been read."""
 
-    def __init__(self, floor_lsn: int, apply: Callable[[memoryview], None]) -> None:
+    def __init__(self, floor_lsn: int, apply: OnPayload) -> None:
         self.floor_lsn = floor_lsn
         self.apply = apply
         self.replayed = 0
         self.segment = 0
         self.batch: _OpenBatch | None = None
 
-    def record(self, lsn: int, payload: memoryview, offset: int) -> None:
+    def frame(self, found: _Found) -> None:
         batch = self.batch
+        first, count, marker, payload, v2 = (
+            found.first,
+            found.count,
+            found.marker,
+            found.payload,
+            found.v2,
+        )
+        last = first + count - 1
+        skip = max(0, self.floor_lsn - first + 1)
         if batch is not None:
-            if lsn > self.floor_lsn:
-                batch.payloads.append(payload)
-            batch.remaining -= 1
+            if marker is not None:
+                raise records.RecordFormatError(
+                    f"a batch marker inside the batch at LSN {batch.lsn}"
+                )
+            if last > self.floor_lsn:
+                batch.held.append((payload, v2, skip))
+            batch.remaining -= count
+            if batch.remaining < 0:
+                raise records.RecordFormatError(f"the batch at LSN {batch.lsn} overruns its count")
             if batch.remaining == 0:
-                for held in batch.payloads:
-                    self.apply(held)
-                self.replayed += len(batch.payloads)
+                for held in batch.held:
+                    self._apply(*held)
                 self.batch = None
             return
-        count = records.batch_count(payload)
-        if count is not None:
-            if count:  # the marker holds the LSN of the batch's first record
-                self.batch = _OpenBatch(self.segment, offset, lsn, count)
+        if marker is not None:
+            if marker:  # the marker holds the LSN of the batch's first record
+                self.batch = _OpenBatch(self.segment, found.offset, first, marker)
             return
-        if lsn > self.floor_lsn:
-            self.apply(payload)
-            self.replayed += 1
+        if last > self.floor_lsn:
+            self._apply(payload, v2, skip)
+
+    def _apply(self, payload: memoryview, v2: bool, skip: int) -> None:
+        self.apply(payload, v2, skip)
+        self.replayed += (frames.peek(payload)[1] if v2 else 1) - skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +272,13 @@ class Recovered:
     truncated_bytes: int
 
 
-def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]) -> Recovered:
-    """Replay the payload of every record after `floor_lsn` (the checkpoint's LSN) through
-    `apply` (`records.decode` reads one; the view is valid while it is referenced), truncate a
-    torn tail, and return where appends continue. Blocking: call it from a worker thread."""
+def recover(directory: Path, floor_lsn: int, apply: OnPayload) -> Recovered:
+    """Replay every payload holding records after `floor_lsn` (the checkpoint's LSN) through
+    `apply(payload, v2, skip)`: a format-2 batch frame (`frames.decode` reads it; its first
+    `skip` records are at or below the floor) or a format-1 record (`records.decode`); the view
+    is valid while it is referenced. A batch's frames come only once all of them were read; an
+    incomplete batch or a torn frame at the tail is cut off. Returns where appends continue.
+    Blocking: call it from a worker thread."""
     directory.mkdir(parents=True, exist_ok=True)
     segments = list_segments(directory)
     expect = segments[0][0] if segments else floor_lsn + 1
@@ -207,7 +289,6 @@ def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]
         )
     truncated = 0
     replay = _Replay(floor_lsn, apply)
-    on_record = replay.record
 
     for index, (first, path) in enumerate(segments):
         replay.segment = index
@@ -217,7 +298,7 @@ def recover(directory: Path, floor_lsn: int, apply: Callable[[memoryview], None]
             )
         data = path.read_bytes()
         try:
-            scan = _scan_segment(path, data, first, on_record)
+            scan = _scan_segment(path, data, first, replay.frame)
         except records.RecordFormatError as err:
             raise errors.CorruptWalError(f"WAL segment {path.name}: {err}") from err
         last = index == len(segments) - 1
@@ -303,30 +384,58 @@ def _read_segment(
 ) -> Iterator[records.Record]:
     """The records of one segment in the range; every record up to through_lsn is durable, so
     a frame that is not whole before it is damage."""
-    if data[: len(MAGIC)] != MAGIC:
+    version = _version(data)
+    if version == 0:
         raise errors.CorruptWalError(f"WAL segment {path.name} does not start with the WAL magic")
+    limit = MAX_FRAME if version == 2 else MAX_RECORD
     pos = len(MAGIC)
     size = len(data)
     lsn = first - 1
     while pos < size and lsn < through_lsn:
         length, crc = _FRAME.unpack_from(data, pos) if size - pos >= _FRAME.size else (0, 0)
         end = pos + _FRAME.size + length
-        if length == 0 or length > MAX_RECORD or end > size:
+        if length == 0 or length > limit or end > size:
             raise errors.CorruptWalError(
-                f"WAL segment {path.name}: bad record length {length} at offset {pos}"
+                f"WAL segment {path.name}: bad frame length {length} at offset {pos}"
             )
-        if data[pos + _FRAME.size] == records.BATCH:
+        marks = data[pos + _FRAME.size : pos + _FRAME.size + 5]
+        if marks[:1] == bytes((records.BATCH,)) or marks == frames.MARK + bytes((frames.MARKER,)):
             pos = end  # a batch marker: no LSN, no event
             continue
-        lsn += 1
-        if lsn > after_lsn:
-            payload = data[pos + _FRAME.size : end]
-            if crc32c.crc32c(payload) != crc or records.peek_lsn(payload) != lsn:
-                raise errors.CorruptWalError(
-                    f"WAL segment {path.name}: damaged record at offset {pos} (LSN {lsn})"
+        if version == 1:
+            lsn += 1
+            if lsn > after_lsn:
+                payload = data[pos + _FRAME.size : end]
+                if crc32c.crc32c(payload) != crc or records.peek_lsn(payload) != lsn:
+                    raise errors.CorruptWalError(
+                        f"WAL segment {path.name}: damaged record at offset {pos} (LSN {lsn})"
+                    )
+                yield records.decode(payload)
+        else:
+            (count,) = struct.unpack_from("<I", data, pos + _FRAME.size + 21)
+            if lsn + count > after_lsn:
+                payload = data[pos + _FRAME.size : end]
+                yield from _frame_records(
+                    path, payload, crc, pos, lsn=lsn, after_lsn=after_lsn, through_lsn=through_lsn
                 )
-            yield records.decode(payload)
+            lsn += count
         pos = end
+
+
+def _frame_records(
+    path: Path, payload: bytes, crc: int, pos: int, *, lsn: int, after_lsn: int, through_lsn: int
+) -> list[records.Record]:
+    """The records of a format-2 frame (after `lsn`) within the range, checked."""
+    try:
+        first, _count, _marker = frames.peek(payload)
+        found = frames.decode(payload).records()
+    except records.RecordFormatError as err:
+        raise errors.CorruptWalError(f"WAL segment {path.name}: {err}") from err
+    if crc32c.crc32c(payload) != crc or first != lsn + 1:
+        raise errors.CorruptWalError(
+            f"WAL segment {path.name}: damaged frame at offset {pos} (LSN {lsn + 1})"
+        )
+    return [r for r in found if after_lsn < r.lsn <= through_lsn]
 
 
 @dataclasses.dataclass
@@ -374,6 +483,7 @@ class Wal(Generic[T]):
         segments = list_segments(directory)
         if segments:
             _first, path = segments[-1]
+            self._adopt_segment(path)
             self._open_segment(path, create=False)
 
     @property
@@ -394,39 +504,37 @@ class Wal(Generic[T]):
         self.appended_bytes = 0
 
     def first_retained_lsn(self) -> Lsn:
+        """The first LSN the log can still replay. With no segment yet, the first LSN after
+        what is durable: LSNs reserved by writes in flight are not lost, only not on disk yet."""
         segments = list_segments(self.directory)
-        return Lsn(segments[0][0] if segments else self._next_lsn)
+        return Lsn(segments[0][0] if segments else self._durable_lsn + 1)
 
-    def submit(self, build: Callable[[Lsn], tuple[bytes, T]]) -> tuple[Lsn, asyncio.Future[None]]:
-        """Reserve the next LSN, frame the payload `build(lsn)` makes and queue it for the next
-        group commit, with the event `on_durable` gets once it is on disk."""
-        return self.submit_many([build])
-
-    def submit_many(
-        self, builds: Sequence[Callable[[Lsn], tuple[bytes, T]]], batch: bool = False
+    def submit(
+        self, count: int, build: Callable[[Lsn], tuple[Sequence[bytes], list[T]]]
     ) -> tuple[Lsn, asyncio.Future[None]]:
-        """`submit` for several records at once: consecutive LSNs, one future for them all.
-        With `batch`, they go behind a batch marker: recovery replays all of them or none.
-        Returns the last LSN."""
+        """Reserve the next `count` LSNs; `build(first LSN)` makes the batch frames holding
+        those records in order (`frames.encode`) and the events `on_durable` gets once they are
+        on disk. Several frames go behind a batch marker: recovery replays all or none. One
+        future for them all; returns the last LSN."""
         if self._failure is not None:
             raise self._failure
-        frames = []
-        events = []
-        lsn = self._next_lsn
-        if batch:
-            frames.append(frame(records.encode_batch(lsn, time.time(), len(builds))))
-        for offset, build in enumerate(builds):
-            payload, event = build(Lsn(lsn + offset))
-            if len(payload) > MAX_RECORD:
+        if count < 1:
+            raise ValueError("a WAL write holds at least one record")
+        first = self._next_lsn
+        payloads, events = build(Lsn(first))
+        framed = []
+        if len(payloads) > 1:
+            framed.append(frame(frames.encode_marker(first, time.time(), count)))
+        for payload in payloads:
+            if len(payload) > MAX_FRAME:
                 raise errors.InvalidMemoryError(
-                    f"a record of {len(payload)} bytes exceeds the WAL limit of {MAX_RECORD}"
+                    f"a WAL frame of {len(payload)} bytes exceeds the limit of {MAX_FRAME}"
                 )
-            frames.append(frame(payload))
-            events.append(event)
-        return self.submit_frames(frames, len(builds), events)
+            framed.append(frame(payload))
+        return self.submit_frames(framed, count, events)
 
     def submit_frames(
-        self, frames: list[bytes], lsns: int, events: list[T]
+        self, framed: list[bytes], lsns: int, events: list[T]
     ) -> tuple[Lsn, asyncio.Future[None]]:
         """Queue framed records made for the `lsns` LSNs from `next_lsn` on (batch markers
         among them take none); the caller holds what keeps anyone else from submitting
@@ -436,8 +544,8 @@ class Wal(Generic[T]):
             raise self._failure
         last = self._next_lsn + lsns - 1
         self._next_lsn = last + 1
-        self.appended_bytes += sum(len(f) for f in frames)
-        self._pending.extend(frames)
+        self.appended_bytes += sum(len(f) for f in framed)
+        self._pending.extend(framed)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._waiters.append(_Waiter(last, lsns, future, events))
@@ -490,6 +598,19 @@ class Wal(Generic[T]):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def _adopt_segment(self, path: Path) -> None:
+        """Appends continue in format 2: after a format-1 segment that holds records, in a new
+        segment; an empty one (only its magic, which has the same length) is turned into a
+        format-2 segment in place, as its name already is the next LSN."""
+        with path.open("rb") as source:
+            head = source.read(len(MAGIC))
+        if head != MAGIC_V1:
+            return
+        if path.stat().st_size > len(MAGIC_V1):
+            self._roll_requested = True
+            return
+        durable.atomic_write(path, MAGIC, 0o640)
 
     def _open_segment(self, path: Path, create: bool) -> None:
         self._close_fd()

@@ -1,0 +1,262 @@
+"""WAL batch frames (format 2): many records with consecutive LSNs, column by column.
+
+One frame holds one write (a RememberBatch, a Remember, a Forget): its records are validated,
+encoded and CRC'd as columns, and replay reads them back as `np.frombuffer` views, never a record
+at a time. Layout (little-endian; every section starts at a multiple of 8 bytes of the payload):
+
+    head        mark "MSB2" type:u8 (3) first_lsn:u64 at:f64 count:u32 dim:u32 remembers:u32
+                (type 4 with nothing after the head: a batch marker, see `MARKER`)
+    kinds       u8[count]          1 remember, 2 forget
+    created     f64[count]         created_at (0 for a forget)
+    confidence  f32[count]
+    id_ends     u32[count]         end offset of each id in the ids blob (start: the previous end)
+    text_ends   u32[count]         end offset of each content in the contents blob
+    tag_ends    u32[count]         end offset of each tags JSON in the tags blob ("" for none)
+    embeddings  f32[remembers x dim]   the remember records' rows, in record order
+    ids, contents, tags            UTF-8 blobs
+
+The record at position i has LSN first_lsn + i. Legacy segments (format 1, see `records`) hold
+one record per frame and still replay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from memspace_server.storage import memories, records, tiers
+
+MARK = b"MSB2"
+BATCH = 3
+MARKER = 4
+"""A batch marker: `count` is the records of the frames that follow it, which recovery applies
+all together or not at all; it takes no LSN of its own (`first_lsn` is the batch's first)."""
+_HEAD = struct.Struct("<4sBQdIII")
+"""mark, type, first LSN, time, records, embedding size, remember records."""
+
+
+def _pad(size: int) -> int:
+    return (size + 7) & ~7
+
+
+@dataclasses.dataclass
+class Frame:
+    """The columns of one decoded frame; arrays are views into the payload."""
+
+    first_lsn: int
+    at: float
+    dim: int
+    kinds: npt.NDArray[np.uint8]
+    created: npt.NDArray[np.float64]
+    confidence: npt.NDArray[np.float32]
+    embeddings: npt.NDArray[np.float32]
+    """Rows of the remember records only."""
+    embedding_row: npt.NDArray[np.int64]
+    """For each record, its row of `embeddings` (-1 for a forget)."""
+    ids: list[str]
+    _contents: memoryview
+    _text_ends: npt.NDArray[np.uint32]
+    _tags: memoryview
+    _tag_ends: npt.NDArray[np.uint32]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def last_lsn(self) -> int:
+        return self.first_lsn + len(self.ids) - 1
+
+    def content(self, i: int) -> str:
+        start = int(self._text_ends[i - 1]) if i else 0
+        return str(self._contents[start : int(self._text_ends[i])], "utf-8")
+
+    def tags(self, i: int) -> dict[str, str]:
+        start = int(self._tag_ends[i - 1]) if i else 0
+        end = int(self._tag_ends[i])
+        if start == end:
+            return {}
+        found: dict[str, str] = json.loads(bytes(self._tags[start:end]))
+        return found
+
+    def columns(self, rows: npt.NDArray[np.int64]) -> tiers.Columns:
+        """The remember records at positions `rows`, as a batch of columns (copied)."""
+        return tiers.Columns(
+            ids=[self.ids[r] for r in rows],
+            contents=[self.content(int(r)) for r in rows],
+            embeddings=self.embeddings[self.embedding_row[rows]],
+            confidence=self.confidence[rows].copy(),
+            tags=[self.tags(int(r)) for r in rows],
+            created_at=self.created[rows].copy(),
+            last_recalled_at=np.zeros(rows.shape[0], np.float64),
+            recall_count=np.zeros(rows.shape[0], np.uint64),
+        )
+
+    def records(self) -> list[records.Record]:
+        """Each record as an object (for change-feed replay, which sends them one by one)."""
+        found: list[records.Record] = []
+        for i, memory_id in enumerate(self.ids):
+            lsn = memories.Lsn(self.first_lsn + i)
+            if self.kinds[i] == records.FORGET:
+                found.append(
+                    records.Forgotten(lsn=lsn, at=self.at, id=memories.MemoryId(memory_id))
+                )
+                continue
+            memory = memories.Memory(
+                id=memories.MemoryId(memory_id),
+                content=self.content(i),
+                embedding=self.embeddings[self.embedding_row[i]],
+                confidence=float(self.confidence[i]),
+                tags=self.tags(i),
+                created_at=float(self.created[i]),
+            )
+            found.append(records.Remembered(lsn=lsn, at=self.at, memory=memory))
+        return found
+
+
+def _blob(parts: Sequence[bytes]) -> tuple[bytes, npt.NDArray[np.uint32]]:
+    ends = np.cumsum(np.fromiter((len(p) for p in parts), np.int64, len(parts)), dtype=np.int64)
+    if ends.shape[0] and ends[-1] >= 1 << 32:
+        raise ValueError("a frame's text columns exceed 4 GiB")
+    return b"".join(parts), ends.astype("<u4")
+
+
+def encode(
+    first_lsn: int,
+    at: float,
+    dim: int,
+    remembered: Sequence[memories.Memory] | tiers.Columns,
+    forgotten: Sequence[str] = (),
+) -> bytes:
+    """One frame: the remember records (LSNs from first_lsn on, in order), then the forgets."""
+    batch = (
+        remembered if isinstance(remembered, tiers.Columns) else tiers.Columns.of(remembered, dim)
+    )
+    remembers = len(batch)
+    count = remembers + len(forgotten)
+    kinds = np.full(count, records.FORGET, np.uint8)
+    kinds[:remembers] = records.REMEMBER
+    created = np.zeros(count, "<f8")
+    confidence = np.zeros(count, "<f4")
+    created[:remembers] = batch.created_at
+    confidence[:remembers] = batch.confidence
+    embeddings = np.ascontiguousarray(batch.embeddings, "<f4")
+    if embeddings.shape != (remembers, dim):
+        raise ValueError(f"a frame of {remembers} memories of {dim} values got {embeddings.shape}")
+    ids, id_ends = _blob([i.encode() for i in batch.ids] + [i.encode() for i in forgotten])
+    contents, text_ends = _blob([c.encode() for c in batch.contents] + [b""] * len(forgotten))
+    tag_texts = [
+        json.dumps(dict(t), separators=(",", ":")).encode() if t else b"" for t in batch.tags
+    ]
+    tags, tag_ends = _blob(tag_texts + [b""] * len(forgotten))
+    head = _HEAD.pack(MARK, BATCH, first_lsn, at, count, dim, remembers)
+    parts: list[bytes | memoryview] = []
+    size = 0
+    for section in (
+        head,
+        kinds.data,
+        created.data,
+        confidence.data,
+        id_ends.data,
+        text_ends.data,
+        tag_ends.data,
+        embeddings.data,
+    ):
+        parts.append(section)
+        size += section.nbytes if isinstance(section, memoryview) else len(section)
+        padding = _pad(size) - size
+        if padding:
+            parts.append(b"\0" * padding)
+            size += padding
+    parts.extend((ids, contents, tags))
+    return b"".join(parts)
+
+
+def encode_marker(first_lsn: int, at: float, count: int) -> bytes:
+    """The marker opening a batch of `count` records in the frames right after it."""
+    return _HEAD.pack(MARK, MARKER, first_lsn, at, count, 0, 0)
+
+
+def peek(payload: bytes | memoryview) -> tuple[int, int, int | None]:
+    """(first LSN, records, None) of a frame, (first LSN of its batch, 0, records of the batch)
+    of a batch marker, without decoding the rest."""
+    try:
+        mark, kind, first_lsn, _at, count, _dim, _rem = _HEAD.unpack_from(payload)
+    except struct.error as err:
+        raise records.RecordFormatError(f"unreadable frame: {err}") from err
+    if mark == MARK and kind == MARKER and len(payload) == _HEAD.size:
+        return int(first_lsn), 0, int(count)
+    if mark != MARK or kind != BATCH or count == 0:
+        raise records.RecordFormatError("not a batch frame")
+    return int(first_lsn), int(count), None
+
+
+def decode(payload: bytes | memoryview) -> Frame:
+    """The frame's columns as views into `payload` (which must stay referenced)."""
+    try:
+        mark, kind, first_lsn, at, count, dim, remembers = _HEAD.unpack_from(payload)
+        if mark != MARK or kind != BATCH or count == 0:
+            raise records.RecordFormatError("not a batch frame")
+        pos = _pad(_HEAD.size)
+
+        def take(dtype: str, items: int) -> npt.NDArray[np.generic]:
+            nonlocal pos
+            array: npt.NDArray[np.generic] = np.frombuffer(payload, dtype, items, pos)
+            pos = _pad(pos + array.nbytes)
+            return array
+
+        kinds = take("u1", count)
+        created = take("<f8", count)
+        confidence = take("<f4", count)
+        id_ends = take("<u4", count)
+        text_ends = take("<u4", count)
+        tag_ends = take("<u4", count)
+        embeddings = take("<f4", remembers * dim).reshape(remembers, dim)
+        view = memoryview(payload)
+        blobs = []
+        for ends in (id_ends, text_ends, tag_ends):
+            size = int(ends[-1])
+            if size < 0 or pos + size > len(view):
+                raise records.RecordFormatError("a frame's text runs past its end")
+            blobs.append(view[pos : pos + size])
+            pos += size
+        if pos != len(view):
+            raise records.RecordFormatError("a frame has trailing bytes")
+        is_remember = kinds == records.REMEMBER
+        if int(np.count_nonzero(is_remember)) != remembers or not np.all(
+            is_remember | (kinds == records.FORGET)
+        ):
+            raise records.RecordFormatError("a frame's record kinds do not add up")
+        if np.any(np.diff(id_ends.astype(np.int64), prepend=0) < 0):
+            raise records.RecordFormatError("a frame's id offsets go backwards")
+        id_text = str(blobs[0], "utf-8")
+        if len(id_text) == len(blobs[0]):  # ASCII ids (the usual): offsets are characters
+            starts = [0, *id_ends[:-1].tolist()]
+            ids = [id_text[s:e] for s, e in zip(starts, id_ends.tolist(), strict=True)]
+        else:
+            starts = [0, *id_ends[:-1].tolist()]
+            raw = blobs[0]
+            ids = [str(raw[s:e], "utf-8") for s, e in zip(starts, id_ends.tolist(), strict=True)]
+    except (struct.error, UnicodeDecodeError, ValueError) as err:
+        raise records.RecordFormatError(f"unreadable frame: {err}") from err
+    embedding_row = np.cumsum(is_remember, dtype=np.int64) - 1
+    embedding_row[~is_remember] = -1
+    return Frame(
+        first_lsn=int(first_lsn),
+        at=float(at),
+        dim=int(dim),
+        kinds=kinds,  # type: ignore[arg-type]
+        created=created,  # type: ignore[arg-type]
+        confidence=confidence,  # type: ignore[arg-type]
+        embeddings=embeddings,  # type: ignore[arg-type]
+        embedding_row=embedding_row,
+        ids=ids,
+        _contents=blobs[1],
+        _text_ends=text_ends,  # type: ignore[arg-type]
+        _tags=blobs[2],
+        _tag_ends=tag_ends,  # type: ignore[arg-type]
+    )
