@@ -353,3 +353,18 @@ async def test_a_write_of_several_frames_replays_whole_or_not_at_all(
     assert recovered.next_lsn == 6
     first_write = wal._FRAME.size + wal._FRAME.unpack_from(data, len(wal.MAGIC))[0]
     assert segment[1].stat().st_size == len(wal.MAGIC) + first_write
+
+
+async def test_lsns_of_a_write_in_flight_are_still_retained(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    _last, future = log.submit(2, _remember_batch(0, 2))
+    # Not on disk yet (no segment exists): a subscriber from LSN 1 must not be told that LSN 1
+    # is gone.
+    assert wal.list_segments(tmp_path) == []
+    assert log.next_lsn == 3
+    assert log.first_retained_lsn() == 1
+    await future
+    assert log.first_retained_lsn() == 1
+    await log.close()

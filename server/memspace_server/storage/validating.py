@@ -24,7 +24,8 @@ def _embeddings(drafts: Sequence[memories.Draft], dim: int) -> np.ndarray:
         for draft in drafts:
             memories.check_vector(draft.embedding, dim, "embedding")
         raise errors.InvalidMemoryError("embeddings must be lists of numbers")
-    squares = np.einsum("ij,ij->i", matrix, matrix)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = np.einsum("ij,ij->i", matrix, matrix)
     if not (np.isfinite(squares).all() and squares.all()):
         for draft in drafts:
             memories.check_vector(draft.embedding, dim, "embedding")
@@ -61,7 +62,8 @@ def validate(drafts: Sequence[memories.Draft], dim: int, now: float) -> tiers.Co
                 raise errors.InvalidMemoryError("content must be valid UTF-8 text") from err
         contents.append(content)
     missing = sum(1 for d in drafts if not d.id)
-    fresh = iter(os.urandom(16 * missing).hex()[i : i + 32] for i in range(0, 32 * missing, 32))
+    random = os.urandom(16 * missing).hex()
+    fresh = iter([random[i : i + 32] for i in range(0, 32 * missing, 32)])
     ids = [memories.check_id(d.id) if d.id else next(fresh) for d in drafts]
     tags = [memories.check_tags(d.tags) if d.tags else {} for d in drafts]
     return tiers.Columns(
