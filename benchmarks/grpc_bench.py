@@ -720,7 +720,7 @@ async def fanout(results: dict[str, object], work: Path, quick: bool) -> None:
                         sys.executable,
                         "-m",
                         "benchmarks.grpc_bench",
-                        "fanout",
+                        "subscribers",
                         server.address,
                         str(subscribers),
                         str(seconds),
@@ -789,12 +789,13 @@ def run(results: dict[str, object], quick: bool) -> None:
 
 def main() -> None:
     """`python -m benchmarks.grpc_bench [--quick] [PART...]` runs some parts alone (PARTS);
-    `... echo` is the echo server."""
+    `... echo` is the echo server, `... subscribers ADDRESS N SECONDS BATCH` the fan-out
+    benchmark's subscribers."""
     args = sys.argv[1:]
     if args == ["echo"]:
         echo_main()
         return
-    if args[:1] == ["fanout"]:
+    if args[:1] == ["subscribers"]:
         fanout_main(args[1], int(args[2]), float(args[3]), int(args[4]))
         return
     if args[:1] == ["compare"]:
