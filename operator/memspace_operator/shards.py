@@ -49,7 +49,12 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
     metrics_args = []
     if settings.metrics_token_secret:
         volumes.append(
-            {"name": "metrics-token", "secret": {"secretName": settings.metrics_token_secret}}
+            # Optional, as the admin token: the chart's Secret goes with `helm uninstall`, and a
+            # shard restarted then must still start (the metrics port admits nobody meanwhile).
+            {
+                "name": "metrics-token",
+                "secret": {"secretName": settings.metrics_token_secret, "optional": True},
+            }
         )
         mounts.append(
             {"name": "metrics-token", "mountPath": naming.METRICS_TOKEN_PATH, "readOnly": True}

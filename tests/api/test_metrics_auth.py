@@ -83,3 +83,30 @@ def test_an_unreadable_metrics_token_file_stops_the_start(tmp_path: Path) -> Non
     )
     assert done.returncode == 2
     assert "--metrics-token-file" in done.stderr + done.stdout
+
+
+def test_a_managed_shard_starts_without_its_metrics_token_and_admits_nobody_until_it_appears(
+    tmp_path: Path,
+) -> None:
+    """The shard pod mounts the metrics token Secret as optional (it goes with `helm uninstall`):
+    the shard still starts, its metrics port admits nobody, not even an empty bearer, until the
+    file is there."""
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    token_file = tmp_path / "metrics" / "token"
+    args = [
+        "--data-root", str(tmp_path / "data"), "--index-dir", str(index_dir),
+        "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        "--metrics-token-file", str(token_file), "--index-refresh", "0.1",
+    ]  # fmt: skip
+    with memspace_serve(args, tmp_path / "serve.log") as process:
+        found = re.search(r"metrics on :(\d+)", process.output())
+        assert found, process.output()
+        port = int(found.group(1))
+        assert "cannot read the token file" in process.output()
+        for anyone in (None, "", "guess"):
+            assert scrape(port, anyone)[0] == 401
+        token_file.parent.mkdir()
+        token_file.write_text("scrape-me\n")
+        assert scrape(port, "scrape-me")[0] == 200
+        assert scrape(port, "")[0] == 401

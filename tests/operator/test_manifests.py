@@ -130,7 +130,10 @@ def test_with_a_metrics_token_the_shard_mounts_it_and_its_metrics_port_requires_
     container = pod["containers"][0]
     assert "--metrics-token-file=/etc/memspace/metrics/token" in container["args"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["metrics-token"]["secret"] == {"secretName": "memspace-metrics-token"}
+    assert volumes["metrics-token"]["secret"] == {
+        "secretName": "memspace-metrics-token",
+        "optional": True,
+    }
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["metrics-token"] == {
         "name": "metrics-token",

@@ -143,7 +143,13 @@ class Server:
         if s.metrics_listen != "off":
             host, port = split_address(s.metrics_listen)
             try:
-                token = tokens.TokenFile(s.metrics_token_file) if s.metrics_token_file else None
+                # Under the operator the file comes from an optional Secret volume (as the
+                # admin token's): missing, the port admits nobody until it appears.
+                token = (
+                    tokens.TokenFile(s.metrics_token_file, required=not s.managed)
+                    if s.metrics_token_file
+                    else None
+                )
             except tokens.TokenFileError as err:
                 raise SettingsError(f"--metrics-token-file: {err}") from err
             try:

@@ -20,12 +20,15 @@ class TokenFile:
     became unreadable or empty keeps the last good token (a half-written rotation must not lock
     everyone out), with a warning. Safe to call from any thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, required: bool = True) -> None:
+        """`required=False`: a missing or empty file at start is no error; nothing is admitted
+        until it holds a token (a server under the operator mounts it from an optional Secret)."""
         self.path = path
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._token = ""
-        self._load(required=True)
+        self._warned: str | None = None
+        self._load(required=required)
 
     def _load(self, required: bool) -> None:
         try:
@@ -37,17 +40,25 @@ class TokenFile:
         except OSError as err:
             if required:
                 raise TokenFileError(f"cannot read the token file {self.path}: {err}") from err
-            log.warning("cannot re-read the token file %s: %s", self.path, err)
+            self._warn(f"cannot read the token file {self.path}: {err}")
             return
         if not token:
             if required:
                 raise TokenFileError(f"the token file {self.path} is empty")
-            log.warning("the token file %s is empty; keeping the previous token", self.path)
+            self._warn(f"the token file {self.path} is empty")
             return
-        if self._stamp is not None:
-            log.info("token reloaded from %s", self.path)
+        if self._stamp is not None or self._warned is not None:
+            log.info("token loaded from %s", self.path)
+        self._warned = None
         self._stamp = stamp
         self._token = token
+
+    def _warn(self, problem: str) -> None:
+        """Once per problem: the file is re-read on every use."""
+        if problem != self._warned:
+            self._warned = problem
+            kept = "keeping the previous token" if self._token else "admitting nobody until then"
+            log.warning("%s; %s", problem, kept)
 
     def current(self) -> str:
         with self._lock:
@@ -57,6 +68,7 @@ class TokenFile:
     def admits(self, authorization: str | None) -> bool:
         """Whether an `Authorization` header value carries this token (constant-time compare)."""
         scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer":
+        token = self.current()
+        if scheme.lower() != "bearer" or not token:
             return False
-        return hmac.compare_digest(presented.strip().encode(), self.current().encode())
+        return hmac.compare_digest(presented.strip().encode(), token.encode())
