@@ -264,6 +264,8 @@ def test_the_chart_s_service_account_may_do_what_the_operator_does_and_no_more(
 # Which end-to-end test a run collects follows the cluster it runs on (no skips): the local
 # control plane has no pods, so a kubelet stand-in serves the PVs' host paths; a real cluster
 # (hack/e2e-kind.sh sets MEMSPACE_TEST_KUBECONFIG and MEMSPACE_E2E_IMAGE) runs the image as pods.
+# The chart's operator as a pod with that ServiceAccount, and its shards as pods on the test node,
+# are the journey of tests/e2e (in `make test`); the stand-in stays here for speed.
 ON_A_REAL_CLUSTER = bool(os.environ.get("MEMSPACE_TEST_KUBECONFIG"))
 
 

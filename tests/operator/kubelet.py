@@ -1,5 +1,11 @@
-"""FakeKubelet: the kubelet's two jobs that matter to the operator tests, for server shards run as
-local processes (the test control plane has no kubelet, and pods never run).
+"""FakeKubelet: a stand-in for the kubelet, doing its jobs that matter to the operator tests for
+server shards run as local processes. It stays for speed (a shard "restart" takes a fraction of
+a second, so the operator tests can restart shards many times) and to let those tests run on the
+control plane without a node. Every behaviour it stands in for is also tested with real pods on
+the real node, in tests/e2e/test_journey.py: the shard pod's volumes mounted and Ready, health
+followed into the status, a new space's mount restarting the shard with nothing lost, Inactive
+and Active through the index without a restart, a deleted space's volume unmounted, and the
+faults a stand-in cannot make (pod deleted, node drained, operator pod killed, helm upgrade).
 
 For every shard StatefulSet `memspace-shard-N` in the server namespace it:
 1. projects the shard's index Secret `memspace-shard-N-spaces` into `<root>/shard-N/index/` as
