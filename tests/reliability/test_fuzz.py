@@ -104,6 +104,10 @@ def route(  # noqa: PLR0911  # one return per row of the routing tables
     if len(set(naming.headers)) > 1:
         return C.INVALID_ARGUMENT
     header = naming.headers[0] if naming.headers else None
+    if header == "":  # an empty header defers to the field and names no space by itself
+        if not naming.field:
+            return C.INVALID_ARGUMENT
+        header = None
     if header is not None and naming.field and header != naming.field:
         return C.INVALID_ARGUMENT
     name = header if header is not None else naming.field or None
@@ -782,6 +786,7 @@ def base_message(request_type: Any, rng: random.Random) -> bytes:
             space="scratch-r", embedding_dim=DIM, tiers=pb.SpaceTiers(hot_capacity=10)
         ),
         "DeleteSpaceRequest": pb.DeleteSpaceRequest(space="scratch-r"),
+        "ApplyIndexEntryRequest": pb.ApplyIndexEntryRequest(space="scratch-r", entry=""),
         "ListSpacesRequest": pb.ListSpacesRequest(),
         "HealthRequest": pb.HealthRequest(space=FUZZ),
     }
