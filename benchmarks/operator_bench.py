@@ -134,16 +134,30 @@ def _bench(
 def _operator(
     cluster: controlplane.Cluster, workdir: Path, token: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
+    log_path = workdir / "operator.log"
+    with operator_process(cluster, log_path, TENANT, {**SETTINGS}, token) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def operator_process(
+    cluster: controlplane.Cluster,
+    log_path: Path,
+    namespace: str,
+    settings: dict[str, str],
+    token: Path,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`memspace operator` watching `namespace`, a process of its own with `settings` in its
+    environment, waited for until ready and stopped (TERM, then KILL) when the block ends."""
     env = {
         **os.environ,
-        **SETTINGS,
+        **settings,
         "MEMSPACE_ADMIN_TOKEN_FILE": str(token),
         "KUBECONFIG": str(cluster.kubeconfig),
     }
-    log_path = workdir / "operator.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "memspace_operator.main", "--namespace", TENANT],
+            [sys.executable, "-m", "memspace_operator.main", "--namespace", namespace],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,

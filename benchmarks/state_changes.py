@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
+from benchmarks import operator_bench
 from memspace_contract import client
 from tests.operator.conftest import Kube, condition, endpoint_template, memory_space
 from tests.operator.conftest import tenant_credentials as credentials_of
@@ -112,38 +110,13 @@ async def _code(memspace: client.Client) -> grpc.StatusCode:
 def _operator(
     cluster: controlplane.Cluster, workdir: Path, token: Path, template: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    env = {
-        **os.environ,
+    settings = {
         "MEMSPACE_SERVER_NAMESPACE": SERVER_NAMESPACE,
         "MEMSPACE_SERVER_IMAGE": "memspace:bench",
         "MEMSPACE_MOUNT_BATCH_WINDOW": "0.5",
         "MEMSPACE_HEALTH_INTERVAL": "30",
-        "MEMSPACE_ADMIN_TOKEN_FILE": str(token),
         "MEMSPACE_SHARD_ENDPOINT_TEMPLATE": template,
-        "KUBECONFIG": str(cluster.kubeconfig),
     }
     log_path = workdir / "state-operator.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "memspace_operator.main", "--namespace", TENANT],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while "operator ready" not in log_path.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the operator did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    with operator_bench.operator_process(cluster, log_path, TENANT, settings, token) as process:
         yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
