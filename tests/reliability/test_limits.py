@@ -15,7 +15,9 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +37,27 @@ from tests.reliability.conftest import (
 )
 
 GIB_KIB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def requests_counted(port: int, method: str) -> dict[str, float]:
+    """The server's `memspace_requests_total` for `method`, by status code."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"memspace_requests_total\{(.*)\} (\S+)$", line)
+        if match and f'method="{method}"' in match.group(1):
+            code = re.search(r'code="([A-Z_]+)"', match.group(1))
+            assert code, line
+            found[code.group(1)] = found.get(code.group(1), 0.0) + float(match.group(2))
+    return found
 
 
 async def test_five_maximal_batch_streams_keep_the_server_under_one_gib(
@@ -177,7 +200,8 @@ async def test_a_batch_that_does_not_fit_its_volume_is_refused_and_stores_nothin
     servers: Servers, tmpfs: Tmpfs, count: int
 ) -> None:
     root = tmpfs("6m") / "data"
-    server = servers(root)
+    metrics_port = free_port()
+    server = servers(root, "--metrics-listen", f"127.0.0.1:{metrics_port}")
     address = await server.start()
     content = "f" * (60 * 1024)
 
@@ -190,10 +214,15 @@ async def test_a_batch_that_does_not_fit_its_volume_is_refused_and_stores_nothin
     async with connect(address) as stubs:
         err = await error_of(stubs.memories.RememberBatch(batch(count), timeout=CALL_TIMEOUT_S))
         # grpc's client may report a stream the server refused while it was still sending as
-        # "Internal error from Core" (grpc/grpc#36066); what was stored is checked below either way.
+        # "Internal error from Core" (grpc/grpc#36066): the server's own count says what it
+        # answered, whatever the client saw.
         if err.details() != "Internal error from Core":
             assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "volume is full" in (err.details() or "")
+        answered = await asyncio.to_thread(
+            requests_counted, metrics_port, "MemoryService/RememberBatch"
+        )
+        assert answered == {"RESOURCE_EXHAUSTED": 1.0}, answered
         health = await stubs.spaces.Health(pb.HealthRequest(space="default"))
         assert health.spaces[0].memories == 0
         # The staging file went with the stream, a cut-short batch is cut off the log: the
