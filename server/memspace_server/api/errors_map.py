@@ -20,6 +20,7 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
     errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.SpaceNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.MemoryNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.BackupNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # The message says when to retry (also in trailing metadata).
@@ -36,11 +37,15 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
     errors.SpaceConflictError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.LsnNotRetainedError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SpaceRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
+    # A restore that would serve partial or corrupt data, or overwrite a space: nothing changed.
+    errors.BackupRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IdentityMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CorruptWalError: grpc.StatusCode.FAILED_PRECONDITION,
     # Being mounted, reloaded or drained: clients retry.
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.SubscriptionEndedError: grpc.StatusCode.UNAVAILABLE,
+    # The object store failed or is unreachable; a retried backup uploads only what is missing.
+    errors.ObjectStoreError: grpc.StatusCode.UNAVAILABLE,
     # Subscribe again from the LSN in the message and in trailing metadata.
     errors.ResumableError: grpc.StatusCode.UNAVAILABLE,
 }

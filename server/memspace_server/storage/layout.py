@@ -18,6 +18,9 @@ from memspace_contract import durable, spaces
 from memspace_server import errors
 
 IDENTITY = "space.json"
+RESTORING = ".restore"
+"""A restore in progress (or one that failed) fills this directory first (`backups`): a volume
+holding it is not served until a restore completes."""
 FORMAT_VERSION = 1
 PARTS = ("wal", "hot", "warm", "cold")
 
@@ -72,6 +75,11 @@ def open_dir(root: Path, space_id: spaces.SpaceId, dim: int) -> SpaceDir:
     if not root.is_dir():
         raise errors.UnavailableError(
             f"the volume of space {space_id!r} is not mounted yet; retry shortly"
+        )
+    if (root / RESTORING).exists():
+        raise errors.SpaceRefusedError(
+            f"a restore into the volume of space {space_id!r} has not completed; it is not "
+            "served until a restore succeeds"
         )
     if identity.exists():
         try:

@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +211,25 @@ class Space:
         finally:
             self._leases -= 1
             self._last_used = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def frozen(self) -> AsyncIterator[tuple[Lsn, int]]:
+        """Keep the space's files as they are while the caller copies them (a backup): no
+        consolidation or compaction runs meanwhile, and the WAL moves to a new segment, so
+        writes go on without touching the files copied. Yields (LSN, memories): the checkpoint
+        and the WAL segments that start at or before that LSN hold every write through it."""
+        self._check_usable()
+        async with self._consolidation_lock:
+            async with self._lock.write():
+                self._check_usable()
+                try:
+                    await self._wal.roll()
+                except errors.MemspaceError as err:
+                    self._failure = self._failure or err
+                    raise
+                lsn, count = self._wal.durable_lsn, self.count()
+            with self.leased():
+                yield lsn, count
 
     def idle_s(self, now: float) -> float:
         """Seconds since the space was last used (`time.monotonic` clock); 0 while leased."""
