@@ -229,6 +229,30 @@ def test_a_frame_mixes_remembers_and_forgets_and_non_ascii_text() -> None:
     assert columns.embeddings.tolist() == [[3.0] * 4]
 
 
+@pytest.mark.parametrize("content", ["plain", "žluť 🐍"])
+def test_a_frames_columns_match_its_records_for_any_rows(content: str) -> None:
+    written = [dataclasses.replace(_memory(i), content=f"{content} {i}") for i in range(6)]
+    written[2] = dataclasses.replace(written[2], tags={})
+    payload = frames.encode(40, 2.0, 4, written, ["gone"])
+    frame = frames.decode(payload)
+    for rows in ([0, 1, 2, 3, 4, 5], [1, 2, 3], [0, 3, 5], [4]):
+        columns = frame.columns(np.array(rows, np.int64))
+        assert columns.ids == [f"m{r}" for r in rows]
+        assert columns.contents == [f"{content} {r}" for r in rows]
+        assert columns.tags == [{} if r == 2 else {"i": str(r)} for r in rows]
+        assert columns.embeddings.tolist() == [[r + 1.0] * 4 for r in rows]
+        assert columns.created_at.tolist() == [100.0 + r for r in rows]
+
+
+def test_a_staged_frame_takes_its_lsn_and_time_when_it_commits() -> None:
+    payload = bytearray(frames.encode(0, 0.0, 4, [_memory(1), _memory(2)]))
+    frames.restamp(payload, 90, 7.5)
+    frame = frames.decode(payload)
+    assert (frame.first_lsn, frame.at, frame.ids) == (90, 7.5, ["m1", "m2"])
+    with pytest.raises(records.RecordFormatError):
+        frames.restamp(bytearray(frames.encode_marker(1, 1.0, 2)), 5, 1.0)
+
+
 def test_a_frame_with_trailing_or_missing_bytes_is_unreadable() -> None:
     payload = frames.encode(1, 1.0, 4, [_memory(1)])
     for damaged in (payload + b"x", payload[:-1], payload[:40]):

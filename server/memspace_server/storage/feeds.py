@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import enum
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 from memspace_contract.wire import Lsn
 from memspace_server import errors
@@ -31,6 +31,26 @@ class Event:
     id: str
     lsn: Lsn
     at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The events of one write whose records have consecutive LSNs, kept as its IDs: they
+    become `Event`s only if someone subscribes (`Feed.publish`), so a write to a space nobody
+    follows builds no object per memory."""
+
+    type: EventType
+    ids: Sequence[str]
+    first_lsn: int
+    at: float
+
+    def events(self) -> list[Event]:
+        kind, at = self.type, self.at
+        return [Event(kind, i, Lsn(lsn), at) for lsn, i in enumerate(self.ids, self.first_lsn)]
+
+
+Published = Event | Run
+"""What a write hands the feed: single events or runs of them."""
 
 
 class Pacer:
@@ -182,10 +202,15 @@ class Feed:
     def __len__(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, events: Iterable[Event]) -> None:
+    def publish(self, events: Iterable[Published]) -> None:
         if not self._subscribers:
             return
-        batch = list(events)
+        batch: list[Event] = []
+        for item in events:
+            if isinstance(item, Run):
+                batch.extend(item.events())
+            else:
+                batch.append(item)
         for subscriber in list(self._subscribers):
             subscriber.offer(batch)
 

@@ -38,6 +38,9 @@ MARKER = 4
 all together or not at all; it takes no LSN of its own (`first_lsn` is the batch's first)."""
 _HEAD = struct.Struct("<4sBQdIII")
 """mark, type, first LSN, time, records, embedding size, remember records."""
+_STAMP = struct.Struct("<Qd")
+_STAMP_AT = 5
+"""Where the first LSN and the time lie in the head."""
 
 
 def _pad(size: int) -> int:
@@ -84,16 +87,35 @@ class Frame:
         return found
 
     def columns(self, rows: npt.NDArray[np.int64]) -> tiers.Columns:
-        """The remember records at positions `rows`, as a batch of columns (copied)."""
+        """The remember records at positions `rows` (ascending), as a batch of columns: text
+        cut from each blob decoded once, embeddings a view where the rows are one run."""
+        count = rows.shape[0]
+        whole = count == len(self.ids) and (count == 0 or int(rows[-1]) == count - 1)
+        embedding_rows = self.embedding_row[rows]
+        first = int(embedding_rows[0]) if count else 0
+        if count and int(embedding_rows[-1]) - first == count - 1:
+            embeddings = self.embeddings[first : first + count]
+        else:
+            embeddings = self.embeddings[embedding_rows]
+        try:
+            contents = _texts(self._contents, self._text_ends, rows, whole)
+            tag_texts = _texts(self._tags, self._tag_ends, rows, whole)
+            tags = (
+                [json.loads(t) if t else {} for t in tag_texts]
+                if any(tag_texts)
+                else [{} for _ in range(count)]
+            )
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError among them
+            raise records.RecordFormatError(f"unreadable frame text: {err}") from err
         return tiers.Columns(
-            ids=[self.ids[r] for r in rows],
-            contents=[self.content(int(r)) for r in rows],
-            embeddings=self.embeddings[self.embedding_row[rows]],
-            confidence=self.confidence[rows].copy(),
-            tags=[self.tags(int(r)) for r in rows],
-            created_at=self.created[rows].copy(),
-            last_recalled_at=np.zeros(rows.shape[0], np.float64),
-            recall_count=np.zeros(rows.shape[0], np.uint64),
+            ids=list(self.ids) if whole else [self.ids[r] for r in rows.tolist()],
+            contents=contents,
+            embeddings=embeddings,
+            confidence=self.confidence[rows],
+            tags=tags,
+            created_at=self.created[rows],
+            last_recalled_at=np.zeros(count, np.float64),
+            recall_count=np.zeros(count, np.uint64),
         )
 
     def records(self) -> list[records.Record]:
@@ -118,11 +140,39 @@ class Frame:
         return found
 
 
-def _blob(parts: Sequence[bytes]) -> tuple[bytes, npt.NDArray[np.uint32]]:
-    ends = np.cumsum(np.fromiter((len(p) for p in parts), np.int64, len(parts)), dtype=np.int64)
-    if ends.shape[0] and ends[-1] >= 1 << 32:
+def _texts(
+    blob: memoryview, ends: npt.NDArray[np.uint32], rows: npt.NDArray[np.int64], whole: bool
+) -> list[str]:
+    """The texts at positions `rows` of a blob cut at `ends`: the blob is decoded once and cut
+    by character offsets where it is ASCII (the usual), else each text is decoded alone."""
+    if not len(blob):
+        return ["" for _ in range(rows.shape[0])]
+    stops = ends.astype(np.int64)
+    starts = np.empty_like(stops)
+    starts[0] = 0
+    starts[1:] = stops[:-1]
+    if not whole:
+        starts, stops = starts[rows], stops[rows]
+    text = str(blob, "utf-8")
+    if len(text) == len(blob):
+        return [text[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+    return [str(blob[a:b], "utf-8") for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+
+
+def _blob(texts: Sequence[str]) -> tuple[bytes, npt.NDArray[np.uint32]]:
+    """The texts as one UTF-8 blob and the end offset of each: one encode of the whole where
+    it is ASCII (the usual; `str.isascii` is O(1)), else one a text."""
+    joined = "".join(texts)
+    if joined.isascii():
+        data = joined.encode("ascii")
+        lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    else:
+        parts = [t.encode() for t in texts]
+        data = b"".join(parts)
+        lengths = np.fromiter(map(len, parts), np.int64, len(parts))
+    if len(data) >= 1 << 32:
         raise ValueError("a frame's text columns exceed 4 GiB")
-    return b"".join(parts), ends.astype("<u4")
+    return data, np.cumsum(lengths).astype("<u4")
 
 
 def encode(
@@ -147,12 +197,17 @@ def encode(
     embeddings = np.ascontiguousarray(batch.embeddings, "<f4")
     if embeddings.shape != (remembers, dim):
         raise ValueError(f"a frame of {remembers} memories of {dim} values got {embeddings.shape}")
-    ids, id_ends = _blob([i.encode() for i in batch.ids] + [i.encode() for i in forgotten])
-    contents, text_ends = _blob([c.encode() for c in batch.contents] + [b""] * len(forgotten))
-    tag_texts = [
-        json.dumps(dict(t), separators=(",", ":")).encode() if t else b"" for t in batch.tags
-    ]
-    tags, tag_ends = _blob(tag_texts + [b""] * len(forgotten))
+    ids, id_ends = _blob([*batch.ids, *forgotten])
+    contents, text_ends = _blob(
+        [*batch.contents, *([""] * len(forgotten))] if forgotten else batch.contents
+    )
+    if any(batch.tags):
+        tags, tag_ends = _blob(
+            [json.dumps(dict(t), separators=(",", ":")) if t else "" for t in batch.tags]
+            + [""] * len(forgotten)
+        )
+    else:
+        tags, tag_ends = b"", np.zeros(count, "<u4")
     head = _HEAD.pack(MARK, BATCH, first_lsn, at, count, dim, remembers)
     parts: list[bytes | memoryview] = []
     size = 0
@@ -176,6 +231,15 @@ def encode(
     return b"".join(parts)
 
 
+def restamp(payload: bytearray, first_lsn: int, at: float) -> None:
+    """Set the first LSN and the time of an encoded frame in place (a staged batch gets them
+    only when it commits)."""
+    mark, kind = _HEAD.unpack_from(payload)[:2]
+    if mark != MARK or kind != BATCH:
+        raise records.RecordFormatError("not a batch frame")
+    _STAMP.pack_into(payload, _STAMP_AT, first_lsn, at)
+
+
 def encode_marker(first_lsn: int, at: float, count: int) -> bytes:
     """The marker opening a batch of `count` records in the frames right after it."""
     return _HEAD.pack(MARK, MARKER, first_lsn, at, count, 0, 0)
@@ -195,7 +259,7 @@ def peek(payload: bytes | memoryview) -> tuple[int, int, int | None]:
     return int(first_lsn), int(count), None
 
 
-def decode(payload: bytes | memoryview) -> Frame:
+def decode(payload: bytes | bytearray | memoryview) -> Frame:
     """The frame's columns as views into `payload` (which must stay referenced)."""
     try:
         mark, kind, first_lsn, at, count, dim, remembers = _HEAD.unpack_from(payload)

@@ -5,7 +5,7 @@ arrived since the last checkpoint (`unsaved`), so a checkpoint writes only those
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,11 @@ class HotTier:
     def __contains__(self, memory_id: object) -> bool:
         return memory_id in self._row
 
+    def present(self, ids: Collection[str]) -> set[str]:
+        """Those of `ids` the tier holds (one set operation: a dict view or a set is walked on
+        the smaller side)."""
+        return self._row.keys() & ids
+
     def ids(self) -> Iterable[str]:
         return list(self._ids)
 
@@ -49,25 +54,27 @@ class HotTier:
         capacity = self._emb.shape[0]
         if need <= capacity:
             return
-        size = max(need, capacity * 2, 64)
+        self._reallocate(max(need, capacity * 2, 64))
 
-        def grown(old: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+    def _reallocate(self, size: int) -> None:
+        """Columns of `size` rows holding the current ones (fresh arrays: the kernel backs
+        their pages only as rows are written)."""
+        for name in ("_emb", "_norms", "_confidence", "_created", "_recalled", "_count"):
+            old: npt.NDArray[np.generic] = getattr(self, name)
             new = np.zeros((size, *old.shape[1:]), old.dtype)
             new[: self._n] = old[: self._n]
-            return new
+            setattr(self, name, new)
 
-        self._emb = grown(self._emb)  # type: ignore[assignment]
-        self._norms = grown(self._norms)  # type: ignore[assignment]
-        self._confidence = grown(self._confidence)  # type: ignore[assignment]
-        self._created = grown(self._created)  # type: ignore[assignment]
-        self._recalled = grown(self._recalled)  # type: ignore[assignment]
-        self._count = grown(self._count)  # type: ignore[assignment]
+    def reserve(self, count: int) -> None:
+        """Make room for `count` more memories at once (replay knows how many come)."""
+        if self._n + count > self._emb.shape[0]:
+            self._reallocate(self._n + count)
 
     def add(self, batch: tiers.Columns) -> None:
         count = len(batch)
         if count == 0:
             return
-        if any(i in self._row for i in batch.ids):
+        if not self._row.keys().isdisjoint(batch.ids):
             raise KeyError("memory already in the hot tier; remove it first")
         start = self._n
         end = start + count
@@ -82,9 +89,10 @@ class HotTier:
         self._contents.extend(batch.contents)
         self._tags.extend(batch.tags)
         self._row.update(zip(batch.ids, range(start, end), strict=True))
-        for row, tags in enumerate(batch.tags, start):
-            if tags:
-                self._tag_index.add(row, tags)
+        if any(batch.tags):
+            for row, tags in enumerate(batch.tags, start):
+                if tags:
+                    self._tag_index.add(row, tags)
         self._n = end
         self.unsaved.update(batch.ids)
 

@@ -90,12 +90,6 @@ def batch_count(payload: bytes | memoryview) -> int | None:
     return int(_BATCH.unpack_from(payload, _HEAD.size)[0])
 
 
-def restamp(payload: bytearray, lsn: int, at: float) -> None:
-    """Set the LSN and time of an encoded record in place (a staged record gets them only when
-    its batch commits)."""
-    _HEAD.pack_into(payload, 0, payload[0], lsn, at)
-
-
 def peek_lsn(payload: bytes | memoryview) -> Lsn:
     return Lsn(_HEAD.unpack_from(payload)[1])
 

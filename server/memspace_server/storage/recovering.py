@@ -161,6 +161,7 @@ def recover(
         for memory_id in replay.latest if holding else ():
             for tier in holding:
                 tier.remove(memory_id)
+        hot.reserve(len(replay.latest))
         for batch in replay.batches():
             hot.add(batch)
     except records.RecordFormatError as err:

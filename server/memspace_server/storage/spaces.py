@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from memspace_server.storage import (
     tiers,
     validating,
     wal,
+    zarr_tiers,
 )
 from memspace_server.storage.hot import HotTier
 from memspace_server.storage.settings import EngineSettings
@@ -69,33 +70,40 @@ FRAME_BYTES = 16 * 1024 * 1024
 
 def _remembered(
     batch: tiers.Columns, now: float, dim: int, first: Lsn
-) -> tuple[list[bytes], list[feeds.Event]]:
+) -> tuple[list[bytes], list[feeds.Published]]:
     """The frames and events of remembering `batch` at LSNs first, first + 1, ..."""
+    count = len(batch)
     # An upper bound of each memory's bytes in a frame (UTF-8 takes at most 4 a character).
-    text = np.fromiter(
-        (len(i) + len(c) for i, c in zip(batch.ids, batch.contents, strict=True)),
-        np.int64,
-        len(batch),
+    sizes = (
+        4 * dim
+        + 64
+        + 4
+        * (
+            np.fromiter(map(len, batch.ids), np.int64, count)
+            + np.fromiter(map(len, batch.contents), np.int64, count)
+        )
     )
-    sizes = 4 * dim + 64 + 4 * text
     if any(batch.tags):
         sizes += [sum(4 * (len(k) + len(v)) + 8 for k, v in t.items()) for t in batch.tags]
-    ends = np.cumsum(sizes)
-    cuts = np.searchsorted(ends, np.arange(FRAME_BYTES, int(ends[-1]), FRAME_BYTES), "right")
-    bounds = sorted({0, *cuts.tolist(), len(batch)})
+    if int(sizes.sum()) <= FRAME_BYTES:
+        bounds = [0, count]
+    else:
+        ends = np.cumsum(sizes)
+        cuts = np.searchsorted(ends, np.arange(FRAME_BYTES, int(ends[-1]), FRAME_BYTES), "right")
+        bounds = sorted({0, *cuts.tolist(), count})
     payloads = [
-        frames.encode(first + start, now, dim, batch.slice(start, end))
+        frames.encode(
+            first + start, now, dim, batch if end - start == count else batch.slice(start, end)
+        )
         for start, end in itertools.pairwise(bounds)
         if end > start
     ]
-    remembered = feeds.EventType.REMEMBERED
-    events = [feeds.Event(remembered, i, Lsn(lsn), now) for lsn, i in enumerate(batch.ids, first)]
-    return payloads, events
+    return payloads, [feeds.Run(feeds.EventType.REMEMBERED, batch.ids, first, now)]
 
 
 def _forgotten(
     memory_id: str, now: float, dim: int, lsn: Lsn
-) -> tuple[list[bytes], list[feeds.Event]]:
+) -> tuple[list[bytes], list[feeds.Published]]:
     return (
         [frames.encode(lsn, now, dim, (), (memory_id,))],
         [feeds.Event(feeds.EventType.FORGOTTEN, memory_id, lsn, now)],
@@ -125,7 +133,7 @@ class Space:
         self.warm = state.warm
         self.cold = state.cold
         self.feed = feeds.Feed(pools.fanout)
-        self._wal: wal.Wal[feeds.Event] = wal.Wal(
+        self._wal: wal.Wal[feeds.Published] = wal.Wal(
             state.directory.wal,
             state.next_lsn,
             pools.wal,
@@ -272,6 +280,26 @@ class Space:
                 return tier
         return None
 
+    def _stored(self, ids: Collection[str]) -> list[tuple[HotTier | zarr_tiers.ZarrTier, set[str]]]:
+        """Which of `ids` the space already holds, by tier (a memory is in one tier at most):
+        one set operation a tier, not a lookup a memory."""
+        found: list[tuple[HotTier | zarr_tiers.ZarrTier, set[str]]] = []
+        for tier in (self.hot, self.warm, self.cold):
+            if len(tier):
+                held = tier.present(ids)
+                if held:
+                    found.append((tier, held))
+        return found
+
+    def _replace(
+        self, stored: list[tuple[HotTier | zarr_tiers.ZarrTier, set[str]]], new: int
+    ) -> None:
+        """Remove the stored versions of memories about to be written again; count the new."""
+        for tier, held in stored:
+            for memory_id in held:
+                tier.remove(memory_id)
+        self._count += new
+
     async def _durable(self, future: asyncio.Future[None]) -> None:
         try:
             await future
@@ -301,26 +329,21 @@ class Space:
             self._bucket.take(count)
         async with self._lock.write():
             self._check_usable()
-            last = {memory_id: row for row, memory_id in enumerate(batch.ids)}
+            last = dict(zip(batch.ids, range(count), strict=True))
+            stored = self._stored(last.keys())
+            new = len(last) - sum(len(held) for _tier, held in stored)
             limit = self.entry.quota.max_memories
-            if limit is not None:
-                new = sum(1 for memory_id in last if self._locate(memory_id) is None)
-                if self.count() + new > limit:
-                    raise errors.QuotaExceededError(
-                        f"space {self.id!r} holds {self.count()} memories; its quota "
-                        f"maxMemories is {limit}. Forget some or raise the quota"
-                    )
+            if limit is not None and self.count() + new > limit:
+                raise errors.QuotaExceededError(
+                    f"space {self.id!r} holds {self.count()} memories; its quota "
+                    f"maxMemories is {limit}. Forget some or raise the quota"
+                )
             # One frame (a write over FRAME_BYTES: several behind a batch marker), replayed
             # whole or not at all.
             lsn, future = self._wal.submit(
                 count, functools.partial(_remembered, batch, now, self.dim)
             )
-            for memory_id in last:
-                tier = self._locate(memory_id)
-                if tier is None:
-                    self._count += 1
-                else:
-                    tier.remove(memory_id)
+            self._replace(stored, new)
             if len(last) == count:
                 self.hot.add(batch)
             else:  # an id given twice: its last draft counts
@@ -362,8 +385,9 @@ class Space:
             self._check_usable()
             limit = self.entry.quota.max_memories
             if limit is not None:
-                new = {i for i in stage.ids if self._locate(i) is None}
-                if self.count() + len(new) > limit:
+                ids = set(stage.ids)
+                new = len(ids) - sum(len(held) for _tier, held in self._stored(ids))
+                if self.count() + new > limit:
                     raise errors.QuotaExceededError(
                         f"space {self.id!r} holds {self.count()} memories; its quota "
                         f"maxMemories is {limit}. Forget some or raise the quota"
@@ -373,13 +397,13 @@ class Space:
             self._batch_from = first
             self._wal.holding_segment = True
             lsn: int = first
-            queued: tuple[asyncio.Future[None], list[bytes]] | None = None
+            queued: tuple[asyncio.Future[None], batches.Chunk] | None = None
             submitted = False
             try:
                 header: list[bytes] = [wal.frame(frames.encode_marker(first, now, count))]
                 async for chunk in stage.chunks():
                     framed = await loop.run_in_executor(
-                        self._executor, batches.stamped, chunk, lsn, now, self.dim
+                        self._executor, batches.stamped, chunk, lsn, now
                     )
                     lsn += len(chunk)
                     if queued is not None:
@@ -404,25 +428,18 @@ class Space:
                 self._batch_from = None
             last = Lsn(lsn - 1)
             self._note_writes(count, now)
-            self.feed.publish(
-                feeds.Event(feeds.EventType.REMEMBERED, memory_id, Lsn(first + n), now)
-                for n, memory_id in enumerate(stage.ids)
-            )
+            self.feed.publish([feeds.Run(feeds.EventType.REMEMBERED, stage.ids, first, now)])
         self._maybe_consolidate()
         return count, last, list(stage.ids)
 
-    async def _apply_durable(self, future: asyncio.Future[None], chunk: list[bytes]) -> None:
+    async def _apply_durable(self, future: asyncio.Future[None], chunk: batches.Chunk) -> None:
         """Wait for a chunk to be on disk, then put its memories in the hot tier."""
         await self._durable(future)
         columns = await asyncio.get_running_loop().run_in_executor(
-            self._executor, batches.latest_columns, chunk, self.dim
+            self._executor, batches.latest_columns, chunk
         )
-        for memory_id in columns.ids:
-            tier = self._locate(memory_id)
-            if tier is None:
-                self._count += 1
-            else:
-                tier.remove(memory_id)
+        stored = self._stored(columns.ids)
+        self._replace(stored, len(columns) - sum(len(held) for _tier, held in stored))
         self.hot.add(columns)
 
     async def forget(self, memory_id: str) -> tuple[bool, Lsn]:

@@ -15,7 +15,7 @@ import json
 import mmap
 import shutil
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ class ZarrTier:
         self._deleted = np.zeros(0, bool)
         self._recalled = np.zeros(0, np.float64)
         self._count = np.zeros(0, np.uint64)
+        self._buffers: dict[str, npt.NDArray[Any]] = {}
         self._tag_index = tiers.TagIndex()
         self._maps: list[npt.NDArray[np.float32]] = []
         self._mmaps: list[mmap.mmap] = []
@@ -225,6 +226,11 @@ class ZarrTier:
         """Committed rows, live and tombstoned."""
         return self._n
 
+    def present(self, ids: Collection[str]) -> set[str]:
+        """Those of `ids` the tier holds (one set operation: a dict view or a set is walked on
+        the smaller side)."""
+        return self._row.keys() & ids
+
     def ids(self) -> Iterable[str]:
         return list(self._row)
 
@@ -235,7 +241,7 @@ class ZarrTier:
         count = len(batch)
         if count == 0:
             return
-        if any(i in self._row for i in batch.ids):
+        if not self._row.keys().isdisjoint(batch.ids):
             raise KeyError(f"memory already in the {self.name} tier; remove it first")
         start, end = self._n, self._n + count
         if not self._arrays:
@@ -253,20 +259,38 @@ class ZarrTier:
         )
         self._fsync_rows(start, end)
         self._ids.extend(batch.ids)
-        self._norms = np.concatenate([self._norms, norms])
-        self._confidence = np.concatenate([self._confidence, batch.confidence])
-        self._created = np.concatenate([self._created, batch.created_at])
-        self._deleted = np.concatenate([self._deleted, np.zeros(count, bool)])
-        self._recalled = np.concatenate([self._recalled, batch.last_recalled_at])
-        self._count = np.concatenate([self._count, batch.recall_count])
-        for offset, (memory_id, tags) in enumerate(zip(batch.ids, batch.tags, strict=True)):
-            self._row[memory_id] = start + offset
-            self._tag_index.add(start + offset, tags)
+        self._append(
+            start,
+            end,
+            _norms=norms,
+            _confidence=batch.confidence,
+            _created=batch.created_at,
+            _deleted=False,
+            _recalled=batch.last_recalled_at,
+            _count=batch.recall_count,
+        )
+        self._row.update(zip(batch.ids, range(start, end), strict=True))
+        if any(batch.tags):
+            for row, tags in enumerate(batch.tags, start):
+                self._tag_index.add(row, tags)
         self._n = end
         if self.mapped:
             self._map_chunks(start // self.chunk_rows)
         else:
             self._forget_chunks(start // self.chunk_rows)
+
+    def _append(self, start: int, end: int, **values: npt.ArrayLike) -> None:
+        """Rows start..end of the columns kept in RAM. Each column is a view of the first rows
+        of a buffer that doubles when full, so an append copies the new rows only."""
+        for name, value in values.items():
+            column: npt.NDArray[Any] = getattr(self, name)
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.shape[0] < end:
+                buffer = np.zeros(max(end, 2 * start, 64), column.dtype)
+                buffer[:start] = column[:start]
+                self._buffers[name] = buffer
+            buffer[start:end] = value
+            setattr(self, name, buffer[:end])
 
     def _fsync_rows(self, start: int, end: int) -> None:
         paths: list[Path] = []
