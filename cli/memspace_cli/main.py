@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from memspace_cli import backup, serve, status
+from memspace_cli import backup, memories, serve, status
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     status.add_parser(commands)
     backup.add_parser(commands)
+    memories.add_parsers(commands)
     operator = commands.add_parser(
         "operator",
         help="run the Kubernetes operator",

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 
 
 def add_parser(commands: Any) -> None:
-    from memspace_server import settings  # noqa: PLC0415  # the server loads lazily
+    try:
+        from memspace_server import settings  # noqa: PLC0415  # the server loads lazily
+    except ModuleNotFoundError as err:
+        if err.name is None or not err.name.startswith("memspace_server"):
+            raise
+        _add_absent_parser(commands)
+        return
 
     command = commands.add_parser(
         "serve",
@@ -30,6 +36,22 @@ def add_parser(commands: Any) -> None:
     )
     settings.add_arguments(command)
     command.set_defaults(run=run)
+
+
+def _add_absent_parser(commands: Any) -> None:
+    """`memspace serve` where only the light client (memspace-client) is installed."""
+    command = commands.add_parser("serve", help="run the memspace gRPC server (not installed)")
+    command.add_argument("serve_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    command.set_defaults(run=_absent)
+
+
+def _absent(args: argparse.Namespace) -> int:
+    print(
+        "memspace serve: the server is not installed in this environment (package "
+        "memspace_server); install the memspace distribution, or run the memspace image",
+        file=sys.stderr,
+    )
+    return 2
 
 
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -81,7 +81,7 @@ async def test_the_client_sets_space_and_token_on_every_call(
         # Raw stubs get the metadata too.
         got = await memspace.memories.Get(pb.GetRequest(id=done.id))
         assert got.memory.id == done.id
-        assert await memspace.forget(done.id) is True
+        assert (await memspace.forget(done.id)).forgotten is True
     wrong = client.Credentials(endpoint=running.address, space="team-a", token="nope")
     async with client.connect(wrong) as memspace:
         err = await failure(memspace.recall([1.0, 0.0, 0.0, 0.0]))

@@ -116,7 +116,7 @@ async def tour(credentials: client.Credentials) -> None:
             remembered=ids,
             recalled=[hit.memory.content for hit in hits],
             got=got.content,
-            forgotten=forgotten,
+            forgotten=forgotten.forgotten,
             after_forget=after_forget,
             events=events,
         )

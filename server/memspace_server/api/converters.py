@@ -108,7 +108,8 @@ def recall_response(hits: Iterable[memories.Hit]) -> pb.RecallResponse:
     response = pb.RecallResponse()
     for found in hits:
         hit = response.hits.add()
-        hit.score = found.score
+        # float32 rounding makes a stored vector's own cosine 1.00000012: clamp to [-1, 1].
+        hit.score = min(1.0, max(-1.0, found.score))
         hit.tier = found.tier
         fill_memory(hit.memory, found.memory)
     return response

@@ -1,33 +1,19 @@
-"""A small asyncio client of the memspace.v1 API.
-
-It reads the credentials the operator writes into a tenant's Secret (keys `space`, `endpoint`,
-`token`) from the environment or from files (the Secret mounted as a volume), and sets the
-`x-memory-space` and `authorization` metadata on every call, so callers only pass requests:
-
-    async with client.connect() as memspace:          # MEMSPACE_* environment, see Credentials
-        await memspace.remember("the sky is blue", embedding)
-        hits = await memspace.recall(cue, k=5)
-        await memspace.memories.Get(pb.GetRequest(id=...))   # raw stubs get the metadata too
-
-TLS: a Secret with a `ca.crt` key (the operator adds it when the shards serve TLS) turns
-`secure` on and verifies the server against that CA; `Credentials(secure=True)` alone uses the
-system's roots; `cert_file`/`key_file` present a client certificate to servers that require one.
-Without any of them the connection is plaintext (a standalone server on loopback).
+"""Credentials of a client: the keys of the operator's credentials Secret (`space`, `endpoint`,
+`token`, and `ca.crt` where the shards serve TLS), read from the environment, from a mounted
+Secret directory or given in code, and what they make of a gRPC channel (TLS, metadata).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from memspace_contract import spaces, wire
-from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
 
 SECRET_KEYS = ("space", "endpoint", "token")
 CA_KEY = "ca.crt"
@@ -42,11 +28,11 @@ TLS_ENV = {
     "server_name": "MEMSPACE_SERVER_NAME",
 }
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
+DEFAULT_CREDENTIALS_DIR = Path("/var/run/memspace")
+"""Where a pod mounts its credentials Secret by convention (docs/install.md): read when
+MEMSPACE_CREDENTIALS_DIR is unset and this directory exists."""
 SPACE_METADATA = wire.SPACE_KEY
 AUTHORIZATION_METADATA = wire.AUTHORIZATION_KEY
-
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 
 
 class CredentialsError(ValueError):
@@ -118,18 +104,30 @@ class Credentials:
         )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Credentials:
+    def from_secret_dir(cls, directory: str | os.PathLike[str]) -> Credentials:
+        """The same as `from_directory`: a credentials Secret mounted as a volume."""
+        return cls.from_directory(directory)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        default_dir: Path | None = DEFAULT_CREDENTIALS_DIR,
+    ) -> Credentials:
         """Credentials from the environment, in this order for each key:
 
         MEMSPACE_SPACE, MEMSPACE_ENDPOINT, MEMSPACE_TOKEN           the value itself
         MEMSPACE_SPACE_FILE, MEMSPACE_ENDPOINT_FILE, MEMSPACE_TOKEN_FILE   a file holding it
         MEMSPACE_CREDENTIALS_DIR                                    a mounted Secret directory
+        `default_dir` (/var/run/memspace), when it exists            the same, by convention
 
         and for TLS: MEMSPACE_SECURE (true/false), MEMSPACE_CA_FILE, MEMSPACE_CERT_FILE,
         MEMSPACE_KEY_FILE, MEMSPACE_SERVER_NAME.
         """
         env = os.environ if environ is None else environ
-        directory = env.get("MEMSPACE_CREDENTIALS_DIR")
+        directory: str | Path | None = env.get("MEMSPACE_CREDENTIALS_DIR")
+        if not directory and default_dir is not None and default_dir.is_dir():
+            directory = default_dir
         base = cls.from_directory(directory) if directory else cls()
         values: dict[str, str] = {}
         for key in SECRET_KEYS:
@@ -205,155 +203,3 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError as err:
         raise CredentialsError(f"cannot read credentials file {path}: {err}") from err
-
-
-def _with_metadata(
-    details: grpc.aio.ClientCallDetails, extra: Sequence[tuple[str, str]]
-) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata()
-    given = {key for key, _ in extra}
-    for key, value in details.metadata or ():
-        if key not in given:
-            metadata.add(key, value)
-    for key, value in extra:
-        metadata.add(key, value)
-    return grpc.aio.ClientCallDetails(
-        details.method,
-        details.timeout,
-        metadata,
-        details.credentials,
-        details.wait_for_ready,
-    )
-
-
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self._metadata = tuple(metadata)
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_metadata(details, self._metadata), request)
-
-
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self._metadata = tuple(metadata)
-
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_metadata(details, self._metadata), request)
-
-
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self._metadata = tuple(metadata)
-
-    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(_with_metadata(details, self._metadata), requests)
-
-
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self._metadata = tuple(metadata)
-
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(_with_metadata(details, self._metadata), requests)
-
-
-def interceptors(metadata: Sequence[tuple[str, str]]) -> list[Any]:
-    """Client interceptors adding `metadata` to every call, overriding the same keys given per
-    call (grpc.aio files each interceptor under one call shape only: one per shape)."""
-    return [
-        _UnaryUnary(metadata),
-        _UnaryStream(metadata),
-        _StreamUnary(metadata),
-        _StreamStream(metadata),
-    ]
-
-
-class Client:
-    """An open connection to one space. Use `connect()`; close with `await client.close()` or
-    `async with`."""
-
-    def __init__(
-        self,
-        credentials: Credentials,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.credentials = credentials
-        every = [*credentials.channel_options(), *options]
-        tls = credentials.channel_credentials()
-        calls = interceptors(credentials.metadata())
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(
-                credentials.endpoint, options=every, interceptors=calls
-            )
-        else:
-            self.channel = grpc.aio.secure_channel(
-                credentials.endpoint, tls, options=every, interceptors=calls
-            )
-        self.memories = pb_grpc.MemoryServiceStub(self.channel)
-        self.spaces = pb_grpc.SpaceServiceStub(self.channel)
-
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close(None)
-
-    async def remember(
-        self,
-        content: str,
-        embedding: Iterable[float],
-        *,
-        memory_id: str = "",
-        tags: Mapping[str, str] | None = None,
-        confidence: float | None = None,
-    ) -> pb.RememberResponse:
-        memory = pb.Memory(id=memory_id, content=content, embedding=embedding, tags=tags)
-        if confidence is not None:
-            memory.confidence = confidence
-        return await self.memories.Remember(pb.RememberRequest(memory=memory))
-
-    async def recall(
-        self,
-        cue: Iterable[float],
-        k: int = 10,
-        *,
-        min_score: float | None = None,
-        tags: Mapping[str, str] | None = None,
-        include_embeddings: bool = False,
-    ) -> list[pb.RecallHit]:
-        request = pb.RecallRequest(cue=cue, k=k, tags=tags, include_embeddings=include_embeddings)
-        if min_score is not None:
-            request.min_score = min_score
-        return list((await self.memories.Recall(request)).hits)
-
-    async def get(self, memory_id: str) -> pb.Memory:
-        return (await self.memories.Get(pb.GetRequest(id=memory_id))).memory
-
-    async def forget(self, memory_id: str) -> bool:
-        return (await self.memories.Forget(pb.ForgetRequest(id=memory_id))).forgotten
-
-    async def subscribe(self, since_lsn: int = 0) -> AsyncGenerator[pb.MemoryEvent, None]:
-        async for event in self.memories.Subscribe(pb.SubscribeRequest(since_lsn=since_lsn)):
-            yield event
-
-    async def health(self) -> pb.HealthResponse:
-        """Health of this client's space (or of every space, with the admin token and no
-        space)."""
-        return await self.spaces.Health(pb.HealthRequest())
-
-
-def connect(
-    credentials: Credentials | None = None,
-    options: Sequence[tuple[str, Any]] = (),
-    **tls: Any,
-) -> Client:
-    """A client for `credentials`, by default `Credentials.from_env()`. Keyword arguments
-    replace fields of the credentials: `connect(secure=True, ca_file=Path("ca.crt"))`."""
-    chosen = credentials or Credentials.from_env()
-    if tls:
-        chosen = dataclasses.replace(chosen, **tls)
-    return Client(chosen, options)
