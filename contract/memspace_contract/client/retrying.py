@@ -26,16 +26,16 @@ from memspace_contract import wire
 class RetryPolicy:
     """How long the client keeps trying a call that failed for a reason that passes."""
 
-    attempts: int = 8
+    attempts: int = 12
     """Tries in all, the first one included (1: never retry)."""
     initial_backoff_s: float = 0.1
     """The wait before the second try; each next wait is `multiplier` times longer."""
     multiplier: float = 2.0
     max_backoff_s: float = 5.0
     """No single wait is longer: a shard restart takes seconds, not minutes."""
-    total_s: float = 30.0
-    """No retry starts this long after the first try (a draining shard answers again well
-    within it)."""
+    total_s: float = 60.0
+    """No retry starts this long after the first try: long enough for a shard to drain and
+    restart (its pod rescheduled, its volumes mounted again)."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
