@@ -47,7 +47,7 @@ RUN groupadd --system --gid 10001 memspace \
  && chown -R 10001:10001 /var/lib/memspace
 USER 10001:10001
 WORKDIR /var/lib/memspace
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 # gRPC health (grpc.health.v1) of a server shard; the chart uses Kubernetes' native gRPC probes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=3); sys.exit(0 if s.status == h.HealthCheckResponse.SERVING else 1)"]

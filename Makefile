@@ -8,7 +8,7 @@ DATA ?= ./data
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint fmt bench soak clean proto e2e-kind chart-crds bench-operator image lock
+.PHONY: help venv run test lint fmt bench soak clean proto openapi e2e-kind chart-crds bench-operator image lock
 
 include hack/k8s.mk
 
@@ -40,6 +40,7 @@ lint: venv
 	$(BIN)/shellcheck -x hack/*.sh hack/k8s/*.sh
 	hack/sync-chart-crd.sh --check
 	$(BIN)/python hack/lockfile.py
+	$(BIN)/python -m memspace_server.api.openapi --check docs/openapi.json
 
 fmt: venv
 	$(BIN)/ruff format .
@@ -87,6 +88,11 @@ chart-crds:
 
 proto: venv
 	$(BIN)/python contract/proto/generate.py
+
+# The HTTP/JSON API's OpenAPI document, built from the routes and the protobuf descriptors
+# (`make lint` checks that the committed copy is current).
+openapi: venv
+	$(BIN)/python -m memspace_server.api.openapi --write docs/openapi.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

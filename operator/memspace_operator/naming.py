@@ -42,6 +42,8 @@ SERVER_PORT = 50051
 HEALTH_PORT = 50052
 """Plaintext grpc.health.v1 only, for the kubelet's probes (they cannot speak TLS)."""
 METRICS_PORT = 9090
+HTTP_PORT = 8080
+"""The HTTP/JSON API: the same calls, routing and auth as SERVER_PORT (TLS when it has TLS)."""
 VOLUMES_PATH = "/var/lib/memspace/spaces"
 INDEX_PATH = "/etc/memspace/spaces"
 ADMIN_PATH = "/etc/memspace/admin"

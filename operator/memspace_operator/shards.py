@@ -77,6 +77,7 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             f"--listen=0.0.0.0:{naming.SERVER_PORT}",
             *transport,
             f"--health-listen=0.0.0.0:{naming.HEALTH_PORT}",
+            f"--http-listen=0.0.0.0:{naming.HTTP_PORT}",
             f"--metrics-listen=0.0.0.0:{naming.METRICS_PORT}",
             *metrics_args,
             f"--admin-token-file={naming.ADMIN_PATH}/token",
@@ -86,6 +87,7 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
         ],
         "ports": [
             {"name": "grpc", "containerPort": naming.SERVER_PORT, "protocol": "TCP"},
+            {"name": "http", "containerPort": naming.HTTP_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"},
         ],
         # The kubelet's gRPC probes cannot speak TLS: they ask the plaintext health-only port.
@@ -164,6 +166,7 @@ def service(settings: Settings, shard: int) -> dict[str, Any]:
             "selector": naming.shard_selector(shard),
             "ports": [
                 {"name": "grpc", "port": naming.SERVER_PORT, "targetPort": "grpc"},
+                {"name": "http", "port": naming.HTTP_PORT, "targetPort": "http"},
                 {"name": "metrics", "port": naming.METRICS_PORT, "targetPort": "metrics"},
             ],
         },

@@ -137,6 +137,14 @@ class ServerSettings(Settings):
         help="plaintext address HOST:PORT serving only grpc.health.v1, for probes that cannot "
         "speak TLS (Kubernetes' gRPC probes); 'off' disables it",
     )
+    http_listen: str = setting(
+        "off",
+        env="MEMSPACE_HTTP_LISTEN",
+        metavar="HOST:PORT",
+        help="HTTP/JSON address HOST:PORT serving the same API as the gRPC port, through the "
+        "same routing, auth and limits (TLS with the gRPC port's certificate when it has one; "
+        "docs/api.md); 'off' disables it",
+    )
     max_receive_message_bytes: int = setting(
         4 * 1024 * 1024,
         env="MEMSPACE_MAX_RECEIVE_MESSAGE_BYTES",
@@ -285,7 +293,7 @@ class ServerSettings(Settings):
         "INFO", env="MEMSPACE_LOG_LEVEL", metavar="LEVEL", help="logging level"
     )
 
-    @pydantic.field_validator("metrics_listen", "health_listen")
+    @pydantic.field_validator("metrics_listen", "health_listen", "http_listen")
     @classmethod
     def _address_or_off(cls, value: str) -> str:
         return value if value == "off" else _address(value)
@@ -319,14 +327,19 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> ServerSetti
 def validate(settings: ServerSettings) -> None:
     """The rules between settings (each field's own bounds hold already): TLS files go
     together, and a non-loopback port needs TLS and an admin token unless --insecure."""
-    host, _ = split_address(settings.listen)
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise SettingsError("--tls-cert-file and --tls-key-file go together: give both or neither")
     if settings.tls_client_ca_file is not None and not settings.tls:
         raise SettingsError(
             "--tls-client-ca-file needs TLS: give --tls-cert-file and --tls-key-file too"
         )
-    if not is_loopback(host) and not settings.insecure:
+    # The HTTP port carries the same tokens and memories as the gRPC port: the same rule.
+    exposed = [
+        address
+        for address in (settings.listen, settings.http_listen)
+        if address != "off" and not is_loopback(split_address(address)[0])
+    ]
+    if exposed and not settings.insecure:
         missing = [
             what
             for what, absent in (
@@ -337,7 +350,7 @@ def validate(settings: ServerSettings) -> None:
         ]
         if missing:
             raise SettingsError(
-                f"refusing to listen on {settings.listen} {' and '.join(missing)}: anyone who "
+                f"refusing to listen on {exposed[0]} {' and '.join(missing)}: anyone who "
                 "can reach that address could read tokens and memories in transit or open "
                 "every space. Give them, listen on a loopback address (127.0.0.1:PORT), or pass "
                 "--insecure to accept the risk (e.g. behind a mesh that encrypts traffic)"

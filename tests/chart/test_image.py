@@ -182,6 +182,7 @@ def test_the_operator_s_shard_pods_run_the_image_as_it_is_built(helm: Helm) -> N
     assert set(ports.values()) == exposed()
     assert port(served.listen) == ports["grpc"]
     assert port(served.metrics_listen) == ports["metrics"]
+    assert port(served.http_listen) == ports["http"]
     assert served.tls  # the chart's default: TLS, so the kubelet probes the plaintext health port
     assert container["readinessProbe"]["grpc"]["port"] == port(served.health_listen)
     assert container["livenessProbe"]["grpc"]["port"] == port(served.health_listen)

@@ -366,7 +366,7 @@ def test_by_default_the_network_policy_lets_grpc_in_from_anywhere_and_metrics_fr
     # gRPC from every namespace (each call needs its space's token), metrics from one namespace.
     assert clients == {
         "from": [{"namespaceSelector": {}}],
-        "ports": [{"port": "grpc", "protocol": "TCP"}],
+        "ports": [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}],
     }
     assert operator["ports"] == [{"port": "grpc", "protocol": "TCP"}]
     assert prometheus == {
@@ -393,7 +393,7 @@ def test_the_network_policy_narrows_to_labelled_clients_the_operator_and_prometh
     shard_pod = statefulset["spec"]["template"]
     assert _selects(policy["spec"]["podSelector"]["matchLabels"], shard_pod["metadata"]["labels"])
     shard_ports = {p["name"] for p in shard_pod["spec"]["containers"][0]["ports"]}
-    assert shard_ports == {"grpc", "metrics"}
+    assert shard_ports == {"grpc", "http", "metrics"}
 
     clients, operator, prometheus, extra = policy["spec"]["ingress"]
     assert clients["from"] == [
@@ -402,7 +402,10 @@ def test_the_network_policy_narrows_to_labelled_clients_the_operator_and_prometh
             "podSelector": {"matchLabels": {"example.com/agent": "true"}},
         }
     ]
-    assert clients["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert clients["ports"] == [
+        {"port": "grpc", "protocol": "TCP"},
+        {"port": "http", "protocol": "TCP"},
+    ]
     operator_pod = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     (source,) = operator["from"]
     assert source["namespaceSelector"]["matchLabels"] == {

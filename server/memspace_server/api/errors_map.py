@@ -75,3 +75,33 @@ def trailers_for(err: errors.MemspaceError) -> tuple[tuple[str, str], ...]:
     if isinstance(err, errors.ResumableError):
         found.append((RESUME_LSN_KEY, str(err.resume_lsn)))
     return tuple(found)
+
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    # Quotas, rate limits, caps on calls and sizes: the body and Retry-After say what to do.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    # The request is valid but the space or server is not in the state it needs (a space of
+    # another configuration, an LSN no longer retained, a managed server's CreateSpace).
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+"""The one table from gRPC status codes to HTTP statuses, for the HTTP/JSON front: a call over
+HTTP fails with the status its gRPC twin's code maps to here, and the same message."""
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS[code]

@@ -23,7 +23,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memspace_contract import spaces
-from memspace_server.api import certificates, handling, limits, metrics, routing, servicers, tokens
+from memspace_server.api import (
+    certificates,
+    handling,
+    http_app,
+    http_serving,
+    limits,
+    metrics,
+    openapi,
+    routing,
+    servicers,
+    tokens,
+)
 from memspace_server.settings import ServerSettings, SettingsError, is_loopback, split_address
 from memspace_server.storage import catalogs
 from memspace_server.storage import registry as registries
@@ -65,6 +76,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        self.http: http_serving.HttpPort | None = None
         self.tls: certificates.Reloading | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._admin_token_stamp: tuple[int, int] | None = None
@@ -121,8 +133,10 @@ class Server:
         space = servicers.SpaceServicer(self.registry, lambda: self.draining)
         by_name = {"MemoryService": memory, "SpaceService": space}
         names = []
+        every_handler = {}
         for service in handling.services():
             handlers = self.edge.method_handlers(service, by_name[service.name])
+            every_handler[service.name] = handlers
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service.full_name, handlers),)
             )
@@ -159,7 +173,19 @@ class Server:
                     f"cannot serve metrics on {s.metrics_listen}: {err}; choose another address "
                     "with --metrics-listen, or 'off'"
                 ) from err
+        if s.http_listen != "off":
+            # The same edge handlers as the gRPC server's: one routing core for both.
+            app = http_app.App(
+                every_handler,
+                self.router,
+                openapi.document,
+                max_body_bytes=s.max_receive_message_bytes,
+                max_batch_body_bytes=max(s.max_receive_message_bytes, s.max_batch_bytes),
+            )
+            self.http = http_serving.HttpPort(app.asgi(), s)
         await server.start()
+        if self.http is not None:
+            await self.http.start()
         if self._health_grpc is not None:
             await self._health_grpc.start()
         for name in ["", *names[:2]]:
@@ -167,7 +193,7 @@ class Server:
         self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
         self._warn_if_open()
         log.info(
-            "serving %d spaces on %s (%s mode, %s, tokens %s)%s%s",
+            "serving %d spaces on %s (%s mode, %s, tokens %s)%s%s%s",
             len(self.registry.entries()),
             self.address,
             "managed" if s.managed else "standalone",
@@ -177,6 +203,7 @@ class Server:
             "checked" if self.router.check_tokens else "not checked",
             f", metrics on :{self.metrics.port}" if self.metrics.port else "",
             f", plaintext health on :{self.health_port}" if self.health_port else "",
+            f", HTTP/JSON on :{self.http.port}" if self.http is not None else "",
         )
 
     def _add_port(self, server: grpc.aio.Server) -> int:
@@ -325,6 +352,8 @@ class Server:
         if self._grpc is not None:
             # Health Watch and reflection streams end here (cancelled past a short grace).
             await self._grpc.stop(STOP_GRACE_S)
+        if self.http is not None:
+            await self.http.stop()
         if self._health_grpc is not None:
             await self._health_grpc.stop(STOP_GRACE_S)
         if self._housekeeping is not None:
