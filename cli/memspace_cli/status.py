@@ -116,6 +116,20 @@ def _known(unknown: set[str], **figures: Any) -> dict[str, Any]:
     return {key: None if _NAMES[key] in unknown else value for key, value in figures.items()}
 
 
+def duration(ms: float) -> str:
+    """A lag for people: 850ms, 12.4s, 3m07s, 2h05m."""
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, second = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{second:02d}s"
+    hours, minute = divmod(minutes, 60)
+    return f"{hours}h{minute:02d}m"
+
+
 def _shown(value: Any, form: str) -> str:
     return "?" if value is None else format(value, form)
 
@@ -131,7 +145,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 _shown(row["memories"], "d"),
                 *(_shown(None if tiers is None else tiers.get(t, 0), "d") for t in TIERS),
                 _shown(row["pressure"], ".2f"),
-                _shown(row["walLagMs"], ".0f") + ("" if row["walLagMs"] is None else "ms"),
+                "?" if row["walLagMs"] is None else duration(row["walLagMs"]),
                 _shown(row["consolidationRate"], ".1f")
                 + ("" if row["consolidationRate"] is None else "/s"),
                 _size(row["diskBytes"]),

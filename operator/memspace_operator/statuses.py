@@ -105,8 +105,21 @@ class Observed:
     before then may be older and does not lower it."""
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime(TIME_FORMAT)
+
+
+def oldest_record_time(figures_time: str, wal_lag_ms: float) -> str | None:
+    """When the oldest WAL record not yet consolidated was written: the health report's time
+    less the lag it reported; None when nothing waits. `kubectl get msp` shows it as an age that
+    stays true between status writes (a lag in milliseconds is stale the moment it is written)."""
+    if wal_lag_ms <= 0:
+        return None
+    reported = datetime.datetime.strptime(figures_time, TIME_FORMAT).replace(tzinfo=datetime.UTC)
+    return (reported - datetime.timedelta(milliseconds=wal_lag_ms)).strftime(TIME_FORMAT)
 
 
 def _pending(type_: str, reason: str, message: str) -> Condition:
@@ -226,6 +239,9 @@ def render(observed: Observed, previous: Mapping[str, Any]) -> dict[str, Any]:
         )
         if observed.figures_time:
             status["lastHealthTime"] = observed.figures_time
+            oldest = oldest_record_time(observed.figures_time, figures.wal_lag_ms)
+            if oldest is not None and "wal_lag_ms" not in figures.unknown:
+                status["walOldestRecordTime"] = oldest
     return status
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memspace_cli import status
 from memspace_contract import client, index
 from memspace_contract.v1 import memspace_pb2 as pb
 from tests.api.conftest import ADMIN_TOKEN, DIM, memspace_serve
@@ -204,3 +205,8 @@ def test_the_conventional_mount_is_read_without_any_setting(shard: tuple[str, Pa
     found = client.Credentials.from_env({}, default_dir=team_a)
     assert (found.space, found.token) == ("team-a", "token-of-team-a")
     assert client.Credentials.from_env({}, default_dir=team_a / "absent").space is None
+
+
+def test_memspace_status_shows_the_wal_lag_as_a_duration() -> None:
+    shown = [status.duration(ms) for ms in (0, 850, 12_400, 187_000, 7_500_000)]
+    assert shown == ["0ms", "850ms", "12.4s", "3m07s", "2h05m"]

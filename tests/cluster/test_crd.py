@@ -4,7 +4,9 @@ about bad objects; and Kubernetes' own object-count quota on MemorySpaces."""
 from __future__ import annotations
 
 import copy
+import datetime
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -219,6 +221,7 @@ FULL_STATUS: dict[str, Any] = {
     "memories": 1234,
     "pressure": 0.25,
     "walLagMs": 12.5,
+    "walOldestRecordTime": "2026-01-02T03:04:05Z",
     "consolidationRate": 3.5,
     "tierMemories": {"hot": 1000, "warm": 200, "cold": 34},
     "lastHealthTime": "2026-01-02T03:04:05Z",
@@ -249,7 +252,27 @@ def test_status_keeps_every_field_and_shows_in_the_printer_columns(
         "WAL-LAG",
         "AGE",
     ]
-    assert table[1].split()[:7] == ["notes", "notes", "True", "SpaceReady", "1234", "0.25", "12.5"]
+    row = table[1].split()
+    assert row[:6] == ["notes", "notes", "True", "SpaceReady", "1234", "0.25"]
+    assert re.fullmatch(r"\d+d", row[6]), row  # WAL-Lag: an age, long since 2026-01-02
+
+    # The age is computed when shown: a record written 90 s ago shows as 90 s, with no status
+    # write in between; with nothing waiting the column is empty.
+    oldest = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=90)
+    stamp = oldest.strftime("%Y-%m-%dT%H:%M:%SZ")
+    cluster.kubectl(
+        "patch", "msp", "notes", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"walOldestRecordTime": stamp}}),
+    )  # fmt: skip
+    shown = cluster.kubectl("get", "msp", "notes", "-n", namespace).stdout.splitlines()[1].split()
+    assert shown[6] in {"90s", "91s", "92s", "93s"}, shown
+    cluster.kubectl(
+        "patch", "msp", "notes", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"walOldestRecordTime": None, "walLagMs": 0}}),
+    )  # fmt: skip
+    header, line = cluster.kubectl("get", "msp", "notes", "-n", namespace).stdout.splitlines()
+    start, end = header.index("WAL-LAG"), header.index("AGE")
+    assert line[start:end].strip() == "", line
 
 
 def test_a_bad_status_is_rejected(

@@ -85,6 +85,7 @@ async def test_a_client_with_only_its_secret_stores_and_recalls_and_status_follo
         await asyncio.to_thread(
             wait_for, "the WAL lag to show 0", lambda: status(deployment, "alpha")["walLagMs"] == 0
         )
+        assert "walOldestRecordTime" not in status(deployment, "alpha")  # WAL-Lag shows empty
         before = {name: version(deployment, name) for name in ("alpha", "beta")}
         await asyncio.sleep(IDLE_S)
         assert {name: version(deployment, name) for name in ("alpha", "beta")} == before

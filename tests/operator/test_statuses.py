@@ -205,3 +205,19 @@ def test_ready_waits_for_the_shard_to_confirm_the_generation() -> None:
     assert confirmed["reason"] == "Inactive"
     assert ready(observed(confirming=True, index_generation=3))["reason"] == "Ready"
     assert ready(observed(confirming=False))["reason"] == "Ready"  # no admin token to ask with
+
+
+def test_the_wal_lag_is_shown_as_the_time_of_the_oldest_waiting_record() -> None:
+    """kubectl shows WAL-Lag as the age of walOldestRecordTime: it stays true between status
+    writes, where a lag in milliseconds is stale as soon as it is written."""
+    lagging = observed(figures=figures(wal_lag_ms=46_332.6), figures_time="2026-01-02T03:04:05Z")
+    status = statuses.render(lagging, {})
+    assert status["walLagMs"] == 46_332.6
+    assert status["walOldestRecordTime"] == "2026-01-02T03:03:18Z"
+    idle = statuses.render(
+        observed(figures=figures(wal_lag_ms=0.0), figures_time="2026-01-02T03:04:05Z"), {}
+    )
+    assert "walOldestRecordTime" not in idle
+    unknown = figures(wal_lag_ms=9_000.0, unknown=frozenset({"wal_lag_ms"}))
+    status = statuses.render(observed(figures=unknown, figures_time="2026-01-02T03:04:05Z"), {})
+    assert "walOldestRecordTime" not in status
