@@ -25,6 +25,7 @@ SUITES = (
     "benchmarks.reliability_bench",
     "benchmarks.limits_bench",
     "benchmarks.operator_bench",
+    "benchmarks.backup_bench",
 )
 
 

@@ -360,10 +360,11 @@ def _prepare(volume: Path, space_id: str) -> Path:
 
 
 def _finish(volume: Path, staging: Path, manifest: Manifest, space_id: str) -> None:
-    """Flush the verified files, give them the new identity, move them into place with
-    `space.json` last. Blocking."""
-    paths = [staging / f.path for f in manifest.files]
-    durable.fsync_paths(paths)
+    """Flush the directories of the verified files, give them the new identity, move them into
+    place with `space.json` last. Blocking."""
+    # Each file was flushed as it was written; their directories now.
+    for directory in sorted({(staging / f.path).parent for f in manifest.files}):
+        durable.fsync_dir(directory)
     identity = staging / layout.IDENTITY
     doc = json.loads(identity.read_text())
     if doc.get("spaceId") != space_id:
@@ -411,9 +412,11 @@ async def restore(
         )
         try:
             async for piece in target.stream(blob_key(manifest.space_id, item.sha256)):
-                digest.update(piece)
                 size += len(piece)
-                await loop.run_in_executor(executor, _write_all, fd, piece)
+                # Hashed and written in a worker thread (hashlib lets go of the GIL), not on
+                # the event loop: several files check at once.
+                await loop.run_in_executor(executor, _write_all, fd, piece, digest)
+            await loop.run_in_executor(executor, os.fsync, fd)
         except objects.MissingObjectError as err:
             raise errors.BackupRefusedError(
                 f"backup {backup_id!r} of space {manifest.space_id!r} is incomplete: "
@@ -445,7 +448,8 @@ async def restore(
     return manifest
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(fd: int, data: memoryview, digest: Any) -> None:
+    digest.update(data)
     while data:
         data = data[os.write(fd, data) :]
 
