@@ -4,12 +4,18 @@ server for itself) and read by the server. The format is a contract between the 
     {"spaceId": "team-a", "tokenSha256": "<hex>", "embeddingDim": 768,
      "tiers": {"hotCapacity": 100000, "warmCapacity": 1000000, "coldCompression": "zstd"},
      "quota": {"maxMemories": null, "maxWritesPerSecond": null, "maxRecallsPerSecond": null},
-     "state": "Active", "generation": 3}
+     "state": "Active", "generation": 3,
+     "index": {"type": "auto", "autoThreshold": 200000, "m": 32, "efConstruction": 100,
+               "efSearch": 96}}
 
 `generation` (an addition; absent: 0) is the MemorySpace's metadata.generation the entry was
 written for. The operator hands a changed entry to its shard directly as well (SpaceService's
 ApplyIndexEntry); the shard keeps, per space, the entry of the higher generation of the two ways
 in, and reports the generation it applied in Health, which the operator's Ready waits for.
+
+`index` (an addition; absent: every default) is how the space searches its warm and cold tiers:
+`exact` scans, `hnsw` keeps an approximate HNSW graph, `auto` (the default) is exact until the
+warm and cold tiers together hold `autoThreshold` rows and HNSW from there.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ DEFAULT_HOT_CAPACITY: Final = 100_000
 DEFAULT_WARM_CAPACITY: Final = 1_000_000
 DEFAULT_COMPRESSION: Final[Compression] = "zstd"
 DEFAULT_STATE: Final[State] = wire.ACTIVE
+IndexType = Literal["exact", "hnsw", "auto"]
+INDEX_TYPES: Final[tuple[IndexType, ...]] = ("exact", "hnsw", "auto")
+DEFAULT_INDEX_TYPE: Final[IndexType] = "auto"
+DEFAULT_AUTO_THRESHOLD: Final = 200_000
+DEFAULT_HNSW_M: Final = 32
+DEFAULT_EF_CONSTRUCTION: Final = 100
+DEFAULT_EF_SEARCH: Final = 96
 
 
 class InvalidIndexEntryError(ValueError):
@@ -67,6 +80,32 @@ class Quota:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchIndex:
+    """How a space searches its warm and cold tiers (the hot tier is always scanned exactly).
+    The defaults reach recall@10 >= 0.95 on the ANN bench (benchmarks/ann_bench.py)."""
+
+    type: IndexType = DEFAULT_INDEX_TYPE
+    """exact: always scan; hnsw: an HNSW graph per tier; auto: exact below auto_threshold."""
+    auto_threshold: int = DEFAULT_AUTO_THRESHOLD
+    """Warm plus cold rows from which `auto` searches approximately."""
+    m: int = DEFAULT_HNSW_M
+    """Neighbours per node of the graph: more is better recall, more memory, slower builds."""
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION
+    """Candidates kept while inserting a row: more is a better graph, slower builds."""
+    ef_search: int = DEFAULT_EF_SEARCH
+    """Candidates kept while searching (at least k): more is better recall, slower queries."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "autoThreshold": self.auto_threshold,
+            "m": self.m,
+            "efConstruction": self.ef_construction,
+            "efSearch": self.ef_search,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class IndexEntry:
     space_id: spaces.SpaceId
     embedding_dim: int
@@ -76,6 +115,8 @@ class IndexEntry:
     state: State = DEFAULT_STATE
     generation: int = 0
     """The MemorySpace generation this entry was written for (0: not known)."""
+    search: SearchIndex = SearchIndex()
+    """spec.index: exact or approximate search of the warm and cold tiers."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +135,7 @@ class IndexEntry:
             },
             "state": self.state,
             "generation": self.generation,
+            "index": self.search.to_json(),
         }
 
     def dumps(self) -> str:
@@ -147,6 +189,24 @@ def _rate(quota_doc: Mapping[str, Any], key: str) -> float | None:
     return rate
 
 
+def parse_search(doc: Mapping[str, Any]) -> SearchIndex:
+    """The `index` section of an entry (absent: every default)."""
+    section = _section(doc, "index")
+    kind = section.get("type", DEFAULT_INDEX_TYPE)
+    if kind not in INDEX_TYPES:
+        raise InvalidIndexEntryError(f"index.type is {kind!r}; allowed: {', '.join(INDEX_TYPES)}")
+    try:
+        return SearchIndex(
+            type=kind,
+            auto_threshold=_int(section, "autoThreshold", DEFAULT_AUTO_THRESHOLD, 1, None),
+            m=_int(section, "m", DEFAULT_HNSW_M, 4, 128),
+            ef_construction=_int(section, "efConstruction", DEFAULT_EF_CONSTRUCTION, 8, 4096),
+            ef_search=_int(section, "efSearch", DEFAULT_EF_SEARCH, 8, 4096),
+        )
+    except InvalidIndexEntryError as err:
+        raise InvalidIndexEntryError(f"index.{err}") from err
+
+
 def parse_entry(doc: Any) -> IndexEntry:
     """Parse one index document, raising InvalidIndexEntryError naming the bad field."""
     if not isinstance(doc, Mapping):
@@ -191,6 +251,7 @@ def parse_entry(doc: Any) -> IndexEntry:
         ),
         state=state,
         generation=_int(doc, "generation", 0, 0, None),
+        search=parse_search(doc),
     )
 
 

@@ -67,6 +67,8 @@ class Query:
     min_score: float = -1.0
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     include_embeddings: bool = False
+    exact: bool = False
+    """Scan every tier exactly even where the space keeps an approximate index."""
 
 
 def new_id() -> MemoryId:

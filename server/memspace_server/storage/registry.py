@@ -212,8 +212,10 @@ class Registry:
         space_id: spaces.SpaceId,
         embedding_dim: int,
         tiers_config: index.Tiers | None = None,
+        *,
         quota: index.Quota | None = None,
         token_sha256: str | None = None,
+        search: index.SearchIndex | None = None,
     ) -> tuple[index.IndexEntry, bool]:
         """Create a space (standalone only). Creating an existing space with the same
         embedding size returns it unchanged: (entry, False)."""
@@ -245,6 +247,7 @@ class Registry:
                 token_sha256=token_sha256,
                 tiers=tiers_config or index.Tiers(),
                 quota=quota or index.Quota(),
+                search=search or index.SearchIndex(),
             )
             root = self.volume(space_id)
             loop = asyncio.get_running_loop()

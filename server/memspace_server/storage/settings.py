@@ -40,6 +40,18 @@ class EngineSettings:
     fanout_slots: int = 8
     """Subscribe streams of the whole server sending an event at once: a batch to a space with
     many subscribers then delays another space's calls by a few sends, not by all of them."""
+    ann_recall_sample: float = 0.01
+    """Fraction of approximate recalls also run exactly in the background to measure recall@k
+    (Health, metrics); 0 turns the measurement off."""
+    ann_filter_exact_fraction: float = 0.1
+    """A tag filter matching fewer than this fraction of a tier's rows is answered by an exact
+    scan of those rows: a graph search filtered that hard would miss hits."""
+    ann_extend_fraction: float = 0.1
+    """An index is extended once the rows added since its build exceed this fraction of the
+    rows it covers (those rows are scanned exactly meanwhile)."""
+    ann_build_threads: int = 1
+    """Threads an index build may use (faiss's OpenMP pool), so that a build in the background
+    leaves the other cores to recalls."""
 
     def rows_per_chunk(self, dim: int) -> int:
         if self.chunk_rows is not None:

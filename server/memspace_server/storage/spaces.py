@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from memspace_contract import durable, index, wire
 from memspace_contract.wire import Lsn
 from memspace_server import errors
 from memspace_server.storage import (
+    ann,
     batches,
     consolidating,
     feeds,
@@ -62,6 +64,8 @@ class Health:
     """The generation of the space's index entry in effect (filled in by the registry)."""
     unknown: tuple[str, ...] = ()
     """Figures above that are not known (their values then mean nothing)."""
+    index: ann.Status | None = None
+    """The search index of the warm and cold tiers (None: not known, the space not loaded)."""
 
 
 FRAME_BYTES = 16 * 1024 * 1024
@@ -156,6 +160,9 @@ class Space:
         self._disk_bytes: tuple[float, int] | None = None
         self._last_used = time.monotonic()
         self._leases = 0
+        self.ann = ann.SpaceIndex(entry.search, settings)
+        self._index_task: asyncio.Task[None] | None = None
+        self._sampling: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -170,7 +177,10 @@ class Space:
         state = await loop.run_in_executor(
             pools.io, recovering.recover, root, entry, settings, chunks
         )
-        return cls(entry, state, settings, pools)
+        space = cls(entry, state, settings, pools)
+        await loop.run_in_executor(pools.io, space.ann.load, space.warm, space.cold)
+        space._maintain_index()
+        return space
 
     @staticmethod
     def _make_bucket(entry: index.IndexEntry) -> quotas.TokenBucket | None:
@@ -263,7 +273,12 @@ class Space:
             self._bucket = self._make_bucket(entry)
         if entry.quota.max_recalls_per_second != self.entry.quota.max_recalls_per_second:
             self._recall_bucket = self._make_recall_bucket(entry)
+        changed = entry.search != self.entry.search
         self.entry = entry
+        if changed:
+            self.ann.reconfigure(entry.search)
+            with contextlib.suppress(RuntimeError):  # no running loop: the next write builds
+                self._maintain_index()
 
     def _check_usable(self) -> None:
         failure = self._failure or self._wal.failure
@@ -486,13 +501,7 @@ class Space:
     def _search(self, query: memories.Query, now: float) -> list[memories.Hit]:
         """The top hits, each memory built once as this recall returns it (its recall counted
         at `now`; `recall` then touches them on the event loop)."""
-        cue = tiers.unit(query.cue)
-        candidates = [
-            (score, tier.name, memory_id)
-            for tier in (self.hot, self.warm, self.cold)
-            for score, memory_id in tier.top_k(cue, query.k, query.min_score, query.tags)
-        ]
-        top = tiers.merge(candidates, query.k)
+        top = self._top(query, query.exact)
         found: dict[str, memories.Memory] = {}
         for tier in (self.warm, self.cold):
             wanted = [memory_id for _, name, memory_id in top if name == tier.name]
@@ -508,6 +517,20 @@ class Space:
             if memory is not None:
                 hits.append(memories.Hit(memory=memory, score=score, tier=name))
         return hits
+
+    def _top(self, query: memories.Query, exact: bool) -> list[tiers.Candidate]:
+        """The top k (score, tier, id) of every tier: hot scanned, warm and cold through their
+        search graphs unless `exact` (or the space searches exactly)."""
+        cue = tiers.unit(query.cue)
+        use_graphs = self.ann.wanted(self.warm, self.cold)
+        candidates: list[tiers.Candidate] = [
+            (score, tiers.HOT, memory_id)
+            for score, memory_id in self.hot.top_k(cue, query.k, query.min_score, query.tags)
+        ]
+        for tier in (self.warm, self.cold):
+            found = self.ann.top_k(tier, query, cue, exact, use_graphs)
+            candidates.extend((score, tier.name, memory_id) for score, memory_id in found)
+        return tiers.merge(candidates, query.k)
 
     def _scan_is_small(self) -> bool:
         """A scan cheap enough to run on the event loop: a thread hop would cost more. Only a
@@ -525,6 +548,7 @@ class Space:
         now = time.time()
         async with self._lock.read():
             self._check_usable()
+            approximate = not query.exact and self.ann.approximate(self.warm, self.cold)
             if self._scan_is_small():
                 hits = self._search(query, now)
             else:
@@ -535,7 +559,96 @@ class Space:
             for hit in hits:
                 # Still under the read lock: no consolidation has moved the hit since.
                 by_name[hit.tier].touch(hit.memory.id, now)
+        if approximate:
+            self._maybe_sample_recall(query, [hit.memory.id for hit in hits])
         return hits
+
+    def _maybe_sample_recall(self, query: memories.Query, found: list[str]) -> None:
+        """Now and then (`ann_recall_sample`), run an approximate recall again exactly in the
+        background and note its recall@k; one such run at a time per space."""
+        fraction = self.settings.ann_recall_sample
+        if fraction <= 0 or random.random() >= fraction:  # noqa: S311 - sampling, not secrets
+            return
+        if self._sampling is not None and not self._sampling.done():
+            return
+        self._sampling = asyncio.get_running_loop().create_task(self._sample_recall(query, found))
+
+    async def _sample_recall(self, query: memories.Query, found: list[str]) -> None:
+        try:
+            async with self._lock.read():
+                if self.closing or self.failed:
+                    return
+                top = await self._pools.scans.run(self.id, self._top, query, True)
+            self.ann.meter.note(found, [memory_id for _, _, memory_id in top])
+        except errors.MemspaceError as err:
+            log.warning("space %s: measuring recall failed: %s", self.id, err)
+
+    # -- the search index --------------------------------------------------------------------
+
+    def _maintain_index(self) -> None:
+        """Start building the search graphs due, in the background, if none is running."""
+        if self._index_task is not None and not self._index_task.done():
+            return
+        if self.closing or self.ann.next_job(self.warm, self.cold) is None:
+            return
+        self._index_task = asyncio.get_running_loop().create_task(self._build_index())
+
+    def _tier(self, name: str) -> zarr_tiers.ZarrTier:
+        return self.warm if name == tiers.WARM else self.cold
+
+    async def _build_index(self) -> None:
+        """Build or extend the graphs due, one after the other. Rows are read under the read
+        lock a batch at a time and added to a copy outside it, in the server's build thread;
+        the copy is saved, then published. A tier compacted meanwhile (a new generation)
+        abandons the build, and the loop starts that generation's."""
+        loop = asyncio.get_running_loop()
+        builder = ann.builder()
+        self.ann.building = True
+        try:
+            while not self.closing:
+                async with self._lock.read():
+                    job = self.ann.next_job(self.warm, self.cold)
+                if job is None:
+                    break
+                hnsw = await loop.run_in_executor(
+                    builder, ann.started, job.base, self.dim, self.ann.params
+                )
+                done = job.base.rows if job.base is not None else 0
+                while done < job.rows:
+                    end = min(done + ann.BUILD_BATCH, job.rows)
+                    async with self._lock.read():
+                        tier = self._tier(job.name)
+                        if self.closing or tier.generation != job.generation:
+                            break
+                        vectors = await loop.run_in_executor(
+                            self._executor, tier.vectors_between, done, end
+                        )
+                    threads = self.settings.ann_build_threads
+                    await loop.run_in_executor(builder, ann.add, hnsw, vectors, threads)
+                    done = end
+                if done < job.rows:
+                    continue
+                graph = ann.Graph(hnsw, job.generation, self.ann.params)
+                async with self._lock.read():
+                    tier = self._tier(job.name)
+                    if self.closing or tier.generation != job.generation:
+                        continue
+                    await loop.run_in_executor(builder, ann.save, tier, graph)
+                    self.ann.graphs[job.name] = graph
+                self.ann.failed = False
+        except Exception:
+            # Derived data: exact scans answer meanwhile, and the next consolidation retries.
+            log.exception("space %s: building its search index failed", self.id)
+            self.ann.failed = True
+        finally:
+            self.ann.building = False
+
+    async def index_built(self) -> ann.Status:
+        """Wait until no graph build is running or due (for tests and tools)."""
+        while self._index_task is not None and not self._index_task.done():
+            await asyncio.shield(self._index_task)
+            self._maintain_index()
+        return self.ann.status(self.warm, self.cold)
 
     def _tiers_by_name(self) -> dict[str, tiers.TierStore]:
         return {tiers.HOT: self.hot, tiers.WARM: self.warm, tiers.COLD: self.cold}
@@ -631,7 +744,8 @@ class Space:
             # tiers are not consolidations (counting both read 10 records + 8 demotions as 18).
             self._rate.note(count)
             self._disk_bytes = None
-            return count
+        self._maintain_index()
+        return count
 
     # -- metrics and lifecycle -------------------------------------------------------------
 
@@ -665,6 +779,7 @@ class Space:
             wal_lag_ms=self._backlog.lag_ms(time.time()),
             consolidation_rate=self.consolidation_rate(),
             disk_bytes=self.disk_bytes(),
+            index=self.ann.status(self.warm, self.cold),
         )
 
     async def close(self, consolidate: bool = True) -> None:
@@ -679,6 +794,11 @@ class Space:
             log.warning("space %s: could not consolidate on close: %s", self.id, err)
         finally:
             self._closed = True
+            for task in (self._index_task, self._sampling):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             self.feed.close()
             with contextlib.suppress(errors.MemspaceError):
                 await self._wal.close()

@@ -486,6 +486,50 @@ class ZarrTier:
             found[column] = [by_start[int(r) // step * step][int(r) % step] for r in rows]
         return found
 
+    # -- what the search index (`ann`) reads -------------------------------------------------
+
+    def id_at(self, row: int) -> str:
+        return self._ids[row]
+
+    def deleted(self) -> npt.NDArray[np.bool_]:
+        """Per committed row, whether it is a tombstone (a view: do not change it)."""
+        return self._deleted
+
+    def tag_rows(self, tags: Mapping[str, str]) -> tiers.Rows:
+        """Rows, live or not, carrying every tag of `tags` (not empty)."""
+        return self._tag_index.matching(tags)
+
+    def row_norms(self, rows: tiers.Rows) -> npt.NDArray[np.float32]:
+        return self._norms[rows]
+
+    def vectors(self, rows: tiers.Rows) -> npt.NDArray[np.float32]:
+        """The embeddings of `rows` (sorted), copied: by chunk from the maps or the cache."""
+        if rows.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        step = self.chunk_rows
+        chunks = sorted({int(r) // step for r in rows})
+        blocks = (
+            dict(zip(chunks, (self._maps[c] for c in chunks), strict=True))
+            if self.mapped
+            else dict(zip(chunks, self._decompressed(chunks), strict=True))
+        )
+        out = np.empty((rows.shape[0], self.dim), np.float32)
+        for chunk, block in blocks.items():
+            picked = np.flatnonzero(rows // step == chunk)
+            out[picked] = block[rows[picked] - chunk * step]
+        return out
+
+    def vectors_between(self, start: int, end: int) -> npt.NDArray[np.float32]:
+        """The embeddings of rows start..end-1, copied."""
+        if self.mapped:
+            step = self.chunk_rows
+            parts = [
+                self._maps[c][max(start, c * step) - c * step : min(end, (c + 1) * step) - c * step]
+                for c in range(start // step, (end - 1) // step + 1)
+            ]
+            return np.concatenate(parts).astype(np.float32, copy=True)
+        return np.asarray(self._arrays["embeddings"][start:end], np.float32)
+
     def recency(self) -> npt.NDArray[np.float64]:
         return np.maximum(self._recalled, self._created)
 
