@@ -21,6 +21,7 @@ BUSY_LOAD = 1.5
 are not the machine's (ratios flatter or worse)."""
 SUITES = (
     "benchmarks.storage_bench",
+    "benchmarks.ann_bench",
     "benchmarks.grpc_bench",
     "benchmarks.reliability_bench",
     "benchmarks.limits_bench",
