@@ -14,8 +14,10 @@ import dataclasses
 import os
 import re
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -115,8 +117,14 @@ async def retrying(call: Callable[[], Awaitable[T]], within_s: float) -> T:
         await asyncio.sleep(1)
 
 
-async def serve_a_space_end_to_end(space: Space, reach: Reach, wait_s: float = 90) -> None:
-    """The whole life of one space through the installed chart; `wait_s` bounds each wait."""
+async def serve_a_space_end_to_end(
+    space: Space,
+    reach: Reach,
+    wait_s: float = 90,
+    on_ready: Callable[[Mapping[str, Any], Mapping[str, str]], None] | None = None,
+) -> None:
+    """The whole life of one space through the installed chart; `wait_s` bounds each wait.
+    `on_ready(status, secret)` runs once the space is Ready, with its credentials Secret."""
     timeout = wait_s
     kube = space.kube
     kube.apply(
@@ -138,6 +146,8 @@ async def serve_a_space_end_to_end(space: Space, reach: Reach, wait_s: float = 9
     secret = kube.secret(space.namespace, status["credentialsSecret"])
     assert secret is not None
     assert set(secret) == {"space", "endpoint", "token", "ca.crt"}  # the chart's default: TLS
+    if on_ready is not None:
+        on_ready(status, secret)
     assert secret["endpoint"] == status["endpoint"]
     tenant = credentials_from(secret, space.server_namespace, shard)
     async with reach(tenant) as credentials:
@@ -179,17 +189,51 @@ def check_notes(notes: str, server_namespace: str) -> None:
     """The install's NOTES tell how to create a first space and read its credentials."""
     assert "kind: MemorySpace" in notes
     assert "kubectl -n team-a wait memoryspace/notes --for=condition=Ready" in notes
-    assert "kubectl -n team-a get secret notes-memspace -o jsonpath='{.data.token}'" in notes
     assert "kubectl label namespace team-a memspace.dev/client=true" in notes
-    assert f"kubectl -n {server_namespace} port-forward svc/memspace-shard-0" in notes
+    assert "unique in the whole cluster" in notes
+    # The space, token and shard are read, never assumed (notes_variables runs these lines).
+    assert "notes" not in notes.split("x-memory-space:", 1)[1].split("\n", 1)[0]
+    assert f"kubectl -n {server_namespace} port-forward svc/memspace-shard-$SHARD" in notes
     # TLS by default: the CA comes from the Secret, and the shard's name is checked.
     assert "jsonpath='{.data.ca\\.crt}' | base64 -d > ca.crt" in notes
-    assert f"grpcurl -cacert ca.crt -servername memspace-shard-0.{server_namespace}.svc" in notes
+    assert (
+        f"grpcurl -cacert ca.crt -servername memspace-shard-$SHARD.{server_namespace}.svc" in notes
+    )
     assert "docs/troubleshooting.md" in notes
 
 
+NOTES_VARIABLES = ("SPACE", "TOKEN", "SHARD")
+
+
+def notes_variables(
+    notes: str, namespace: str, name: str, kubectl: Path, kubeconfig: Path
+) -> dict[str, str]:
+    """Run the NOTES' lines that read a space's ID, token and shard (written for MemorySpace
+    `notes` in `team-a`) for the MemorySpace `name` in `namespace`, as a user would in bash."""
+    lines = [
+        line.strip()
+        for line in notes.splitlines()
+        if line.strip().startswith(tuple(f"{v}=$(" for v in NOTES_VARIABLES))
+    ]
+    assert len(lines) == len(NOTES_VARIABLES), notes
+    script = "\n".join(
+        line.replace("-n team-a ", f"-n {namespace} ")
+        .replace("notes-memspace", f"{name}-memspace")
+        .replace("msp notes ", f"msp {name} ")
+        for line in lines
+    )
+    script += "\n" + "\n".join(f'echo "{v}=${v}"' for v in NOTES_VARIABLES)
+    ran = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={**os.environ, "PATH": f"{kubectl.parent}:{os.environ['PATH']}",
+             "KUBECONFIG": str(kubeconfig)},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return dict(line.split("=", 1) for line in ran.stdout.splitlines())
+
+
 def e2e_image() -> tuple[str, str] | None:
-    """The image hack/kind-e2e.sh built and loaded (MEMSPACE_E2E_IMAGE, repository:tag)."""
+    """The image hack/e2e-kind.sh built and loaded (MEMSPACE_E2E_IMAGE, repository:tag)."""
     image = os.environ.get("MEMSPACE_E2E_IMAGE", "")
     repository, _, tag = image.rpartition(":")
     if not repository or "/" in tag:

@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +320,17 @@ async def test_the_installed_chart_s_operator_serves_a_space_with_its_service_ac
             listed = cluster.kubectl("get", "memoryspaces", "-A", kubeconfig=identity)
             assert listed.returncode == 0
             space = serving.Space(kube, installation.server_namespace, tenant, "chart-notes")
-            await serving.serve_a_space_end_to_end(space, reach=serving.directly)
+
+            def notes_hold(status: Mapping[str, Any], secret: Mapping[str, str]) -> None:
+                found = serving.notes_variables(
+                    notes, tenant, space.name, cluster.tools["kubectl"], cluster.kubeconfig
+                )
+                wanted = {"SPACE": secret["space"], "TOKEN": secret["token"]}
+                assert found == {**wanted, "SHARD": str(status["shard"])}
+
+            await serving.serve_a_space_end_to_end(
+                space, reach=serving.directly, on_ready=notes_hold
+            )
         assert runner.exit_code == 0, runner.output
         assert kubelet.errors == []
         # The shard pod the operator asked for is admitted where Pod Security `restricted` is
