@@ -5,6 +5,7 @@ shard is gone."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -40,6 +41,57 @@ def test_a_larger_size_expands_the_claim(deployment: Deployment) -> None:
         wait_for("VolumeBound to mention the expansion", expanding)
     reasons = {e["reason"] for e in kube.events(deployment.namespace, "grows")}
     assert "VolumeExpanding" in reasons
+
+
+def test_after_expansion_refused_the_documented_fix_grows_the_claim(
+    deployment: Deployment,
+) -> None:
+    """docs/troubleshooting.md, ExpansionRefused: the size cannot be set back, and allowing
+    expansion on the class lets the operator's next re-check grow the claim."""
+    kube, server_ns, cluster = deployment.kube, deployment.server_namespace, deployment.cluster
+    storage_class = unique("no-growth")
+    cluster.kubectl("create", "-f", "-", input=json.dumps({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": storage_class},
+        "provisioner": "kubernetes.io/host-path",
+        "volumeBindingMode": "Immediate",
+        "allowVolumeExpansion": False,
+    }))  # fmt: skip
+    try:
+        with deployment.running():
+            deployment.apply("stuck", storage={"size": "1Gi", "storageClassName": storage_class})
+            deployment.wait_condition("stuck", "VolumeBound", "True")
+            kube.patch_spec(deployment.namespace, "stuck", {"storage": {"size": "3Gi"}})
+            wait_for(
+                "an ExpansionRefused Event",
+                lambda: any(
+                    e["reason"] == "ExpansionRefused"
+                    for e in kube.events(deployment.namespace, "stuck")
+                ),
+            )
+            # "Set the size back" is not a way out: the CRD refuses it.
+            back = cluster.kubectl(
+                "patch", "msp", "stuck", "-n", deployment.namespace, "--type=merge",
+                "-p", json.dumps({"spec": {"storage": {"size": "1Gi"}}}), check=False,
+            )  # fmt: skip
+            assert back.returncode != 0
+            assert "never shrink" in back.stderr
+            cluster.kubectl(
+                "patch", "storageclass", storage_class,
+                "-p", json.dumps({"allowVolumeExpansion": True}),
+            )  # fmt: skip
+            wait_for(
+                "the claim to ask for 3Gi after the class allows it",
+                lambda: (
+                    (kube.pvc(server_ns, "space-stuck") or {})["spec"]["resources"]["requests"][
+                        "storage"
+                    ]
+                    == "3Gi"
+                ),
+            )
+    finally:
+        cluster.kubectl("delete", "storageclass", storage_class, check=False)
 
 
 def test_deleting_with_retain_keeps_the_volume_and_removes_everything_else(
