@@ -229,6 +229,24 @@ class ServerSettings(Settings):
         "by its spaces (least recently used first, the largest holder first), so a repeated "
         "cold recall does not decompress again; 0 turns the cache off",
     )
+    recall_sample: float = setting(
+        0.01,
+        env="MEMSPACE_RECALL_SAMPLE",
+        metavar="FRACTION",
+        ge=0.0,
+        le=1.0,
+        help="fraction of recalls answered through a space's HNSW graph that are run again "
+        "exactly in the background, to measure and export the recall@k users get (Health, "
+        "memspace_space_recall_at_k); 0 turns the measurement off",
+    )
+    index_build_threads: int = setting(
+        1,
+        env="MEMSPACE_INDEX_BUILD_THREADS",
+        metavar="N",
+        ge=1,
+        help="threads a background build of a space's HNSW graph may use (builds run one at a "
+        "time per server); the other cores stay with recalls",
+    )
     max_batch: int = setting(
         10_000,
         env="MEMSPACE_MAX_BATCH",
@@ -310,7 +328,10 @@ class ServerSettings(Settings):
 
     def engine(self) -> EngineSettings:
         return EngineSettings(
-            subscriber_buffer=self.subscriber_buffer, cold_cache_bytes=self.cold_cache_bytes
+            subscriber_buffer=self.subscriber_buffer,
+            cold_cache_bytes=self.cold_cache_bytes,
+            ann_recall_sample=self.recall_sample,
+            ann_build_threads=self.index_build_threads,
         )
 
 

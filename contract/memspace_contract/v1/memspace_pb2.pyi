@@ -227,6 +227,7 @@ class RecallRequest(_message.Message):
     MIN_SCORE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     INCLUDE_EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     space: _builtins.str
     k: _builtins.int
     """1..1000 (0 is not a default: it is refused)."""
@@ -235,6 +236,10 @@ class RecallRequest(_message.Message):
     presence, wire-compatible) keeps every hit.
     """
     include_embeddings: _builtins.bool
+    exact: _builtins.bool
+    """Addition: scan every tier exactly, even where the space keeps an approximate index
+    (spec.index); slower on a big space, the ground truth that recall is measured against.
+    """
     @_builtins.property
     def cue(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Exactly the space's embedding_dim finite values, not all zero."""
@@ -252,10 +257,11 @@ class RecallRequest(_message.Message):
         min_score: _builtins.float | None = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         include_embeddings: _builtins.bool = ...,
+        exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "cue", b"cue", "include_embeddings", b"include_embeddings", "k", b"k", "min_score", b"min_score", "space", b"space", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "cue", b"cue", "exact", b"exact", "include_embeddings", b"include_embeddings", "k", b"k", "min_score", b"min_score", "space", b"space", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
@@ -754,6 +760,7 @@ class SpaceHealth(_message.Message):
     DISK_BYTES_FIELD_NUMBER: _builtins.int
     INDEX_GENERATION_FIELD_NUMBER: _builtins.int
     UNKNOWN_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     space: _builtins.str
     state: _builtins.str
     """"Active", "Inactive", "Unmounted" (no volume yet) or "Failed"."""
@@ -778,6 +785,10 @@ class SpaceHealth(_message.Message):
         nothing; a client shows them as unknown.
         """
 
+    @_builtins.property
+    def index(self) -> Global___SearchIndexStatus:
+        """Addition: the search index of the warm and cold tiers (absent: the space is not loaded)."""
+
     def __init__(
         self,
         *,
@@ -791,14 +802,59 @@ class SpaceHealth(_message.Message):
         disk_bytes: _builtins.int = ...,
         index_generation: _builtins.int = ...,
         unknown: _abc.Iterable[_builtins.str] | None = ...,
+        index: Global___SearchIndexStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consolidation_rate", b"consolidation_rate", "disk_bytes", b"disk_bytes", "index_generation", b"index_generation", "memories", b"memories", "pressure", b"pressure", "space", b"space", "state", b"state", "tier_memories", b"tier_memories", "unknown", b"unknown", "wal_lag_ms", b"wal_lag_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consolidation_rate", b"consolidation_rate", "disk_bytes", b"disk_bytes", "index", b"index", "index_generation", b"index_generation", "memories", b"memories", "pressure", b"pressure", "space", b"space", "state", b"state", "tier_memories", b"tier_memories", "unknown", b"unknown", "wal_lag_ms", b"wal_lag_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SpaceHealth: _TypeAlias = SpaceHealth  # noqa: Y015
+
+@_typing.final
+class SearchIndexStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    CONFIGURED_TYPE_FIELD_NUMBER: _builtins.int
+    ROWS_INDEXED_FIELD_NUMBER: _builtins.int
+    BUILD_STATE_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    RECALL_SAMPLES_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """The search in effect for the warm and cold tiers: "exact" or "hnsw"."""
+    configured_type: _builtins.str
+    """spec.index.type: "exact", "hnsw" or "auto"."""
+    rows_indexed: _builtins.int
+    """Rows covered by the published graphs (rows added since are scanned exactly)."""
+    build_state: _builtins.str
+    """"none" (exact search), "building", "ready" or "failed" (exact scans answer meanwhile)."""
+    recall: _builtins.float
+    """Mean recall@k of the last sampled approximate recalls, against an exact scan of the same
+    query; unset until one is measured.
+    """
+    recall_samples: _builtins.int
+    """Approximate recalls sampled since the space was loaded."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        configured_type: _builtins.str = ...,
+        rows_indexed: _builtins.int = ...,
+        build_state: _builtins.str = ...,
+        recall: _builtins.float | None = ...,
+        recall_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_recall", b"_recall", "recall", b"recall"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recall", b"_recall", "build_state", b"build_state", "configured_type", b"configured_type", "recall", b"recall", "recall_samples", b"recall_samples", "rows_indexed", b"rows_indexed", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__recall: _TypeAlias = _typing.Literal["recall"]  # noqa: Y015
+    _WhichOneofArgType__recall: _TypeAlias = _typing.Literal["_recall", b"_recall"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__recall) -> _WhichOneofReturnType__recall | None: ...
+
+Global___SearchIndexStatus: _TypeAlias = SearchIndexStatus  # noqa: Y015
 
 @_typing.final
 class ApplyIndexEntryRequest(_message.Message):

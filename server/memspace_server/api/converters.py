@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from memspace_contract import index
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
-from memspace_server.storage import feeds, memories
+from memspace_server.storage import ann, feeds, memories
 from memspace_server.storage.spaces import Health
 
 MAX_CAPACITY = 2**40
@@ -101,6 +101,7 @@ def query(message: pb.RecallRequest) -> memories.Query:
         min_score=message.min_score if message.HasField("min_score") else -1.0,
         tags=dict(message.tags),
         include_embeddings=message.include_embeddings,
+        exact=message.exact,
     )
 
 
@@ -220,4 +221,18 @@ def space_health(found: Health) -> pb.SpaceHealth:
         disk_bytes=found.disk_bytes,
         index_generation=found.index_generation,
         unknown=found.unknown,
+        index=search_index_status(found.index) if found.index is not None else None,
     )
+
+
+def search_index_status(status: ann.Status) -> pb.SearchIndexStatus:
+    message = pb.SearchIndexStatus(
+        type=status.type,
+        configured_type=status.configured,
+        rows_indexed=status.rows,
+        build_state=status.state,
+        recall_samples=status.samples,
+    )
+    if status.recall is not None:
+        message.recall = status.recall
+    return message

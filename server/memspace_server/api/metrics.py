@@ -95,6 +95,26 @@ class _SpaceCollector:
             up.add_metric([space], int(health.state == wire.ACTIVE))
         yield tiers
         yield up
+        recall = core.GaugeMetricFamily(
+            f"{NAMESPACE}_space_recall_at_k",
+            "Mean recall@k of sampled approximate recalls against an exact scan (spaces "
+            "searched through an HNSW graph, once a sample is measured)",
+            labels=["space"],
+        )
+        indexed = core.GaugeMetricFamily(
+            f"{NAMESPACE}_space_index_rows",
+            "Warm and cold rows covered by the space's HNSW graphs",
+            labels=["space", "type", "state"],
+        )
+        for space, health in snap.health.items():
+            status = health.index
+            if status is None:
+                continue
+            indexed.add_metric([space, status.type, status.state], status.rows)
+            if status.recall is not None:
+                recall.add_metric([space], status.recall)
+        yield recall
+        yield indexed
 
 
 class Metrics:
