@@ -45,6 +45,9 @@ def add_parsers(commands: Any) -> None:
     recall.add_argument(
         "--embeddings", action="store_true", help="include the embeddings (-o json)"
     )
+    recall.add_argument(
+        "--exact", action="store_true", help="scan exactly, even where the space has an index"
+    )
     recall.set_defaults(run=_runner(_recall))
 
     get = commands.add_parser("get", help="one memory", description="Show one memory by ID.")
@@ -203,6 +206,7 @@ def _recall(memspace: client.MemspaceClient, args: argparse.Namespace, out: Outp
         min_score=args.min_score,
         tags=tags(args.tag),
         include_embeddings=args.embeddings,
+        exact=args.exact,
     )
     if out.json:
         out.doc(

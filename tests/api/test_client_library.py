@@ -42,7 +42,7 @@ def test_the_sync_client_stores_recalls_gets_and_forgets_with_numpy(tmp_path: Pa
             assert len(done.id) == 32  # made by the client, so a retry stores it once
             assert done.lsn >= 1
             memspace.remember("grass is green", [0.0, 1.0, 0.0, 0.0], memory_id="grass")
-            hits = memspace.recall(sky, k=2, include_embeddings=True)
+            hits = memspace.recall(sky, k=2, include_embeddings=True, exact=True)
             assert [hit.memory.id for hit in hits] == [done.id, "grass"]
             assert all(isinstance(hit, client.Hit) for hit in hits)
             # Its own vector: cosine 1 up to float32 rounding, never above.

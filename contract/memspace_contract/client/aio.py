@@ -130,10 +130,12 @@ class AsyncMemspaceClient:
         min_score: float | None = None,
         tags: Mapping[str, str] | None = None,
         include_embeddings: bool = False,
+        exact: bool = False,
     ) -> list[results.Hit]:
         """The `k` memories most similar to `cue` (cosine, best first), over every tier; only
-        those with every tag of `tags` and, with `min_score`, at least that score."""
-        request = results.recall_request(cue, k, min_score, tags, include_embeddings)
+        those with every tag of `tags` and, with `min_score`, at least that score. `exact`
+        scans every tier exactly even where the space keeps an approximate index."""
+        request = results.recall_request(cue, k, min_score, tags, include_embeddings, exact=exact)
         answer = await self._retried(lambda: self.memories.Recall(request, timeout=self.timeout))
         return [results.Hit.from_message(hit) for hit in answer.hits]
 

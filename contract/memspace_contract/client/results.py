@@ -242,9 +242,15 @@ def recall_request(
     min_score: float | None,
     tags: Mapping[str, str] | None,
     include_embeddings: bool,
+    *,
+    exact: bool = False,
 ) -> pb.RecallRequest:
     request = pb.RecallRequest(
-        cue=vector(cue, "cue").tolist(), k=k, tags=tags, include_embeddings=include_embeddings
+        cue=vector(cue, "cue").tolist(),
+        k=k,
+        tags=tags,
+        include_embeddings=include_embeddings,
+        exact=exact,
     )
     if min_score is not None:
         request.min_score = min_score

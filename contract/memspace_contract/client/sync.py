@@ -122,9 +122,10 @@ class MemspaceClient:
         min_score: float | None = None,
         tags: Mapping[str, str] | None = None,
         include_embeddings: bool = False,
+        exact: bool = False,
     ) -> list[results.Hit]:
         """See `AsyncMemspaceClient.recall`."""
-        request = results.recall_request(cue, k, min_score, tags, include_embeddings)
+        request = results.recall_request(cue, k, min_score, tags, include_embeddings, exact=exact)
         answer = self._retried(lambda: self.memories.Recall(request, timeout=self.timeout))
         return [results.Hit.from_message(hit) for hit in answer.hits]
 
