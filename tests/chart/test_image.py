@@ -514,6 +514,26 @@ async def test_a_shard_container_serves_health_remember_and_recall(
         metrics_url = f"http://127.0.0.1:{ports['--metrics-listen']}/metrics"
         metrics = await asyncio.to_thread(scrape, metrics_url)
         assert "memspace" in metrics
+        # A tenant's client container (docs/install.md): the image with the credentials Secret
+        # mounted at /var/run/memspace, and no flags or environment of its own.
+        secret = tmp_path / "secret"
+        secret.mkdir()
+        keys = {"space": SPACE, "endpoint": address, "token": SPACE_TOKEN}
+        for key, value in keys.items():
+            (secret / key).write_text(value)
+        (secret / "ca.crt").write_bytes(ca.cert)
+        secret.chmod(0o755)
+        for path in secret.iterdir():
+            path.chmod(0o644)
+        mount = ["--volume", f"{secret}:/var/run/memspace:ro"]
+        shown = docker("run", "--rm", *restricted(), *mount, image.IMAGE, "status", "-o", "json")
+        status = json.loads(shown.stdout)
+        assert [(s["space"], s["memories"]) for s in status["spaces"]] == [(SPACE, 1)]
+        recalled = docker(
+            "run", "--rm", *restricted(), *mount, image.IMAGE,
+            "recall", "--cue", "[1, 0, 0, 0]", "-o", "json",
+        ).stdout  # fmt: skip
+        assert [h["memory"]["id"] for h in json.loads(recalled)] == [remembered.id]
     finally:
         logs = docker("logs", name, check=False)
         docker("rm", "--force", name, check=False)
