@@ -78,6 +78,9 @@ def test_the_sync_client_stores_recalls_gets_and_forgets_with_numpy(tmp_path: Pa
             health = memspace.health()
             assert health.status == "SERVING"
             assert [(s.space, s.memories) for s in health.spaces] == [("default", 4)]
+            index = health.spaces[0].index
+            assert index is not None
+            assert (index.type, index.build_state) == ("exact", "none")
             with pytest.raises(ValueError, match="one-dimensional"):
                 memspace.recall(np.ones((2, DIM)), k=1)
 

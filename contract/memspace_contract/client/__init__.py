@@ -48,6 +48,7 @@ from memspace_contract.client.results import (
     Hit,
     Memory,
     Remembered,
+    SearchIndex,
     SpaceHealth,
 )
 from memspace_contract.client.retrying import NO_RETRY, RetryPolicy
@@ -80,6 +81,7 @@ __all__ = [
     "MemspaceClient",
     "Remembered",
     "RetryPolicy",
+    "SearchIndex",
     "SpaceHealth",
     "connect",
     "interceptors",

@@ -9,6 +9,7 @@ floats) and come out as float32 numpy arrays.
     Forgotten     whether the memory existed, and the LSN of its removal (truthy when it did)
     Event         one Subscribe/watch event: space, kind, id, LSN, time
     SpaceHealth   one space's Health figures (None for a figure the server does not know)
+    SearchIndex   how a space searches its warm and cold tiers (exact or an HNSW graph)
     Health        the server's status and its spaces
 """
 
@@ -145,6 +146,31 @@ class Event:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchIndex:
+    """How a space searches its warm and cold tiers (SpaceHealth.index)."""
+
+    type: str
+    """In effect: "exact" or "hnsw"."""
+    configured_type: str
+    """spec.index.type: "exact", "hnsw" or "auto"."""
+    rows_indexed: int
+    build_state: str
+    """"none", "building", "ready" or "failed"."""
+    recall: float | None
+    """Measured mean recall@k of sampled approximate recalls; None until one is measured."""
+
+    @classmethod
+    def from_message(cls, message: pb.SearchIndexStatus) -> SearchIndex:
+        return cls(
+            type=message.type,
+            configured_type=message.configured_type,
+            rows_indexed=message.rows_indexed,
+            build_state=message.build_state,
+            recall=message.recall if message.HasField("recall") else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class SpaceHealth:
     """One space's figures; a figure the server does not know (an unloaded space after a crash)
     is None, never 0."""
@@ -158,6 +184,8 @@ class SpaceHealth:
     consolidation_rate: float | None
     disk_bytes: int
     index_generation: int
+    index: SearchIndex | None = None
+    """The search of the warm and cold tiers; None from a server that does not say."""
 
     @classmethod
     def from_message(cls, message: pb.SpaceHealth) -> SpaceHealth:
@@ -178,6 +206,7 @@ class SpaceHealth:
             consolidation_rate=known("consolidation_rate", message.consolidation_rate),
             disk_bytes=message.disk_bytes,
             index_generation=message.index_generation,
+            index=SearchIndex.from_message(message.index) if message.HasField("index") else None,
         )
 
 
