@@ -23,6 +23,7 @@ SUITES = (
     "benchmarks.storage_bench",
     "benchmarks.ann_bench",
     "benchmarks.grpc_bench",
+    "benchmarks.http_bench",
     "benchmarks.reliability_bench",
     "benchmarks.limits_bench",
     "benchmarks.operator_bench",

@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from memspace_operator import errors, models, naming, operating, reconciling
+from memspace_operator import errors, models, naming, operating, reconciling, tracing
 from memspace_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
+    tracing.configure(os.environ)
     loaded = memo.get("settings")
     if not isinstance(loaded, Settings):
         loaded = Settings.from_env(os.environ)
@@ -67,6 +68,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     operator = memo.get("operator")
     if isinstance(operator, operating.Operator):
         await operator.close()
+    tracing.shutdown()
 
 
 @kopf.on.resume(*RESOURCE)

@@ -38,6 +38,7 @@ from memspace_operator import (
     models,
     naming,
     statuses,
+    tracing,
     tracking,
     volumes,
 )
@@ -61,11 +62,13 @@ async def reconcile(op: Operator, body: Mapping[str, Any]) -> None:
 
 
 async def reconcile_tracked(op: Operator, tracked: tracking.Tracked) -> None:
+    ref, space_id = tracked.space.ref, tracked.space.spec.space_id
     async with tracked.lock:
         if tracked.space.deleting:
             return
         try:
-            await _reconcile(op, tracked)
+            with tracing.space_span("memspace.reconcile", ref.namespace, ref.name, space_id):
+                await _reconcile(op, tracked)
         except errors.PermanentError as err:
             tracked.observed.problem = statuses.Problem(err.reason, err.message)
             _publish(op, tracked)
@@ -126,23 +129,28 @@ async def _claim(op: Operator, tracked: tracking.Tracked) -> volumes.Claim:
 
 async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
     requested = tracked.requested or tracked.space
-    applied = await op.classes.apply(requested)
+    with tracing.step("class"):
+        applied = await op.classes.apply(requested)
     tracked.space = space = dataclasses.replace(requested, spec=applied.spec)
-    claim = await _claim(op, tracked)
+    with tracing.step("claim"):
+        claim = await _claim(op, tracked)
     if claim.conflict is not None:
         await _conflict(op, tracked, claim.conflict)
         return
     op.book.set_owner(tracked, True)
     tracked.observed.claim_name = naming.claim_name(space.spec.space_id)
-    assigned = await _assign(op, tracked, claim.pvc)
+    with tracing.step("assign"):
+        assigned = await _assign(op, tracked, claim.pvc)
     if assigned is None:
         return
     shard, pvc = assigned
     tracked.observed.shard = shard
     tracked.observed.endpoint = op.settings.endpoint(shard)
-    await _expand(op, tracked, pvc)
+    with tracing.step("expand"):
+        await _expand(op, tracked, pvc)
     try:
-        secret, entry = await _credentials_and_index(op, tracked, shard, pvc, fresh=claim.fresh)
+        with tracing.step("credentials"):
+            secret, entry = await _credentials_and_index(op, tracked, shard, pvc, fresh=claim.fresh)
     except errors.SecretNotOwnedError as err:
         await op.index.remove(shard, space.spec.space_id)  # no token of it is known
         tracked.handed = None
@@ -156,7 +164,8 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
             op.recorder.warning(space.ref, err.reason, err.message)
         _publish(op, tracked)
         return
-    await _hand_to_shard(op, tracked, shard, entry)
+    with tracing.step("hand_to_shard"):
+        await _hand_to_shard(op, tracked, shard, entry)
     op.mounter.request(shard)
     observed = tracked.observed
     before = observed.problem
@@ -360,7 +369,9 @@ async def finalize(op: Operator, body: Mapping[str, Any]) -> None:
         return
     tracked = op.book.track(space)
     async with tracked.lock:
-        await _finalize(op, tracked)
+        ref = space.ref
+        with tracing.space_span("memspace.finalize", ref.namespace, ref.name, space.spec.space_id):
+            await _finalize(op, tracked)
     op.book.forget(space.ref.uid)
     op.recorder.forget(space.ref)
 

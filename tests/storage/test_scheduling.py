@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from memspace_server import spans
 from memspace_server.storage import feeds, memories, registry, scheduling
 
 from .conftest import draft, make_space
@@ -111,9 +112,11 @@ async def test_recalls_of_a_large_space_run_on_the_scan_threads(
         await space.remember_many([draft(rng, f"m{i}") for i in range(9000)])
         search = space._search
 
-        def spying(query: memories.Query, now: float) -> list[memories.Hit]:
+        def spying(
+            query: memories.Query, now: float, parent: spans.Context | None = None
+        ) -> list[memories.Hit]:
             names.add(threading.current_thread().name)
-            return search(query, now)
+            return search(query, now, parent)
 
         space._search = spying  # type: ignore[method-assign]
         await space.recall(memories.Query(cue=draft(rng).embedding, k=3))

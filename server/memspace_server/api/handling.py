@@ -28,8 +28,8 @@ from google.protobuf import message as protobuf_message
 
 from memspace_contract import index, spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_server import errors
-from memspace_server.api import errors_map, limits, logs, routing
+from memspace_server import errors, spans
+from memspace_server.api import errors_map, limits, logs, routing, tracing
 from memspace_server.api.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class Edge:
         scope = _Scope(self.router, self.limits, shape)
         code = "OK"
         entered = False
+        traced = tracing.start_call(method, context) if spans.ENABLED else None
         try:
             scope.read_metadata(method, context, self._request_id)
             self._enter()
@@ -186,6 +187,8 @@ class Edge:
             timed = shape is not limits.Shape.SERVER_STREAM
             elapsed = time.perf_counter() - started if timed else None
             self.metrics.observe(scope.label(), method, code, elapsed)
+            if traced is not None:
+                traced.end(scope.label(), code)
 
     def _request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids):x}"

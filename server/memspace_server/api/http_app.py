@@ -20,12 +20,13 @@ from typing import Any, cast
 import grpc
 from google.protobuf import json_format
 from google.protobuf import message as protobuf_message
+from opentelemetry import trace
 from starlette import applications, exceptions, requests, responses, routing
 
 from memspace_contract import wire
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_server import errors
-from memspace_server.api import http_calls, http_events
+from memspace_server import errors, spans
+from memspace_server.api import http_calls, http_events, tracing
 from memspace_server.api import routing as spaces_routing
 from memspace_server.api.http_routes import ROUTES, Body, Operation
 
@@ -86,6 +87,21 @@ class App:
         )
 
         async def endpoint(request: requests.Request) -> responses.Response:
+            if not spans.ENABLED:
+                return await answer(request)
+            with spans.tracer.start_as_current_span(
+                f"HTTP {op.verb} {op.path}",
+                context=tracing.parent_of(request.headers.items()),
+                kind=trace.SpanKind.SERVER,
+                attributes={"http.request.method": op.verb, "http.route": op.path},
+            ) as span:
+                response = await answer(request)
+                span.set_attribute("http.response.status_code", response.status_code)
+                if response.status_code >= 500:
+                    span.set_status(trace.StatusCode.ERROR)
+                return response
+
+        async def answer(request: requests.Request) -> responses.Response:
             try:
                 context = http_calls.CallContext(metadata(request))
                 if op.events:

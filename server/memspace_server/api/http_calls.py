@@ -37,6 +37,9 @@ class CallContext:
     """What the edge asks of a grpc.aio servicer context, for a call that came over HTTP: the
     call's metadata in, and its status out (`abort` raises `RefusedError`)."""
 
+    transport = "http"
+    """For the call's span (`tracing`)."""
+
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
         self._metadata = tuple(metadata)
         self._trailers: tuple[tuple[str, str], ...] = ()

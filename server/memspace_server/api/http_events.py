@@ -90,36 +90,44 @@ def error_text(refused: http_calls.RefusedError, last_lsn: int | None) -> str:
     return f"{lines}event: error\nretry: {RETRY_MS}\ndata: {data}\n\n"
 
 
+async def _pump(
+    events: AsyncIterator[pb.MemoryEvent], out: asyncio.Queue[pb.MemoryEvent | BaseException | None]
+) -> None:
+    """Drive the edge's stream in one task (its call span and log context stay in that task's
+    context) into `out`: each event, then None at its end or the error that ended it."""
+    try:
+        async for event in events:
+            await out.put(event)
+    except Exception as err:  # the edge answers every error as RefusedError; a bug too
+        await out.put(err)
+        return
+    await out.put(None)
+
+
 async def _sse(events: AsyncIterator[pb.MemoryEvent], since_lsn: int) -> AsyncIterator[str]:
     """The events as SSE text; keep-alive comments between; one error event at the end."""
     last: int | None = since_lsn - 1 if since_lsn > 0 else None
-    pending: asyncio.Task[pb.MemoryEvent] | None = None
+    # One event at a time: a slow reader slows the pump, and the feed notices as over gRPC.
+    out: asyncio.Queue[pb.MemoryEvent | BaseException | None] = asyncio.Queue(maxsize=1)
+    pump = asyncio.ensure_future(_pump(events, out))
     try:
         yield ": subscribed\n\n"
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
-            if not done:
+            try:
+                item = await asyncio.wait_for(out.get(), KEEPALIVE_S)
+            except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
+            if item is None:
                 return
-            except http_calls.RefusedError as refused:
-                yield error_text(refused, last)
+            if isinstance(item, http_calls.RefusedError):
+                yield error_text(item, last)
                 return
-            finally:
-                if pending.done():
-                    pending = None
-            last = event.lsn
-            yield event_text(event)
+            if isinstance(item, BaseException):
+                raise item
+            last = item.lsn
+            yield event_text(item)
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                await pending
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump

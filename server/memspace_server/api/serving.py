@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from memspace_server.api import (
     routing,
     servicers,
     tokens,
+    tracing,
 )
 from memspace_server.settings import ServerSettings, SettingsError, is_loopback, split_address
 from memspace_server.storage import catalogs
@@ -422,6 +424,15 @@ async def serve(
     settings: ServerSettings, on_started: Callable[[Server], None] | None = None
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain. Returns the process exit code."""
+    traced = tracing.configure(os.environ)
+    try:
+        return await _serve(settings, on_started)
+    finally:
+        if traced is not None:
+            traced.shutdown()
+
+
+async def _serve(settings: ServerSettings, on_started: Callable[[Server], None] | None) -> int:
     server = Server(settings)
     await server.start()
     if on_started is not None:

@@ -18,12 +18,13 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from memspace_contract import durable, index, wire
 from memspace_contract.wire import Lsn
-from memspace_server import errors
+from memspace_server import errors, spans
 from memspace_server.storage import (
     ann,
     batches,
@@ -498,10 +499,13 @@ class Space:
             raise errors.MemoryNotFoundError(f"no memory {memory_id!r} in space {self.id!r}")
         return memory
 
-    def _search(self, query: memories.Query, now: float) -> list[memories.Hit]:
+    def _search(
+        self, query: memories.Query, now: float, parent: spans.Context | None = None
+    ) -> list[memories.Hit]:
         """The top hits, each memory built once as this recall returns it (its recall counted
-        at `now`; `recall` then touches them on the event loop)."""
-        top = self._top(query, query.exact)
+        at `now`; `recall` then touches them on the event loop). `parent`: the recall's trace
+        context, for the span of each tier's search (a worker thread does not inherit it)."""
+        top = self._top(query, query.exact, parent)
         found: dict[str, memories.Memory] = {}
         for tier in (self.warm, self.cold):
             wanted = [memory_id for _, name, memory_id in top if name == tier.name]
@@ -518,19 +522,40 @@ class Space:
                 hits.append(memories.Hit(memory=memory, score=score, tier=name))
         return hits
 
-    def _top(self, query: memories.Query, exact: bool) -> list[tiers.Candidate]:
+    def _top(
+        self, query: memories.Query, exact: bool, parent: spans.Context | None = None
+    ) -> list[tiers.Candidate]:
         """The top k (score, tier, id) of every tier: hot scanned, warm and cold through their
-        search graphs unless `exact` (or the space searches exactly)."""
+        search graphs unless `exact` (or the space searches exactly). One span per tier."""
         cue = tiers.unit(query.cue)
         use_graphs = self.ann.wanted(self.warm, self.cold)
-        candidates: list[tiers.Candidate] = [
-            (score, tiers.HOT, memory_id)
-            for score, memory_id in self.hot.top_k(cue, query.k, query.min_score, query.tags)
-        ]
-        for tier in (self.warm, self.cold):
-            found = self.ann.top_k(tier, query, cue, exact, use_graphs)
+        candidates: list[tiers.Candidate] = []
+        for tier in (self.hot, self.warm, self.cold):
+            graph = use_graphs and not exact and tier is not self.hot
+            scan = spans.span("memspace.tier.scan", self._scan_attributes(tier, graph), parent)
+            with scan as span:
+                if isinstance(tier, zarr_tiers.ZarrTier):
+                    found = self.ann.top_k(tier, query, cue, exact, use_graphs)
+                else:
+                    found = tier.top_k(cue, query.k, query.min_score, query.tags)
+                if span is not None:
+                    span.set_attribute("memspace.hits", len(found))
             candidates.extend((score, tier.name, memory_id) for score, memory_id in found)
         return tiers.merge(candidates, query.k)
+
+    def _scan_attributes(self, tier: tiers.TierStore, graph: bool) -> dict[str, Any] | None:
+        if not spans.ENABLED:
+            return None
+        found: dict[str, Any] = {
+            spans.SPACE: self.id,
+            "memspace.tier": tier.name,
+            "memspace.search": "graph" if graph else "exact",
+        }
+        if not graph:
+            # An exact scan reads every live row of the tier (tag filters narrow it first); a
+            # graph search visits a part of it, not counted.
+            found["memspace.rows_scanned"] = len(tier)
+        return found
 
     def _scan_is_small(self) -> bool:
         """A scan cheap enough to run on the event loop: a thread hop would cost more. Only a
@@ -554,7 +579,9 @@ class Space:
             else:
                 # Admitted round robin by space with a cap per space: a flood of recalls on
                 # one space does not queue another space's recall behind it.
-                hits = await self._pools.scans.run(self.id, self._search, query, now)
+                hits = await self._pools.scans.run(
+                    self.id, self._search, query, now, spans.current()
+                )
             by_name = self._tiers_by_name()
             for hit in hits:
                 # Still under the read lock: no consolidation has moved the hit since.
@@ -698,6 +725,14 @@ class Space:
     async def consolidate(self) -> int:
         """Demote over-capacity tiers, write a checkpoint and drop the WAL it covers
         (`consolidating`). Returns the number of WAL records consolidated."""
+        attributes = {spans.SPACE: self.id} if spans.ENABLED else None
+        with spans.span("memspace.consolidate", attributes) as span:
+            count = await self._consolidate()
+            if span is not None:
+                span.set_attribute("memspace.consolidated", count)
+            return count
+
+    async def _consolidate(self) -> int:
         self._check_usable()
         async with self._consolidation_lock, self._lock.write():
             self._check_usable()

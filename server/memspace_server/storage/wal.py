@@ -37,7 +37,7 @@ import crc32c
 
 from memspace_contract import durable
 from memspace_contract.wire import Lsn
-from memspace_server import errors
+from memspace_server import errors, spans
 from memspace_server.storage import frames, records
 
 log = logging.getLogger(__name__)
@@ -493,6 +493,8 @@ class Wal(Generic[T]):
         self._size = 0
         self._roll_requested = False
         self.syncs = 0
+        self.last_fsync_s = 0.0
+        """Seconds the last append's fdatasync took (for its span)."""
         self.holding_segment = False
         """Set while a batch is written in several appends: the segment is not rolled for size
         in its middle (a batch always lies in one segment)."""
@@ -653,7 +655,9 @@ class Wal(Generic[T]):
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+            synced = time.perf_counter()
             os.fdatasync(self._fd)
+            self.last_fsync_s = time.perf_counter() - synced
         except OSError:
             # Leave no partial batch behind for the next append to follow.
             try:
@@ -671,7 +675,21 @@ class Wal(Generic[T]):
             waiters, self._waiters = self._waiters, []
             try:
                 first = waiters[0].lsn - waiters[0].count + 1
-                await loop.run_in_executor(self._executor, self._write, b"".join(batch), first)
+                data = b"".join(batch)
+                # Parented on the call that started this flusher; the writes it groups with
+                # that call's are counted in `memspace.wal.writers`.
+                with spans.span("memspace.wal.commit") as span:
+                    await loop.run_in_executor(self._executor, self._write, data, first)
+                    if span is not None:
+                        span.set_attributes(
+                            {
+                                "memspace.wal.records": sum(w.count for w in waiters),
+                                "memspace.wal.bytes": len(data),
+                                "memspace.wal.writers": len(waiters),
+                                "memspace.wal.first_lsn": first,
+                                "memspace.wal.fsync_ms": self.last_fsync_s * 1000,
+                            }
+                        )
             except Exception as err:  # every waiter must hear of any failure, not hang
                 self._fail(err, waiters)
                 return
