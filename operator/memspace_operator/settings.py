@@ -102,6 +102,12 @@ class Settings(_Base):
         factory=dict,
         help="JSON object of the shard container's `resources` (requests and limits)",
     )
+    server_env: dict[str, str] = setting(
+        env="MEMSPACE_SERVER_ENV",
+        factory=dict,
+        help="JSON object of environment variables of the shard container, e.g. the OTEL_* "
+        "variables that turn tracing on (the chart's tracing.env)",
+    )
     service_account: str | None = setting(
         None,
         env="MEMSPACE_SERVER_SERVICE_ACCOUNT",

@@ -106,6 +106,11 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
     }
     if settings.server_resources:
         container["resources"] = dict(settings.server_resources)
+    if settings.server_env:
+        container["env"] = [
+            {"name": name, "value": str(value)}
+            for name, value in sorted(settings.server_env.items())
+        ]
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,

@@ -36,7 +36,7 @@ def wanted(environ: Mapping[str, str]) -> bool:
 
 
 def configure(environ: Mapping[str, str]) -> None:
-    """Turn tracing on when `environ` asks for it (once per process)."""
+    """Turn tracing on when `environ` asks for it (until `shutdown`)."""
     global ENABLED, tracer, _provider  # noqa: PLW0603  # one provider per process, set at startup
     if ENABLED or not wanted(environ):
         return
@@ -50,7 +50,7 @@ def configure(environ: Mapping[str, str]) -> None:
     )
     provider = sdk_trace.TracerProvider(resource=resource)
     provider.add_span_processor(export.BatchSpanProcessor(trace_exporter.OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+    # Its own provider, not the process-wide one: a process may start the operator again.
     tracer = provider.get_tracer("memspace_operator")
     _provider = provider
     ENABLED = True
@@ -58,9 +58,11 @@ def configure(environ: Mapping[str, str]) -> None:
 
 
 def shutdown() -> None:
-    """Export what is buffered (at the operator's cleanup)."""
+    """Export what is buffered and stop (at the operator's cleanup)."""
+    global ENABLED, tracer, _provider
     if _provider is not None:
-        _provider.force_flush()
+        _provider.shutdown()
+    ENABLED, tracer, _provider = False, trace.get_tracer("memspace_operator"), None
 
 
 def space_span(

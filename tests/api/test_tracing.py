@@ -9,7 +9,7 @@ import asyncio
 import os
 import re
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,11 +32,11 @@ def traceparent(span_id: str) -> str:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+def receiver() -> Iterator[Receiver]:
     found = Receiver()
-    await found.start()
+    found.start()
     yield found
-    await found.stop()
+    found.stop()
 
 
 def only(found: list[ReceivedSpan]) -> ReceivedSpan:

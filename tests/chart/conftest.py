@@ -194,6 +194,12 @@ def full_values(server_namespace: str) -> dict[str, Any]:
             "clusterDomain": "corp.example",
             "clientAuth": True,
         },
+        "tracing": {
+            "env": {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            }
+        },
         "networkPolicy": {
             "enabled": True,
             "clientNamespaceLabels": {"example.com/memspace-client": "yes"},

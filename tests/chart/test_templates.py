@@ -116,6 +116,7 @@ _MAPS = {"labels", "annotations", "podAnnotations", "podLabels", "nodeSelector",
 _MAPS |= {"clientNamespaceLabels", "clientPodLabels", "metricsNamespaceLabels", "resources"}
 _MAPS |= {"issuerRef"}  # a cert-manager ObjectReference, passed through as given
 _MAPS |= {"namespaceSelector"}
+_MAPS |= {"env"}  # tracing.env: OTEL_* variables, the user's names (the schema checks the prefix)
 
 
 def _is_map(path: str) -> bool:
@@ -224,6 +225,15 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "MEMSPACE_CLUSTER_DOMAIN": "corp.example",
         "MEMSPACE_TLS_CLIENT_AUTH": "true",
         "MEMSPACE_LOG_FORMAT": "json",
+        "MEMSPACE_SERVER_ENV": json.dumps(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            },
+            separators=(",", ":"),
+        ),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
     }
     # The operator reads them as meant (and would refuse to start on a bad one).
     settings = Settings.from_env(env)
@@ -569,3 +579,21 @@ def test_the_admission_policies_are_rendered_when_enabled(helm: Helm) -> None:
     }
     nothing = {"admission": {"operatorSecrets": {"enabled": False}}}
     assert find(helm.template(nothing), "ValidatingAdmissionPolicy") == []
+
+
+def test_tracing_env_reaches_the_operator_and_every_shard(helm: Helm) -> None:
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_of(one(helm.template(), "Deployment"))
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+    }
+    env = env_of(one(helm.template({"tracing": {"env": otel}}), "Deployment"))
+    assert {name: env[name] for name in otel} == otel
+    settings = Settings.from_env(env)
+    statefulset, _ = shard_objects(settings)
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [
+        {"name": name, "value": value} for name, value in sorted(otel.items())
+    ]
+    with pytest.raises(controlplane.KubectlError, match="OTEL_"):
+        helm.template({"tracing": {"env": {"PATH": "/tmp"}}})  # only OTEL_* variables

@@ -1,11 +1,12 @@
-"""A real OTLP/gRPC trace receiver for the tests: a grpc.aio server implementing the
-opentelemetry-proto collector's TraceService on a loopback port, keeping every span exported to
-it (what an OpenTelemetry Collector would receive)."""
+"""A real OTLP/gRPC trace receiver for the tests: a gRPC server (its own threads, so sync and
+async tests alike can use it) implementing the opentelemetry-proto collector's TraceService on a
+loopback port, keeping every span exported to it (what an OpenTelemetry Collector receives)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import threading
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -33,11 +34,11 @@ def _value(value: common_pb2.AnyValue) -> Any:
 class Receiver(collector_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
-        self.server: grpc.aio.Server | None = None
+        self.server: grpc.Server | None = None
         self.port = 0
-        self.received = asyncio.Event()
+        self._lock = threading.Lock()
 
-    async def Export(  # noqa: N802  # the name of the OTLP method
+    def Export(  # noqa: N802  # the name of the OTLP method
         self, request: collector.ExportTraceServiceRequest, context: Any
     ) -> collector.ExportTraceServiceResponse:
         for resource_spans in request.resource_spans:
@@ -47,7 +48,7 @@ class Receiver(collector_grpc.TraceServiceServicer):
                     service = str(_value(attribute.value))
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    self.spans.append(
+                    self._add(
                         ReceivedSpan(
                             name=span.name,
                             trace_id=span.trace_id.hex(),
@@ -58,20 +59,23 @@ class Receiver(collector_grpc.TraceServiceServicer):
                             service=service,
                         )
                     )
-        self.received.set()
         return collector.ExportTraceServiceResponse()
 
-    async def start(self) -> str:
-        self.server = grpc.aio.server()
+    def _add(self, span: ReceivedSpan) -> None:
+        with self._lock:
+            self.spans.append(span)
+
+    def start(self) -> str:
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         # opentelemetry-proto's generated gRPC code has no type hints.
         collector_grpc.add_TraceServiceServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
         self.port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
+        self.server.start()
         return f"http://127.0.0.1:{self.port}"
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         if self.server is not None:
-            await self.server.stop(None)
+            self.server.stop(None).wait()
 
     def named(self, name: str) -> list[ReceivedSpan]:
         return [span for span in self.spans if span.name == name]
