@@ -1,7 +1,11 @@
-"""The hot tier: memories in RAM as growable numpy columns, scanned with one matrix product.
+"""The hot tier: memories in RAM as growable numpy columns, scanned with a matrix product per
+block of embeddings.
 
-Rows stay dense: a removal moves the last row into the hole. The tier remembers which memories
-arrived since the last checkpoint (`unsaved`), so a checkpoint writes only those."""
+Rows stay dense: a removal moves the last row into the hole. The embeddings are kept in blocks
+of a fixed size, so the tier grows by adding a block and never copies the rows it holds (only
+the first block doubles up to full size); the small per-row columns double. The tier remembers
+which memories arrived since the last checkpoint (`unsaved`), so a checkpoint writes only
+those."""
 
 from __future__ import annotations
 
@@ -13,6 +17,93 @@ import numpy.typing as npt
 from memspace_contract import wire
 from memspace_server.storage import memories, tiers
 
+BLOCK_BYTES = 64 * 1024 * 1024
+"""Bytes of embeddings a block holds (pages are backed only once rows are written)."""
+
+
+class _Blocks:
+    """The embedding matrix of the hot tier as blocks of `block_rows` rows: row r lies in
+    block r // block_rows. Growing adds blocks and copies nothing, except while the first
+    block is smaller than a full one (a small tier), which doubles."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.block_rows = max(1024, BLOCK_BYTES // (4 * dim))
+        self.blocks: list[npt.NDArray[np.float32]] = []
+
+    @property
+    def capacity(self) -> int:
+        return sum(block.shape[0] for block in self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(block.nbytes for block in self.blocks)
+
+    def reserve(self, need: int, used: int, exact: bool = False) -> None:
+        """Room for `need` rows, keeping the first `used`; `exact`: no more than needed for a
+        first block (replay knows how many rows come)."""
+        capacity = self.capacity
+        if need <= capacity:
+            return
+        full = self.block_rows
+        if not self.blocks or self.blocks[0].shape[0] < full:
+            first = self.blocks[0].shape[0] if self.blocks else 0
+            size = min(full, max(need, 64) if exact else max(need, 2 * first, 64))
+            grown = np.zeros((size, self.dim), np.float32)
+            if self.blocks:
+                grown[:used] = self.blocks[0][:used]
+                self.blocks[0] = grown
+            else:
+                self.blocks.append(grown)
+            capacity = size
+        while capacity < need:
+            self.blocks.append(np.zeros((full, self.dim), np.float32))
+            capacity += full
+
+    def write(self, start: int, rows: npt.NDArray[np.float32]) -> None:
+        """Rows start, start + 1, ... from `rows`."""
+        full = self.block_rows
+        done = 0
+        while done < rows.shape[0]:
+            block, offset = divmod(start + done, full)
+            take = min(rows.shape[0] - done, full - offset)
+            self.blocks[block][offset : offset + take] = rows[done : done + take]
+            done += take
+
+    def row(self, row: int) -> npt.NDArray[np.float32]:
+        """A view of one row."""
+        block, offset = divmod(row, self.block_rows)
+        view: npt.NDArray[np.float32] = self.blocks[block][offset]
+        return view
+
+    def gather(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The given rows (a copy)."""
+        if len(self.blocks) <= 1:
+            if not self.blocks:
+                return np.zeros((0, self.dim), np.float32)
+            one: npt.NDArray[np.float32] = self.blocks[0][rows]
+            return one
+        out = np.empty((rows.shape[0], self.dim), np.float32)
+        block, offset = np.divmod(rows, self.block_rows)
+        for k in np.unique(block).tolist():
+            wanted = block == k
+            out[wanted] = self.blocks[k][offset[wanted]]
+        return out
+
+    def products(self, cue: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
+        """The first n rows times `cue`: one product per block."""
+        if len(self.blocks) == 1:
+            found: npt.NDArray[np.float32] = self.blocks[0][:n] @ cue
+            return found
+        out = np.empty(n, np.float32)
+        for k, block in enumerate(self.blocks):
+            start = k * self.block_rows
+            if start >= n:
+                break
+            end = min(n, start + block.shape[0])
+            np.matmul(block[: end - start], cue, out=out[start:end])
+        return out
+
 
 class HotTier:
     name: wire.TierName = tiers.HOT
@@ -20,7 +111,7 @@ class HotTier:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._n = 0
-        self._emb = np.zeros((0, dim), np.float32)
+        self._emb = _Blocks(dim)
         self._norms = np.zeros(0, np.float32)
         self._confidence = np.zeros(0, np.float32)
         self._created = np.zeros(0, np.float64)
@@ -48,27 +139,23 @@ class HotTier:
         return list(self._ids)
 
     def nbytes(self) -> int:
-        return int(self._emb.nbytes + self._norms.nbytes + 32 * self._emb.shape[0])
+        return int(self._emb.nbytes + self._norms.nbytes + 32 * self._norms.shape[0])
 
-    def _grow(self, need: int) -> None:
-        capacity = self._emb.shape[0]
+    def _grow(self, need: int, exact: bool = False) -> None:
+        self._emb.reserve(need, self._n, exact)
+        capacity = self._norms.shape[0]
         if need <= capacity:
             return
-        self._reallocate(max(need, capacity * 2, 64))
-
-    def _reallocate(self, size: int) -> None:
-        """Columns of `size` rows holding the current ones (fresh arrays: the kernel backs
-        their pages only as rows are written)."""
-        for name in ("_emb", "_norms", "_confidence", "_created", "_recalled", "_count"):
+        size = need if exact else max(need, capacity * 2, 64)
+        for name in ("_norms", "_confidence", "_created", "_recalled", "_count"):
             old: npt.NDArray[np.generic] = getattr(self, name)
-            new = np.zeros((size, *old.shape[1:]), old.dtype)
+            new = np.zeros(size, old.dtype)
             new[: self._n] = old[: self._n]
             setattr(self, name, new)
 
     def reserve(self, count: int) -> None:
         """Make room for `count` more memories at once (replay knows how many come)."""
-        if self._n + count > self._emb.shape[0]:
-            self._reallocate(self._n + count)
+        self._grow(self._n + count, exact=True)
 
     def add(self, batch: tiers.Columns) -> None:
         count = len(batch)
@@ -79,7 +166,7 @@ class HotTier:
         start = self._n
         end = start + count
         self._grow(end)
-        self._emb[start:end] = batch.embeddings
+        self._emb.write(start, batch.embeddings)
         self._norms[start:end] = tiers.norms(batch.embeddings)
         self._confidence[start:end] = batch.confidence
         self._created[start:end] = batch.created_at
@@ -105,8 +192,8 @@ class HotTier:
             raise KeyError("memory already in the hot tier; remove it first")
         start, end = self._n, self._n + count
         self._grow(end)
-        block = self._emb[start:end]
-        np.stack([m.embedding for m in items], out=block)
+        block = np.stack([m.embedding for m in items]).astype(np.float32, copy=False)
+        self._emb.write(start, block)
         self._norms[start:end] = tiers.norms(block)
         self._confidence[start:end] = np.fromiter((m.confidence for m in items), np.float32, count)
         self._created[start:end] = np.fromiter((m.created_at for m in items), np.float64, count)
@@ -131,7 +218,7 @@ class HotTier:
             raise KeyError("memory already in the hot tier; remove it first")
         row = self._n
         self._grow(row + 1)
-        self._emb[row] = memory.embedding
+        self._emb.write(row, memory.embedding[None, :])
         self._norms[row] = np.sqrt(np.dot(memory.embedding, memory.embedding))
         self._confidence[row] = memory.confidence
         self._created[row] = memory.created_at
@@ -156,8 +243,8 @@ class HotTier:
         if row != last:
             moved = self._ids[last]
             self._tag_index.discard(last, self._tags[last])
+            self._emb.row(row)[:] = self._emb.row(last)
             for column in (
-                self._emb,
                 self._norms,
                 self._confidence,
                 self._created,
@@ -195,7 +282,7 @@ class HotTier:
         return memories.Memory(
             id=memories.MemoryId(self._ids[row]),
             content=self._contents[row],
-            embedding=self._emb[row].copy() if with_embedding else np.zeros(0, np.float32),
+            embedding=self._emb.row(row).copy() if with_embedding else np.zeros(0, np.float32),
             confidence=float(self._confidence[row]),
             tags=dict(self._tags[row]),
             created_at=float(self._created[row]),
@@ -223,10 +310,10 @@ class HotTier:
             rows = self._tag_index.matching(tags)
             if rows.shape[0] == 0:
                 return []
-            scores = (self._emb[rows] @ cue) / self._norms[rows]
+            scores = (self._emb.gather(rows) @ cue) / self._norms[rows]
             found = tiers.best(scores, rows, k, min_score)
         else:
-            scores = self._emb[:n] @ cue
+            scores = self._emb.products(cue, n)
             scores /= self._norms[:n]
             found = tiers.best(scores, None, k, min_score)
         return [(score, self._ids[row]) for score, row in found]
@@ -250,7 +337,7 @@ class HotTier:
         return tiers.Columns(
             ids=[self._ids[r] for r in rows],
             contents=[self._contents[r] for r in rows],
-            embeddings=self._emb[rows].copy(),
+            embeddings=self._emb.gather(rows),
             confidence=self._confidence[rows].copy(),
             tags=[dict(self._tags[r]) for r in rows],
             created_at=self._created[rows].copy(),

@@ -1,0 +1,70 @@
+"""The hot tier's block store: a tier spanning many blocks answers like one matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memspace_server.storage import hot, tiers
+
+DIM = 8
+
+
+def _batch(ids: list[str], embeddings: np.ndarray) -> tiers.Columns:
+    count = len(ids)
+    return tiers.Columns(
+        ids=ids,
+        contents=[f"text of {i}" for i in ids],
+        embeddings=embeddings,
+        confidence=np.ones(count, np.float32),
+        tags=[{"even": "yes"} if int(i[1:]) % 2 == 0 else {} for i in ids],
+        created_at=np.ones(count),
+        last_recalled_at=np.zeros(count),
+        recall_count=np.zeros(count, np.uint64),
+    )
+
+
+def test_a_hot_tier_over_many_blocks_matches_a_plain_matrix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hot, "BLOCK_BYTES", 4 * DIM * 1024)  # 1024 rows a block
+    rng = np.random.default_rng(5)
+    tier = hot.HotTier(DIM)
+    model: dict[str, np.ndarray] = {}
+    created = 0
+    for step in range(400):
+        if rng.random() < 0.6 or not model:
+            count = int(rng.integers(1, 300))
+            ids = [f"m{created + i}" for i in range(count)]
+            created += count
+            embeddings = rng.normal(size=(count, DIM)).astype(np.float32)
+            if rng.random() < 0.1:
+                tier.reserve(count)
+            tier.add(_batch(ids, embeddings))
+            model.update(zip(ids, embeddings, strict=True))
+        else:
+            for key in rng.choice(list(model), size=min(len(model), 150), replace=False):
+                assert tier.remove(str(key))
+                del model[str(key)]
+        if step % 40 == 0 and model:
+            cue = tiers.unit(rng.normal(size=DIM).astype(np.float32))
+            ids = list(model)
+            matrix = np.stack([model[i] for i in ids])
+            scores = (matrix @ cue) / np.linalg.norm(matrix, axis=1)
+            assert [i for _, i in tier.top_k(cue, 5, -1.0, {})] == [
+                ids[i] for i in np.argsort(-scores)[:5]
+            ]
+            even = [k for k, i in enumerate(ids) if int(i[1:]) % 2 == 0]
+            assert [i for _, i in tier.top_k(cue, 3, -1.0, {"even": "yes"})] == [
+                ids[even[i]] for i in np.argsort(-scores[even])[:3]
+            ]
+            everything = tier.all_rows()
+            assert sorted(everything.ids) == sorted(model)
+            for i, key in enumerate(everything.ids):
+                assert np.array_equal(everything.embeddings[i], model[key])
+            some = ids[: min(20, len(ids))]
+            for key in some:
+                found = tier.get(key)
+                assert found is not None
+                assert np.array_equal(found.embedding, model[key])
+    assert len(tier._emb.blocks) > 3
