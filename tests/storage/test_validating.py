@@ -43,6 +43,22 @@ def test_a_bad_draft_among_good_ones_is_refused_as_alone(bad: memories.Draft) ->
     with pytest.raises(errors.InvalidMemoryError) as among:
         validating.validate([good(), bad, good()], DIM, 1.0)
     assert str(among.value) == str(alone.value)
+    with pytest.raises(errors.InvalidMemoryError) as single:
+        validating.validate([bad], DIM, 1.0)
+    assert str(single.value) == str(alone.value)
+
+
+def test_a_single_draft_comes_back_as_the_batch_path_makes_it() -> None:
+    draft = good(content="žluť", id="given", confidence=0.25, tags={"a": "b"})
+    one = validating.validate([draft], DIM, 100.0)
+    both = validating.validate([draft, good()], DIM, 100.0)
+    assert (one.ids, one.contents, one.tags) == (both.ids[:1], both.contents[:1], both.tags[:1])
+    assert one.embeddings.tolist() == both.embeddings[:1].tolist()
+    assert one.embeddings.dtype == np.float32
+    assert one.confidence.tolist() == [0.25]
+    assert one.created_at.tolist() == [100.0]
+    fresh = validating.validate([good()], DIM, 100.0).ids[0]
+    assert len(fresh) == 32
 
 
 def test_a_batch_comes_back_as_columns_with_fresh_ids_where_none_was_given() -> None:

@@ -78,21 +78,19 @@ def _remembered(
 ) -> tuple[list[bytes], list[feeds.Published]]:
     """The frames and events of remembering `batch` at LSNs first, first + 1, ..."""
     count = len(batch)
-    # An upper bound of each memory's bytes in a frame (UTF-8 takes at most 4 a character).
-    sizes = (
-        4 * dim
-        + 64
-        + 4
-        * (
+    # An upper bound of a memory's bytes in a frame (UTF-8 takes at most 4 a character).
+    fixed = 4 * dim + 64
+    tagged = any(batch.tags)
+    total = count * fixed + 4 * (sum(map(len, batch.ids)) + sum(map(len, batch.contents)))
+    if not tagged and total <= FRAME_BYTES:
+        bounds = [0, count]
+    else:
+        sizes = fixed + 4 * (
             np.fromiter(map(len, batch.ids), np.int64, count)
             + np.fromiter(map(len, batch.contents), np.int64, count)
         )
-    )
-    if any(batch.tags):
-        sizes += [sum(4 * (len(k) + len(v)) + 8 for k, v in t.items()) for t in batch.tags]
-    if int(sizes.sum()) <= FRAME_BYTES:
-        bounds = [0, count]
-    else:
+        if tagged:
+            sizes += [sum(4 * (len(k) + len(v)) + 8 for k, v in t.items()) for t in batch.tags]
         ends = np.cumsum(sizes)
         cuts = np.searchsorted(ends, np.arange(FRAME_BYTES, int(ends[-1]), FRAME_BYTES), "right")
         bounds = sorted({0, *cuts.tolist(), count})

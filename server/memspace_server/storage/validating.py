@@ -60,10 +60,34 @@ def _fresh_ids(count: int) -> list[str]:
     return [random[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
+def _one(draft: memories.Draft, dim: int, now: float) -> tiers.Columns:
+    """`validate` of a single draft (a Remember): the same rules, checked on scalars."""
+    confidence = float(draft.confidence)
+    if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0):
+        raise errors.InvalidMemoryError(f"confidence is {confidence}; allowed 0..1")
+    created = float(draft.created_at) or now
+    if not (math.isfinite(created) and created >= 0):
+        raise errors.InvalidMemoryError(f"created_at {created} is not a valid time")
+    _check_content(draft.content)
+    embedding = memories.check_vector(draft.embedding, dim, "embedding")
+    return tiers.Columns(
+        ids=[memories.check_id(draft.id) if draft.id else _fresh_ids(1)[0]],
+        contents=[draft.content],
+        embeddings=embedding[None, :],
+        confidence=np.array([confidence], np.float32),
+        tags=[memories.check_tags(draft.tags) if draft.tags else {}],
+        created_at=np.array([created], np.float64),
+        last_recalled_at=np.zeros(1, np.float64),
+        recall_count=np.zeros(1, np.uint64),
+    )
+
+
 def validate(drafts: Sequence[memories.Draft], dim: int, now: float) -> tiers.Columns:
     """Check every draft against the rules of a space (as `memories.validate_draft` does, with
     the same messages); return the batch to store, ids assigned where a draft has none."""
     count = len(drafts)
+    if count == 1:
+        return _one(drafts[0], dim, now)
     embeddings = _embeddings(drafts, dim) if count else np.zeros((0, dim), np.float32)
     confidence = np.fromiter(map(_CONFIDENCE, drafts), np.float64, count)
     if not (np.isfinite(confidence).all() and (confidence >= 0).all() and (confidence <= 1).all()):
