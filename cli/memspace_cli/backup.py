@@ -135,7 +135,7 @@ async def _create(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     target = _target(args)
     space_id = spaces.parse_space_id(args.space)
-    reg = registry.standalone(args.data_root, idle_unload_s=float("inf"))
+    reg = registry.standalone(args.data_root, idle_unload_s=float("inf"), exclusive=True)
     try:
         async with reg.lease(space_id) as space:
             manifest = await backups.create(space, target, reg.executor)
@@ -159,22 +159,28 @@ async def _list(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 async def _restore(args: argparse.Namespace) -> list[dict[str, Any]]:
     from memspace_server import errors  # noqa: PLC0415
-    from memspace_server.storage import backups, catalogs, registry  # noqa: PLC0415
+    from memspace_server.storage import backups, registry  # noqa: PLC0415
 
     target = _target(args)
-    paths = registry.Standalone(args.data_root)
     new_id = spaces.parse_space_id(args.as_space or args.space)
-    catalog = catalogs.Catalog(paths.index, writable=True)
-    catalog.refresh()
-    if catalog.get(new_id) is not None:
-        raise errors.BackupRefusedError(
-            f"space {new_id!r} exists in {args.data_root}; restore as a new space with --as ID, "
-            "or delete it first"
-        )
-    manifest = await backups.restore(
-        target, args.space, args.backup, paths.volumes / new_id, space_id=new_id
-    )
-    catalog.put(backups.index_entry(manifest, new_id))
+    reg = registry.standalone(args.data_root, exclusive=True)
+    try:
+        if reg.catalog.get(new_id) is not None:
+            raise errors.BackupRefusedError(
+                f"space {new_id!r} exists in {args.data_root}; restore as a new space with "
+                "--as ID, or delete it first"
+            )
+        volume = reg.volume(new_id)
+        if backups.restored_from(volume) == (args.space, args.backup):
+            # A restore that completed but was stopped before the index entry was written.
+            manifest = await backups.read(target, args.space, args.backup)
+        else:
+            manifest = await backups.restore(
+                target, args.space, args.backup, volume, space_id=new_id
+            )
+        reg.catalog.put(backups.index_entry(manifest, new_id))
+    finally:
+        await reg.close()
     row = _summary(manifest)
     row["space"] = new_id
     return [row]

@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"memspace serve: {err}", file=sys.stderr)
         return 2
     logs.configure(loaded.log_level, loaded.log_format)
+    from memspace_server import errors  # noqa: PLC0415
+
     try:
         code = asyncio.run(serving.serve(loaded, on_started=banner))
-    except settings.SettingsError as err:
+    except (settings.SettingsError, errors.DataRootInUseError) as err:
         logging.getLogger("memspace.serve").error("%s", err)
         return 2
     if code != 0:

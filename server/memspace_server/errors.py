@@ -29,7 +29,8 @@ each class to one status code in a single table.
     │       └── CorruptWalError
     ├── UnavailableError              being mounted, loaded after a failure, or draining
     │   ├── SubscriptionEndedError    a change feed ended by an unload or a drain (resumable)
-    │   └── ObjectStoreError          the backup target failed or could not be reached
+    │   ├── ObjectStoreError          the backup target failed or could not be reached
+    │   └── DataRootInUseError        another process holds a standalone data root
     └── ResumableError                a stream that ended early, with the LSN to resume from
 """
 
@@ -157,4 +158,8 @@ class SubscriptionEndedError(UnavailableError, ResumableError):
 
 
 class ObjectStoreError(UnavailableError):
+    pass
+
+
+class DataRootInUseError(UnavailableError):
     pass

@@ -34,6 +34,28 @@ def memspace(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def serve(root: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`memspace serve` on `root`: its exit status and stderr (it is expected to refuse)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memspace_cli.main",
+            "serve",
+            "--data-root",
+            str(root),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err
+
+
 def run(*args: str, env: dict[str, str]) -> dict[str, object] | list[dict[str, object]]:
     process = memspace(*args, "-o", "json", env=env)
     out, err = process.communicate(timeout=120)
@@ -216,3 +238,59 @@ async def test_a_restore_killed_midway_serves_nothing_and_a_retry_completes(
 
     run(*args, "--space", "alpha", env=env)
     await holds(root, spaces.parse_space_id("gamma"), ledger)
+
+
+async def test_a_data_root_in_use_is_refused_by_a_backup_and_by_a_second_server(
+    data_root: tuple[Path, Ledger], env: dict[str, str], minio_server: minio.Minio, bucket: str
+) -> None:
+    root, _ = data_root
+    holder = registry.standalone(root, exclusive=True)  # as a running server holds it
+    try:
+        with pytest.raises(errors.DataRootInUseError, match="in use by another memspace"):
+            registry.standalone(root, exclusive=True)
+        process = memspace(
+            "create",
+            minio_server.url(bucket),
+            "--data-root",
+            str(root),
+            "--space",
+            "alpha",
+            env=env,
+        )
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 1
+        assert f"the data root {root} is in use by another memspace process" in err
+        returncode, serve_err = serve(root, env)
+        assert returncode == 2
+        assert "is in use by another memspace process" in serve_err
+    finally:
+        await holder.close()
+    # Released: the backup runs now.
+    created = run(
+        "create", minio_server.url(bucket), "--data-root", str(root), "--space", "alpha", env=env
+    )
+    assert isinstance(created, dict)
+    assert created["space"] == "alpha"
+
+
+async def test_a_restore_stopped_after_its_files_but_before_its_index_entry_completes_on_retry(
+    data_root: tuple[Path, Ledger], env: dict[str, str], minio_server: minio.Minio, bucket: str
+) -> None:
+    root, ledger = data_root
+    url = minio_server.url(bucket)
+    created = run("create", url, "--data-root", str(root), "--space", "alpha", env=env)
+    assert isinstance(created, dict)
+    target = objects.Target(objects.TargetConfig.from_environment(url, env))
+    # The files are in place (as a restore killed right after its last rename leaves them),
+    # the index entry is not.
+    await backups.restore(
+        target,
+        ALPHA,
+        str(created["backup"]),
+        root / "spaces" / "delta",
+        space_id=spaces.parse_space_id("delta"),
+    )
+    assert backups.restored_from(root / "spaces" / "delta") == ("alpha", created["backup"])
+    args = ("restore", url, str(created["backup"]), "--data-root", str(root), "--as", "delta")
+    run(*args, "--space", "alpha", env=env)
+    await holds(root, spaces.parse_space_id("delta"), ledger)

@@ -46,6 +46,7 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
     errors.SubscriptionEndedError: grpc.StatusCode.UNAVAILABLE,
     # The object store failed or is unreachable; a retried backup uploads only what is missing.
     errors.ObjectStoreError: grpc.StatusCode.UNAVAILABLE,
+    errors.DataRootInUseError: grpc.StatusCode.UNAVAILABLE,
     # Subscribe again from the LSN in the message and in trailing metadata.
     errors.ResumableError: grpc.StatusCode.UNAVAILABLE,
 }

@@ -423,7 +423,10 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc, name-defined]
 async def serve(
     settings: ServerSettings, on_started: Callable[[Server], None] | None = None
 ) -> int:
-    """Run until SIGTERM or SIGINT, then drain. Returns the process exit code."""
+    """Run until SIGTERM or SIGINT, then drain. Returns the process exit code. Standalone, the
+    process holds its data root until it exits (a second server or a backup is refused)."""
+    if settings.index_dir is None:
+        registries.lock_data_root(settings.data_root)  # released when the process ends
     traced = tracing.configure(os.environ)
     try:
         return await _serve(settings, on_started)

@@ -367,10 +367,9 @@ def _finish(volume: Path, staging: Path, manifest: Manifest, space_id: str) -> N
         durable.fsync_dir(directory)
     identity = staging / layout.IDENTITY
     doc = json.loads(identity.read_text())
-    if doc.get("spaceId") != space_id:
-        doc["spaceId"] = space_id
-        doc["restoredFrom"] = {"spaceId": manifest.space_id, "backupId": manifest.backup_id}
-        durable.atomic_write(identity, json.dumps(doc))
+    doc["spaceId"] = space_id
+    doc["restoredFrom"] = {"spaceId": manifest.space_id, "backupId": manifest.backup_id}
+    durable.atomic_write(identity, json.dumps(doc))
     for part in sorted(staging.iterdir()):
         if part.name != layout.IDENTITY:
             part.rename(volume / part.name)
@@ -446,6 +445,16 @@ async def restore(
         len(manifest.files),
     )
     return manifest
+
+
+def restored_from(volume: Path) -> tuple[str, str] | None:
+    """(space, backup) a complete restore put on `volume` came from; None if it holds no
+    restored space. Blocking."""
+    try:
+        origin = json.loads((volume / layout.IDENTITY).read_text()).get("restoredFrom") or {}
+        return str(origin["spaceId"]), str(origin["backupId"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _write_all(fd: int, data: memoryview, digest: Any) -> None:

@@ -11,8 +11,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -81,6 +83,7 @@ class Registry:
         )
         self.pools = scheduling.Pools.create(self.settings, self.executor)
         self.idle_unload_s = idle_unload_s
+        self._data_root_lock: int | None = None
         self._spaces: dict[spaces.SpaceId, Space] = {}
         self._locks: dict[spaces.SpaceId, asyncio.Lock] = {}
         self._refused: dict[spaces.SpaceId, tuple[errors.MemspaceError, float]] = {}
@@ -375,16 +378,25 @@ class Registry:
                 with contextlib.suppress(errors.MemspaceError):
                     await space.consolidate()
 
+    def hold(self, lock: int | None) -> None:
+        """Keep the data root's lock (a file descriptor) until `close`."""
+        self._data_root_lock = lock
+
     async def close(self) -> None:
         """Unload every space (flushing its WAL and tiers) and stop the executor."""
         self._closed = True
-        pending = list(self._spaces)
-        # Flush several spaces at a time: each waits mostly on its own fsyncs.
-        for start in range(0, len(pending), 16):
-            await asyncio.gather(*(self.unload(s) for s in pending[start : start + 16]))
-        self.pools.shutdown()
-        if self._own_executor:
-            self.executor.shutdown(wait=True)
+        try:
+            pending = list(self._spaces)
+            # Flush several spaces at a time: each waits mostly on its own fsyncs.
+            for start in range(0, len(pending), 16):
+                await asyncio.gather(*(self.unload(s) for s in pending[start : start + 16]))
+            self.pools.shutdown()
+            if self._own_executor:
+                self.executor.shutdown(wait=True)
+        finally:
+            lock, self._data_root_lock = self._data_root_lock, None
+            if lock is not None:
+                os.close(lock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,11 +413,42 @@ class Standalone:
     def volumes(self) -> Path:
         return self.root / "spaces"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+
+def lock_data_root(root: Path) -> int:
+    """Hold a standalone data root for this process (an exclusive flock on `.lock`, released
+    when the returned descriptor is closed or the process ends, however it ends); refuse when
+    another process holds it. Blocking."""
+    paths = Standalone(root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        os.close(fd)
+        raise errors.DataRootInUseError(
+            f"the data root {paths.root} is in use by another memspace process (a running "
+            "server, or a backup or restore); stop it first"
+        ) from err
+    return fd
+
 
 def standalone(
-    root: Path, settings: EngineSettings | None = None, idle_unload_s: float = 300.0
+    root: Path,
+    settings: EngineSettings | None = None,
+    idle_unload_s: float = 300.0,
+    *,
+    exclusive: bool = False,
 ) -> Registry:
+    """The registry of a standalone data root. `exclusive`: hold the data root until the
+    registry closes (a server, `memspace backup`), refusing one another process holds."""
     paths = Standalone(root)
+    lock = lock_data_root(root) if exclusive else None
     catalog = catalogs.Catalog(paths.index, writable=True)
     catalog.refresh()
-    return Registry(catalog, paths.volumes, settings, idle_unload_s=idle_unload_s)
+    reg = Registry(catalog, paths.volumes, settings, idle_unload_s=idle_unload_s)
+    reg.hold(lock)
+    return reg
