@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -82,6 +83,7 @@ def assess(
         consolidation_rate=found.consolidation_rate,
         tier_memories={k: int(v) for k, v in found.tier_memories.items()},
         unknown=frozenset(found.unknown),
+        search_index=search_index(found.index) if found.HasField("index") else None,
     )
     if not result.serving:
         return statuses.Condition(
@@ -90,6 +92,20 @@ def assess(
     status, reason, template = _STATES.get(found.state, _FAILED)
     message = template.format(shard=shard, state=found.state)
     return statuses.Condition("Healthy", status, reason, message), figures
+
+
+def search_index(found: pb.SearchIndexStatus) -> dict[str, Any]:
+    """status.index from Health's SearchIndexStatus (the recall rounded to 0.01, so that its
+    small moves do not rewrite the status)."""
+    shown: dict[str, Any] = {
+        "type": found.type,
+        "configuredType": found.configured_type,
+        "rowsIndexed": found.rows_indexed,
+        "buildState": found.build_state,
+    }
+    if found.HasField("recall"):
+        shown["recall"] = round(found.recall, 2)
+    return shown
 
 
 class AdminToken:

@@ -53,6 +53,8 @@ class SpaceSpec:
     state: index.State
     class_name: str | None = None
     """spec.className; None: the default class (if any)."""
+    search: index.SearchIndex = dataclasses.field(default_factory=index.SearchIndex)
+    """spec.index: exact or approximate (HNSW) search of the warm and cold tiers."""
     unset: frozenset[str] = frozenset()
     """The fields a MemorySpaceClass may default that the spec leaves unset (DEFAULTABLE);
     they hold the built-in defaults here, which a class default replaces."""
@@ -154,6 +156,10 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     if max_memories is not None and max_memories < 1:
         raise errors.InvalidSpecError("spec.quota values must be above zero when set")
     state = _choice(spec.get("state", index.DEFAULT_STATE), index.STATES, "spec.state")
+    try:
+        search = index.parse_search({"index": spec.get("index") or {}})
+    except index.InvalidIndexEntryError as err:
+        raise errors.InvalidSpecError(f"spec.{err}") from err
     class_name = spec.get("className") or None
     if class_name is not None and not isinstance(class_name, str):
         raise errors.InvalidSpecError(f"spec.className must be a string, got {class_name!r}")
@@ -183,6 +189,7 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
         ),
         state=cast("index.State", state),
         class_name=class_name,
+        search=search,
         unset=frozenset(name for name, present in given.items() if not present),
     )
 
@@ -232,4 +239,5 @@ def index_entry(spec: SpaceSpec, token_sha256: str | None, generation: int) -> i
         tiers=spec.tiers,
         quota=spec.quota,
         state=spec.state,
+        search=spec.search,
     )

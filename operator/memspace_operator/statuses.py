@@ -57,12 +57,17 @@ class Figures:
     unknown: frozenset[str] = frozenset()
     """Figures the shard does not know (Health's `unknown`: a space not loaded since a crash):
     left out of the status rather than shown as 0."""
+    search_index: Mapping[str, Any] | None = None
+    """status.index: type, configuredType, rowsIndexed, buildState and the measured recall
+    (None: the shard did not say, the space not loaded)."""
 
     def differs(self, shown: Figures | None) -> bool:
         """Whether these figures are worth a status write over the `shown` ones."""
         if shown is None or self.unknown != shown.unknown:
             return True
         if self.memories != shown.memories or dict(self.tier_memories) != dict(shown.tier_memories):
+            return True
+        if self.search_index != shown.search_index:
             return True
         if abs(self.pressure - shown.pressure) >= PRESSURE_STEP:
             return True
@@ -237,6 +242,8 @@ def render(observed: Observed, previous: Mapping[str, Any]) -> dict[str, Any]:
         status.update(
             {key: value for name, (key, value) in shown.items() if name not in figures.unknown}
         )
+        if figures.search_index is not None:
+            status["index"] = dict(figures.search_index)
         if observed.figures_time:
             status["lastHealthTime"] = observed.figures_time
             oldest = oldest_record_time(observed.figures_time, figures.wal_lag_ms)

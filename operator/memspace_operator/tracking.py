@@ -84,6 +84,7 @@ def _restore(space: models.MemorySpace) -> statuses.Observed:
             consolidation_rate=float(status.get("consolidationRate") or 0.0),
             tier_memories={str(k): int(v) for k, v in tiers.items()},
             unknown=frozenset(name for name, key in keys.items() if key not in status),
+            search_index=dict(status["index"]) if isinstance(status.get("index"), dict) else None,
         )
         observed.figures_time = str(status["lastHealthTime"])
     return observed

@@ -4,19 +4,23 @@ against a real server holding a space whose index entry asks for an HNSW graph."
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from tests.api.conftest import (
     DIM,
+    Api,
     Running,
     Start,
     eventually,
     md,
+    memspace_serve,
     write_entry,
 )
 from tests.api.test_health import scrape
@@ -55,7 +59,7 @@ async def filled(start: Start, managed_dirs: tuple[Path, Path], admin_token_file
     return running
 
 
-async def index_status(running: Running) -> pb.SearchIndexStatus:
+async def index_status(running: Running | Api) -> pb.SearchIndexStatus:
     answer = await running.spaces.Health(pb.HealthRequest(space=TEAM), metadata=md(token="ta"))
     (found,) = answer.spaces
     assert found.HasField("index")
@@ -125,3 +129,74 @@ async def test_recall_exact_true_scans_every_row(
         pb.RecallRequest(cue=cue.tolist(), k=10, exact=True), metadata=md(TEAM, "ta")
     )
     assert [hit.memory.id for hit in exact.hits] == [hit.memory.id for hit in every.hits[:10]]
+
+
+async def test_a_server_killed_during_a_build_builds_the_graph_again_on_restart(
+    tmp_path: Path, managed_dirs: tuple[Path, Path], admin_token_file: Path
+) -> None:
+    index_dir, volumes = managed_dirs
+    dim, rows = 64, 12_000
+    write_entry(
+        index_dir,
+        TEAM,
+        token="ta",
+        dim=dim,
+        volumes=volumes,
+        tiers=index.Tiers(hot_capacity=10),
+        search=index.SearchIndex(type="hnsw"),
+    )
+    args = ["--data-root", str(volumes), "--index-dir", str(index_dir), "--listen", "127.0.0.1:0"]
+    args += ["--admin-token-file", str(admin_token_file), "--metrics-listen", "off"]
+    rng = np.random.default_rng(13)
+    # Around 100 centres, as embeddings of text lie (i.i.d. Gaussian rows have no neighbours).
+    centres = rng.normal(size=(100, dim)).astype(np.float32)
+    matrix = (
+        centres[rng.integers(0, 100, rows)] + rng.normal(size=(rows, dim)).astype(np.float32) / 3
+    )
+    cues = centres[:10] + rng.normal(size=(10, dim)).astype(np.float32) / 3
+    with memspace_serve(args, tmp_path / "log-1") as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            api = Api(channel)
+            for first in range(0, rows, 6_000):
+
+                async def requests(first: int = first) -> AsyncIterator[pb.RememberRequest]:
+                    for i in range(first, first + 6_000):
+                        embedding = matrix[i].tolist()
+                        yield pb.RememberRequest(
+                            memory=pb.Memory(content=f"m{i}", embedding=embedding)
+                        )
+
+                await api.memories.RememberBatch(requests(), metadata=md(TEAM, "ta"))
+            await api.memories.Consolidate(pb.ConsolidateRequest(), metadata=md(TEAM, "ta"))
+            # Killed while the graph is being built: nothing of it is saved yet.
+            assert (await index_status(api)).build_state == "building"
+        server.popen.send_signal(signal.SIGKILL)
+        server.popen.wait()
+    folder = volumes / TEAM / "warm" / ".ann"
+    assert not list(folder.glob("*.json")) if folder.exists() else True
+    with memspace_serve(args, tmp_path / "log-2") as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            api = Api(channel)
+            exact = [
+                await api.memories.Recall(
+                    pb.RecallRequest(cue=cue.tolist(), k=10, exact=True), metadata=md(TEAM, "ta")
+                )
+                for cue in cues
+            ]
+            for _ in range(1200):
+                status = await index_status(api)
+                if status.build_state == "ready":
+                    break
+                await asyncio.sleep(0.1)
+            assert status.build_state == "ready"
+            assert status.rows_indexed >= rows - 10
+            assert len(list(folder.glob("*.json"))) == 1
+            overlap = 0
+            for cue, truth in zip(cues, exact, strict=True):
+                found = await api.memories.Recall(
+                    pb.RecallRequest(cue=cue.tolist(), k=10), metadata=md(TEAM, "ta")
+                )
+                overlap += len(
+                    {h.memory.id for h in found.hits} & {h.memory.id for h in truth.hits}
+                )
+            assert overlap >= 90
