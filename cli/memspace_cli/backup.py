@@ -198,12 +198,18 @@ ACTIONS = {"create": _create, "list": _list, "restore": _restore, "delete": _del
 
 def run(args: argparse.Namespace) -> int:
     from memspace_server import errors  # noqa: PLC0415
+    from memspace_server.api import tracing  # noqa: PLC0415
 
+    # Spans of the backup or restore, exported as the server's are when OTEL_* says so.
+    traced = tracing.configure(os.environ, service_name="memspace-backup")
     try:
         rows = asyncio.run(ACTIONS[args.action](args))
     except (errors.MemspaceError, spaces.InvalidSpaceIdError) as err:
         print(f"memspace backup {args.action}: {err}", file=sys.stderr)
         return 1
+    finally:
+        if traced is not None:
+            traced.shutdown()
     columns = ("backup", "space", "deleted") if args.action == "delete" else COLUMNS
     _print(rows, args.output, columns, single=args.action != "list")
     return 0

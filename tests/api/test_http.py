@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from memspace_contract import index
@@ -32,6 +34,7 @@ from tests.api.conftest import (
     write_entry,
 )
 from tests.api.over_http import Events, headers, http_callers, memory_json, web
+from tests.api.test_tls import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -329,3 +332,25 @@ async def test_an_http_call_counts_in_the_same_metrics_as_grpc(start: Start) -> 
 def test_http_errors_are_the_grpc_table() -> None:
     refused = errors.SpaceNotFoundError("no space 'x' on this server")
     assert errors_map.http_status(errors_map.code_for(refused)) == 404
+
+
+async def test_with_tls_the_http_port_speaks_https_with_the_grpc_certificate(
+    start: Start, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    running = await start(
+        tls_cert_file=pki.cert_file, tls_key_file=pki.key_file, http_listen="127.0.0.1:0"
+    )
+    assert running.server.http is not None
+    url = f"https://127.0.0.1:{running.server.http.port}"
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    async with httpx.AsyncClient(base_url=url, verify=context) as c:
+        made = await c.post("/v1/spaces/default/memories", json=memory_json("secret"))
+        assert made.status_code == 200
+    # Plain HTTP to the TLS port gets no answer, and a client that does not trust the CA fails.
+    async with httpx.AsyncClient(base_url=url.replace("https", "http")) as plain:
+        with pytest.raises(httpx.HTTPError):
+            await plain.get("/v1/spaces")
+    async with httpx.AsyncClient(base_url=url) as untrusting:
+        with pytest.raises(httpx.ConnectError):
+            await untrusting.get("/v1/spaces")

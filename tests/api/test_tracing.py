@@ -9,6 +9,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +96,19 @@ async def test_calls_and_what_they_do_inside_are_exported_with_their_parents(
         served.popen.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(served.popen.wait, 30) == 0
     assert {span.service for span in receiver.spans} == {"memspace-under-test"}
+    # A backup of the space, by `memspace backup create` in a process of its own.
+    command = [sys.executable, "-m", "memspace_cli.main", "backup", "create"]
+    command += [str(tmp_path / "backups"), f"--data-root={tmp_path / 'data'}", "--space=default"]
+    backup = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        env={**os.environ, **env, "OTEL_SERVICE_NAME": "memspace-backup"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert backup.returncode == 0, backup.stderr
 
     def call(name: str, parent: str) -> ReceivedSpan:
         found = only(
@@ -141,6 +156,12 @@ async def test_calls_and_what_they_do_inside_are_exported_with_their_parents(
     assert over_http.attributes["memspace.transport"] == "http"
     assert over_http.attributes["memspace.space"] == "default"
     assert len(receiver.children(over_http, "memspace.tier.scan")) == 3
+
+    (backed_up,) = receiver.named("memspace.backup.create")
+    assert backed_up.service == "memspace-backup"
+    assert backed_up.attributes["memspace.space"] == "default"
+    assert backed_up.attributes["memspace.backup.files"] > 0
+    assert backed_up.attributes["memspace.backup.id"] in backup.stdout
 
 
 async def test_without_otel_variables_nothing_is_traced(start: Start) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from memspace_contract import durable, index, spaces
-from memspace_server import errors
+from memspace_server import errors, spans
 from memspace_server.storage import layout, objects, wal
 from memspace_server.storage.spaces import Space
 
@@ -204,6 +204,20 @@ def _unwrap(err: BaseException) -> BaseException:
     return err
 
 
+def _traced(span: Any, manifest: Manifest) -> Manifest:
+    if span is not None:
+        span.set_attributes(
+            {
+                "memspace.backup.id": manifest.backup_id,
+                "memspace.backup.lsn": manifest.lsn,
+                "memspace.backup.files": len(manifest.files),
+                "memspace.backup.bytes": manifest.bytes,
+                "memspace.backup.bytes_uploaded": manifest.bytes_uploaded,
+            }
+        )
+    return manifest
+
+
 async def create(
     space: Space,
     target: objects.Target,
@@ -212,6 +226,17 @@ async def create(
 ) -> Manifest:
     """Back up a loaded space to `target` while it keeps serving. Raises ObjectStoreError when
     the target fails (no manifest is written; a retry uploads only what is missing)."""
+    attributes = {spans.SPACE: space.id} if spans.ENABLED else None
+    with spans.span("memspace.backup.create", attributes) as span:
+        return _traced(span, await _create(space, target, executor, backup_id))
+
+
+async def _create(
+    space: Space,
+    target: objects.Target,
+    executor: concurrent.futures.Executor | None,
+    backup_id: str | None,
+) -> Manifest:
     loop = asyncio.get_running_loop()
     backup_id = backup_id or new_backup_id()
     space_id = space.id
@@ -394,6 +419,25 @@ async def restore(
     """Restore a backup of `source_space` into the volume directory `volume`, as space
     `space_id` (default: the same). Every file is checked before any is put in place; a missing
     or corrupt one raises BackupRefusedError and leaves the volume unservable (no identity)."""
+    attributes = {spans.SPACE: space_id or source_space} if spans.ENABLED else None
+    with spans.span("memspace.backup.restore", attributes) as span:
+        return _traced(
+            span,
+            await _restore(
+                target, source_space, backup_id, volume, space_id=space_id, executor=executor
+            ),
+        )
+
+
+async def _restore(
+    target: objects.Target,
+    source_space: str,
+    backup_id: str,
+    volume: Path,
+    *,
+    space_id: spaces.SpaceId | None,
+    executor: concurrent.futures.Executor | None,
+) -> Manifest:
     loop = asyncio.get_running_loop()
     manifest = await read(target, source_space, backup_id)
     new_id = space_id or manifest.space_id
