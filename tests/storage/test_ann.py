@@ -300,6 +300,7 @@ async def test_setting_exact_drops_the_graphs(spaces_registry: registry.Registry
         assert space.ann.approximate(space.warm, space.cold)
         space.reconfigure(dataclasses.replace(space.entry, search=index.SearchIndex(type="exact")))
         assert not space.ann.approximate(space.warm, space.cold)
+        assert space.ann.graphs == {}
         status = space.health().index
         assert status is not None
         assert (status.type, status.state) == ("exact", "none")

@@ -352,7 +352,8 @@ class SpaceIndex:
     def reconfigure(self, params: index.SearchIndex) -> None:
         """New parameters: graphs made with another m or efConstruction are dropped (exact
         scans answer until they are rebuilt); efSearch applies from the next recall."""
-        if (params.m, params.ef_construction) != (self.params.m, self.params.ef_construction):
+        changed = (params.m, params.ef_construction) != (self.params.m, self.params.ef_construction)
+        if changed or params.type == "exact":
             self.graphs.clear()
         self.params = params
 
