@@ -44,12 +44,16 @@ from memspace_cli.serve import limit_blas_threads
 from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
+from memspace_server.api import sharing
 
 REPO = Path(__file__).resolve().parents[1]
 ECHO_METHOD = "/bench.Echo/Echo"
 CONCURRENCY = 32
 PARTS = ("throughput", "restart", "many", "fanout", "tls")
 _ADDRESS = re.compile(r"serving (?:\d+ spaces )?on (\S+)")
+ALONE_S = sharing.WINDOW_S + 0.1
+"""A pause before each closed loop on one space, so that the server sees that space alone (the
+previous loop's space no longer shares the event loop) and measures it without turns."""
 
 
 # -- servers in subprocesses ---------------------------------------------------------------------
@@ -380,6 +384,7 @@ async def qps(
     for _ in range(rounds):
         for name, call in calls.items():
             process = echo if name == "echo" else server
+            await asyncio.sleep(ALONE_S)
             before = process.cpu_s()
             rate, _ = await closed_loop(call, CONCURRENCY, seconds)
             rates[name].append(rate)
@@ -405,6 +410,7 @@ async def p99(
     writer = pb.RememberRequest(
         space="p99", memory=pb.Memory(content="y" * 200, embedding=vectors(1, 384)[0].tolist())
     )
+    await asyncio.sleep(ALONE_S)
     rate, latencies = await closed_loop(lambda: memories.Remember(writer), 32, seconds)
     results["remember_p99_ms_32_writers"] = round(p99_ms(latencies), 2)
     results["remember_p50_ms_32_writers"] = round(median_ms(latencies), 2)

@@ -294,6 +294,16 @@ class ServerSettings(Settings):
         help="unary calls and RememberBatch streams in flight on one space, so one tenant cannot "
         "take every call slot of a shard",
     )
+    working_calls_per_space: int = setting(
+        4,
+        env="MEMSPACE_WORKING_CALLS_PER_SPACE",
+        metavar="N",
+        ge=0,
+        help="unary calls of one space the event loop works on at once while other spaces call "
+        "too; the space's further calls wait in its own queue, so a flooding tenant's share of "
+        "the loop does not grow with how hard it pushes (a space alone is not held back; 0: "
+        "off)",
+    )
     max_subscribers_per_space: int = setting(
         1024,
         env="MEMSPACE_MAX_SUBSCRIBERS_PER_SPACE",

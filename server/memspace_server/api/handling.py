@@ -29,7 +29,7 @@ from google.protobuf import message as protobuf_message
 from memspace_contract import index, spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors, spans
-from memspace_server.api import errors_map, limits, logs, routing, tracing
+from memspace_server.api import errors_map, limits, logs, routing, sharing, tracing
 from memspace_server.api.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,17 @@ def full_method(service: descriptor.ServiceDescriptor, method: descriptor.Method
 
 
 class Edge:
-    def __init__(self, router: routing.Router, metrics: Metrics, caps: limits.Limits) -> None:
+    def __init__(
+        self,
+        router: routing.Router,
+        metrics: Metrics,
+        caps: limits.Limits,
+        turns: sharing.Turns | None = None,
+    ) -> None:
         self.router = router
         self.metrics = metrics
         self.limits = caps
+        self.turns = turns
         self._ids = itertools.count(1)
         self._prefix = os.urandom(3).hex()
         self.in_flight = 0
@@ -218,7 +225,10 @@ class Edge:
             async with self._scope(method, context, limits.Shape.UNARY) as scope:
                 _check_parsed(request)
                 named = request.space if names_space else ""
-                return await behavior(request, scope.route(policy, named))
+                call = scope.route(policy, named)
+                if self.turns is not None and call.route.space is not None:
+                    await scope.take_turn(self.turns, call.route.space)
+                return await behavior(request, call)
 
         return handle
 
@@ -269,6 +279,7 @@ class _Scope:
         self.authorization: list[str] = []
         self._route: routing.Route | None = None
         self._ticket: limits.Ticket | None = None
+        self._turns: sharing.Turns | None = None
         self._refused_space: str | None = None
 
     def read_metadata(
@@ -304,7 +315,15 @@ class _Scope:
         self._ticket = self._limits.admit(self._shape, self._route.space)
         return Call(self._route)
 
+    async def take_turn(self, turns: sharing.Turns, space: str) -> None:
+        """Wait for the call's turn among the unary calls at work (`sharing`)."""
+        await turns.enter(space)
+        self._turns = turns
+
     def release(self) -> None:
+        if self._turns is not None and self._route is not None and self._route.space:
+            self._turns.leave(self._route.space)
+            self._turns = None
         if self._ticket is not None:
             self._ticket.release()
 

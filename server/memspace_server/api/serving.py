@@ -34,6 +34,7 @@ from memspace_server.api import (
     openapi,
     routing,
     servicers,
+    sharing,
     tokens,
     tracing,
 )
@@ -71,7 +72,9 @@ class Server:
                 subscribers_per_space=settings.max_subscribers_per_space,
             )
         )
-        self.edge = handling.Edge(self.router, self.metrics, self.limits)
+        per_space = settings.working_calls_per_space
+        turns = sharing.Turns(per_space) if per_space else None
+        self.edge = handling.Edge(self.router, self.metrics, self.limits, turns)
         self.health = _Health()
         self.port = 0
         self.draining = False

@@ -1,0 +1,208 @@
+"""Turns of unary calls on the event loop while spaces share it: a flooding space's calls beyond
+its share wait in their own queue, a quiet space's call starts at once, and a space alone is not
+held back. The last
+test runs a real server whose flooding space sends far more calls than the edge works on."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_server.api import sharing
+from tests.api.conftest import Start, md, write_entry
+
+
+class Caller:
+    """Calls of one space that take their turn, then wait until the test ends them."""
+
+    def __init__(self, turns: sharing.Turns, space: str, log: list[str]) -> None:
+        self.turns = turns
+        self.space = space
+        self.log = log
+        self.ends: list[asyncio.Event] = []
+
+    def call(self) -> asyncio.Task[None]:
+        end = asyncio.Event()
+        self.ends.append(end)
+        label = f"{self.space}-{len(self.ends) - 1}"
+
+        async def run() -> None:
+            await self.turns.enter(self.space)
+            try:
+                self.log.append(label)
+                await end.wait()
+            finally:
+                self.turns.leave(self.space)
+
+        return asyncio.ensure_future(run())
+
+    def end(self, n: int) -> None:
+        self.ends[n].set()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def called(turns: sharing.Turns, space: str) -> None:
+    """A call of `space` that came and went: the loop is shared with it for a while."""
+    await turns.enter(space)
+    turns.leave(space)
+
+
+async def test_a_floods_calls_beyond_its_share_wait_but_a_quiet_space_starts_at_once() -> None:
+    turns = sharing.Turns(per_space=2)
+    started: list[str] = []
+    noisy = Caller(turns, "noisy", started)
+    quiet = Caller(turns, "quiet", started)
+    await called(turns, "quiet")
+    flood = [noisy.call() for _ in range(5)]
+    await settle()
+    assert started == ["noisy-0", "noisy-1"]
+    assert turns.waiting("noisy") == 3
+    calm = quiet.call()
+    await settle()
+    # The flood has its share at work and more waiting, yet the quiet space's call starts.
+    assert started[-1] == "quiet-0"
+    assert turns.working == 3
+    quiet.end(0)
+    await calm
+    # Its end starts none of the flood's: those wait for the flood's own calls to end.
+    await settle()
+    assert turns.working_on("noisy") == 2
+    noisy.end(0)
+    await settle()
+    assert started[-1] == "noisy-2"
+    assert turns.working_on("noisy") == 2
+    for n in range(1, 5):
+        noisy.end(n)
+    await asyncio.gather(*flood)
+    assert turns.working == 0
+    assert started == ["noisy-0", "noisy-1", "quiet-0", "noisy-2", "noisy-3", "noisy-4"]
+
+
+async def test_each_space_waits_only_for_its_own_calls() -> None:
+    turns = sharing.Turns(per_space=1)
+    started: list[str] = []
+    a, b = Caller(turns, "a", started), Caller(turns, "b", started)
+    await called(turns, "b")
+    tasks = [a.call() for _ in range(3)] + [b.call() for _ in range(3)]
+    await settle()
+    assert started == ["a-0", "b-0"]
+    # b's end starts b's next call, however many of a's wait.
+    b.end(0)
+    await settle()
+    assert started == ["a-0", "b-0", "b-1"]
+    assert turns.waiting("a") == 2
+    for n in range(3):
+        a.end(n)
+        b.end(n)
+    await asyncio.gather(*tasks)
+    assert turns.working == 0
+    assert sorted(started) == ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2"]
+
+
+async def test_a_cancelled_waiting_call_leaves_its_queue_and_takes_no_slot() -> None:
+    turns = sharing.Turns(per_space=1)
+    started: list[str] = []
+    a = Caller(turns, "a", started)
+    await called(turns, "b")
+    first = a.call()
+    await settle()
+    waiting = a.call()
+    await settle()
+    assert turns.waiting("a") == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert turns.waiting("a") == 0
+    a.end(0)
+    await first
+    assert turns.working == 0
+    third = a.call()
+    await settle()
+    assert started == ["a-0", "a-2"]
+    a.end(2)
+    await third
+    assert turns.working == 0
+
+
+async def test_a_space_alone_on_the_loop_is_not_held_back() -> None:
+    turns = sharing.Turns(per_space=1, window_s=0.2)
+    started: list[str] = []
+    a = Caller(turns, "a", started)
+    alone = [a.call() for _ in range(3)]
+    await settle()
+    assert turns.working_on("a") == 3
+    # Another space calls: from now on a's calls take turns.
+    await called(turns, "b")
+    queued = [a.call() for _ in range(2)]
+    await settle()
+    assert turns.waiting("a") == 2
+    # b has not called for longer than the window: a is alone again, and its next end starts
+    # all of its waiting calls.
+    await asyncio.sleep(0.3)
+    a.end(0)
+    await settle()
+    assert turns.waiting("a") == 0
+    assert turns.working_on("a") == 4
+    for n in range(1, 5):
+        a.end(n)
+    await asyncio.gather(*alone, *queued)
+    assert turns.working == 0
+
+
+def test_turns_need_a_call_at_work_per_space() -> None:
+    with pytest.raises(ValueError, match="at least one call at work"):
+        sharing.Turns(0)
+
+
+async def test_a_quiet_spaces_call_starts_while_a_floods_calls_wait_their_turn(
+    start: Start, managed_dirs: tuple[Path, Path]
+) -> None:
+    """A real server working on one call of each space at a time: 60 Remembers of a flooding
+    space are sent at once, then one of a quiet space. The flood's calls wait in their queue
+    (none refused, none lost), and the quiet call is at work while they still wait: it did not
+    queue behind them."""
+    index_dir, volumes = managed_dirs
+    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=4)
+    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
+    running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
+    turns = running.server.edge.turns
+    assert turns is not None
+    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
+    for space, token in (("noisy", "tn"), ("quiet", "tq")):
+        await running.memories.Remember(request, metadata=md(space, token))  # loaded
+    flood = [
+        asyncio.ensure_future(running.memories.Remember(request, metadata=md("noisy", "tn")))
+        for _ in range(60)
+    ]
+    for _ in range(5000):
+        if turns.waiting("noisy") >= 20:
+            break
+        await asyncio.sleep(0.001)
+    assert turns.waiting("noisy") >= 20
+    # The flood's calls still waiting when the quiet one was at work (the server runs on this
+    # loop: a watcher sees every step between the calls' steps).
+    beside: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            if turns.working_on("quiet"):
+                beside.append(turns.waiting("noisy"))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await running.memories.Remember(request, metadata=md("quiet", "tq"))
+    finally:
+        watcher.cancel()
+    assert beside
+    assert max(beside) > 0
+    answers = await asyncio.gather(*flood)
+    assert len({answer.id for answer in answers}) == 60
+    assert turns.working == 0
