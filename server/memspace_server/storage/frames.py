@@ -22,6 +22,7 @@ one record per frame and still replay.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import struct
 from collections.abc import Sequence
@@ -165,14 +166,14 @@ def _blob(texts: Sequence[str]) -> tuple[bytes, npt.NDArray[np.uint32]]:
     joined = "".join(texts)
     if joined.isascii():
         data = joined.encode("ascii")
-        lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+        lengths = map(len, texts)
     else:
         parts = [t.encode() for t in texts]
         data = b"".join(parts)
-        lengths = np.fromiter(map(len, parts), np.int64, len(parts))
+        lengths = map(len, parts)
     if len(data) >= 1 << 32:
         raise ValueError("a frame's text columns exceed 4 GiB")
-    return data, np.cumsum(lengths).astype("<u4")
+    return data, np.fromiter(itertools.accumulate(lengths), "<u4", len(texts))
 
 
 def encode(
@@ -188,12 +189,10 @@ def encode(
     )
     remembers = len(batch)
     count = remembers + len(forgotten)
-    kinds = np.full(count, records.FORGET, np.uint8)
-    kinds[:remembers] = records.REMEMBER
-    created = np.zeros(count, "<f8")
-    confidence = np.zeros(count, "<f4")
-    created[:remembers] = batch.created_at
-    confidence[:remembers] = batch.confidence
+    forgets = len(forgotten)
+    kinds = bytes((records.REMEMBER,)) * remembers + bytes((records.FORGET,)) * forgets
+    created = np.asarray(batch.created_at, "<f8").tobytes() + bytes(8 * forgets)
+    confidence = np.asarray(batch.confidence, "<f4").tobytes() + bytes(4 * forgets)
     embeddings = np.ascontiguousarray(batch.embeddings, "<f4")
     if embeddings.shape != (remembers, dim):
         raise ValueError(f"a frame of {remembers} memories of {dim} values got {embeddings.shape}")
@@ -213,9 +212,9 @@ def encode(
     size = 0
     for section in (
         head,
-        kinds.data,
-        created.data,
-        confidence.data,
+        kinds,
+        created,
+        confidence,
         id_ends.data,
         text_ends.data,
         tag_ends.data,
