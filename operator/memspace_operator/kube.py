@@ -76,6 +76,10 @@ def statefulsets(namespace: str, name: str | None = None) -> str:
     return path("apps", "v1", "statefulsets", namespace=namespace, name=name)
 
 
+def leases(namespace: str, name: str | None = None) -> str:
+    return path("coordination.k8s.io", "v1", "leases", namespace=namespace, name=name)
+
+
 def memoryspaces(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
     return path(
         "memspace.dev",
@@ -165,9 +169,11 @@ class Kube:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        attempt_s: float = REQUEST_TIMEOUT_S,
     ) -> Any:
         """One request; retried briefly on connection errors, 429 and 5xx. Returns the decoded
-        JSON answer; raises errors.ApiError (or a subclass) for any other failure."""
+        JSON answer; raises errors.ApiError (or a subclass) for any other failure. `attempt_s`
+        bounds each attempt (seconds)."""
         data = None if body is None else json.dumps(body)
         dry_run = bool(params and params.get("dryRun"))
         self.requests["DRYRUN" if dry_run else method] += 1
@@ -182,7 +188,7 @@ class Kube:
                         params=params,
                         data=data,
                         headers=self._headers(content_type if data is not None else None),
-                        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+                        timeout=aiohttp.ClientTimeout(total=attempt_s),
                     ) as response,
                 ):
                     text = await response.text()
@@ -218,6 +224,14 @@ class Kube:
     async def create(self, url_path: str, body: Json, *, dry_run: bool = False) -> Json:
         params = {"dryRun": "All"} if dry_run else None
         answer: Json = await self.request("POST", url_path, params=params, body=body)
+        return answer
+
+    async def replace(
+        self, url_path: str, body: Json, *, attempt_s: float = REQUEST_TIMEOUT_S
+    ) -> Json:
+        """PUT the whole object; with `metadata.resourceVersion` set, ConflictError when the
+        object changed since it was read (optimistic concurrency)."""
+        answer: Json = await self.request("PUT", url_path, body=body, attempt_s=attempt_s)
         return answer
 
     async def patch(self, url_path: str, body: Any, kind: PatchType = "merge") -> Json:

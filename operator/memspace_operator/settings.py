@@ -172,6 +172,40 @@ class Settings(_Base):
         "once from flooding the API server)",
     )
 
+    leader_election: bool = setting(
+        True,
+        env="MEMSPACE_LEADER_ELECTION",
+        help="elect one leader among the operator's replicas on a coordination.k8s.io Lease in "
+        "the server namespace; the others stand by. false: this process leads at once (one "
+        "replica only, never two)",
+    )
+    lease_name: str = setting(
+        "memspace-operator",
+        env="MEMSPACE_LEASE_NAME",
+        help="name of the leader election's Lease, in the server namespace",
+    )
+    lease_duration_s: int = setting(
+        15,
+        env="MEMSPACE_LEASE_DURATION",
+        ge=2,
+        help="seconds (whole: the Lease's leaseDurationSeconds) a standby waits after the "
+        "leader's last renewal before it takes over: how long a crashed leader leaves the "
+        "spaces unreconciled",
+    )
+    lease_renew_deadline_s: float = setting(
+        10.0,
+        env="MEMSPACE_LEASE_RENEW_DEADLINE",
+        gt=0,
+        help="seconds after its last renewal at which a leader that cannot renew stops (and "
+        "exits); shorter than the lease duration, so it has stopped before a standby takes over",
+    )
+    lease_retry_period_s: float = setting(
+        2.0,
+        env="MEMSPACE_LEASE_RETRY_PERIOD",
+        gt=0,
+        help="seconds between the leader's renewals and between a standby's reads of the Lease",
+    )
+
     @pydantic.field_validator("server_namespace")
     @classmethod
     def _namespace_name(cls, value: str) -> str:
@@ -187,6 +221,22 @@ class Settings(_Base):
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"{err!r}; only {{shard}} and {{namespace}} may be used") from err
         return value
+
+    @pydantic.field_validator("lease_name")
+    @classmethod
+    def _lease_name(cls, value: str) -> str:
+        if not _DNS_LABEL.fullmatch(value) or len(value) > 63:
+            raise ValueError("not a Lease name (lower-case letters, digits and '-')")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _lease_timing(self) -> Settings:
+        if not (self.lease_retry_period_s < self.lease_renew_deadline_s < self.lease_duration_s):
+            raise ValueError(
+                "MEMSPACE_LEASE_RETRY_PERIOD < MEMSPACE_LEASE_RENEW_DEADLINE < "
+                "MEMSPACE_LEASE_DURATION must hold: a leader stops before a standby may take over"
+            )
+        return self
 
     @pydantic.model_validator(mode="after")
     def _client_auth_needs_the_operator_ca(self) -> Settings:

@@ -117,7 +117,14 @@ def full_values(server_namespace: str) -> dict[str, Any]:
         "imagePullSecrets": [{"name": "registry-credentials"}],
         "crds": {"install": True, "keep": False},
         "operator": {
-            "replicas": 1,
+            "replicas": 3,
+            "leaderElection": {
+                "enabled": True,
+                "leaseDuration": 20,
+                "renewDeadline": 12.5,
+                "retryPeriod": 3,
+            },
+            "podDisruptionBudget": {"enabled": False},
             "serviceAccount": {
                 "create": True,
                 "name": "memspace-controller",

@@ -168,7 +168,8 @@ def _get(values: Mapping[str, Any], path: str) -> Any:
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [
-        ({"operator": {"replicas": 2}}, "/operator/replicas"),
+        ({"operator": {"replicas": -1}}, "/operator/replicas"),
+        ({"operator": {"leaderElection": {"leaseDuration": 1}}}, "/operator/leaderElection"),
         ({"operator": {"replica": 1}}, "'replica' not allowed"),
         ({"server": {"maxShards": 0}}, "/server/maxShards"),
         ({"server": {"maxSpacesPerShard": "20"}}, "/server/maxSpacesPerShard"),
@@ -224,6 +225,10 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "MEMSPACE_TLS_CERT_DAYS": "30",
         "MEMSPACE_CLUSTER_DOMAIN": "corp.example",
         "MEMSPACE_TLS_CLIENT_AUTH": "true",
+        "MEMSPACE_LEADER_ELECTION": "true",
+        "MEMSPACE_LEASE_DURATION": "20",
+        "MEMSPACE_LEASE_RENEW_DEADLINE": "12.5",
+        "MEMSPACE_LEASE_RETRY_PERIOD": "3",
         "MEMSPACE_LOG_FORMAT": "json",
         "MEMSPACE_SERVER_ENV": json.dumps(
             {
@@ -258,6 +263,10 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
     assert (settings.tls_ca_days, settings.tls_cert_days) == (1825, 30)
     assert settings.cluster_domain == "corp.example"
     assert settings.tls_client_auth
+    assert settings.leader_election
+    assert settings.lease_name == "memspace-operator"
+    assert (settings.lease_duration_s, settings.lease_renew_deadline_s) == (20, 12.5)
+    assert settings.lease_retry_period_s == 3
     statefulset, _ = shard_objects(settings)
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert f"--tls-client-ca-file={naming.TLS_PATH}/ca.crt" in container["args"]
@@ -286,18 +295,26 @@ def test_by_default_the_operator_gets_the_design_s_settings(helm: Helm) -> None:
     assert settings.tls_cert_days == defaults.tls_cert_days
     assert settings.cluster_domain == defaults.cluster_domain
     assert settings.tls_client_auth is defaults.tls_client_auth is False
+    assert settings.leader_election is defaults.leader_election is True
+    assert settings.lease_duration_s == defaults.lease_duration_s == 15
+    assert settings.lease_renew_deadline_s == defaults.lease_renew_deadline_s == 10
+    assert settings.lease_retry_period_s == defaults.lease_retry_period_s == 2
     assert find(objects, "Certificate") == []
     # Every variable the chart sets is one the operator reads.
     known = {Settings.env(name) for name in Settings.model_fields}
     assert set(env) - known == {"MEMSPACE_LOG_FORMAT"}
 
 
-def test_the_operator_runs_alone_probed_and_with_its_token(helm: Helm) -> None:
+def test_the_operator_runs_its_replicas_probed_and_with_its_token(helm: Helm) -> None:
     objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 3
+    # A new pod comes up (a standby) before an old one goes, which releases the Lease.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "memspace-controller"
     assert one(objects, "ServiceAccount", "memspace-controller")["metadata"]["namespace"] == (
@@ -322,8 +339,64 @@ def test_the_operator_runs_alone_probed_and_with_its_token(helm: Helm) -> None:
     assert container["image"] == "registry.example.com/memspace/memspace:1.2.3"
     assert container["imagePullPolicy"] == "Always"
 
+    assert pod["affinity"] == full_values("memspace-spaces")["operator"]["affinity"]
+
     paused = one(helm.template({"operator": {"replicas": 0}}), "Deployment")
     assert paused["spec"]["replicas"] == 0
+
+
+def test_by_default_two_replicas_elect_a_leader_on_different_nodes_and_a_budget_keeps_one(
+    helm: Helm, tmp_path: Path
+) -> None:
+    objects = helm.template(namespace="memspace-system")
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    env = env_of(deployment)
+    assert env["MEMSPACE_LEADER_ELECTION"] == "true"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert _selects(term["podAffinityTerm"]["labelSelector"]["matchLabels"], pod_labels)
+    budget = one(objects, "PodDisruptionBudget", "memspace-operator")
+    assert budget["metadata"]["namespace"] == "memspace-system"
+    assert budget["spec"]["minAvailable"] == 1
+    assert _selects(budget["spec"]["selector"]["matchLabels"], pod_labels)
+    shard_pod = shard_objects(Settings())[0]["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(budget["spec"]["selector"]["matchLabels"], shard_pod)
+    # The Lease: created by the first replica, then read and renewed only by name.
+    (role,) = [r for r in find(objects, "Role") if r["metadata"]["name"] == "memspace-operator"]
+    lease_rules = [r for r in role["rules"] if r["apiGroups"] == ["coordination.k8s.io"]]
+    assert lease_rules == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [Settings().lease_name],
+            "verbs": ["get", "update"],
+        },
+    ]
+
+    # One replica: no budget (minAvailable 1 would block every drain), no anti-affinity.
+    single = helm.template({"operator": {"replicas": 1}})
+    assert [b["metadata"]["name"] for b in find(single, "PodDisruptionBudget")] == [
+        "memspace-shards"
+    ]
+    assert "affinity" not in one(single, "Deployment")["spec"]["template"]["spec"]
+    # Two replicas without an election would both reconcile: refused, saying why.
+    with values_file({"operator": {"leaderElection": {"enabled": False}}}, tmp_path) as path:
+        refused = helm.run("template", "memspace", str(CHART), "-f", str(path), check=False)
+    assert refused.returncode != 0
+    assert "needs operator.leaderElection.enabled" in refused.stderr
+    with values_file(
+        {"operator": {"replicas": 1, "leaderElection": {"enabled": False}}}, tmp_path
+    ) as path:
+        alone = helm.run("template", "memspace", str(CHART), "-f", str(path))
+    assert "MEMSPACE_LEADER_ELECTION" in alone.stdout
+    with values_file({"operator": {"leaderElection": {"renewDeadline": 20}}}, tmp_path) as path:
+        refused = helm.run("template", "memspace", str(CHART), "-f", str(path), check=False)
+    assert "retryPeriod < renewDeadline < leaseDuration" in refused.stderr
 
 
 def test_every_pod_memspace_runs_is_restricted(helm: Helm) -> None:
@@ -438,7 +511,7 @@ def test_the_disruption_budget_and_service_monitor_select_the_operator_s_shards(
 ) -> None:
     defaults = helm.template()
     assert find(defaults, "ServiceMonitor") == []
-    budget = one(defaults, "PodDisruptionBudget")
+    budget = one(defaults, "PodDisruptionBudget", "memspace-shards")
     assert budget["spec"]["maxUnavailable"] == 1
 
     objects = helm.template(full_values("memspace-spaces"), namespace="memspace-ops")

@@ -319,18 +319,22 @@ def a_node_drain_evicts_the_shard_within_its_budget_and_loses_nothing(
 
 
 def operator_pod(journey: Journey) -> Manifest:
-    pods = journey.items(
-        "pod", SYSTEM, "-l", "app.kubernetes.io/name=memspace,app.kubernetes.io/component=operator"
-    )
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
-    return live[0]
+    """The leading operator pod: the one its Lease names (holderIdentity `<pod>_<random>`); the
+    chart runs two replicas, the other stands by."""
+
+    def leader() -> Manifest | None:
+        lease = journey.get("lease", "memspace-operator", SYSTEM)
+        holder = str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
+        pod = journey.get("pod", holder.rpartition("_")[0], SYSTEM) if holder else None
+        return pod if pod is not None and not pod["metadata"].get("deletionTimestamp") else None
+
+    return wait_for("an operator pod to lead", leader)
 
 
 def the_operator_killed_mid_reconcile_converges(journey: Journey) -> list[str]:
-    """A new space in team-a; the operator is killed (no grace) while it makes the space's
-    children; the new operator pod finishes the job. team-a writes meanwhile: the new space's
-    mount restarts the shard."""
+    """A new space in team-a; the leading operator pod is killed (no grace) while it makes the
+    space's children; the standby takes over and finishes the job. team-a writes meanwhile: the
+    new space's mount restarts the shard."""
     killed = operator_pod(journey)
     writer = journey.writer("team-a", "team-a-operator-killed")
     try:

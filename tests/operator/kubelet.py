@@ -64,6 +64,8 @@ class ShardProcess:
         self.template: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.stopped_at: list[float] = []
+        """When a running server was stopped (seconds since the epoch): its restarts."""
         self.index_data: dict[str, str] | None = None
         for directory in (self.spaces, self.index):
             directory.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,7 @@ class ShardProcess:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
+        self.stopped_at.append(time.time())
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
