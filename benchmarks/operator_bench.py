@@ -16,9 +16,9 @@ $MEMSPACE_BENCH_SPACES. The figures, with N in their names:
   resources the operator reconciles (MemorySpaces and their status, PVCs, Secrets, StatefulSets,
   Services, Events), per minute, once everything has settled, counted by the API server itself
   (`apiserver_request_total`) over a window holding twelve health rounds and a full re-check
-  of every space (target: 0; nothing else writes those resources at rest here). The leader
-  election's Lease renewals are counted apart (operator_idle_lease_writes_per_min: 30 with the
-  default 2 s retry period).
+  of every space (target: 0; nothing else writes those resources at rest here). Lease writes
+  are counted apart (operator_idle_lease_writes_per_min): the operator's renewals, 30 a minute
+  with the default 2 s retry period, and the API server's own identity Lease, about 6.
 
 Timing is watch-based: one watch of the MemorySpaces notes when each space first reports each
 condition; nothing lists the 10,000 objects while the operator works (a list of them costs the
