@@ -75,6 +75,9 @@ class Certifier:
         """Shards whose certificate is kept current (those that have been ensured)."""
         self._operator_pair: certificates.KeyPair | None = None
         self._checked: set[int] = set()
+        self._issuing: dict[int, asyncio.Lock] = {}
+        """Per shard: one reconcile checks (and issues) its certificate at a time, the others
+        wait for it (the spaces of a new shard would all race to issue one)."""
         """Shards checked since the last renewal round: a reconcile does not read again."""
 
     @property
@@ -268,6 +271,11 @@ class Certifier:
         self.shards.add(shard)
         if shard in self._checked:
             return
+        async with self._issuing.setdefault(shard, asyncio.Lock()):
+            if shard not in self._checked:
+                await self._ensure_shard(shard)
+
+    async def _ensure_shard(self, shard: int) -> None:
         authority = self._authority or await self._ensure_authority()
         names = naming.shard_dns_names(
             shard, self._settings.server_namespace, self._settings.cluster_domain

@@ -12,13 +12,18 @@ import socket
 import ssl
 
 import grpc
+import kubernetes.client
+import kubernetes.config
 import pytest
 from cryptography import x509
 
 from memspace_contract import client
-from memspace_operator import certificates
-from tests.operator.conftest import Deployment, tenant_credentials, wait_for
+from memspace_operator import certificates, certifying
+from memspace_operator import kube as operator_kube
+from memspace_operator.settings import Settings
+from tests.operator.conftest import Deployment, Kube, tenant_credentials, wait_for
 from tests.operator.kubelet import FakeKubelet
+from tests.support import cluster as harness
 
 pytestmark = pytest.mark.cluster
 
@@ -301,3 +306,27 @@ async def test_with_cert_manager_every_shard_serves_its_secret_and_tenants_get_i
         assert any(v.get("secret", {}).get("secretName") == "memspace-shard-tls" for v in volumes)
         credentials = tenant_credentials(kube, deployment.namespace, "managed", server_ns)
         assert await recall_code(credentials) is grpc.StatusCode.OK
+
+
+async def test_the_spaces_of_a_new_shard_issue_its_certificate_once_without_retries(
+    cluster: harness.Cluster, kube: Kube, namespace: str
+) -> None:
+    """Twenty reconciles of a new shard's spaces ask for its certificate at once: one issues
+    it, the others wait for it (no AlreadyExists retry, no key pair made for nothing)."""
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=str(cluster.kubeconfig), client_configuration=configuration
+    )
+    api = await operator_kube.Kube.open(configuration=configuration)
+    try:
+        certifier = certifying.Certifier(api, Settings(server_namespace=namespace))
+        await certifier.ensure_shard(0)  # the CA, and shard 0's certificate
+        # Connections open, as in a running operator: the requests race for real.
+        missing = operator_kube.secrets(namespace, "missing")
+        await asyncio.gather(*(api.get_or_none(missing) for _ in range(20)))
+        posted = api.requests["POST"]
+        await asyncio.gather(*(certifier.ensure_shard(1) for _ in range(20)))
+        assert api.requests["POST"] - posted == 1  # shard 1's certificate, once
+    finally:
+        await api.close()
+    assert kube.secret_object(namespace, "memspace-shard-1-tls") is not None
