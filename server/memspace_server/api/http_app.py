@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from google.protobuf import message as protobuf_message
 from opentelemetry import trace
 from starlette import applications, exceptions, requests, responses, routing
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from memspace_contract import wire
 from memspace_contract.v1 import memspace_pb2 as pb
@@ -53,12 +54,16 @@ class App:
         document: Callable[[], Mapping[str, Any]],
         max_body_bytes: int,
         max_batch_body_bytes: int,
+        *,
+        mounts: Mapping[str, ASGIApp] | None = None,
     ) -> None:
         self._handlers = handlers
         self._router = router
         self._document = document
         self._max_body = max_body_bytes
         self._max_batch_body = max_batch_body_bytes
+        self._mounts = dict(mounts or {})
+        """Other ASGI apps by exact path (any verb): the MCP endpoint (`mcp_app`)."""
 
     def asgi(self) -> applications.Starlette:
         routes: list[routing.BaseRoute] = [
@@ -68,6 +73,7 @@ class App:
             for op in ROUTES
         ]
         routes.append(routing.Route("/openapi.json", self._openapi, methods=["GET"]))
+        routes.extend(routing.Route(path, _Asgi(app)) for path, app in self._mounts.items())
         return applications.Starlette(
             routes=routes,
             exception_handlers={exceptions.HTTPException: _http_exception},
@@ -162,6 +168,16 @@ class App:
             return json.loads(data)
         except (ValueError, RecursionError) as err:
             raise errors.InvalidArgumentError(f"the request body is not JSON: {err}") from err
+
+
+class _Asgi:
+    """An ASGI app as a Route's endpoint (Starlette calls a plain function with a Request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
 
 
 def _full(op: Operation) -> str:

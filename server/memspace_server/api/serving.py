@@ -30,6 +30,7 @@ from memspace_server.api import (
     http_app,
     http_serving,
     limits,
+    mcp_app,
     metrics,
     openapi,
     routing,
@@ -82,6 +83,7 @@ class Server:
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self.http: http_serving.HttpPort | None = None
+        self.mcp: mcp_app.Endpoint | None = None
         self.tls: certificates.Reloading | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._admin_token_stamp: tuple[int, int] | None = None
@@ -180,17 +182,22 @@ class Server:
                 ) from err
         if s.http_listen != "off":
             # The same edge handlers as the gRPC server's: one routing core for both.
-            app = http_app.App(
-                every_handler,
-                self.router,
-                openapi.document,
-                max_body_bytes=s.max_receive_message_bytes,
-                max_batch_body_bytes=max(s.max_receive_message_bytes, s.max_batch_bytes),
+            # The MCP endpoint (/mcp on the same port) calls the same edge handlers too.
+            self.mcp = mcp_app.Endpoint(every_handler)
+            self.http = http_serving.HttpPort(
+                http_app.App(
+                    every_handler,
+                    self.router,
+                    openapi.document,
+                    max_body_bytes=s.max_receive_message_bytes,
+                    max_batch_body_bytes=max(s.max_receive_message_bytes, s.max_batch_bytes),
+                    mounts={mcp_app.PATH: self.mcp.asgi},
+                ).asgi(),
+                s,
             )
-            self.http = http_serving.HttpPort(app.asgi(), s)
         await server.start()
         if self.http is not None:
-            await self.http.start()
+            await self._start_http()
         if self._health_grpc is not None:
             await self._health_grpc.start()
         for name in ["", *names[:2]]:
@@ -210,6 +217,12 @@ class Server:
             f", plaintext health on :{self.health_port}" if self.health_port else "",
             f", HTTP/JSON on :{self.http.port}" if self.http is not None else "",
         )
+
+    async def _start_http(self) -> None:
+        if self.mcp is not None:
+            await self.mcp.start()
+        if self.http is not None:
+            await self.http.start()
 
     def _add_port(self, server: grpc.aio.Server) -> int:
         s = self.settings
@@ -359,6 +372,8 @@ class Server:
             await self._grpc.stop(STOP_GRACE_S)
         if self.http is not None:
             await self.http.stop()
+        if self.mcp is not None:
+            await self.mcp.stop()
         if self._health_grpc is not None:
             await self._health_grpc.stop(STOP_GRACE_S)
         if self._housekeeping is not None:

@@ -1,0 +1,171 @@
+"""The MCP endpoint (`/mcp` on the HTTP/JSON port) through the SDK's own client over streamable
+HTTP, against a real server: the tools are listed and work, a token opens its own space only
+(a refusal is a tool error naming the gRPC status), and a malformed call is a clear tool error."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import mcp_types
+import pytest
+from mcp.client import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from memspace_contract import index
+from tests.api.conftest import ADMIN_TOKEN, DIM, Start, vec
+from tests.api.over_http import Web, headers, web
+
+TOKENS = {"team-a": "token-of-team-a", "team-b": "token-of-team-b"}
+
+
+@pytest.fixture
+async def guarded(start: Start, admin_token_file: Path) -> AsyncIterator[Web]:
+    async with web(start, admin_token_file=admin_token_file) as w:
+        for space, token in TOKENS.items():
+            made = await w.client.put(
+                f"/v1/spaces/{space}",
+                json={"embedding_dim": DIM, "token_sha256": index.token_sha256(token)},
+                headers=headers(token=ADMIN_TOKEN),
+            )
+            assert made.status_code == 200, made.text
+        yield w
+
+
+@contextlib.asynccontextmanager
+async def session(w: Web, space: str | None, token: str | None) -> AsyncIterator[ClientSession]:
+    async with (
+        httpx2.AsyncClient(headers=headers(space, token), timeout=30) as http,
+        streamable_http_client(f"{w.base_url}/mcp", http_client=http) as (read, write),
+        ClientSession(read, write) as s,
+    ):
+        await s.initialize()
+        yield s
+
+
+async def call(s: ClientSession, tool: str, **arguments: Any) -> mcp_types.CallToolResult:
+    result = await s.call_tool(tool, arguments)
+    assert isinstance(result, mcp_types.CallToolResult)
+    return result
+
+
+def text(result: mcp_types.CallToolResult) -> str:
+    return " ".join(c.text for c in result.content if isinstance(c, mcp_types.TextContent))
+
+
+def refused(result: mcp_types.CallToolResult, code: str) -> bool:
+    """A tool error naming the gRPC status of the edge's refusal."""
+    return result.is_error and f": {code}: " in text(result)
+
+
+def answer(result: mcp_types.CallToolResult) -> dict[str, Any]:
+    assert not result.is_error, text(result)
+    assert result.structured_content is not None
+    found: dict[str, Any] = result.structured_content
+    return found
+
+
+async def test_the_tools_are_listed_with_their_embedding_arguments(guarded: Web) -> None:
+    async with session(guarded, "team-a", TOKENS["team-a"]) as s:
+        listed = await s.list_tools()
+    tools = {tool.name: tool for tool in listed.tools}
+    assert set(tools) == {"remember", "recall", "forget", "get"}
+    assert tools["remember"].input_schema["required"] == ["content", "embedding"]
+    assert tools["recall"].input_schema["required"] == ["cue"]
+    for name in ("remember", "recall"):
+        assert "does not embed text yet" in (tools[name].description or "")
+
+
+async def test_remember_recall_get_forget_through_mcp(guarded: Web) -> None:
+    async with session(guarded, "team-a", TOKENS["team-a"]) as s:
+        near = answer(
+            await call(s, "remember", content="near", embedding=vec(1.0), tags={"t": "x"})
+        )
+        far = answer(await call(s, "remember", content="far", embedding=vec(0.0, 1.0)))
+        assert near["id"]
+        assert far["id"]
+        assert near["id"] != far["id"]
+        hits = answer(await call(s, "recall", cue=vec(1.0, 0.1), k=2))["hits"]
+        assert [h["memory"]["content"] for h in hits] == ["near", "far"]
+        assert hits[0]["score"] > hits[1]["score"]
+        tagged = answer(await call(s, "recall", cue=vec(1.0), k=5, tags={"t": "x"}))["hits"]
+        assert [h["memory"]["id"] for h in tagged] == [near["id"]]
+        got = answer(await call(s, "get", id=near["id"]))
+        assert got["memory"]["content"] == "near"
+        assert got["memory"]["tags"] == {"t": "x"}
+        assert answer(await call(s, "forget", id=near["id"]))["forgotten"] is True
+        missing = await call(s, "get", id=near["id"])
+        assert missing.is_error
+        assert refused(missing, "NOT_FOUND"), text(missing)
+    # The same memories over the HTTP/JSON front: one space, one edge.
+    seen = await guarded.client.get(
+        f"/v1/spaces/team-a/memories/{far['id']}", headers=headers(token=TOKENS["team-a"])
+    )
+    assert seen.status_code == 200
+    assert seen.json()["memory"]["content"] == "far"
+
+
+async def test_a_token_opens_its_own_space_only(guarded: Web) -> None:
+    made = await guarded.client.post(
+        "/v1/spaces/team-b/memories",
+        json={"content": "secret of b", "embedding": vec(1.0)},
+        headers=headers(token=TOKENS["team-b"]),
+    )
+    assert made.status_code == 200
+    b_id = made.json()["id"]
+    # The token of team-a naming team-b: every tool is refused, nothing of b is seen or changed.
+    async with session(guarded, "team-b", TOKENS["team-a"]) as s:
+        for tool, arguments in (
+            ("recall", {"cue": vec(1.0)}),
+            ("get", {"id": b_id}),
+            ("forget", {"id": b_id}),
+            ("remember", {"content": "intruder", "embedding": vec(1.0)}),
+        ):
+            denied = await call(s, tool, **arguments)
+            assert denied.is_error, tool
+            assert refused(denied, "PERMISSION_DENIED"), text(denied)
+    # A wrong token, and no token at all.
+    for token, code in (("not-a-token", "PERMISSION_DENIED"), (None, "UNAUTHENTICATED")):
+        async with session(guarded, "team-b", token) as s:
+            denied = await call(s, "recall", cue=vec(1.0))
+            assert refused(denied, code), text(denied)
+    # team-a's own session sees none of b.
+    async with session(guarded, "team-a", TOKENS["team-a"]) as s:
+        assert answer(await call(s, "recall", cue=vec(1.0), k=10))["hits"] == []
+        assert refused(await call(s, "get", id=b_id), "NOT_FOUND")
+    still = await guarded.client.get(
+        f"/v1/spaces/team-b/memories/{b_id}", headers=headers(token=TOKENS["team-b"])
+    )
+    assert still.status_code == 200
+    listed = await guarded.client.post(
+        "/v1/spaces/team-b/recall",
+        json={"cue": vec(1.0), "k": 10},
+        headers=headers(token=TOKENS["team-b"]),
+    )
+    assert [h["memory"]["content"] for h in listed.json()["hits"]] == ["secret of b"]
+
+
+async def test_malformed_calls_are_clear_tool_errors(guarded: Web) -> None:
+    async with session(guarded, "team-a", TOKENS["team-a"]) as s:
+        # Not a float array: refused by the tool's schema before any call.
+        wrong = await call(s, "remember", content="x", embedding="one two three")
+        assert wrong.is_error
+        assert "embedding" in text(wrong)
+        missing = await call(s, "recall", k=3)
+        assert missing.is_error
+        assert "cue" in text(missing)
+        # The wrong dimension: the edge's own refusal, with its gRPC status.
+        short = await call(s, "remember", content="x", embedding=[1.0, 2.0])
+        assert short.is_error
+        assert refused(short, "INVALID_ARGUMENT"), text(short)
+        assert str(DIM) in text(short)
+        # Nothing was stored by any of them.
+        assert answer(await call(s, "recall", cue=vec(1.0), k=10))["hits"] == []
+    # No space named: the edge's default space, which team-a's token does not open.
+    async with session(guarded, None, TOKENS["team-a"]) as s:
+        unnamed = await call(s, "recall", cue=vec(1.0))
+        assert refused(unnamed, "PERMISSION_DENIED"), text(unnamed)
+        assert "'default'" in text(unnamed)
