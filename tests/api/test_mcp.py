@@ -5,6 +5,8 @@ HTTP, against a real server: the tools are listed and work, a token opens its ow
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from mcp.client import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from memspace_contract import index
-from tests.api.conftest import ADMIN_TOKEN, DIM, Start, vec
+from tests.api.conftest import ADMIN_TOKEN, DIM, Start, memspace_serve, vec
 from tests.api.over_http import Web, headers, web
 
 TOKENS = {"team-a": "token-of-team-a", "team-b": "token-of-team-b"}
@@ -36,10 +38,14 @@ async def guarded(start: Start, admin_token_file: Path) -> AsyncIterator[Web]:
 
 
 @contextlib.asynccontextmanager
-async def session(w: Web, space: str | None, token: str | None) -> AsyncIterator[ClientSession]:
+async def session(
+    w: Web | str, space: str | None, token: str | None
+) -> AsyncIterator[ClientSession]:
+    """An initialized MCP session to the server at `w` (a Web, or a base URL)."""
+    url = w.base_url if isinstance(w, Web) else w
     async with (
         httpx2.AsyncClient(headers=headers(space, token), timeout=30) as http,
-        streamable_http_client(f"{w.base_url}/mcp", http_client=http) as (read, write),
+        streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
         ClientSession(read, write) as s,
     ):
         await s.initialize()
@@ -169,3 +175,31 @@ async def test_malformed_calls_are_clear_tool_errors(guarded: Web) -> None:
         unnamed = await call(s, "recall", cue=vec(1.0))
         assert refused(unnamed, "PERMISSION_DENIED"), text(unnamed)
         assert "'default'" in text(unnamed)
+
+
+async def test_a_memspace_serve_process_serves_mcp_and_drains_cleanly(tmp_path: Path) -> None:
+    args = [
+        f"--data-root={tmp_path / 'data'}",
+        "--listen=127.0.0.1:0",
+        "--http-listen=127.0.0.1:0",
+        "--metrics-listen=off",
+        f"--default-embedding-dim={DIM}",
+    ]
+    with memspace_serve(args, tmp_path / "serve.log") as served:
+        port = re.search(r"HTTP/JSON on :(\d+)", served.output())
+        assert port, served.output()
+        url = f"http://127.0.0.1:{port.group(1)}"
+        async with session(url, "default", None) as s:
+            assert {t.name for t in (await s.list_tools()).tools} == {
+                "remember",
+                "recall",
+                "forget",
+                "get",
+            }
+            made = answer(await call(s, "remember", content="kept", embedding=vec(1.0)))
+            hits = answer(await call(s, "recall", cue=vec(1.0), k=3))["hits"]
+            assert [h["memory"]["id"] for h in hits] == [made["id"]]
+        # The drain stops the HTTP port and then the MCP endpoint: the process ends by itself.
+        served.popen.send_signal(signal.SIGTERM)
+        assert served.popen.wait(timeout=60) == 0, served.output()[-4000:]
+    assert "Traceback" not in served.output(), served.output()[-4000:]
