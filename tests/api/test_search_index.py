@@ -18,7 +18,9 @@ from tests.api.conftest import (
     Api,
     Running,
     Start,
+    details,
     eventually,
+    failure,
     md,
     memspace_serve,
     write_entry,
@@ -200,3 +202,21 @@ async def test_a_server_killed_during_a_build_builds_the_graph_again_on_restart(
                     {h.memory.id for h in found.hits} & {h.memory.id for h in truth.hits}
                 )
             assert overlap >= 90
+
+
+async def test_create_space_takes_the_index_and_refuses_a_bad_one(standalone: Running) -> None:
+    asked = pb.SpaceIndex(type="hnsw", m=16, ef_search=40)
+    made = await standalone.spaces.CreateSpace(
+        pb.CreateSpaceRequest(space="graph", embedding_dim=DIM, index=asked)
+    )
+    assert made.index == pb.SpaceIndex(
+        type="hnsw", auto_threshold=200_000, m=16, ef_construction=100, ef_search=40
+    )
+    listed = await standalone.spaces.ListSpaces(pb.ListSpacesRequest())
+    assert next(s for s in listed.spaces if s.space == "graph").index == made.index
+    bad = standalone.spaces.CreateSpace(
+        pb.CreateSpaceRequest(space="bad", embedding_dim=DIM, index=pb.SpaceIndex(m=2))
+    )
+    err = await failure(bad)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "index.m" in details(err)

@@ -526,6 +526,44 @@ class SpaceTiers(_message.Message):
 Global___SpaceTiers: _TypeAlias = SpaceTiers  # noqa: Y015
 
 @_typing.final
+class SpaceIndex(_message.Message):
+    """Addition: how a space searches its warm and cold tiers (spec.index; 0 or empty: the default)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    AUTO_THRESHOLD_FIELD_NUMBER: _builtins.int
+    M_FIELD_NUMBER: _builtins.int
+    EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
+    EF_SEARCH_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """"exact", "hnsw" or "auto"; empty: "auto"."""
+    auto_threshold: _builtins.int
+    """Warm plus cold memories from which "auto" searches through an HNSW graph; 0: 200,000."""
+    m: _builtins.int
+    """HNSW neighbours per node, 4..128; 0: 32."""
+    ef_construction: _builtins.int
+    """Candidates kept while inserting, 8..4096; 0: 100."""
+    ef_search: _builtins.int
+    """Candidates kept while searching, 8..4096; 0: 96."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        auto_threshold: _builtins.int = ...,
+        m: _builtins.int = ...,
+        ef_construction: _builtins.int = ...,
+        ef_search: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_threshold", b"auto_threshold", "ef_construction", b"ef_construction", "ef_search", b"ef_search", "m", b"m", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpaceIndex: _TypeAlias = SpaceIndex  # noqa: Y015
+
+@_typing.final
 class SpaceQuota(_message.Message):
     """Addition: quotas of a space (0: unlimited)."""
 
@@ -558,6 +596,7 @@ class CreateSpaceRequest(_message.Message):
     TOKEN_SHA256_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     space: _builtins.str
     embedding_dim: _builtins.int
     """1..4096; 0 means the default, 768."""
@@ -573,6 +612,10 @@ class CreateSpaceRequest(_message.Message):
     def quota(self) -> Global___SpaceQuota:
         """Addition."""
 
+    @_builtins.property
+    def index(self) -> Global___SpaceIndex:
+        """Addition."""
+
     def __init__(
         self,
         *,
@@ -581,10 +624,11 @@ class CreateSpaceRequest(_message.Message):
         token_sha256: _builtins.str = ...,
         tiers: Global___SpaceTiers | None = ...,
         quota: Global___SpaceQuota | None = ...,
+        index: Global___SpaceIndex | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "tiers", b"tiers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "quota", b"quota", "tiers", b"tiers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_dim", b"embedding_dim", "quota", b"quota", "space", b"space", "tiers", b"tiers", "token_sha256", b"token_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_dim", b"embedding_dim", "index", b"index", "quota", b"quota", "space", b"space", "tiers", b"tiers", "token_sha256", b"token_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,6 +644,7 @@ class Space(_message.Message):
     TIERS_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     space: _builtins.str
     embedding_dim: _builtins.int
     state: _builtins.str
@@ -614,6 +659,10 @@ class Space(_message.Message):
     def quota(self) -> Global___SpaceQuota:
         """Addition."""
 
+    @_builtins.property
+    def index(self) -> Global___SpaceIndex:
+        """Addition."""
+
     def __init__(
         self,
         *,
@@ -623,10 +672,11 @@ class Space(_message.Message):
         tiers: Global___SpaceTiers | None = ...,
         quota: Global___SpaceQuota | None = ...,
         created: _builtins.bool = ...,
+        index: Global___SpaceIndex | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "tiers", b"tiers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "quota", b"quota", "tiers", b"tiers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "embedding_dim", b"embedding_dim", "quota", b"quota", "space", b"space", "state", b"state", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "embedding_dim", b"embedding_dim", "index", b"index", "quota", b"quota", "space", b"space", "state", b"state", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

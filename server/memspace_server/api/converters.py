@@ -191,6 +191,21 @@ def quota(message: pb.CreateSpaceRequest) -> index.Quota:
     )
 
 
+def search_index(message: pb.CreateSpaceRequest) -> index.SearchIndex:
+    given = message.index
+    doc = {
+        "type": given.type or index.DEFAULT_INDEX_TYPE,
+        "autoThreshold": given.auto_threshold or index.DEFAULT_AUTO_THRESHOLD,
+        "m": given.m or index.DEFAULT_HNSW_M,
+        "efConstruction": given.ef_construction or index.DEFAULT_EF_CONSTRUCTION,
+        "efSearch": given.ef_search or index.DEFAULT_EF_SEARCH,
+    }
+    try:
+        return index.parse_search({"index": doc})
+    except index.InvalidIndexEntryError as err:
+        raise errors.InvalidArgumentError(str(err)) from err
+
+
 def space(entry: index.IndexEntry, created: bool = False) -> pb.Space:
     return pb.Space(
         space=entry.space_id,
@@ -206,6 +221,13 @@ def space(entry: index.IndexEntry, created: bool = False) -> pb.Space:
             max_writes_per_second=entry.quota.max_writes_per_second or 0.0,
         ),
         created=created,
+        index=pb.SpaceIndex(
+            type=entry.search.type,
+            auto_threshold=entry.search.auto_threshold,
+            m=entry.search.m,
+            ef_construction=entry.search.ef_construction,
+            ef_search=entry.search.ef_search,
+        ),
     )
 
 

@@ -121,6 +121,7 @@ class SpaceServicer:
             tiers_config=converters.tiers(request),
             quota=converters.quota(request),
             token_sha256=converters.token_sha256(request),
+            search=converters.search_index(request),
         )
         return converters.space(entry, created)
 
