@@ -137,7 +137,7 @@ async def test_a_server_killed_during_a_build_builds_the_graph_again_on_restart(
     tmp_path: Path, managed_dirs: tuple[Path, Path], admin_token_file: Path
 ) -> None:
     index_dir, volumes = managed_dirs
-    dim, rows = 64, 12_000
+    dim, rows = 96, 18_000
     write_entry(
         index_dir,
         TEAM,
@@ -145,7 +145,7 @@ async def test_a_server_killed_during_a_build_builds_the_graph_again_on_restart(
         dim=dim,
         volumes=volumes,
         tiers=index.Tiers(hot_capacity=10),
-        search=index.SearchIndex(type="hnsw"),
+        search=index.SearchIndex(type="hnsw", ef_construction=200),
     )
     args = ["--data-root", str(volumes), "--index-dir", str(index_dir), "--listen", "127.0.0.1:0"]
     args += ["--admin-token-file", str(admin_token_file), "--metrics-listen", "off"]
@@ -170,10 +170,11 @@ async def test_a_server_killed_during_a_build_builds_the_graph_again_on_restart(
 
                 await api.memories.RememberBatch(requests(), metadata=md(TEAM, "ta"))
             await api.memories.Consolidate(pb.ConsolidateRequest(), metadata=md(TEAM, "ta"))
-            # Killed while the graph is being built: nothing of it is saved yet.
-            assert (await index_status(api)).build_state == "building"
-        server.popen.send_signal(signal.SIGKILL)
-        server.popen.wait()
+            # Killed while the graph is being built (it takes seconds): nothing of it saved yet.
+            status = await index_status(api)
+            server.popen.send_signal(signal.SIGKILL)
+            server.popen.wait()
+            assert (status.build_state, status.rows_indexed) == ("building", 0)
     folder = volumes / TEAM / "warm" / ".ann"
     assert not list(folder.glob("*.json")) if folder.exists() else True
     with memspace_serve(args, tmp_path / "log-2") as server:
