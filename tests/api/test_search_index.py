@@ -170,13 +170,14 @@ async def test_a_server_killed_during_a_build_builds_the_graph_again_on_restart(
 
                 await api.memories.RememberBatch(requests(), metadata=md(TEAM, "ta"))
             await api.memories.Consolidate(pb.ConsolidateRequest(), metadata=md(TEAM, "ta"))
-            # Killed while the graph is being built (it takes seconds): nothing of it saved yet.
+            # Killed while the graph of every row is being built (it takes seconds); a graph
+            # of the rows of an earlier consolidation may be saved already.
             status = await index_status(api)
             server.popen.send_signal(signal.SIGKILL)
             server.popen.wait()
-            assert (status.build_state, status.rows_indexed) == ("building", 0)
+            assert status.build_state == "building"
+            assert status.rows_indexed < rows - 10
     folder = volumes / TEAM / "warm" / ".ann"
-    assert not list(folder.glob("*.json")) if folder.exists() else True
     with memspace_serve(args, tmp_path / "log-2") as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
             api = Api(channel)
@@ -193,7 +194,7 @@ async def test_a_server_killed_during_a_build_builds_the_graph_again_on_restart(
                 await asyncio.sleep(0.1)
             assert status.build_state == "ready"
             assert status.rows_indexed >= rows - 10
-            assert len(list(folder.glob("*.json"))) == 1
+            assert [p.suffix for p in sorted(folder.iterdir())] == [".faiss", ".json"]
             overlap = 0
             for cue, truth in zip(cues, exact, strict=True):
                 found = await api.memories.Recall(
