@@ -52,4 +52,4 @@ EXPOSE 50051 8080 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=3); sys.exit(0 if s.status == h.HealthCheckResponse.SERVING else 1)"]
 ENTRYPOINT ["memspace"]
-CMD ["serve", "--data-root", "/var/lib/memspace/spaces", "--index-dir", "/etc/memspace/spaces", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090", "--insecure"]
+CMD ["serve", "--data-root", "/var/lib/memspace/spaces", "--index-dir", "/etc/memspace/spaces", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090", "--http-listen", "0.0.0.0:8080", "--insecure"]

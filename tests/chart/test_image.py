@@ -124,8 +124,9 @@ def test_the_default_command_is_a_managed_shard_on_the_exposed_ports() -> None:
     assert settings.managed
     assert str(settings.data_root) == naming.VOLUMES_PATH
     assert str(settings.index_dir) == naming.INDEX_PATH
-    assert {port(settings.listen), port(settings.metrics_listen)} == exposed()
-    assert exposed() == {naming.SERVER_PORT, naming.METRICS_PORT}
+    served = {port(settings.listen), port(settings.metrics_listen), port(settings.http_listen)}
+    assert served == exposed()
+    assert exposed() == {naming.SERVER_PORT, naming.METRICS_PORT, naming.HTTP_PORT}
     (healthcheck,) = final("HEALTHCHECK")
     assert f"127.0.0.1:{naming.SERVER_PORT}" in healthcheck
     # The directories the pods mount over exist in the image, owned by the user.
