@@ -52,6 +52,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     if not isinstance(loaded, Settings):
         loaded = Settings.from_env(os.environ)
     operator = await operating.Operator.start(loaded)
+    operator.freed = lambda space_id: reconciling.nudge_waiting(operator, space_id)
     memo["operator"] = operator
     memo["resync"] = asyncio.get_running_loop().create_task(
         reconciling.resync_forever(operator), name="memspace-resync"

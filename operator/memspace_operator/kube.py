@@ -306,3 +306,7 @@ class Kube:
 def selector(labels: Mapping[str, str]) -> str:
     """A label selector string matching every one of `labels`."""
     return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def pods(namespace: str, name: str | None = None) -> str:
+    return path("", "v1", "pods", namespace=namespace, name=name)

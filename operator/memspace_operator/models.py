@@ -55,6 +55,8 @@ class SpaceSpec:
     """spec.className; None: the default class (if any)."""
     search: index.SearchIndex = dataclasses.field(default_factory=index.SearchIndex)
     """spec.index: exact or approximate (HNSW) search of the warm and cold tiers."""
+    volume_name: str | None = None
+    """spec.storage.volumeName: a pre-made PersistentVolume to bind (a static PV)."""
     unset: frozenset[str] = frozenset()
     """The fields a MemorySpaceClass may default that the spec leaves unset (DEFAULTABLE);
     they hold the built-in defaults here, which a class default replaces."""
@@ -136,6 +138,9 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     if quantity(size) <= 0:
         raise errors.InvalidSpecError(f"spec.storage.size {size!r} must be above zero")
     storage_class = storage.get("storageClassName") or None
+    volume_name = storage.get("volumeName") or None
+    if volume_name is not None and not isinstance(volume_name, str):
+        raise errors.InvalidSpecError(f"spec.storage.volumeName must be a string: {volume_name!r}")
     reclaim = _choice(storage.get("reclaimPolicy", "Retain"), ("Retain", "Delete"), "reclaimPolicy")
     tiers_doc = _section(spec, "tiers")
     hot = _int(tiers_doc, "hotCapacity", DEFAULT_HOT_CAPACITY, "spec.tiers")
@@ -176,6 +181,7 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
         embedding_dim=dim,
         size=size,
         storage_class=str(storage_class) if storage_class else None,
+        volume_name=volume_name,
         reclaim_policy=cast("ReclaimPolicy", reclaim),
         tiers=index.Tiers(
             hot_capacity=hot,

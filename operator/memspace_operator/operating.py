@@ -3,7 +3,7 @@ once at start-up (from durable state: the PVCs and the shard StatefulSets) and c
 
 The observers feed each space's `Observed` and publish its status:
 - the claim watch: VolumeBound;
-- the mounter: Mounted, when a shard's pod template changes;
+- the mounter and the shard pods' watch: Mounted, once the pod that mounts the space is Ready;
 - the health poller: Healthy and the health figures.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from memspace_contract import spaces
@@ -24,6 +24,7 @@ from memspace_operator import (
     kube,
     mounting,
     naming,
+    pods,
     sharding,
     statuses,
     tracking,
@@ -42,11 +43,22 @@ class Operator:
         self.recorder = events.Recorder()
         self.book = tracking.Book(client)
         self.classes = classes.Catalog(client, settings.storage_class)
-        self.assignments = sharding.Shards(settings.max_spaces_per_shard, settings.max_shards)
-        self.index = indexing.Index(client, settings)
-        self.mounter = mounting.Mounter(
-            client, settings, self.assignments, self.index, self.on_mounted
+        self.assignments = sharding.Shards(
+            settings.max_spaces_per_shard, settings.max_shards, settings.shard_intake_window_s
         )
+        self.index = indexing.Index(client, settings)
+        self.pods = pods.ShardPods(client, settings, self.on_pods)
+        self.mounter = mounting.Mounter(
+            client,
+            settings,
+            self.assignments,
+            self.index,
+            shard_pods=self.pods,
+            on_change=self.on_mounted,
+            on_freed=self.on_freed,
+        )
+        self.freed: Callable[[spaces.SpaceId | None], None] | None = None
+        """Re-checks the spaces waiting for a freed space ID or shard slot (set by handlers)."""
         self.claims = watching.ClaimWatch(client, settings, self.on_claim)
         self.certifier = certifying.Certifier(client, settings)
         self.poller = health.Poller(
@@ -80,14 +92,18 @@ class Operator:
             labels = volumes.labels(pvc)
             shard, uid = volumes.shard_of(pvc), volumes.owner_uid(pvc)
             space_id = labels.get(naming.SPACE_ID, "")
-            if shard is not None and uid and spaces.is_valid_space_id(space_id):
+            pending = labels.get(naming.DELETE_PENDING) == "true"
+            if shard is not None and uid and spaces.is_valid_space_id(space_id) and not pending:
                 self.assignments.record(spaces.SpaceId(space_id), shard, uid)
         selector = kube.selector({**naming.managed(), naming.COMPONENT: "shard"})
         listed = await self.kube.list(kube.statefulsets(namespace), selector)
         self.assignments.know(self.mounter.load(listed.get("items") or []))
+        pods_version = await self.pods.list()
+        await self.mounter.reap_all(list(self.claims.claims.values()))
         self.certifier.shards.update(self.assignments.shards)
         await self.certifier.start()
         self.claims.start(resource_version)
+        self.pods.start(pods_version)
         self.poller.start()
         for shard in self.assignments.shards:
             self.mounter.request(shard)
@@ -112,6 +128,7 @@ class Operator:
         await self.poller.close()
         await self.certifier.close()
         await self.claims.close()
+        await self.pods.close()
         await self.mounter.close()
         await self.kube.close()
 
@@ -127,13 +144,29 @@ class Operator:
         return volumes.condition(pvc, self.volume_notes.get(space_id))
 
     def mount_condition(self, space_id: spaces.SpaceId) -> statuses.Condition | None:
+        """Mounted: True only once a Ready pod of the shard, made from a template that mounts
+        the space, runs (the pod's own spec says what it mounts)."""
         assignment = self.assignments.get(space_id)
         if assignment is None:
             return None
         shard = naming.shard_name(assignment.shard)
+        path = naming.mount_path(space_id)
+        serving = self.pods.serving(assignment.shard)
+        if serving is not None and space_id in serving.mounts:
+            return statuses.Condition(
+                "Mounted",
+                "True",
+                "Mounted",
+                f"pod {serving.name} (revision {serving.revision or 'unknown'}) mounts it at "
+                f"{path} and is Ready",
+            )
         if self.mounter.is_mounted(space_id, assignment.shard):
             return statuses.Condition(
-                "Mounted", "True", "Mounted", f"{shard} mounts it at {naming.mount_path(space_id)}"
+                "Mounted",
+                "False",
+                "PodPending",
+                f"{shard}'s pod template mounts it; waiting for the pod made from that template "
+                "to be Ready",
             )
         return statuses.Condition(
             "Mounted",
@@ -169,6 +202,14 @@ class Operator:
         tracked.observed.volume = volumes.condition(pvc, self.volume_notes.get(space_id))
         self.book.publish_soon(tracked)
 
+    def on_freed(self, space_id: spaces.SpaceId | None) -> None:
+        if self.freed is not None:
+            self.freed(space_id)
+
+    async def on_pods(self, shard: int) -> None:
+        await self.mounter.on_pods(shard)
+        await self.on_mounted(shard, self.assignments.mounted(shard))
+
     async def on_mounted(self, shard: int, mounted: frozenset[spaces.SpaceId]) -> None:
         for space_id in sorted(self.assignments.spaces_of(shard) | mounted):
             tracked = self.book.owner_of(space_id)
@@ -178,6 +219,8 @@ class Operator:
             if condition is None:
                 continue
             before = tracked.observed.mount
+            if before == condition:
+                continue
             tracked.observed.mount = condition
             if condition.status == "True" and (before is None or before.status != "True"):
                 self.recorder.normal(tracked.ref, "Mounted", condition.message)

@@ -14,9 +14,11 @@ duplicated or orphaned. The order is chosen so that every crash point is recover
    Secret, then handed to the shard directly (ApplyIndexEntry): the Secret's projection reaches
    a running shard only about a minute later, the call at once; Ready waits for the shard to
    confirm the generation (here, or through Health);
-6. the mount, requested from the shard's mounter (batched).
+6. the mount, requested from the shard's mounter (batched, into the intake shard only).
 
-`finalize` undoes them in reverse, tolerating children that never existed or are gone.
+`finalize` undoes them in reverse, tolerating children that never existed or are gone, without
+restarting the shard: the space stops serving at once (its index entry), and its volume leaves
+the shard's template at the shard's next restart (a Delete claim waits for that, delete-pending).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from memspace_contract import index, spaces
+from memspace_contract import index, spaces, wire
 from memspace_operator import (
     certificates,
     classes,
@@ -46,8 +48,9 @@ from memspace_operator.operating import Operator
 
 log = logging.getLogger(__name__)
 
-WAITING_REASONS = ("SpaceIdConflict", "ShardsFull")
-DETACH_GRACE_S = 60.0
+WAITING_REASONS = ("SpaceIdConflict", "ShardsFull", "VolumePendingDeletion")
+ID_REASONS = ("SpaceIdConflict", "VolumePendingDeletion")
+"""Waiting for one space ID to be free."""
 
 
 async def reconcile(op: Operator, body: Mapping[str, Any]) -> None:
@@ -132,8 +135,12 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
     with tracing.step("class"):
         applied = await op.classes.apply(requested)
     tracked.space = space = dataclasses.replace(requested, spec=applied.spec)
+    op.assignments.set_inactive(space.spec.space_id, space.spec.state == wire.INACTIVE)
     with tracing.step("claim"):
         claim = await _claim(op, tracked)
+    if claim.pending:
+        await _pending_deletion(op, tracked, claim.pvc)
+        return
     if claim.conflict is not None:
         await _conflict(op, tracked, claim.conflict)
         return
@@ -206,6 +213,28 @@ async def _conflict(op: Operator, tracked: tracking.Tracked, why: str) -> None:
     _publish(op, tracked)
 
 
+async def _pending_deletion(op: Operator, tracked: tracking.Tracked, pvc: dict[str, Any]) -> None:
+    op.book.set_owner(tracked, False)
+    observed = tracked.observed
+    _clear_children(observed)
+    space_id = tracked.space.spec.space_id
+    shard = op.assignments.mounted_on(space_id)
+    where = naming.shard_name(shard) if shard is not None else "its shard"
+    observed.problem = statuses.Problem(
+        "VolumePendingDeletion",
+        f"the volume of a deleted space with ID {space_id!r} is deleted once {where} unmounts "
+        "it, at its next restart (no shard is restarted for a deletion); the space gets a new "
+        "volume then, or use another spec.spaceId",
+    )
+    if volumes.owner(pvc) is not None and volumes.owner_namespace(pvc) != tracked.ref.namespace:
+        observed.problem = statuses.Problem(
+            "SpaceIdConflict",
+            f"space ID {space_id!r} is taken outside this namespace; set another spec.spaceId",
+        )
+    op.recorder.warning(tracked.ref, observed.problem.reason, observed.problem.message)
+    _publish(op, tracked)
+
+
 async def _assign(
     op: Operator, tracked: tracking.Tracked, pvc: dict[str, Any]
 ) -> tuple[int, dict[str, Any]] | None:
@@ -214,9 +243,18 @@ async def _assign(
     space = tracked.space
     space_id = space.spec.space_id
     shard = volumes.shard_of(pvc)
-    if shard is not None:
+    if shard is not None and op.assignments.keeps(space_id, shard):
         op.assignments.record(space_id, shard, space.ref.uid)
         return shard, pvc
+    if shard is not None:
+        # Its shard no longer mounts it (unmounted while Inactive, say) and takes no new space:
+        # it moves to the intake shard, as a new space would, and leaves the old index.
+        op.assignments.release(space_id)
+        op.assignments.set_inactive(space_id, space.spec.state == wire.INACTIVE)
+        await op.index.remove(shard, space_id)
+        tracked.handed = None
+        op.mounter.request(shard)
+        log.info("%s: moving from %s to the intake shard", space.ref, naming.shard_name(shard))
     shard = op.assignments.assign(space_id, space.ref.uid)
     if shard is None:
         observed = tracked.observed
@@ -402,24 +440,24 @@ async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
                     space.ref, "Unserved", f"{naming.shard_name(shard)} no longer serves it"
                 )
         op.mounter.request(shard)
-        timeout = op.settings.mount_batch_window_s + DETACH_GRACE_S
-        if not await op.mounter.wait_detached(space_id, shard, limit_s=timeout):
-            raise errors.TemporaryError(
-                f"{naming.shard_name(shard)} still mounts the space; waiting for it to detach",
-                delay=op.settings.mount_batch_window_s,
-            )
         op.recorder.normal(
             space.ref,
             "Detached",
-            f"detached from {naming.shard_name(shard)}"
-            + (" and removed from its index" if removed else ""),
+            f"{naming.shard_name(shard)} no longer serves it"
+            + (" and its index no longer lists it" if removed else "")
+            + "; its volume leaves the shard at the shard's next restart",
         )
     await credentials.remove(
         op.kube, space.ref, volumes.credentials_uid(pvc) if pvc is not None else None
     )
     if pvc is not None:
+        mounted_on = op.assignments.mounted_on(space_id)
         done = await volumes.release(
-            op.kube, op.settings, space, delete=space.spec.reclaim_policy == "Delete"
+            op.kube,
+            op.settings,
+            space,
+            delete=space.spec.reclaim_policy == "Delete",
+            mounted_by=naming.shard_name(mounted_on) if mounted_on is not None else None,
         )
         op.recorder.normal(space.ref, "VolumeReleased", done)
     op.volume_notes.pop(space_id, None)
@@ -435,7 +473,7 @@ def nudge_waiting(op: Operator, freed: spaces.SpaceId | None = None) -> None:
         problem = tracked.observed.problem
         if problem is None or problem.reason not in WAITING_REASONS:
             continue
-        if problem.reason == "SpaceIdConflict" and tracked.space.spec.space_id != freed:
+        if problem.reason in ID_REASONS and tracked.space.spec.space_id != freed:
             continue
         op.spawn(_quietly(op, tracked), name=f"memspace-recheck-{tracked.ref}")
 

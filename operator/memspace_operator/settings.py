@@ -59,6 +59,25 @@ class Settings(_Base):
         help="seconds: at most one pod-template change (one restart) per shard in this window; "
         "mount changes that arrive meanwhile are applied together",
     )
+    shard_intake_window_s: float = setting(
+        600.0,
+        env="MEMSPACE_SHARD_INTAKE_WINDOW",
+        gt=0,
+        help="seconds a new shard takes new spaces (each batch restarts it) before it is sealed "
+        "(it is sealed earlier when full); a sealed shard is never restarted by spaces coming "
+        "or going. Shorter: tenants are bounced for less long, more shards hold fewer spaces",
+    )
+    server_topology_spread: list[dict[str, Any]] = setting(
+        env="MEMSPACE_SERVER_TOPOLOGY_SPREAD",
+        factory=list,
+        help="JSON list of the shard pods' topologySpreadConstraints (a constraint without a "
+        "labelSelector counts every shard pod); empty: none",
+    )
+    server_affinity: dict[str, Any] = setting(
+        env="MEMSPACE_SERVER_AFFINITY",
+        factory=dict,
+        help="JSON object of the shard pods' affinity (podAntiAffinity, say); empty: none",
+    )
     health_interval_s: float = setting(
         30.0,
         env="MEMSPACE_HEALTH_INTERVAL",

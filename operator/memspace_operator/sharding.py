@@ -1,15 +1,25 @@
-"""Which shard serves which space: assignment, sticky once made (design section 3).
+"""Which shard serves which space: assignment, sticky once made (design section 3), into the
+one shard taking new spaces (the intake shard) and never into a sealed one.
 
-A space goes to the shard with the fewest spaces below `max_spaces_per_shard` (the lowest
-number on a tie); a new shard is opened only when every shard is full, up to `max_shards`.
-The durable record is the label `memspace.dev/shard` on the space's PVC: this in-memory table
-is rebuilt from the PVCs at start-up, and every change to it is made between two awaits, so
-concurrent reconciles never overfill a shard.
+A pod's volumes cannot change in place, so mounting a new space restarts its shard. New spaces
+therefore go only to the intake shard, which is sealed once it is full or `intake_window_s`
+after it opened; a sealed shard never mounts another space, so its tenants are never bounced
+by others coming. Removals are deferred: a deleted or Inactive space keeps its volume in the
+template until the shard restarts anyway (see `mounting`).
+
+A shard's load, what counts toward `max_spaces_per_shard`, is the spaces its template mounts
+plus the active spaces assigned to it: a deleted or Inactive space stops counting once
+unmounted. A space still mounted somewhere is assigned there again (no restart, and a
+ReadWriteOnce volume is never wanted by two pods). The durable record is the label
+`memspace.dev/shard` on the space's PVC plus the shard StatefulSets' annotations (opened at,
+sealed): this in-memory table is rebuilt from them at start-up, and every change to it is made
+between two awaits, so concurrent reconciles never overfill a shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable
 
 from memspace_contract import spaces
@@ -24,11 +34,19 @@ class Assignment:
 
 
 class Shards:
-    def __init__(self, max_spaces_per_shard: int, max_shards: int) -> None:
+    def __init__(
+        self, max_spaces_per_shard: int, max_shards: int, intake_window_s: float = 600.0
+    ) -> None:
         self.max_spaces_per_shard = max_spaces_per_shard
         self.max_shards = max_shards
+        self.intake_window_s = intake_window_s
         self._assigned: dict[spaces.SpaceId, Assignment] = {}
+        self._inactive: set[spaces.SpaceId] = set()
         self._known: set[ShardNumber] = set()
+        self._mounted: dict[ShardNumber, frozenset[spaces.SpaceId]] = {}
+        self._opened: dict[ShardNumber, float] = {}
+        self._sealed: set[ShardNumber] = set()
+        self._closing: set[ShardNumber] = set()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -36,16 +54,60 @@ class Shards:
         return self._assigned.get(space_id)
 
     def spaces_of(self, shard: int) -> frozenset[spaces.SpaceId]:
+        """Every space assigned to the shard, Active or Inactive."""
         return frozenset(s for s, a in self._assigned.items() if a.shard == shard)
 
+    def wanted(self, shard: int) -> frozenset[spaces.SpaceId]:
+        """The spaces the shard's pod must mount: its Active assigned spaces."""
+        return frozenset(
+            s for s, a in self._assigned.items() if a.shard == shard and s not in self._inactive
+        )
+
+    def mounted(self, shard: int) -> frozenset[spaces.SpaceId]:
+        """The spaces the shard's pod template mounts (as the mounter last wrote or read it)."""
+        return self._mounted.get(ShardNumber(shard), frozenset())
+
+    def mounted_on(self, space_id: spaces.SpaceId) -> ShardNumber | None:
+        for shard, mounted in sorted(self._mounted.items()):
+            if space_id in mounted:
+                return shard
+        return None
+
     def count(self, shard: int) -> int:
-        return sum(1 for a in self._assigned.values() if a.shard == shard)
+        """The shard's load: mounted spaces and Active assigned ones."""
+        return len(self.wanted(shard) | self.mounted(shard))
+
+    def is_sealed(self, shard: int) -> bool:
+        return shard in self._sealed
+
+    def is_closing(self, shard: int) -> bool:
+        """Being scaled to zero and removed: takes nothing, not even a space mounted on it."""
+        return shard in self._closing
+
+    def opened_at(self, shard: int) -> float | None:
+        return self._opened.get(ShardNumber(shard))
+
+    def takes_new(self, shard: int, now: float | None = None) -> bool:
+        """Whether the shard may take a new space: not sealed, not full, still young."""
+        number = ShardNumber(shard)
+        if number in self._sealed or number in self._closing:
+            return False
+        if self.count(number) >= self.max_spaces_per_shard:
+            return False
+        opened = self._opened.get(number)
+        now = time.time() if now is None else now
+        return opened is not None and now < opened + self.intake_window_s
 
     @property
     def shards(self) -> list[ShardNumber]:
-        """Every shard numbered below the highest one in use or known to exist."""
-        top = max([*self._known, *(a.shard for a in self._assigned.values())], default=-1)
-        return [ShardNumber(n) for n in range(top + 1)]
+        """Every shard that exists or has spaces assigned or mounted."""
+        found = {*self._known, *(a.shard for a in self._assigned.values())}
+        found.update(s for s, m in self._mounted.items() if m)
+        return sorted(found)
+
+    def empty(self, shard: int) -> bool:
+        """No space assigned to the shard (Active or Inactive): it may be removed."""
+        return not self.spaces_of(shard)
 
     # -- changing --------------------------------------------------------------------------
 
@@ -53,36 +115,101 @@ class Shards:
         """Shards that exist (their StatefulSets), assigned or not."""
         self._known.update(ShardNumber(n) for n in shards)
 
+    def describe(
+        self,
+        shard: int,
+        *,
+        mounted: Iterable[spaces.SpaceId],
+        opened_at: float | None,
+        sealed: bool,
+    ) -> None:
+        """What a shard's StatefulSet says: its mounts, when it opened, whether sealed. A
+        shard without an opening time (made before intake shards existed) counts as sealed."""
+        number = ShardNumber(shard)
+        self._known.add(number)
+        self._mounted[number] = frozenset(mounted)
+        if opened_at is not None:
+            self._opened[number] = opened_at
+        if sealed or opened_at is None:
+            self._sealed.add(number)
+
+    def set_mounted(self, shard: int, mounted: Iterable[spaces.SpaceId]) -> None:
+        self._mounted[ShardNumber(shard)] = frozenset(mounted)
+
+    def seal(self, shard: int) -> None:
+        self._sealed.add(ShardNumber(shard))
+
+    def close(self, shard: int) -> None:
+        """Start removing an empty shard: nothing is assigned to it from now on."""
+        self._closing.add(ShardNumber(shard))
+
+    def forget_shard(self, shard: int) -> None:
+        """The shard was removed: its number is free again."""
+        number = ShardNumber(shard)
+        for table in (self._known, self._sealed, self._closing):
+            table.discard(number)
+        self._mounted.pop(number, None)
+        self._opened.pop(number, None)
+
+    def set_inactive(self, space_id: spaces.SpaceId, inactive: bool) -> None:
+        if inactive:
+            self._inactive.add(space_id)
+        else:
+            self._inactive.discard(space_id)
+
     def record(self, space_id: spaces.SpaceId, shard: int, owner_uid: str) -> None:
         """A durable assignment found on a PVC."""
         self._assigned[space_id] = Assignment(ShardNumber(shard), owner_uid)
 
-    def assign(self, space_id: spaces.SpaceId, owner_uid: str) -> ShardNumber | None:
-        """The space's shard, choosing one if it has none; None when every shard is full."""
+    def keeps(self, space_id: spaces.SpaceId, shard: int) -> bool:
+        """Whether the space may stay on `shard` (its PVC's label): the shard mounts it, is
+        still taking spaces, or it is Inactive (needs no mount). Otherwise it must move to the
+        intake shard: mounting it on a sealed shard would bounce that shard's tenants."""
+        if shard in self._closing:
+            return False
+        if space_id in self.mounted(shard) or space_id in self._inactive:
+            return True
+        return self.takes_new(shard) and self.mounted_on(space_id) is None
+
+    def assign(
+        self, space_id: spaces.SpaceId, owner_uid: str, now: float | None = None
+    ) -> ShardNumber | None:
+        """The space's shard, choosing one if it has none; None when no shard can take it."""
         found = self._assigned.get(space_id)
         if found is not None:
             if found.owner_uid != owner_uid:
                 self._assigned[space_id] = Assignment(found.shard, owner_uid)
             return found.shard
-        counts = dict.fromkeys(self.shards, 0)
-        for assignment in self._assigned.values():
-            counts[assignment.shard] = counts.get(assignment.shard, 0) + 1
-        open_shards = [s for s, n in counts.items() if n < self.max_spaces_per_shard]
-        if open_shards:
-            shard = min(open_shards, key=lambda s: (counts[s], s))
-        elif len(counts) < self.max_shards:
-            shard = ShardNumber(len(counts))
-        else:
+        now = time.time() if now is None else now
+        shard = self.mounted_on(space_id)
+        if shard is None or shard in self._closing:
+            shard = self._intake(now)
+        if shard is None:
             return None
         self._assigned[space_id] = Assignment(shard, owner_uid)
         return shard
 
+    def _intake(self, now: float) -> ShardNumber | None:
+        """The intake shard (the lowest one taking spaces), or a new one at the lowest free
+        number when none takes spaces and fewer than `max_shards` exist."""
+        existing = self.shards
+        for shard in existing:
+            if self.takes_new(shard, now):
+                return shard
+        if len(existing) >= self.max_shards:
+            return None
+        used = set(existing)
+        shard = ShardNumber(next(n for n in range(len(used) + 1) if n not in used))
+        self._known.add(shard)
+        self._opened[shard] = now
+        return shard
+
     def release(self, space_id: spaces.SpaceId) -> Assignment | None:
+        self._inactive.discard(space_id)
         return self._assigned.pop(space_id, None)
 
     def full(self) -> bool:
         """No shard can take another space."""
-        shards = self.shards
-        return len(shards) >= self.max_shards and all(
-            self.count(s) >= self.max_spaces_per_shard for s in shards
+        return len(self.shards) >= self.max_shards and not any(
+            self.takes_new(s) for s in self.shards
         )

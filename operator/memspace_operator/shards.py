@@ -18,6 +18,9 @@ CONTAINER = "server"
 DRAIN_TIMEOUT_S = 25
 GRACE_PERIOD_S = 30
 RUN_AS = 10001
+STARTUP_LIMIT_S = 120
+"""Longest a shard may take to start serving (WAL replay of its spaces) before the kubelet
+restarts it."""
 
 
 def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) -> dict[str, Any]:
@@ -91,7 +94,19 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             {"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"},
         ],
         # The kubelet's gRPC probes cannot speak TLS: they ask the plaintext health-only port.
-        "readinessProbe": {"grpc": {"port": naming.HEALTH_PORT}, "periodSeconds": 5},
+        # A restart costs clients little: the startup probe lets the pod in as soon as the
+        # server answers (checked every second, for up to STARTUP_LIMIT_S), and the short
+        # readiness period takes a draining or failing server out of the Service at once.
+        "startupProbe": {
+            "grpc": {"port": naming.HEALTH_PORT},
+            "periodSeconds": 1,
+            "failureThreshold": STARTUP_LIMIT_S,
+        },
+        "readinessProbe": {
+            "grpc": {"port": naming.HEALTH_PORT},
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+        },
         "livenessProbe": {
             "grpc": {"port": naming.HEALTH_PORT},
             "periodSeconds": 10,
@@ -127,11 +142,29 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
     }
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
+    if settings.server_topology_spread:
+        spec["topologySpreadConstraints"] = [
+            {**constraint, "labelSelector": {"matchLabels": _spread_labels()}}
+            if "labelSelector" not in constraint
+            else constraint
+            for constraint in settings.server_topology_spread
+        ]
+    if settings.server_affinity:
+        spec["affinity"] = settings.server_affinity
     return spec
 
 
+def _spread_labels() -> dict[str, str]:
+    """What a spread constraint without a selector of its own counts: every shard pod."""
+    return {naming.NAME: "memspace", naming.COMPONENT: "shard"}
+
+
 def statefulset(
-    settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId], changed_at: str
+    settings: Settings,
+    shard: int,
+    mounted: Iterable[spaces.SpaceId],
+    changed_at: str,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     name = naming.shard_name(shard)
     return {
@@ -141,7 +174,7 @@ def statefulset(
             "name": name,
             "namespace": settings.server_namespace,
             "labels": naming.shard_labels(shard),
-            "annotations": {TEMPLATE_CHANGED: changed_at},
+            "annotations": {TEMPLATE_CHANGED: changed_at, **(annotations or {})},
         },
         "spec": {
             "replicas": 1,
@@ -181,18 +214,26 @@ def service(settings: Settings, shard: int) -> dict[str, Any]:
 TEMPLATE_CHANGED = "memspace.dev/template-changed-at"
 """Annotation on a shard's StatefulSet (not its pod template): when the template last changed,
 so the batching window holds across operator restarts."""
+OPENED_AT = "memspace.dev/opened-at"
+"""Annotation on a shard's StatefulSet: when it opened as the intake shard (ISO 8601)."""
+SEALED_AT = "memspace.dev/sealed-at"
+"""Annotation on a shard's StatefulSet: when it was sealed (it takes no new space again)."""
 
 
 def mounted_spaces(statefulset_body: dict[str, Any]) -> frozenset[spaces.SpaceId]:
     """The spaces whose volumes the StatefulSet's template mounts at their path."""
-    template = statefulset_body.get("spec", {}).get("template", {}).get("spec", {})
+    return spec_mounts(statefulset_body.get("spec", {}).get("template", {}).get("spec", {}))
+
+
+def spec_mounts(pod_spec_body: dict[str, Any]) -> frozenset[spaces.SpaceId]:
+    """The spaces whose volumes a pod spec (a pod's, or a template's) mounts at their path."""
     claims = {
         v["name"]: v["persistentVolumeClaim"]["claimName"]
-        for v in template.get("volumes") or []
+        for v in pod_spec_body.get("volumes") or []
         if v.get("persistentVolumeClaim")
     }
     found = set()
-    for container in template.get("containers") or []:
+    for container in pod_spec_body.get("containers") or []:
         if container.get("name") != CONTAINER:
             continue
         for mount in container.get("volumeMounts") or []:

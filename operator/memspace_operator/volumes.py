@@ -31,6 +31,9 @@ class Claim:
     conflict: str | None = None
     """Set for a SpaceIdConflict: why, in words safe to show the claimant (the holder is named
     only when it is in the claimant's own namespace)."""
+    pending: bool = False
+    """The claim is a deleted space's, waiting to be deleted once its shard unmounts it: the
+    space ID is free only then."""
 
 
 def owner_uid(pvc: dict[str, Any]) -> str | None:
@@ -72,6 +75,10 @@ def shard_of(pvc: dict[str, Any]) -> int | None:
 
 def is_retained(pvc: dict[str, Any]) -> bool:
     return labels(pvc).get(naming.RETAINED) == "true"
+
+
+def is_delete_pending(pvc: dict[str, Any]) -> bool:
+    return labels(pvc).get(naming.DELETE_PENDING) == "true"
 
 
 def _identity(space: models.MemorySpace) -> dict[str, Any]:
@@ -118,7 +125,12 @@ def manifest(settings: Settings, space: models.MemorySpace, shard: int | None) -
         },
     }
     storage_class = spec.storage_class or settings.storage_class
-    if storage_class:
+    if spec.volume_name:
+        # A pre-made PersistentVolume: bound by name; without a class of its own the claim asks
+        # for none (""), so the default class's provisioner does not make another volume.
+        body["spec"]["volumeName"] = spec.volume_name
+        body["spec"]["storageClassName"] = spec.storage_class or ""
+    elif storage_class:
         body["spec"]["storageClassName"] = storage_class
     return body
 
@@ -151,6 +163,8 @@ async def resolve(
 ) -> Claim:
     """Whose is the existing PVC: this space's, free to adopt (then adopted, after
     `before_adopting` cleaned up what the previous holder left), or another's (a conflict)."""
+    if is_delete_pending(pvc):
+        return Claim(pvc, pending=True)
     if owner_uid(pvc) == space.ref.uid:
         return Claim(pvc)
     namespace = space.ref.namespace
@@ -245,15 +259,35 @@ def condition(pvc: dict[str, Any] | None, note: str | None = None) -> statuses.C
 
 
 async def release(
-    client: kube.Kube, settings: Settings, space: models.MemorySpace, delete: bool
+    client: kube.Kube,
+    settings: Settings,
+    space: models.MemorySpace,
+    delete: bool,
+    mounted_by: str | None = None,
 ) -> str:
-    """At deletion: delete the PVC (reclaimPolicy Delete) or keep it labelled retained and
-    unassigned. Returns what was done, for the Event."""
+    """At deletion: delete the PVC (reclaimPolicy Delete; when the shard `mounted_by` still
+    mounts it, label it delete-pending instead: it is deleted once unmounted) or keep it
+    labelled retained and unassigned. Returns what was done, for the Event."""
     name = naming.claim_name(space.spec.space_id)
     url = kube.pvcs(settings.server_namespace, name)
-    if delete:
+    if delete and mounted_by is None:
         gone = await client.delete(url)
         return f"deleted claim {name} (reclaimPolicy Delete)" if gone else f"claim {name} was gone"
+    if delete:
+        pending = {
+            "metadata": {
+                "labels": {naming.DELETE_PENDING: "true", naming.SHARD: None},
+                "annotations": {naming.CREDENTIALS_UID: None},
+            }
+        }
+        try:
+            await client.patch(url, pending)
+        except errors.NotFoundError:
+            return f"claim {name} was gone"
+        return (
+            f"claim {name} (reclaimPolicy Delete) is deleted once {mounted_by} unmounts it, at "
+            "its next restart; no shard is restarted for it"
+        )
     patch = {
         "metadata": {
             "labels": {naming.RETAINED: "true", naming.SHARD: None},

@@ -23,7 +23,7 @@ from memspace_contract import client
 from tests.support import cluster as harness
 
 if TYPE_CHECKING:
-    from tests.operator.kubelet import FakeKubelet
+    from tests.operator.kubelet import FakeKubelet, PodStatuses
 
 GROUP, VERSION, PLURAL = "memspace.dev", "v1alpha1", "memoryspaces"
 HANDLERS = "memspace_operator.handlers"
@@ -158,6 +158,25 @@ class Kube:
         found = self.apps.list_namespaced_stateful_set(namespace)
         return [self._plain(item) for item in found.items]
 
+    def pods(self, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+        found = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
+        return [self._plain(item) for item in found.items]
+
+    def set_pod_ready(self, namespace: str, name: str, ready: bool) -> None:
+        """Set a pod's status as a kubelet would: Running, and Ready or not."""
+        status = "True" if ready else "False"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        conditions = [
+            {"type": kind, "status": status, "lastTransitionTime": stamp}
+            for kind in ("Ready", "ContainersReady")
+        ]
+        body = {"status": {"phase": "Running", "conditions": conditions}}
+        try:
+            self.core.patch_namespaced_pod_status(name, namespace, body)
+        except kubernetes.client.ApiException as err:
+            if not self._missing(err):
+                raise
+
     def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
         found = self.core.list_namespaced_event(
             namespace, field_selector=f"involvedObject.name={name}"
@@ -253,6 +272,8 @@ class Deployment:
             "MEMSPACE_SERVER_IMAGE": "memspace:test",
         }
         self.tmp_path = tmp_path
+        self.pod_statuses: PodStatuses | None = None
+        """The stand-in kubelet's status reports for the shard pods (see kubelet.py)."""
         for name in (self.server_namespace, self.namespace):
             kube.create_namespace(name)
 
@@ -318,9 +339,13 @@ class Deployment:
 
 @pytest.fixture
 def deployment(cluster: harness.Cluster, kube: Kube, tmp_path: Path) -> Iterator[Deployment]:
+    from tests.operator.kubelet import PodStatuses  # noqa: PLC0415  # it imports this module
+
     installed = Deployment(cluster, kube, tmp_path)
     try:
-        yield installed
+        with PodStatuses(kube, installed.server_namespace) as statuses:
+            installed.pod_statuses = statuses
+            yield installed
     finally:
         installed.close()
 
@@ -359,5 +384,7 @@ def kubelet(deployment: Deployment, tmp_path: Path) -> Iterator[FakeKubelet]:
     with FakeKubelet(
         deployment.kube, deployment.server_namespace, tmp_path / "node", template, token_file
     ) as running:
+        if deployment.pod_statuses is not None:
+            deployment.pod_statuses.gate = running.serves
         yield running
     assert not running.errors, running.errors

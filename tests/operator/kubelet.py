@@ -22,6 +22,11 @@ For every shard StatefulSet `memspace-shard-N` in the server namespace it:
    template changes, as a StatefulSet rolling update would.
 
 Like a pod, a shard starts only when every claim its template mounts is bound.
+
+`PodStatuses` stands in for the kubelet's status reports: the control plane's StatefulSet
+controller makes the shard pods, which no node runs here; it marks each one Running and Ready
+(by default at once; with a FakeKubelet, once a shard process serves exactly the claims of that
+pod's spec), as the real node does for real pods (tests/e2e).
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,8 @@ class ShardProcess:
         self.tls_data: dict[str, str] | None = None
         self.tls_args: list[str] = []
         self.template: str | None = None
+        self.claims: frozenset[str] = frozenset()
+        """The claims the running process serves (its pod's volumes)."""
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.stopped_at: list[float] = []
@@ -166,6 +175,19 @@ class FakeKubelet:
         for shard in self.shards.values():
             shard.stop()
 
+    def serves(self, pod: dict[str, Any]) -> bool:
+        """Whether a shard process runs with exactly the claims of this pod and answers."""
+        labels = pod["metadata"].get("labels") or {}
+        value = labels.get("memspace.dev/shard", "")
+        shard = self.shards.get(int(value)) if value.isdigit() else None
+        if shard is None or shard.process is None or shard.process.poll() is not None:
+            return False
+        if pod_claims(pod) != shard.claims:
+            return False
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            return sock.connect_ex(("127.0.0.1", shard.port)) == 0
+
     def port(self, shard: int) -> int:
         endpoint = self.endpoint_template.format(shard=shard, namespace=self.server_namespace)
         return int(endpoint.rpartition(":")[2])
@@ -234,6 +256,7 @@ class FakeKubelet:
                 link.unlink()
             link.symlink_to(host_path)
         shard.template = template
+        shard.claims = frozenset(claims.values())
         shard.tls_args = tls_args(statefulset, shard.tls)
         shard.start()
 
@@ -254,3 +277,63 @@ def tls_args(statefulset: dict[str, Any], directory: Path) -> list[str]:
         for arg in container.get("args") or []
         if arg.startswith("--tls-")
     ]
+
+
+def pod_claims(pod: dict[str, Any]) -> frozenset[str]:
+    """The claims a pod's spec mounts under the spaces' path."""
+    spec = pod.get("spec") or {}
+    volumes = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec.get("volumes") or []
+        if v.get("persistentVolumeClaim")
+    }
+    found = set()
+    for container in spec.get("containers") or []:
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("mountPath", "").startswith(SPACES_PATH) and mount["name"] in volumes:
+                found.add(volumes[mount["name"]])
+    return frozenset(found)
+
+
+class PodStatuses:
+    """Marks the shard pods of a server namespace Running and Ready as a kubelet would (every
+    SYNC_S seconds), or not Ready while `gate` says the pod's server does not serve it."""
+
+    def __init__(self, kube: Kube, server_namespace: str) -> None:
+        self.kube = Kube(kube.cluster)  # a client of its own: it runs in its own thread
+        self.server_namespace = server_namespace
+        self.gate: Callable[[dict[str, Any]], bool] = lambda _pod: True
+        self.paused = False
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pod-statuses", daemon=True)
+
+    def __enter__(self) -> PodStatuses:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self.errors, self.errors
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.paused:
+                    self.sync()
+            except Exception as err:  # keep going, as a kubelet does; the test sees the errors
+                self.errors.append(repr(err))
+                log.exception("pod status round failed")
+            self._stop.wait(SYNC_S)
+
+    def sync(self) -> None:
+        selector = "app.kubernetes.io/component=shard"
+        for pod in self.kube.pods(self.server_namespace, selector):
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
+            ready = self.gate(pod)
+            conditions = (pod.get("status") or {}).get("conditions") or []
+            shown = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+            if ready != shown or (pod.get("status") or {}).get("phase") != "Running":
+                self.kube.set_pod_ready(self.server_namespace, pod["metadata"]["name"], ready)

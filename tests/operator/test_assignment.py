@@ -1,20 +1,25 @@
-"""Shard assignment rules, without a cluster: fewest spaces first, sticky, a new shard only when
-all are full, none past maxShards."""
+"""Shard assignment rules, without a cluster: new spaces go only to the intake shard, which is
+sealed once full or past its window; a sealed shard takes nothing new; a space still mounted
+somewhere goes back there; deleted and Inactive spaces stop counting once unmounted; an empty
+shard's number is free again; none past maxShards."""
 
 from __future__ import annotations
 
 from memspace_contract import spaces
 from memspace_operator import sharding
 
+T0 = 1_000_000.0
+
 
 def sid(name: str) -> spaces.SpaceId:
     return spaces.parse_space_id(name)
 
 
-def test_spaces_fill_the_shard_with_the_fewest_then_open_a_new_one() -> None:
-    table = sharding.Shards(max_spaces_per_shard=2, max_shards=3)
-    assert [table.assign(sid(f"s-{i}"), f"uid-{i}") for i in range(6)] == [0, 0, 1, 1, 2, 2]
-    assert table.assign(sid("s-6"), "uid-6") is None
+def test_spaces_fill_the_intake_shard_then_open_a_new_one_up_to_max_shards() -> None:
+    table = sharding.Shards(max_spaces_per_shard=2, max_shards=3, intake_window_s=60)
+    got = [table.assign(sid(f"s-{i}"), f"uid-{i}", now=T0) for i in range(6)]
+    assert got == [0, 0, 1, 1, 2, 2]
+    assert table.assign(sid("s-6"), "uid-6", now=T0) is None
     assert table.full()
 
 
@@ -25,29 +30,70 @@ def test_an_assignment_is_sticky() -> None:
     assert table.count(0) == 1
 
 
-def test_a_freed_slot_is_reused_before_a_new_shard() -> None:
-    table = sharding.Shards(max_spaces_per_shard=2, max_shards=5)
-    for i in range(4):
-        table.assign(sid(f"s-{i}"), f"uid-{i}")
-    table.release(sid("s-0"))
-    assert table.assign(sid("new"), "uid-new") == 0
-    assert table.shards == [0, 1]
+def test_an_intake_shard_past_its_window_takes_no_new_space() -> None:
+    table = sharding.Shards(max_spaces_per_shard=10, max_shards=5, intake_window_s=60)
+    assert table.assign(sid("early"), "u1", now=T0) == 0
+    assert table.takes_new(0, now=T0 + 59)
+    assert not table.takes_new(0, now=T0 + 60)
+    assert table.assign(sid("late"), "u2", now=T0 + 61) == 1
 
 
-def test_the_least_loaded_shard_wins_and_ties_go_to_the_lowest() -> None:
+def test_a_sealed_shard_with_room_takes_no_new_space() -> None:
+    table = sharding.Shards(max_spaces_per_shard=10, max_shards=5, intake_window_s=600)
+    table.describe(0, mounted=[sid("old-1")], opened_at=T0, sealed=True)
+    table.record(sid("old-1"), 0, "u0")
+    assert table.count(0) == 1
+    assert table.assign(sid("new-1"), "n1", now=T0 + 1) == 1
+
+
+def test_a_shard_made_before_intake_shards_counts_as_sealed() -> None:
     table = sharding.Shards(max_spaces_per_shard=10, max_shards=5)
-    table.record(sid("a-1"), 0, "u1")
-    table.record(sid("a-2"), 0, "u2")
-    table.record(sid("b-1"), 2, "u3")
-    # Shards 0..2 exist (1 is empty): the empty one is chosen first, then 1 again before 2.
+    table.describe(0, mounted=[], opened_at=None, sealed=False)
+    assert table.is_sealed(0)
     assert table.assign(sid("new-1"), "n1") == 1
-    assert table.assign(sid("new-2"), "n2") == 1
-    assert table.assign(sid("new-3"), "n3") == 2
 
 
-def test_known_empty_shards_count_as_existing() -> None:
-    table = sharding.Shards(max_spaces_per_shard=1, max_shards=2)
-    table.know([0, 1])
-    table.record(sid("x-1"), 0, "u")
-    assert table.assign(sid("y-1"), "v") == 1
-    assert table.assign(sid("z-1"), "w") is None
+def test_a_space_still_mounted_goes_back_to_its_shard_even_when_sealed() -> None:
+    table = sharding.Shards(max_spaces_per_shard=2, max_shards=5, intake_window_s=600)
+    table.describe(0, mounted=[sid("kept"), sid("other")], opened_at=T0, sealed=True)
+    assert table.assign(sid("kept"), "new-owner", now=T0 + 1) == 0
+    assert table.keeps(sid("kept"), 0)
+
+
+def test_deleted_and_inactive_spaces_count_until_unmounted() -> None:
+    table = sharding.Shards(max_spaces_per_shard=2, max_shards=5, intake_window_s=600)
+    for name in ("gone", "asleep"):
+        table.record(sid(name), 0, name)
+    table.describe(0, mounted=[sid("gone"), sid("asleep")], opened_at=T0, sealed=False)
+    table.release(sid("gone"))
+    table.set_inactive(sid("asleep"), True)
+    assert table.wanted(0) == frozenset()
+    assert table.count(0) == 2  # both still in the pod template
+    table.set_mounted(0, table.wanted(0))  # the shard restarted for another reason
+    assert table.count(0) == 0
+    assert table.spaces_of(0) == {sid("asleep")}
+    assert not table.empty(0)
+
+
+def test_an_inactive_space_unmounted_from_a_sealed_shard_moves_when_active_again() -> None:
+    table = sharding.Shards(max_spaces_per_shard=5, max_shards=5, intake_window_s=600)
+    table.describe(0, mounted=[], opened_at=T0, sealed=True)
+    table.record(sid("asleep"), 0, "u")
+    table.set_inactive(sid("asleep"), True)
+    assert table.keeps(sid("asleep"), 0)  # Inactive: it needs no mount
+    table.set_inactive(sid("asleep"), False)
+    assert not table.keeps(sid("asleep"), 0)  # mounting it would restart a sealed shard
+
+
+def test_a_removed_shards_number_and_slot_are_free_again() -> None:
+    table = sharding.Shards(max_spaces_per_shard=1, max_shards=2, intake_window_s=600)
+    assert table.assign(sid("aaa"), "ua", now=T0) == 0
+    assert table.assign(sid("bbb"), "ub", now=T0) == 1
+    assert table.assign(sid("ccc"), "uc", now=T0) is None
+    table.release(sid("aaa"))
+    table.set_mounted(0, [])
+    assert table.empty(0)
+    table.close(0)
+    assert table.assign(sid("ccc"), "uc", now=T0) is None  # closing: not yet free
+    table.forget_shard(0)
+    assert table.assign(sid("ccc"), "uc", now=T0) == 0
