@@ -13,8 +13,9 @@ drains gracefully). Hence:
   `memspace.dev/delete-pending`, and is deleted once no template mounts it;
 - the intake shard is sealed (annotation, no restart) once full or `shard_intake_window_s` after
   it opened; a sealed shard is never changed for spaces coming;
-- a shard with no space assigned and taking none is scaled to zero and removed (StatefulSet,
-  Service, index Secret), which frees its number and its slot under `max_shards`.
+- a shard with no space assigned (Active or Inactive) is scaled to zero and removed
+  (StatefulSet, Service, index Secret), which frees its number and its slot under `max_shards`;
+  the volumes it still mounted are unmounted with it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Mounter:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._services: set[int] = set()
         self._pod_changes: dict[int, asyncio.Event] = {}
+        self._restarted: set[int] = set()
+        """Shards seen restarting (a pod deleted or being deleted) since their last look."""
         self.template_changes = 0
         self.removed_shards = 0
 
@@ -141,8 +144,11 @@ class Mounter:
         changed = self._pod_changes.get(shard)
         if changed is not None:
             changed.set()
-        if self._pods.restarting(shard) and self._removals(shard):
-            self.request(shard)
+        if self._pods.restarting(shard):
+            # Latched: the replacement pod may come before the next look at the shard.
+            self._restarted.add(shard)
+            if self._removals(shard):
+                self.request(shard)
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -222,7 +228,7 @@ class Mounter:
             self._describe(shard, current)
             if assignments.mounted(shard) != before:
                 await self._on_change(shard, assignments.mounted(shard))
-        if assignments.empty(shard) and not assignments.takes_new(shard):
+        if assignments.empty(shard):
             if current is None:
                 self._forget(shard)
                 return True
@@ -241,7 +247,10 @@ class Mounter:
         drift = current is not None and shards.template_differs(
             current, shards.statefulset(self._settings, shard, mounted, "")
         )
-        restarting = current is not None and self._pods.restarting(shard)
+        restarting = current is not None and (
+            shard in self._restarted or self._pods.restarting(shard)
+        )
+        self._restarted.discard(shard)
         if not (current is None or additions or drift or (removals and restarting)):
             await self._seal_if_due(shard, url, current)
             return False
