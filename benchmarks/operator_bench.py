@@ -53,6 +53,8 @@ import kubernetes.client
 import kubernetes.watch
 
 from benchmarks import state_changes
+from tests.operator.conftest import Kube
+from tests.operator.kubelet import PodStatuses
 from tests.support import controlplane
 
 GROUP, VERSION, PLURAL = "memspace.dev", "v1alpha1", "memoryspaces"
@@ -116,6 +118,9 @@ def _bench(
     with (
         _operator(cluster, workdir, token, settings) as operator,
         cluster.kube_api() as api,
+        # No node runs the shard pods here: the stand-in reports them Ready (Mounted waits
+        # for that).
+        PodStatuses(Kube(cluster), SERVER_NAMESPACE),
     ):
         custom = kubernetes.client.CustomObjectsApi(api)
         with _Tracker(cluster) as tracker:

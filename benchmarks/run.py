@@ -28,6 +28,7 @@ SUITES = (
     "benchmarks.limits_bench",
     "benchmarks.operator_bench",
     "benchmarks.backup_bench",
+    "benchmarks.shard_churn_bench",
 )
 
 

@@ -8,6 +8,7 @@ few seconds, or a periodic re-check, does not flood the namespace with copies.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from typing import Literal, cast
@@ -26,6 +27,9 @@ class Recorder:
     def __init__(self, repeat_s: float = REPEAT_S) -> None:
         self.repeat_s = repeat_s
         self._posted: dict[tuple[str, str, str], float] = {}
+        self._poster: contextvars.Context | None = None
+        """A context of one of kopf's handlers, which holds kopf's event queue: observers
+        running outside the handlers (the shard pods' watch) post through it."""
 
     def normal(self, ref: models.SpaceRef, reason: str, message: str) -> None:
         self.post(ref, "Normal", reason, message)
@@ -48,10 +52,20 @@ class Recorder:
             reason,
             message,
         )
-        # Outside kopf's operator context (no event poster), the log line above is all.
-        with contextlib.suppress(LookupError):
-            target = kopf.Body(cast("kopf.RawBody", ref.event_target()))
+        target = kopf.Body(cast("kopf.RawBody", ref.event_target()))
+        try:
             kopf.event(target, type=type_, reason=reason, message=message[:1024])
+        except LookupError:
+            # Outside kopf's handlers: through a handler's context when one was seen, else the
+            # log line above is all.
+            if self._poster is not None:
+                with contextlib.suppress(LookupError, RuntimeError):
+                    self._poster.run(
+                        kopf.event, target, type=type_, reason=reason, message=message[:1024]
+                    )
+        else:
+            if self._poster is None:
+                self._poster = contextvars.copy_context()
 
     def forget(self, ref: models.SpaceRef) -> None:
         self._posted = {k: t for k, t in self._posted.items() if k[0] != ref.uid}

@@ -181,7 +181,11 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
         op.recorder.warning(space.ref, observed.problem.reason, observed.problem.message)
     observed.credentials_secret = secret
     observed.volume = op.volume_condition(space.spec.space_id, pvc)
-    observed.mount = op.mount_condition(space.spec.space_id)
+    mount = op.mount_condition(space.spec.space_id)
+    was_mounted = observed.mount is not None and observed.mount.status == "True"
+    if mount is not None and mount.status == "True" and not was_mounted:
+        op.recorder.normal(space.ref, "Mounted", mount.message)
+    observed.mount = mount
     if (unmonitored := op.unmonitored()) is not None:
         observed.health = unmonitored
     _publish(op, tracked)
@@ -246,14 +250,15 @@ async def _assign(
     if shard is not None and op.assignments.keeps(space_id, shard):
         op.assignments.record(space_id, shard, space.ref.uid)
         return shard, pvc
+    moved_from, moved_entry = None, None
     if shard is not None:
         # Its shard no longer mounts it (unmounted while Inactive, say) and takes no new space:
-        # it moves to the intake shard, as a new space would, and leaves the old index.
+        # it moves to the intake shard, as a new space would, with its index entry (the trust
+        # in its credentials Secret).
+        moved_from, moved_entry = shard, await op.index.get(shard, space_id)
         op.assignments.release(space_id)
         op.assignments.set_inactive(space_id, space.spec.state == wire.INACTIVE)
-        await op.index.remove(shard, space_id)
         tracked.handed = None
-        op.mounter.request(shard)
         log.info("%s: moving from %s to the intake shard", space.ref, naming.shard_name(shard))
     shard = op.assignments.assign(space_id, space.ref.uid)
     if shard is None:
@@ -269,10 +274,18 @@ async def _assign(
         _publish(op, tracked)
         return None
     try:
+        if moved_entry is not None:
+            await op.index.ensure_secret(shard)
+            await op.index.put(shard, moved_entry)
         pvc = await volumes.label_shard(op.kube, op.settings, pvc, shard)
     except BaseException:
         op.assignments.release(space_id)
         raise
+    if moved_from is not None:
+        await op.index.remove(moved_from, space_id)
+        if op.poller.enabled:
+            await op.poller.apply(moved_from, space_id, None, space.generation)
+        op.mounter.request(moved_from)
     op.recorder.normal(space.ref, "ShardAssigned", f"assigned to {naming.shard_name(shard)}")
     return shard, pvc
 

@@ -47,6 +47,8 @@ class Shards:
         self._opened: dict[ShardNumber, float] = {}
         self._sealed: set[ShardNumber] = set()
         self._closing: set[ShardNumber] = set()
+        self._described: set[ShardNumber] = set()
+        """Shards whose StatefulSet was seen (or written)."""
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Shards:
         shard without an opening time (made before intake shards existed) counts as sealed."""
         number = ShardNumber(shard)
         self._known.add(number)
+        self._described.add(number)
         self._mounted[number] = frozenset(mounted)
         if opened_at is not None:
             self._opened[number] = opened_at
@@ -135,6 +138,7 @@ class Shards:
 
     def set_mounted(self, shard: int, mounted: Iterable[spaces.SpaceId]) -> None:
         self._mounted[ShardNumber(shard)] = frozenset(mounted)
+        self._described.add(ShardNumber(shard))
 
     def seal(self, shard: int) -> None:
         self._sealed.add(ShardNumber(shard))
@@ -146,7 +150,7 @@ class Shards:
     def forget_shard(self, shard: int) -> None:
         """The shard was removed: its number is free again."""
         number = ShardNumber(shard)
-        for table in (self._known, self._sealed, self._closing):
+        for table in (self._known, self._sealed, self._closing, self._described):
             table.discard(number)
         self._mounted.pop(number, None)
         self._opened.pop(number, None)
@@ -165,11 +169,18 @@ class Shards:
         """Whether the space may stay on `shard` (its PVC's label): the shard mounts it, is
         still taking spaces, or it is Inactive (needs no mount). Otherwise it must move to the
         intake shard: mounting it on a sealed shard would bounce that shard's tenants."""
-        if shard in self._closing:
+        number = ShardNumber(shard)
+        if number in self._closing:
             return False
-        if space_id in self.mounted(shard) or space_id in self._inactive:
+        if space_id in self.mounted(number) or space_id in self._inactive:
             return True
-        return self.takes_new(shard) and self.mounted_on(space_id) is None
+        if number not in self._described and self.mounted_on(space_id) is None:
+            # Assigned, but its StatefulSet was never made (an operator stopped in between):
+            # no pod runs, so no tenant is bounced; it opens as an intake shard now.
+            self._known.add(number)
+            self._opened.setdefault(number, time.time())
+            return True
+        return self.takes_new(number) and self.mounted_on(space_id) is None
 
     def assign(
         self, space_id: spaces.SpaceId, owner_uid: str, now: float | None = None

@@ -385,6 +385,6 @@ def kubelet(deployment: Deployment, tmp_path: Path) -> Iterator[FakeKubelet]:
         deployment.kube, deployment.server_namespace, tmp_path / "node", template, token_file
     ) as running:
         if deployment.pod_statuses is not None:
-            deployment.pod_statuses.gate = running.serves
+            deployment.pod_statuses.paused = True  # the kubelet reports the pods' status
         yield running
     assert not running.errors, running.errors

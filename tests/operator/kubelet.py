@@ -164,9 +164,13 @@ class FakeKubelet:
         refreshes a Secret volume only about once a minute; this one every SYNC_S seconds)."""
         self.paused = False
         """True: nothing at all happens (no projection, no restart), as on a stalled node."""
+        self.statuses = PodStatuses(kube, server_namespace)
+        """Its status reports: a shard pod is Ready once a process serves its claims."""
+        self.statuses.gate = self.serves
 
     def __enter__(self) -> FakeKubelet:
         self._thread.start()
+        self.statuses.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -174,6 +178,7 @@ class FakeKubelet:
         self._thread.join(timeout=30)
         for shard in self.shards.values():
             shard.stop()
+        self.statuses.__exit__(*exc)
 
     def serves(self, pod: dict[str, Any]) -> bool:
         """Whether a shard process runs with exactly the claims of this pod and answers."""
