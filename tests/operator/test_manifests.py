@@ -7,7 +7,7 @@ import json
 import pytest
 
 from memspace_contract import index, spaces
-from memspace_operator import credentials, errors, models, naming, shards
+from memspace_operator import credentials, errors, models, naming, shards, volumes
 from memspace_operator.settings import Settings, SettingsError
 
 
@@ -143,3 +143,44 @@ def test_with_a_metrics_token_the_shard_mounts_it_and_its_metrics_port_requires_
     assert Settings.from_env(
         {"MEMSPACE_METRICS_TOKEN_SECRET": "memspace-metrics-token"}
     ).metrics_token_secret == ("memspace-metrics-token")
+
+
+def test_shard_pods_spread_as_the_settings_say_and_start_and_leave_quickly() -> None:
+    plain = shards.pod_spec(Settings(), 0, [])
+    assert "topologySpreadConstraints" not in plain
+    assert "affinity" not in plain
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "X"}]
+    anti: dict[str, object] = {
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}
+    }
+    settings = Settings.from_env(
+        {
+            "MEMSPACE_SERVER_TOPOLOGY_SPREAD": json.dumps(spread),
+            "MEMSPACE_SERVER_AFFINITY": json.dumps(anti),
+        }
+    )
+    spec = shards.pod_spec(settings, 3, [])
+    (constraint,) = spec["topologySpreadConstraints"]
+    # Without a selector of its own, a constraint counts every shard pod (not only shard 3's).
+    assert constraint["labelSelector"] == {
+        "matchLabels": {
+            "app.kubernetes.io/name": "memspace",
+            "app.kubernetes.io/component": "shard",
+        }
+    }
+    assert spec["affinity"] == anti
+    (container,) = spec["containers"]
+    assert container["startupProbe"]["periodSeconds"] == 1
+    assert container["readinessProbe"]["periodSeconds"] == 1
+
+
+def test_a_static_volume_name_binds_the_claim_to_that_volume() -> None:
+    space = models.parse(
+        {
+            "metadata": {"name": "pinned", "namespace": "team", "uid": "u", "generation": 1},
+            "spec": {"storage": {"volumeName": "pv-1"}},
+        }
+    )
+    manifest = volumes.manifest(Settings(storage_class="fast"), space, 0)
+    assert manifest["spec"]["volumeName"] == "pv-1"
+    assert manifest["spec"]["storageClassName"] == ""
