@@ -273,12 +273,14 @@ def _measure_restarts(
         for manifest in manifests:
             cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         pod = _wait_ready_pod(core, None)
-        gaps, to_ready = [], []
+        gaps, to_ready, to_gone = [], [], []
         for _ in range(rounds):
             old = pod["metadata"]["uid"]
             deleted = time.monotonic()
             core.delete_namespaced_pod(pod["metadata"]["name"], NODE_NAMESPACE)
-            gaps.append(_unready_gap(discovery, deleted))
+            gap, gone = _unready_gap(core, discovery, deleted, old)
+            gaps.append(gap)
+            to_gone.append(gone - deleted)
             pod = _wait_ready_pod(core, old)
             to_ready.append(time.monotonic() - deleted)
         apps.delete_namespaced_stateful_set("memspace-shard-0", NODE_NAMESPACE)
@@ -286,7 +288,8 @@ def _measure_restarts(
     print(
         f"   shard pod deleted: no ready endpoint for {statistics.median(gaps):.2f} s (median; "
         f"max {max(gaps):.2f}) over {rounds} restarts; new pod Ready after "
-        f"{statistics.median(to_ready):.2f} s",
+        f"{statistics.median(to_ready):.2f} s, of which {statistics.median(to_gone):.2f} s until "
+        f"the old pod was gone (load average {os.getloadavg()[0]:.1f})",
         flush=True,
     )
     results["shard_restart_unavailable_s"] = {
@@ -295,6 +298,7 @@ def _measure_restarts(
         "restarts": rounds,
     }
     results["shard_restart_to_ready_s"] = round(statistics.median(to_ready), 2)
+    results["shard_restart_old_pod_gone_s"] = round(statistics.median(to_gone), 2)
 
 
 def _wait_ready_pod(core: kubernetes.client.CoreV1Api, other_than: str | None) -> dict[str, Any]:
@@ -324,16 +328,30 @@ def _ready_endpoints(discovery: kubernetes.client.DiscoveryV1Api) -> int:
     )
 
 
-def _unready_gap(discovery: kubernetes.client.DiscoveryV1Api, since: float) -> float:
-    """Seconds without a ready endpoint after the deletion at `since` (monotonic)."""
+def _unready_gap(
+    core: kubernetes.client.CoreV1Api,
+    discovery: kubernetes.client.DiscoveryV1Api,
+    since: float,
+    old: str,
+) -> tuple[float, float]:
+    """Seconds without a ready endpoint after the deletion at `since` (monotonic), and when the
+    old pod was gone."""
     went: float | None = None
+    gone: float | None = None
     deadline = since + 240
     while time.monotonic() < deadline:
         ready = _ready_endpoints(discovery)
         now = time.monotonic()
+        if gone is None:
+            try:
+                pod = core.read_namespaced_pod("memspace-shard-0-0", NODE_NAMESPACE)
+                if pod.metadata is None or pod.metadata.uid != old:
+                    gone = now
+            except kubernetes.client.ApiException:
+                gone = now
         if not ready and went is None:
             went = now
         if ready and went is not None:
-            return now - went
+            return now - went, gone if gone is not None else now
         time.sleep(0.05)
     raise RuntimeError("the shard's endpoint did not come back")

@@ -181,14 +181,20 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
         op.recorder.warning(space.ref, observed.problem.reason, observed.problem.message)
     observed.credentials_secret = secret
     observed.volume = op.volume_condition(space.spec.space_id, pvc)
-    mount = op.mount_condition(space.spec.space_id)
-    was_mounted = observed.mount is not None and observed.mount.status == "True"
-    if mount is not None and mount.status == "True" and not was_mounted:
-        op.recorder.normal(space.ref, "Mounted", mount.message)
-    observed.mount = mount
+    _observe_mount(op, tracked)
     if (unmonitored := op.unmonitored()) is not None:
         observed.health = unmonitored
     _publish(op, tracked)
+
+
+def _observe_mount(op: Operator, tracked: tracking.Tracked) -> None:
+    """Mounted as the shard pods show it now, with the Event when it turns True here."""
+    observed = tracked.observed
+    mount = op.mount_condition(tracked.space.spec.space_id)
+    was_mounted = observed.mount is not None and observed.mount.status == "True"
+    if mount is not None and mount.status == "True" and not was_mounted:
+        op.recorder.normal(tracked.ref, "Mounted", mount.message)
+    observed.mount = mount
 
 
 def _exceeded(applied: classes.Applied) -> statuses.Problem | None:

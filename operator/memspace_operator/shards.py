@@ -16,6 +16,7 @@ from memspace_operator.settings import Settings
 
 CONTAINER = "server"
 DRAIN_TIMEOUT_S = 25
+DRAIN_NOTICE_S = 1
 GRACE_PERIOD_S = 30
 RUN_AS = 10001
 STARTUP_LIMIT_S = 120
@@ -85,7 +86,9 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             *metrics_args,
             f"--admin-token-file={naming.ADMIN_PATH}/token",
             f"--drain-timeout={DRAIN_TIMEOUT_S}",
-            "--drain-notice=3",
+            # The pod leaves its Service's endpoints when it is deleted, and within two 1 s
+            # readiness probes of reporting NOT_SERVING: a second of notice is enough.
+            f"--drain-notice={DRAIN_NOTICE_S}",
             "--log-format=json",
         ],
         "ports": [
