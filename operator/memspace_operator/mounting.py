@@ -140,12 +140,15 @@ class Mounter:
             )
 
     async def on_pods(self, shard: int) -> None:
-        """A pod of shard N changed: a shard restarting anyway drops its deferred removals."""
+        """A pod of shard N changed. One going that runs the current template is a restart for
+        another reason (deleted, evicted): the shard drops its deferred removals now, so that
+        the new pod comes without them. (A pod replaced by a template change of ours runs an
+        older template: that rollout already dropped them.)"""
         changed = self._pod_changes.get(shard)
         if changed is not None:
             changed.set()
-        if self._pods.restarting(shard):
-            # Latched: the replacement pod may come before the next look at the shard.
+        ended = self._pods.ended.pop(shard, None)
+        if ended is not None and ended.mounts == self._assignments.mounted(shard):
             self._restarted.add(shard)
             if self._removals(shard):
                 self.request(shard)
@@ -247,9 +250,7 @@ class Mounter:
         drift = current is not None and shards.template_differs(
             current, shards.statefulset(self._settings, shard, mounted, "")
         )
-        restarting = current is not None and (
-            shard in self._restarted or self._pods.restarting(shard)
-        )
+        restarting = current is not None and shard in self._restarted
         self._restarted.discard(shard)
         if not (current is None or additions or drift or (removals and restarting)):
             await self._seal_if_due(shard, url, current)

@@ -1,6 +1,6 @@
 """A list-and-watch of the shard pods in the server namespace: which pod of a shard is Ready,
 with which revision of the template and which spaces' volumes (its own spec, copied from the
-template that made it), and whether the shard is restarting (no live pod).
+template that made it), and the last pod of each shard seen going (deleted or evicted).
 
 `Mounted=True` follows this, not the StatefulSet's template: a template change mounts nothing
 until the pod made from it runs and is Ready.
@@ -64,6 +64,8 @@ class ShardPods:
         self._task: asyncio.Task[None] | None = None
         self.pods: dict[str, ShardPod] = {}
         """The shard pods by name, as last seen."""
+        self.ended: dict[int, ShardPod] = {}
+        """Per shard, the last pod seen going (being deleted, or gone), until taken."""
 
     def of(self, shard: int) -> list[ShardPod]:
         return [pod for pod in self.pods.values() if pod.shard == shard]
@@ -74,10 +76,6 @@ class ShardPods:
             if pod.ready and not pod.terminating:
                 return pod
         return None
-
-    def restarting(self, shard: int) -> bool:
-        """The shard has no pod, or only one being deleted: it restarts anyway."""
-        return all(pod.terminating for pod in self.of(shard))
 
     def _selector(self) -> str:
         return kube.selector({**naming.managed(), naming.COMPONENT: "shard"})
@@ -138,6 +136,8 @@ class ShardPods:
                 pod = parse(obj)
                 if pod is None:
                     continue
+                if kind == "DELETED" or pod.terminating:
+                    self.ended[pod.shard] = pod
                 if kind == "DELETED":
                     self.pods.pop(pod.name, None)
                 else:
