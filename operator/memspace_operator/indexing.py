@@ -49,6 +49,10 @@ class Index:
             )
         self._present.add(shard)
 
+    def forget(self, shard: int) -> None:
+        """Shard N's index Secret was deleted with the shard (made again if the number is)."""
+        self._present.discard(shard)
+
     async def get(self, shard: int, space_id: spaces.SpaceId) -> index.IndexEntry | None:
         """The space's entry in shard N's index, None when there is none (or it is unreadable:
         then it is rewritten)."""

@@ -341,6 +341,13 @@ class Mounter:
             log.info("deleted claim %s: no shard mounts it any more", url)
             self._on_freed(space_id)
 
+    async def reap(self, space_id: spaces.SpaceId) -> None:
+        """Delete one delete-pending claim if no template mounts it."""
+        try:
+            await self._reap(frozenset([space_id]))
+        except errors.OperatorError as err:
+            log.warning("deleting the claim of %s failed (%s); retried at start-up", space_id, err)
+
     async def reap_all(self, claims: list[dict[str, Any]]) -> None:
         """At start-up: the delete-pending claims whose unmount happened while the operator
         was away."""
@@ -371,6 +378,7 @@ class Mounter:
         await self._kube.delete(url, uid=current["metadata"].get("uid"))
         await self._kube.delete(kube.services(namespace, name))
         await self._kube.delete(kube.secrets(namespace, naming.index_secret(shard)))
+        self._index.forget(shard)
         self._forget(shard)
         self.removed_shards += 1
         log.info("shard %d: removed", shard)

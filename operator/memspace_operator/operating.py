@@ -196,6 +196,11 @@ class Operator:
         if not name.startswith(prefix) or not spaces.is_valid_space_id(name[len(prefix) :]):
             return
         space_id = spaces.SpaceId(name[len(prefix) :])
+        if pvc is not None and volumes.is_delete_pending(pvc):
+            if self.assignments.mounted_on(space_id) is None:
+                # Labelled after its shard let it go (removed meanwhile): deleted now.
+                self.spawn(self.mounter.reap(space_id), name=f"memspace-reap-{space_id}")
+            return
         tracked = self.book.owner_of(space_id)
         if tracked is None or not tracked.reconciled:
             return

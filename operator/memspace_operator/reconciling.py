@@ -446,8 +446,6 @@ async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
     shard = volumes.shard_of(pvc) if pvc is not None else None
     if shard is None and mine and assignment is not None:
         shard = assignment.shard
-    if mine:
-        op.assignments.release(space_id)
     if shard is not None:
         # The space stops serving first: its entry leaves the index Secret (the fallback a
         # restarted shard reads) and the shard is told at once. Then the volume detaches.
@@ -458,6 +456,10 @@ async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
                 op.recorder.normal(
                     space.ref, "Unserved", f"{naming.shard_name(shard)} no longer serves it"
                 )
+    if mine:
+        # Released once its index entry is gone: an emptied shard is removed from here on.
+        op.assignments.release(space_id)
+    if shard is not None:
         op.mounter.request(shard)
         op.recorder.normal(
             space.ref,
