@@ -148,10 +148,11 @@ class Mounter:
         if changed is not None:
             changed.set()
         ended = self._pods.ended.pop(shard, None)
-        if ended is not None and ended.mounts == self._assignments.mounted(shard):
+        restart = ended is not None and ended.mounts == self._assignments.mounted(shard)
+        if restart and self._removals(shard):
+            # Latched for the very next look only: a later removal must not find it.
             self._restarted.add(shard)
-            if self._removals(shard):
-                self.request(shard)
+            self.request(shard)
 
     async def close(self) -> None:
         for task in self._tasks.values():

@@ -9,6 +9,7 @@ that really run."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -94,6 +95,32 @@ def test_deleting_or_deactivating_a_space_leaves_its_shard_running_until_it_rest
             ),
         )
         deployment.wait_condition("sleeps", "Mounted", "True")
+
+
+def test_a_restart_with_nothing_to_drop_leaves_no_trace_for_a_later_deactivation(
+    deployment: Deployment,
+) -> None:
+    kube, ns, server_ns = deployment.kube, deployment.namespace, deployment.server_namespace
+    with deployment.running():
+        for name in ("steady", "dozes"):
+            deployment.apply(name)
+        for name in ("steady", "dozes"):
+            deployment.wait_condition(name, "Mounted", "True")
+        pod = shard_pod(deployment, 0)
+        assert pod is not None
+        kube.core.delete_namespaced_pod(pod["metadata"]["name"], server_ns)
+        wait_for(
+            "a new shard pod",
+            lambda: (shard_pod(deployment, 0) or pod)["metadata"]["uid"] != pod["metadata"]["uid"],
+        )
+        generation = template_generation(deployment, 0)
+        replacement = shard_pod(deployment, 0) or {}
+
+        kube.patch_spec(ns, "dozes", {"state": "Inactive"})
+        deployment.wait_condition("dozes", "Ready", "False", "Inactive")
+        time.sleep(2)  # a template change, if one were coming, is written within a second
+        assert template_generation(deployment, 0) == generation
+        assert (shard_pod(deployment, 0) or {})["metadata"]["uid"] == replacement["metadata"]["uid"]
 
 
 def test_new_spaces_go_to_the_intake_shard_and_a_sealed_shard_is_never_changed(
