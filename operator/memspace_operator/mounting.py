@@ -376,10 +376,11 @@ class Mounter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), SCALE_DOWN_WAIT_S)
         self._pod_changes.pop(shard, None)
-        await self._kube.delete(url, uid=current["metadata"].get("uid"))
+        # The StatefulSet last: while it exists, a restarted operator finishes the removal.
         await self._kube.delete(kube.services(namespace, name))
         await self._kube.delete(kube.secrets(namespace, naming.index_secret(shard)))
         self._index.forget(shard)
+        await self._kube.delete(url, uid=current["metadata"].get("uid"))
         self._forget(shard)
         self.removed_shards += 1
         log.info("shard %d: removed", shard)
