@@ -109,6 +109,25 @@ async def test_a_second_backup_uploads_only_what_changed(
     assert [b.backup_id for b in listed] == [first.backup_id, second.backup_id]
 
 
+async def test_backups_are_listed_in_the_order_they_were_taken_whatever_their_ids(
+    spaces_registry: registry.Registry, target: objects.Target
+) -> None:
+    rng = np.random.default_rng(5)
+    ledger = Ledger()
+    space_id = await make_space(spaces_registry)
+    taken = []
+    # IDs that sort against the order the backups are taken (as two made in one instant can).
+    for backup_id in ("z-taken-first", "m-taken-second", "a-taken-third"):
+        await remember(spaces_registry, space_id, ledger, 5, rng)
+        async with spaces_registry.lease(space_id) as space:
+            taken.append(await backups.create(space, target, spaces_registry.executor, backup_id))
+    listed = await backups.list_backups(target, space_id)
+    assert [b.backup_id for b in listed] == [b.backup_id for b in taken]
+    # Pruning keeps the newest, not the last in name order.
+    assert await backups.prune(target, space_id, 1) == ["z-taken-first", "m-taken-second"]
+    assert [b.backup_id for b in await backups.list_backups(target, space_id)] == ["a-taken-third"]
+
+
 async def test_writes_go_on_during_a_backup_and_the_backup_holds_exactly_its_lsn(
     tmp_path: Path,
     spaces_registry: registry.Registry,

@@ -138,9 +138,9 @@ def blob_key(space_id: str, sha256: str) -> str:
 
 
 def new_backup_id(now: datetime.datetime | None = None) -> str:
-    """A backup ID that sorts by time: `20260102t030405z-1a2b3c`."""
+    """A backup ID that sorts by time to the millisecond: `20260102t030405123z-1a2b3c`."""
     now = now or datetime.datetime.now(datetime.UTC)
-    return f"{now:%Y%m%dt%H%M%Sz}-{secrets.token_hex(3)}"
+    return f"{now:%Y%m%dt%H%M%S}{now.microsecond // 1000:03d}z-{secrets.token_hex(3)}"
 
 
 # -- taking a backup -----------------------------------------------------------------------
@@ -277,7 +277,7 @@ async def _create(
         embedding_dim=space.dim,
         lsn=int(lsn),
         memories=count,
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         files=tuple(entries[relative] for relative, _ in listing),
         entry=entry,
         bytes_uploaded=uploaded,
@@ -326,6 +326,9 @@ async def list_backups(target: objects.Target, space_id: str) -> list[Manifest]:
             found.append(await read(target, space_id, backup_id))
         except errors.BackupRefusedError as err:
             log.warning("%s", err)
+    # Two backups in one millisecond (or IDs given by hand) still come in the order they were
+    # taken: by LSN first, then by when.
+    found.sort(key=lambda b: (b.lsn, b.created, b.backup_id))
     return found
 
 
