@@ -209,6 +209,18 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "MEMSPACE_MAX_SPACES_PER_SHARD": "12",
         "MEMSPACE_MAX_SHARDS": "1000000",
         "MEMSPACE_MOUNT_BATCH_WINDOW": "2.5",
+        "MEMSPACE_SHARD_INTAKE_WINDOW": "600",
+        "MEMSPACE_SERVER_TOPOLOGY_SPREAD": json.dumps(
+            [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                }
+            ],
+            separators=(",", ":"),
+        ),
+        "MEMSPACE_SERVER_AFFINITY": "{}",
         "MEMSPACE_HEALTH_INTERVAL": "7.5",
         "MEMSPACE_RESYNC_INTERVAL": "120",
         "MEMSPACE_API_CONCURRENCY": "8",
