@@ -205,6 +205,10 @@ class Shards:
         number when none takes spaces and fewer than `max_shards` exist."""
         existing = self.shards
         for shard in existing:
+            if shard not in self._described and shard not in self._closing:
+                # Spaces assigned to it, but its StatefulSet was never made (an operator
+                # stopped in between): no pod runs, so it is as young as a new shard.
+                self._opened.setdefault(shard, now)
             if self.takes_new(shard, now):
                 return shard
         if len(existing) >= self.max_shards:

@@ -97,3 +97,19 @@ def test_a_removed_shards_number_and_slot_are_free_again() -> None:
     assert table.assign(sid("ccc"), "uc", now=T0) is None  # closing: not yet free
     table.forget_shard(0)
     assert table.assign(sid("ccc"), "uc", now=T0) == 0
+
+
+def test_a_shard_whose_statefulset_was_never_made_takes_new_spaces_after_a_takeover() -> None:
+    # An operator assigned spaces to shard 1 (their claims' labels) and was killed before it
+    # made the shard's StatefulSet: the next operator fills shard 1 instead of opening shard 2,
+    # whichever space it reconciles first.
+    table = sharding.Shards(max_spaces_per_shard=3, max_shards=5, intake_window_s=600)
+    table.describe(
+        0, mounted=[sid("space-a"), sid("space-b"), sid("space-c")], opened_at=T0, sealed=True
+    )
+    for name in ("space-a", "space-b", "space-c"):
+        table.record(sid(name), 0, f"u-{name}")
+    table.record(sid("space-d"), 1, "u-d")
+    assert table.assign(sid("space-e"), "u-e", now=T0 + 5) == 1
+    assert table.assign(sid("space-f"), "u-f", now=T0 + 5) == 1
+    assert table.assign(sid("space-g"), "u-g", now=T0 + 5) == 2
