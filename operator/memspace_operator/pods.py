@@ -8,7 +8,6 @@ until the pod made from it runs and is Ready.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -16,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from memspace_contract import spaces
-from memspace_operator import errors, kube, naming, shards
+from memspace_operator import kube, naming, shards, watching
 from memspace_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,12 +55,14 @@ def parse(body: dict[str, Any]) -> ShardPod | None:
     )
 
 
-class ShardPods:
+class ShardPods(watching.ListWatch):
+    name = "shard pods"
+
     def __init__(self, client: kube.Kube, settings: Settings, on_pods: OnPods) -> None:
+        super().__init__()
         self._kube = client
         self._settings = settings
         self._on_pods = on_pods
-        self._task: asyncio.Task[None] | None = None
         self.pods: dict[str, ShardPod] = {}
         """The shard pods by name, as last seen."""
         self.ended: dict[int, ShardPod] = {}
@@ -93,36 +94,6 @@ class ShardPods:
             await self._on_pods(shard)
         resource_version: str = listed["metadata"]["resourceVersion"]
         return resource_version
-
-    def start(self, resource_version: str) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(resource_version), name="memspace-shard-pods"
-        )
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self, resource_version: str) -> None:
-        failures = 0
-        while True:
-            try:
-                if not resource_version:
-                    resource_version = await self.list()
-                resource_version = await self._follow(resource_version)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except errors.GoneError:
-                resource_version = ""
-            except Exception as err:
-                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
-                failures += 1
-                log.warning("watching the shard pods failed (%s); again in %.1f s", err, delay)
-                await asyncio.sleep(delay)
-                resource_version = ""
 
     async def _follow(self, resource_version: str) -> str:
         events = self._kube.watch(

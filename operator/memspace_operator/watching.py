@@ -24,12 +24,64 @@ OnClaim = Callable[[str, dict[str, Any] | None], Awaitable[None]]
 """Called with (claim name, PVC or None when deleted)."""
 
 
-class ClaimWatch:
+class ListWatch:
+    """A list, then a watch from the list's resourceVersion, listed again after a 410 Gone or
+    (with backoff) any failure. Subclasses list and follow; `name` names the task and logs."""
+
+    name = "resources"
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def list(self) -> str:
+        raise NotImplementedError
+
+    async def _follow(self, resource_version: str) -> str:
+        raise NotImplementedError
+
+    async def _relisted(self) -> None:
+        """Called after a list made by the watch itself (not at start-up)."""
+
+    def start(self, resource_version: str) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(resource_version), name=f"memspace-{type(self).__name__}"
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, resource_version: str) -> None:
+        failures = 0
+        while True:
+            try:
+                if not resource_version:
+                    resource_version = await self.list()
+                    await self._relisted()
+                resource_version = await self._follow(resource_version)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except errors.GoneError:
+                resource_version = ""
+            except Exception as err:
+                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("watching the %s failed (%s); again in %.1f s", self.name, err, delay)
+                await asyncio.sleep(delay)
+                resource_version = ""
+
+
+class ClaimWatch(ListWatch):
+    name = "spaces' claims"
+
     def __init__(self, client: kube.Kube, settings: Settings, on_claim: OnClaim) -> None:
+        super().__init__()
         self._kube = client
         self._settings = settings
         self._on_claim = on_claim
-        self._task: asyncio.Task[None] | None = None
         self.claims: dict[str, dict[str, Any]] = {}
         """The managed PVCs by name, as last seen."""
 
@@ -46,37 +98,9 @@ class ClaimWatch:
         resource_version: str = listed["metadata"]["resourceVersion"]
         return resource_version
 
-    def start(self, resource_version: str) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(resource_version), name="memspace-claim-watch"
-        )
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self, resource_version: str) -> None:
-        failures = 0
-        while True:
-            try:
-                if not resource_version:
-                    resource_version = await self.list()
-                    for name, pvc in list(self.claims.items()):
-                        await self._on_claim(name, pvc)
-                resource_version = await self._follow(resource_version)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except errors.GoneError:
-                resource_version = ""
-            except Exception as err:
-                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
-                failures += 1
-                log.warning("watching the spaces' claims failed (%s); again in %.1f s", err, delay)
-                await asyncio.sleep(delay)
-                resource_version = ""
+    async def _relisted(self) -> None:
+        for name, pvc in list(self.claims.items()):
+            await self._on_claim(name, pvc)
 
     async def _follow(self, resource_version: str) -> str:
         events = self._kube.watch(
