@@ -28,6 +28,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RecallMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecallModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecallMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECALL_MODE_UNSPECIFIED: _RecallMode.ValueType  # 0
+    """Vector similarity, as before the addition."""
+    RECALL_MODE_VECTOR: _RecallMode.ValueType  # 1
+    """Cosine similarity of the cue (or the embedded query) to each memory's embedding."""
+    RECALL_MODE_KEYWORD: _RecallMode.ValueType  # 2
+    """BM25 over each memory's content and tags, from the query text."""
+    RECALL_MODE_HYBRID: _RecallMode.ValueType  # 3
+    """Both, fused (docs/api.md gives the fusion)."""
+
+class RecallMode(_RecallMode, metaclass=_RecallModeEnumTypeWrapper):
+    """Addition: how a Recall finds its hits."""
+
+RECALL_MODE_UNSPECIFIED: RecallMode.ValueType  # 0
+"""Vector similarity, as before the addition."""
+RECALL_MODE_VECTOR: RecallMode.ValueType  # 1
+"""Cosine similarity of the cue (or the embedded query) to each memory's embedding."""
+RECALL_MODE_KEYWORD: RecallMode.ValueType  # 2
+"""BM25 over each memory's content and tags, from the query text."""
+RECALL_MODE_HYBRID: RecallMode.ValueType  # 3
+"""Both, fused (docs/api.md gives the fusion)."""
+Global___RecallMode: _TypeAlias = RecallMode  # noqa: Y015
+
 class _EventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -228,6 +256,8 @@ class RecallRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     INCLUDE_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     EXACT_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     space: _builtins.str
     k: _builtins.int
     """1..1000 (0 is not a default: it is refused)."""
@@ -240,6 +270,12 @@ class RecallRequest(_message.Message):
     """Addition: scan every tier exactly, even where the space keeps an approximate index
     (spec.index); slower on a big space, the ground truth that recall is measured against.
     """
+    query: _builtins.str
+    """Addition: the query as text. Keyword and hybrid recall search it in the space's keyword
+    index; on a space with an embedding model (spec.embedding) and no cue, the server embeds it.
+    """
+    mode: Global___RecallMode.ValueType
+    """Addition: how hits are found; unspecified is vector (docs/api.md)."""
     @_builtins.property
     def cue(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Exactly the space's embedding_dim finite values, not all zero."""
@@ -258,10 +294,12 @@ class RecallRequest(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         include_embeddings: _builtins.bool = ...,
         exact: _builtins.bool = ...,
+        query: _builtins.str = ...,
+        mode: Global___RecallMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "cue", b"cue", "exact", b"exact", "include_embeddings", b"include_embeddings", "k", b"k", "min_score", b"min_score", "space", b"space", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "cue", b"cue", "exact", b"exact", "include_embeddings", b"include_embeddings", "k", b"k", "min_score", b"min_score", "mode", b"mode", "query", b"query", "space", b"space", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015

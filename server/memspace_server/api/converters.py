@@ -95,6 +95,10 @@ def memory(found: memories.Memory) -> pb.Memory:
 
 
 def query(message: pb.RecallRequest) -> memories.Query:
+    if message.mode in (pb.RECALL_MODE_KEYWORD, pb.RECALL_MODE_HYBRID):
+        raise errors.InvalidMemoryError(
+            "keyword and hybrid recall are not served by this server yet"
+        )
     return memories.Query(
         cue=vector(message.cue),
         k=message.k,
