@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memspace_server.storage import hot, tiers
+from memspace_server.storage import hot, pages, tiers
 
 DIM = 8
 
@@ -24,10 +24,14 @@ def _batch(ids: list[str], embeddings: np.ndarray) -> tiers.Columns:
     )
 
 
+@pytest.mark.parametrize("ahead_rows", [0, 700], ids=["no-fault-ahead", "fault-ahead"])
 def test_a_hot_tier_over_many_blocks_matches_a_plain_matrix(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, ahead_rows: int
 ) -> None:
     monkeypatch.setattr(hot, "BLOCK_BYTES", 4 * DIM * 1024)  # 1024 rows a block
+    # Pages of the rows ahead of the last written are populated in the background meanwhile
+    # (0: never): the rows written stay as they are.
+    monkeypatch.setattr(hot, "AHEAD_BYTES", 4 * DIM * ahead_rows or 1 << 40)
     rng = np.random.default_rng(5)
     tier = hot.HotTier(DIM)
     model: dict[str, np.ndarray] = {}
@@ -68,3 +72,35 @@ def test_a_hot_tier_over_many_blocks_matches_a_plain_matrix(
                 assert found is not None
                 assert np.array_equal(found.embedding, model[key])
     assert len(tier._emb.blocks) > 3
+
+
+def test_faulting_pages_ahead_leaves_what_they_hold_alone() -> None:
+    rng = np.random.default_rng(9)
+    array = np.zeros((4096, 256), np.float32)
+    written = rng.normal(size=(2048, 256)).astype(np.float32)
+    array[:2048] = written
+    for start in range(0, array.nbytes, 123_457):
+        pages.ahead(array, start, min(array.nbytes, start + 300_000))
+    array[2048:3000] = written[:952]
+    pages.settled()
+    assert np.array_equal(array[:2048], written)
+    assert np.array_equal(array[2048:3000], written[:952])
+    assert not array[3000:].any()
+
+
+def test_the_product_kernel_matches_numpy_for_any_layout() -> None:
+    rng = np.random.default_rng(4)
+    matrix = rng.normal(size=(1000, 48)).astype(np.float32)
+    cue = rng.normal(size=48).astype(np.float32)
+    for rows, vector in (
+        (matrix, cue),
+        (matrix[::2], cue),  # strided rows: numpy answers
+        (matrix[:, :24], cue[:24]),
+        (matrix[:0], cue),
+        (np.asfortranarray(matrix), cue),
+    ):
+        out = np.empty(rows.shape[0], np.float32)
+        tiers.products(rows, vector, out)
+        np.testing.assert_allclose(out, rows @ vector, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="output"):
+        tiers.products(matrix, cue, np.empty(3, np.float32))

@@ -15,10 +15,13 @@ import numpy as np
 import numpy.typing as npt
 
 from memspace_contract import wire
-from memspace_server.storage import memories, tiers
+from memspace_server.storage import memories, pages, tiers
 
 BLOCK_BYTES = 64 * 1024 * 1024
 """Bytes of embeddings a block holds (pages are backed only once rows are written)."""
+AHEAD_BYTES = 32 * 1024 * 1024
+"""Bytes of embedding rows past the last one written whose pages are faulted in ahead, in the
+background (`pages`), asked for in steps of half this."""
 
 
 class _Blocks:
@@ -30,6 +33,9 @@ class _Blocks:
         self.dim = dim
         self.block_rows = max(1024, BLOCK_BYTES // (4 * dim))
         self.blocks: list[npt.NDArray[np.float32]] = []
+        self._ahead_rows = max(1, AHEAD_BYTES // (4 * dim))
+        self._faulted = 0
+        """Rows whose pages were asked to be faulted in (or written)."""
 
     @property
     def capacity(self) -> int:
@@ -53,6 +59,7 @@ class _Blocks:
             if self.blocks:
                 grown[:used] = self.blocks[0][:used]
                 self.blocks[0] = grown
+                self._faulted = min(self._faulted, used)
             else:
                 self.blocks.append(grown)
             capacity = size
@@ -69,6 +76,22 @@ class _Blocks:
             take = min(rows.shape[0] - done, full - offset)
             self.blocks[block][offset : offset + take] = rows[done : done + take]
             done += take
+        self._fault_ahead(start + done)
+
+    def _fault_ahead(self, end: int) -> None:
+        """Keep the pages of the rows after `end` (up to AHEAD_BYTES, within the blocks there
+        are) being faulted in by the background thread, so that writes find them there."""
+        self._faulted = max(self._faulted, end)
+        want = min(self.capacity, end + self._ahead_rows)
+        if want - self._faulted < self._ahead_rows // 2:
+            return
+        row_bytes = 4 * self.dim
+        while self._faulted < want:
+            block, offset = divmod(self._faulted, self.block_rows)
+            array = self.blocks[block]
+            take = min(want - self._faulted, array.shape[0] - offset)
+            pages.ahead(array, offset * row_bytes, (offset + take) * row_bytes)
+            self._faulted += take
 
     def row(self, row: int) -> npt.NDArray[np.float32]:
         """A view of one row."""
@@ -91,17 +114,15 @@ class _Blocks:
         return out
 
     def products(self, cue: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
-        """The first n rows times `cue`: one product per block."""
-        if len(self.blocks) == 1:
-            found: npt.NDArray[np.float32] = self.blocks[0][:n] @ cue
-            return found
+        """The first n rows times `cue`: one kernel call per block, each writing its part of
+        one output (no copy of the rows, no concatenation)."""
         out = np.empty(n, np.float32)
         for k, block in enumerate(self.blocks):
             start = k * self.block_rows
             if start >= n:
                 break
             end = min(n, start + block.shape[0])
-            np.matmul(block[: end - start], cue, out=out[start:end])
+            tiers.products(block[: end - start], cue, out[start:end])
         return out
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final, Protocol
 
+import faiss
 import numpy as np
 import numpy.typing as npt
 
@@ -157,6 +158,34 @@ def norms(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Row norms in float32, without the temporaries np.linalg.norm makes."""
     squares: npt.NDArray[np.float32] = np.einsum("ij,ij->i", matrix, matrix)
     return np.sqrt(squares).astype(np.float32, copy=False)
+
+
+def products(
+    matrix: npt.NDArray[np.float32], cue: npt.NDArray[np.float32], out: npt.NDArray[np.float32]
+) -> None:
+    """`out[:] = matrix @ cue` through faiss's inner-product kernel, which streams the rows at
+    memory speed without the GIL; numpy's matrix-vector product (OpenBLAS sgemv on one thread)
+    took twice as long here (100k x 768: 22 ms against 11.7 ms). Anything not contiguous
+    float32 goes to numpy."""
+    rows = matrix.shape[0]
+    if out.shape != (rows,):
+        raise ValueError(f"{rows} rows need an output of {rows}, got {out.shape}")
+    if (
+        matrix.dtype == np.float32
+        and cue.dtype == np.float32
+        and out.dtype == np.float32
+        and matrix.flags.c_contiguous
+        and cue.flags.c_contiguous
+        and out.flags.c_contiguous
+        and matrix.ndim == 2
+        and cue.shape == (matrix.shape[1],)
+    ):
+        if rows:
+            faiss.fvec_inner_products_ny(  # type: ignore[attr-defined]
+                faiss.swig_ptr(out), faiss.swig_ptr(cue), faiss.swig_ptr(matrix), cue.shape[0], rows
+            )
+        return
+    np.matmul(matrix, cue, out=out)
 
 
 def unit(vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

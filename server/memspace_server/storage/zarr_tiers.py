@@ -359,7 +359,7 @@ class ZarrTier:
         if self.mapped:
             for start in range(0, self._n, step):
                 end = min(start + step, self._n)
-                np.matmul(self._maps[start // step][: end - start], cue, out=scores[start:end])
+                tiers.products(self._maps[start // step][: end - start], cue, scores[start:end])
         else:
             chunks = (self._n + step - 1) // step
             group = 8  # chunks read in one trip to zarr when not cached
@@ -368,7 +368,7 @@ class ZarrTier:
                 wanted = list(range(first, last))
                 for chunk, block in zip(wanted, self._decompressed(wanted), strict=True):
                     start = chunk * step
-                    np.matmul(block, cue, out=scores[start : start + block.shape[0]])
+                    tiers.products(block, cue, scores[start : start + block.shape[0]])
         scores /= self._norms
         if self._n != len(self._row):  # tombstones
             scores[self._deleted] = -np.inf
