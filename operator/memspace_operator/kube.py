@@ -91,6 +91,25 @@ def memoryspaces(namespace: str, name: str | None = None, subresource: str | Non
     )
 
 
+def memoryspacebackups(
+    namespace: str | None, name: str | None = None, subresource: str | None = None
+) -> str:
+    """MemorySpaceBackups of a namespace (None: of every namespace)."""
+    return path(
+        "memspace.dev",
+        "v1alpha1",
+        "memoryspacebackups",
+        namespace=namespace,
+        name=name,
+        subresource=subresource,
+    )
+
+
+def backuptargets(name: str | None = None) -> str:
+    """MemorySpaceBackupTargets (cluster-scoped)."""
+    return path("memspace.dev", "v1alpha1", "memoryspacebackuptargets", name=name)
+
+
 def load_configuration() -> kubernetes.client.Configuration:
     """In-cluster credentials, else the kubeconfig; the same order as kopf's own login."""
     configuration = kubernetes.client.Configuration()

@@ -14,7 +14,7 @@ from typing import Any, Literal, cast
 
 import kubernetes.utils
 
-from memspace_contract import index, spaces
+from memspace_contract import index, spaces, wire
 from memspace_operator import errors, naming
 
 ReclaimPolicy = Literal["Retain", "Delete"]
@@ -40,6 +40,33 @@ class SpaceRef:
         }
 
 
+OFFLOADED = "Offloaded"
+"""spec.state Offloaded: the space lives in its final backup, with no volume and no shard."""
+SPEC_STATES: tuple[str, ...] = (wire.ACTIVE, wire.INACTIVE, OFFLOADED)
+DEFAULT_KEEP = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupPolicy:
+    """spec.backup: scheduled backups and the target of scheduled and offload backups."""
+
+    schedule: str | None = None
+    """A cron expression (UTC); None: no scheduled backups."""
+    keep: int = DEFAULT_KEEP
+    """Scheduled backups kept; older ones are deleted (with their manifests)."""
+    target: str | None = None
+    """The MemorySpaceBackupTarget; None: the default target."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreFrom:
+    """spec.restoreFrom: the MemorySpaceBackup a new space's volume is filled from."""
+
+    backup: str
+    namespace: str | None = None
+    """The backup's namespace when another than the space's (the target must allow it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SpaceSpec:
     space_id: spaces.SpaceId
@@ -57,6 +84,13 @@ class SpaceSpec:
     """spec.index: exact or approximate (HNSW) search of the warm and cold tiers."""
     volume_name: str | None = None
     """spec.storage.volumeName: a pre-made PersistentVolume to bind (a static PV)."""
+    backup: BackupPolicy = dataclasses.field(default_factory=BackupPolicy)
+    """spec.backup: schedule, retention and target of backups."""
+    restore_from: RestoreFrom | None = None
+    """spec.restoreFrom: restore the new space from a backup before it serves."""
+    offloaded: bool = False
+    """spec.state is Offloaded (`state` then holds the state of the index entry while the final
+    backup runs: Active)."""
     unset: frozenset[str] = frozenset()
     """The fields a MemorySpaceClass may default that the spec leaves unset (DEFAULTABLE);
     they hold the built-in defaults here, which a class default replaces."""
@@ -160,7 +194,12 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     recalls = _rate(quota_doc, "maxRecallsPerSecond")
     if max_memories is not None and max_memories < 1:
         raise errors.InvalidSpecError("spec.quota values must be above zero when set")
-    state = _choice(spec.get("state", index.DEFAULT_STATE), index.STATES, "spec.state")
+    state = _choice(spec.get("state", index.DEFAULT_STATE), SPEC_STATES, "spec.state")
+    offloaded = state == OFFLOADED
+    if offloaded:
+        state = index.DEFAULT_STATE  # the entry's state until the final backup completed
+    backup = _backup_policy(_section(spec, "backup"))
+    restore_from = _restore_from(_section(spec, "restoreFrom"))
     try:
         search = index.parse_search({"index": spec.get("index") or {}})
     except index.InvalidIndexEntryError as err:
@@ -197,7 +236,36 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
         class_name=class_name,
         search=search,
         unset=frozenset(name for name, present in given.items() if not present),
+        backup=backup,
+        restore_from=restore_from,
+        offloaded=offloaded,
     )
+
+
+def _backup_policy(doc: Mapping[str, Any]) -> BackupPolicy:
+    schedule = doc.get("schedule") or None
+    if schedule is not None and not isinstance(schedule, str):
+        raise errors.InvalidSpecError(f"spec.backup.schedule must be a string: {schedule!r}")
+    keep = _int(doc, "keep", DEFAULT_KEEP, "spec.backup")
+    assert keep is not None
+    if keep < 1:
+        raise errors.InvalidSpecError("spec.backup.keep must be at least 1")
+    target = doc.get("target") or None
+    if target is not None and not isinstance(target, str):
+        raise errors.InvalidSpecError(f"spec.backup.target must be a string: {target!r}")
+    return BackupPolicy(schedule=schedule, keep=keep, target=target)
+
+
+def _restore_from(doc: Mapping[str, Any]) -> RestoreFrom | None:
+    if not doc:
+        return None
+    backup = doc.get("backup")
+    if not isinstance(backup, str) or not backup:
+        raise errors.InvalidSpecError("spec.restoreFrom.backup must name a MemorySpaceBackup")
+    namespace = doc.get("namespace") or None
+    if namespace is not None and not isinstance(namespace, str):
+        raise errors.InvalidSpecError(f"spec.restoreFrom.namespace must be a string: {namespace!r}")
+    return RestoreFrom(backup=backup, namespace=namespace)
 
 
 def _rate(quota_doc: Mapping[str, Any], key: str) -> float | None:

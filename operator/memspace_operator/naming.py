@@ -17,6 +17,19 @@ PLURAL = "memoryspaces"
 KIND = "MemorySpace"
 API_VERSION = f"{GROUP}/{VERSION}"
 
+BACKUP_PLURAL = "memoryspacebackups"
+BACKUP_KIND = "MemorySpaceBackup"
+TARGET_PLURAL = "memoryspacebackuptargets"
+TARGET_KIND = "MemorySpaceBackupTarget"
+DEFAULT_TARGET = "memspace.dev/is-default-target"
+"""The annotation (value "true") of the MemorySpaceBackupTarget used where none is named."""
+BACKUP_OF = "memspace.dev/memory-space"
+"""Label of a MemorySpaceBackup made by the operator: the MemorySpace's name."""
+BACKUP_PURPOSE = "memspace.dev/backup-purpose"
+"""Label of a MemorySpaceBackup made by the operator: `scheduled` or `offload`."""
+SCHEDULED_AT = "memspace.dev/scheduled-at"
+"""Annotation of a scheduled MemorySpaceBackup: the schedule's tick it was made for (UTC)."""
+
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "memspace-operator"
 NAME = "app.kubernetes.io/name"
@@ -145,3 +158,13 @@ def shard_labels(shard: int, component: str = "shard") -> dict[str, str]:
 def shard_selector(shard: int) -> dict[str, str]:
     """What shard N's Service and StatefulSet select: its pods."""
     return {NAME: "memspace", COMPONENT: "shard", SHARD: str(shard)}
+
+
+def offload_backup(owner_name: str, generation: int) -> str:
+    """The MemorySpaceBackup holding the final backup of an offload (one per spec generation)."""
+    return _fit(f"{owner_name}-offload-{generation}", 253)
+
+
+def scheduled_backup(owner_name: str, stamp: str) -> str:
+    """The MemorySpaceBackup a schedule makes at tick `stamp` (`20260102t0304`)."""
+    return _fit(f"{owner_name}-{stamp}", 253)

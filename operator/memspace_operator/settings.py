@@ -40,6 +40,19 @@ class Settings(_Base):
         env="MEMSPACE_STORAGE_CLASS",
         help="StorageClass of spaces that name none; unset: the cluster's default class",
     )
+    backup_default_target: str | None = setting(
+        None,
+        env="MEMSPACE_BACKUP_DEFAULT_TARGET",
+        help="MemorySpaceBackupTarget of backups, schedules and offloads that name none; unset: "
+        'the target annotated memspace.dev/is-default-target "true"',
+    )
+    backup_schedule_interval_s: float = setting(
+        30.0,
+        env="MEMSPACE_BACKUP_SCHEDULE_INTERVAL",
+        gt=0,
+        help="seconds between checks of the spaces' backup schedules (a scheduled backup starts "
+        "at most this late; retention is applied as often)",
+    )
     max_spaces_per_shard: int = setting(
         20,
         env="MEMSPACE_MAX_SPACES_PER_SHARD",
