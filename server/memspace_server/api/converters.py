@@ -94,10 +94,19 @@ def memory(found: memories.Memory) -> pb.Memory:
     return message
 
 
+_MODES = {
+    pb.RECALL_MODE_UNSPECIFIED: memories.VECTOR,
+    pb.RECALL_MODE_VECTOR: memories.VECTOR,
+    pb.RECALL_MODE_KEYWORD: memories.KEYWORD,
+    pb.RECALL_MODE_HYBRID: memories.HYBRID,
+}
+
+
 def query(message: pb.RecallRequest) -> memories.Query:
-    if message.mode in (pb.RECALL_MODE_KEYWORD, pb.RECALL_MODE_HYBRID):
+    mode = _MODES.get(message.mode)
+    if mode is None:
         raise errors.InvalidMemoryError(
-            "keyword and hybrid recall are not served by this server yet"
+            f"mode {message.mode} is not known; allowed VECTOR, KEYWORD, HYBRID"
         )
     return memories.Query(
         cue=vector(message.cue),
@@ -106,15 +115,19 @@ def query(message: pb.RecallRequest) -> memories.Query:
         tags=dict(message.tags),
         include_embeddings=message.include_embeddings,
         exact=message.exact,
+        mode=mode,
+        text=message.query,
     )
 
 
-def recall_response(hits: Iterable[memories.Hit]) -> pb.RecallResponse:
+def recall_response(hits: Iterable[memories.Hit], mode: str = memories.VECTOR) -> pb.RecallResponse:
+    """The answer of a recall; scores as the mode defines them (cosine, BM25 or RRF)."""
     response = pb.RecallResponse()
+    cosine = mode == memories.VECTOR
     for found in hits:
         hit = response.hits.add()
         # float32 rounding makes a stored vector's own cosine 1.00000012: clamp to [-1, 1].
-        hit.score = min(1.0, max(-1.0, found.score))
+        hit.score = min(1.0, max(-1.0, found.score)) if cosine else found.score
         hit.tier = found.tier
         fill_memory(hit.memory, found.memory)
     return response

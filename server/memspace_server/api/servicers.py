@@ -62,7 +62,7 @@ class MemoryServicer:
                 f"this recall would answer {size} bytes; at most {self.max_recall_response_bytes} "
                 "are sent. Ask for fewer hits (k), without embeddings, or with tag filters"
             )
-        return converters.recall_response(hits)
+        return converters.recall_response(hits, query.mode)
 
     async def get(self, request: pb.GetRequest, call: Call) -> pb.GetResponse:
         async with self.registry.lease(call.space, call.entry) as space:

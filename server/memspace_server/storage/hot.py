@@ -159,6 +159,10 @@ class HotTier:
     def ids(self) -> Iterable[str]:
         return list(self._ids)
 
+    def texts(self) -> Iterable[tuple[str, str, dict[str, str]]]:
+        """(ID, content, tags) of every memory (for the keyword index)."""
+        return list(zip(self._ids[: self._n], self._contents, self._tags, strict=False))
+
     def nbytes(self) -> int:
         return int(self._emb.nbytes + self._norms.nbytes + 32 * self._norms.shape[0])
 

@@ -24,6 +24,14 @@ MAX_TAG_KEY = 64
 MAX_TAG_VALUE = 256
 MAX_ID_LENGTH = 128
 MAX_K = 1000
+MAX_QUERY_BYTES = 4096
+"""A recall's text query, in UTF-8 bytes."""
+
+VECTOR = "vector"
+KEYWORD = "keyword"
+HYBRID = "hybrid"
+MODES = (VECTOR, KEYWORD, HYBRID)
+"""How a recall ranks: by cosine of the cue, by BM25 of the query, or both fused (RRF)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,10 @@ class Query:
     include_embeddings: bool = False
     exact: bool = False
     """Scan every tier exactly even where the space keeps an approximate index."""
+    mode: str = VECTOR
+    """One of `MODES`."""
+    text: str = ""
+    """The text query of a keyword or hybrid recall."""
 
 
 def new_id() -> MemoryId:
@@ -160,9 +172,21 @@ def validate_query(query: Query, dim: int) -> Query:
     if not 1 <= query.k <= MAX_K:
         raise errors.InvalidMemoryError(f"k is {query.k}; allowed 1..{MAX_K}")
     if not math.isfinite(query.min_score):
-        raise errors.InvalidMemoryError("min_score must be a finite number (-1..1)")
-    return dataclasses.replace(
-        query,
-        cue=check_vector(query.cue, dim, "cue"),
-        tags=check_tags(query.tags, "tag filters"),
-    )
+        raise errors.InvalidMemoryError("min_score must be a finite number")
+    if query.mode not in MODES:
+        raise errors.InvalidMemoryError(f"mode {query.mode!r}; allowed {', '.join(MODES)}")
+    size = len(query.text.encode("utf-8", "surrogatepass"))
+    if size > MAX_QUERY_BYTES:
+        raise errors.InvalidMemoryError(f"query is {size} bytes; at most {MAX_QUERY_BYTES} (4 KiB)")
+    if query.mode != VECTOR and not query.text.strip():
+        raise errors.InvalidMemoryError(f"{query.mode} recall needs a text query; it is empty")
+    if query.mode == KEYWORD:
+        cue = np.zeros(0, np.float32)  # not used: a keyword recall ranks by the query alone
+    elif query.mode == HYBRID and len(query.cue) == 0:
+        raise errors.InvalidMemoryError(
+            "hybrid recall needs a cue (this space embeds no text) as well as a query; "
+            "send both, or use mode keyword"
+        )
+    else:
+        cue = check_vector(query.cue, dim, "cue")
+    return dataclasses.replace(query, cue=cue, tags=check_tags(query.tags, "tag filters"))

@@ -31,6 +31,7 @@ from memspace_server.storage import (
     consolidating,
     feeds,
     frames,
+    keywords,
     locks,
     memories,
     quotas,
@@ -160,6 +161,7 @@ class Space:
         self._last_used = time.monotonic()
         self._leases = 0
         self.ann = ann.SpaceIndex(entry.search, settings)
+        self.keywords = keywords.KeywordIndex(state.directory.root, Lsn(state.next_lsn - 1))
         self._index_task: asyncio.Task[None] | None = None
         self._sampling: asyncio.Task[None] | None = None
 
@@ -358,6 +360,7 @@ class Space:
                 count, functools.partial(_remembered, batch, now, self.dim)
             )
             self._replace(stored, new)
+            self.keywords.add(batch.ids, batch.contents, batch.tags, lsn)
             if len(last) == count:
                 self.hot.add(batch)
             else:  # an id given twice: its last draft counts
@@ -455,6 +458,7 @@ class Space:
         stored = self._stored(columns.ids)
         self._replace(stored, len(columns) - sum(len(held) for _tier, held in stored))
         self.hot.add(columns)
+        self.keywords.add(columns.ids, columns.contents, columns.tags, self._wal.next_lsn - 1)
 
     async def forget(self, memory_id: str) -> tuple[bool, Lsn]:
         self._check_usable()
@@ -471,6 +475,7 @@ class Space:
                 1, functools.partial(_forgotten, memory_id, now, self.dim)
             )
             tier.remove(memory_id)
+            self.keywords.remove(memory_id, lsn)
             self._count -= 1
             self._note_writes(1, now)
         await self._durable(future)
@@ -503,7 +508,7 @@ class Space:
         """The top hits, each memory built once as this recall returns it (its recall counted
         at `now`; `recall` then touches them on the event loop). `parent`: the recall's trace
         context, for the span of each tier's search (a worker thread does not inherit it)."""
-        top = self._top(query, query.exact, parent)
+        top = self._ranked(query, parent)
         found: dict[str, memories.Memory] = {}
         for tier in (self.warm, self.cold):
             wanted = [memory_id for _, name, memory_id in top if name == tier.name]
@@ -541,6 +546,33 @@ class Space:
             candidates.extend((score, tier.name, memory_id) for score, memory_id in found)
         return tiers.merge(candidates, query.k)
 
+    def _ranked(
+        self, query: memories.Query, parent: spans.Context | None = None
+    ) -> list[tiers.Candidate]:
+        """The top k (score, tier, id) by the query's mode: cosine (`_top`), BM25 of the text
+        query (the keyword index), or both fused by reciprocal rank (`keywords.fuse`)."""
+        if query.mode == memories.VECTOR:
+            return self._top(query, query.exact, parent)
+        depth = query.k if query.mode == memories.KEYWORD else keywords.depth(query.k)
+        # min_score is a BM25 floor for keyword recall and a cosine floor for hybrid recall.
+        floor = query.min_score if query.mode == memories.KEYWORD else -1.0
+        found = self.keywords.search(query.text, depth, query.tags, floor, self._texts)
+        by_keyword = [
+            (score, tier.name, memory_id)
+            for score, memory_id in found
+            if (tier := self._locate(memory_id)) is not None
+        ]
+        if query.mode == memories.KEYWORD:
+            return by_keyword
+        by_vector = self._top(dataclasses.replace(query, k=depth), query.exact, parent)
+        return keywords.fuse([by_vector, by_keyword], query.k)
+
+    def _texts(self) -> Iterator[keywords.Text]:
+        """Every memory's (ID, content, tags), for a rebuild of the keyword index."""
+        yield from self.hot.texts()
+        yield from self.warm.texts()
+        yield from self.cold.texts()
+
     def _scan_attributes(self, tier: tiers.TierStore, graph: bool) -> dict[str, Any] | None:
         if not spans.ENABLED:
             return None
@@ -572,7 +604,7 @@ class Space:
         async with self._lock.read():
             self._check_usable()
             approximate = not query.exact and self.ann.approximate(self.warm, self.cold)
-            if self._scan_is_small():
+            if self._scan_is_small() and query.mode == memories.VECTOR:
                 hits = self._search(query, now)
             else:
                 # Admitted round robin by space with a cap per space: a flood of recalls on
@@ -773,6 +805,7 @@ class Space:
                 raise self._failure from err
             count = self._backlog.clear()
             self._wal.mark_consolidated()
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.keywords.flush)
             # Memories consolidated are the WAL records moved into the tiers; demotions between
             # tiers are not consolidations (counting both read 10 records + 8 demotions as 18).
             self._rate.note(count)
@@ -827,6 +860,7 @@ class Space:
             log.warning("space %s: could not consolidate on close: %s", self.id, err)
         finally:
             self._closed = True
+            healthy = not self.failed
             for task in (self._index_task, self._sampling):
                 if task is not None and not task.done():
                     task.cancel()
@@ -837,4 +871,7 @@ class Space:
                 await self._wal.close()
             self.warm.close()
             self.cold.close()
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.keywords.close, healthy
+            )
             self.hot = HotTier(self.dim)

@@ -569,6 +569,13 @@ class ZarrTier:
             if stale.is_dir() and stale != self.path:
                 shutil.rmtree(stale, ignore_errors=True)
 
+    def texts(self, size: int = 8192) -> Iterable[tuple[str, str, dict[str, str]]]:
+        """(ID, content, tags) of every live memory, read a batch of rows at a time."""
+        live = np.flatnonzero(~self._deleted)
+        for start in range(0, live.shape[0], size):
+            batch = self._columns(live[start : start + size], with_embedding=False)
+            yield from zip(batch.ids, batch.contents, batch.tags, strict=True)
+
     def live_batches(self, size: int) -> Iterable[tiers.Columns]:
         live = np.flatnonzero(~self._deleted)
         for start in range(0, live.shape[0], size):
