@@ -16,6 +16,18 @@ in, and reports the generation it applied in Health, which the operator's Ready 
 `index` (an addition; absent: every default) is how the space searches its warm and cold tiers:
 `exact` scans, `hnsw` keeps an approximate HNSW graph, `auto` (the default) is exact until the
 warm and cold tiers together hold `autoThreshold` rows and HNSW from there.
+
+`state` (docs/backup.md, "On the server"):
+- `Active`: served. `Inactive`: kept on its volume, not served (FAILED_PRECONDITION).
+- `Offloaded` (an addition): the space lives in a backup, taken by a final BackupSpace. The
+  server unloads it (no memory, no open files; its volume may be unmounted and deleted) and
+  refuses its calls with FAILED_PRECONDITION "space X is Offloaded". Back to `Active` (or
+  `Restoring`) on a new, empty volume, a RestoreSpace brings its data back.
+- `Restoring` (an addition): the space's volume is being filled from a backup by RestoreSpace;
+  its calls get UNAVAILABLE (retry). Writing the entry as `Restoring` before the RestoreSpace
+  and `Active` after it keeps a tenant from writing into the empty space meanwhile; a
+  RestoreSpace into an `Active` space works as well (the space is then refused UNAVAILABLE for
+  the length of the call, and served as soon as it returns).
 """
 
 from __future__ import annotations
@@ -35,9 +47,9 @@ MAX_EMBEDDING_DIM = 4096
 
 Compression = Literal["zstd", "lz4", "none"]
 COMPRESSIONS: Final[tuple[Compression, ...]] = ("zstd", "lz4", "none")
-State = Literal["Active", "Inactive"]
-"""A space's state in the index (and in MemorySpace spec.state)."""
-STATES: Final[tuple[State, ...]] = (wire.ACTIVE, wire.INACTIVE)
+State = Literal["Active", "Inactive", "Offloaded", "Restoring"]
+"""A space's state in the index (and in MemorySpace spec.state, which offers a subset)."""
+STATES: Final[tuple[State, ...]] = (wire.ACTIVE, wire.INACTIVE, wire.OFFLOADED, wire.RESTORING)
 
 # The defaults of an entry, of a MemorySpace spec and of CreateSpace alike (design section 2).
 DEFAULT_EMBEDDING_DIM: Final = 768

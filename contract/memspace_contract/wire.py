@@ -31,10 +31,16 @@ ServerStatus = Literal["SERVING", "DRAINING"]
 SERVING: Final = "SERVING"
 DRAINING: Final = "DRAINING"
 
-SpaceState = Literal["Active", "Inactive", "Unmounted", "Failed"]
+SpaceState = Literal["Active", "Inactive", "Offloaded", "Restoring", "Unmounted", "Failed"]
 """SpaceHealth.state: the index state of a served space, or why it is not served."""
 ACTIVE: Final = "Active"
 INACTIVE: Final = "Inactive"
+OFFLOADED: Final = "Offloaded"
+"""Its data lives in a backup (a final BackupSpace took it): not loaded, calls refused with
+FAILED_PRECONDITION, its volume may be gone. Active again: a RestoreSpace brings it back."""
+RESTORING: Final = "Restoring"
+"""Its volume is being filled from a backup: not served, calls get UNAVAILABLE (retry). In the
+index (the operator's, around a RestoreSpace), and in Health while a RestoreSpace runs."""
 UNMOUNTED: Final = "Unmounted"
 """In the index, but its volume is not mounted on the shard (yet)."""
 FAILED: Final = "Failed"

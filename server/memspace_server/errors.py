@@ -19,6 +19,8 @@ each class to one status code in a single table.
     │   └── SubscriberTooSlowError    a change feed reader fell behind its buffer (resumable)
     ├── FailedPreconditionError
     │   ├── SpaceInactiveError
+    │   ├── SpaceOffloadedError       the space lives in a backup (state Offloaded)
+    │   ├── SpaceSealedError          a final backup took its last writes: no more writes
     │   ├── ManagedIndexError         CreateSpace/DeleteSpace under the operator
     │   ├── SpaceConflictError        a space exists with another configuration
     │   ├── LsnNotRetainedError       a replay from an LSN the WAL no longer holds
@@ -29,6 +31,7 @@ each class to one status code in a single table.
     │       └── CorruptWalError
     ├── UnavailableError              being mounted, loaded after a failure, or draining
     │   ├── SubscriptionEndedError    a change feed ended by an unload or a drain (resumable)
+    │   ├── SpaceRestoringError       its volume is being filled from a backup
     │   ├── ObjectStoreError          the backup target failed or could not be reached
     │   └── DataRootInUseError        another process holds a standalone data root
     └── ResumableError                a stream that ended early, with the LSN to resume from
@@ -121,6 +124,14 @@ class SpaceInactiveError(FailedPreconditionError):
     pass
 
 
+class SpaceOffloadedError(FailedPreconditionError):
+    pass
+
+
+class SpaceSealedError(FailedPreconditionError):
+    pass
+
+
 class ManagedIndexError(FailedPreconditionError):
     pass
 
@@ -158,6 +169,10 @@ class SubscriptionEndedError(UnavailableError, ResumableError):
 
 
 class ObjectStoreError(UnavailableError):
+    pass
+
+
+class SpaceRestoringError(UnavailableError):
     pass
 
 

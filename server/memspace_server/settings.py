@@ -198,6 +198,15 @@ class ServerSettings(Settings):
         gt=0,
         help="seconds without requests after which a space is unloaded (no RAM, no open files)",
     )
+    backup_store_timeout_s: float = setting(
+        30.0,
+        env="MEMSPACE_BACKUP_STORE_TIMEOUT",
+        metavar="SECONDS",
+        gt=0,
+        help="BackupSpace, RestoreSpace, DeleteBackup: how long one request to the object store "
+        "is retried before the call fails with UNAVAILABLE (long enough to ride out a store's "
+        "restart; a store that went away fails the call rather than hanging it)",
+    )
     maintain_interval_s: float = setting(
         5.0,
         env="MEMSPACE_MAINTAIN_INTERVAL",

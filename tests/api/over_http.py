@@ -50,6 +50,8 @@ async def web(start: Start, **overrides: Any) -> AsyncIterator[Web]:
 
 
 HttpCaller = Callable[[str, dict[str, str]], Awaitable[int]]
+NO_TARGET = {"url": "nowhere://backups"}
+"""A backup target the server refuses (as conftest.NO_TARGET)."""
 
 
 def http_callers(client: httpx.AsyncClient) -> dict[str, HttpCaller]:
@@ -82,6 +84,15 @@ def http_callers(client: httpx.AsyncClient) -> dict[str, HttpCaller]:
         "Health": lambda s, h: send("GET", f"/v1/spaces/{s}/health", h),
         "ApplyIndexEntry": lambda s, h: send(
             "POST", f"/v1/spaces/{s}/index-entry", h, {"removed_generation": 1}
+        ),
+        "BackupSpace": lambda s, h: send(
+            "POST", f"/v1/spaces/{s}/backups", h, {"target": NO_TARGET, "backup_id": "b1"}
+        ),
+        "RestoreSpace": lambda s, h: send(
+            "POST", f"/v1/spaces/{s}/restore", h, {"target": NO_TARGET, "backup_id": "b1"}
+        ),
+        "DeleteBackup": lambda s, h: send(
+            "DELETE", f"/v1/spaces/{s}/backups/b1", h, {"target": NO_TARGET}
         ),
     }
 

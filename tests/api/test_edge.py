@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from google.protobuf import descriptor
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
 from memspace_server.api import errors_map, handling, routing, servicers
+from memspace_server.storage import backing_up
 from memspace_server.storage import registry as registries
 from memspace_server.storage import spaces as storage_spaces
 from tests.api.conftest import Running, failure, memory, rpc_callers, vec
@@ -42,7 +44,7 @@ def test_every_rpc_has_a_routing_policy_and_a_servicer_method() -> None:
     assert listed == set(routing.POLICIES), "a policy names an RPC that does not exist"
 
 
-async def test_every_rpc_is_served_through_the_edge(standalone: Running) -> None:
+async def test_every_rpc_is_served_through_the_edge(standalone: Running, tmp_path: Path) -> None:
     """The edge counts every call it handles: calling each RPC once must count each method."""
     m, sp = standalone.memories, standalone.spaces
 
@@ -64,6 +66,17 @@ async def test_every_rpc_is_served_through_the_edge(standalone: Running) -> None
     await sp.Health(pb.HealthRequest())
     await sp.DeleteSpace(pb.DeleteSpaceRequest(space="other"))
     await failure(sp.ApplyIndexEntry(pb.ApplyIndexEntryRequest(space="other")))
+    target = pb.BackupTarget(url=str(tmp_path / "backups"))
+    taken = await sp.BackupSpace(pb.BackupSpaceRequest(space="default", target=target))
+    # The default space holds memories: a restore into it is refused.
+    await failure(
+        sp.RestoreSpace(
+            pb.RestoreSpaceRequest(space="default", target=target, backup_id=taken.backup_id)
+        )
+    )
+    await sp.DeleteBackup(
+        pb.DeleteBackupRequest(space="default", target=target, backup_id=taken.backup_id)
+    )
     await asyncio.sleep(0.1)  # the cancelled stream finishes on the server
     registry = standalone.server.metrics.registry
     counted = {
@@ -111,6 +124,9 @@ BROKEN = {
     "ListSpaces": (registries.Registry, "entries"),
     "Health": (registries.Registry, "health"),
     "ApplyIndexEntry": (registries.Registry, "apply"),
+    "BackupSpace": (backing_up.Backups, "backup"),
+    "RestoreSpace": (backing_up.Backups, "restore"),
+    "DeleteBackup": (backing_up.Backups, "delete"),
 }
 
 

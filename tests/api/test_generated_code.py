@@ -103,6 +103,16 @@ def test_contract_field_numbers_are_those_of_the_design() -> None:
             "Subscribe",
             "Consolidate",
         ],
-        # ApplyIndexEntry is an addition (the operator's direct path into a shard's index).
-        "SpaceService": ["CreateSpace", "DeleteSpace", "ListSpaces", "Health", "ApplyIndexEntry"],
+        # Additions: ApplyIndexEntry (the operator's direct path into a shard's index) and the
+        # backup calls.
+        "SpaceService": [
+            "CreateSpace",
+            "DeleteSpace",
+            "ListSpaces",
+            "Health",
+            "ApplyIndexEntry",
+            "BackupSpace",
+            "RestoreSpace",
+            "DeleteBackup",
+        ],
     }

@@ -13,6 +13,7 @@ import pytest
 
 from memspace_contract import index, spaces
 from memspace_server.storage import memories, objects, registry, settings
+from tests.reliability.conftest import Servers
 from tests.support import minio
 
 DIM = 16
@@ -23,6 +24,14 @@ _buckets = itertools.count()
 def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[minio.Minio]:
     with minio.running(tmp_path_factory.mktemp("minio")) as server:
         yield server
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    """`memspace serve` processes (tests/reliability): all are killed at the end of the test."""
+    made = Servers(tmp_path)
+    yield made
+    made.kill_all()
 
 
 @pytest.fixture

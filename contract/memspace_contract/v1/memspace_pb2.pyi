@@ -1019,3 +1019,218 @@ class HealthResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
+
+@_typing.final
+class BackupTarget(_message.Message):
+    """Addition: where backups go (docs/backup.md). Credentials travel in the admin call, so a
+    target can be added or rotated without restarting a shard.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    ACCESS_KEY_ID_FIELD_NUMBER: _builtins.int
+    SECRET_ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """`s3://bucket[/prefix]`, or a directory on the server."""
+    endpoint: _builtins.str
+    """The S3 endpoint (`http://host:port` for MinIO); empty: AWS's endpoint for the region."""
+    region: _builtins.str
+    """Empty: us-east-1."""
+    access_key_id: _builtins.str
+    secret_access_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        region: _builtins.str = ...,
+        access_key_id: _builtins.str = ...,
+        secret_access_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key_id", b"access_key_id", "endpoint", b"endpoint", "region", b"region", "secret_access_key", b"secret_access_key", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupTarget: _TypeAlias = BackupTarget  # noqa: Y015
+
+@_typing.final
+class BackupSpaceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPACE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    space: _builtins.str
+    backup_id: _builtins.str
+    """Empty: the server names the backup. A retry with the same id completes the same backup."""
+    final: _builtins.bool
+    """Addition for offloading: refuse the space's writes from the start of the backup on, so the
+    backup holds every acknowledged write (the space stays refusing until its index entry says
+    otherwise).
+    """
+    @_builtins.property
+    def target(self) -> Global___BackupTarget: ...
+    def __init__(
+        self,
+        *,
+        space: _builtins.str = ...,
+        target: Global___BackupTarget | None = ...,
+        backup_id: _builtins.str = ...,
+        final: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_id", b"backup_id", "final", b"final", "space", b"space", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupSpaceRequest: _TypeAlias = BackupSpaceRequest  # noqa: Y015
+
+@_typing.final
+class BackupSpaceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    LSN_FIELD_NUMBER: _builtins.int
+    MEMORIES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    BYTES_UPLOADED_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    backup_id: _builtins.str
+    lsn: _builtins.int
+    memories: _builtins.int
+    bytes: _builtins.int
+    """Bytes the backup names, and of those the bytes this call uploaded."""
+    bytes_uploaded: _builtins.int
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def completed(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        backup_id: _builtins.str = ...,
+        lsn: _builtins.int = ...,
+        memories: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        bytes_uploaded: _builtins.int = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        completed: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_id", b"backup_id", "bytes", b"bytes", "bytes_uploaded", b"bytes_uploaded", "completed", b"completed", "lsn", b"lsn", "memories", b"memories", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupSpaceResponse: _TypeAlias = BackupSpaceResponse  # noqa: Y015
+
+@_typing.final
+class RestoreSpaceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPACE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_SPACE_FIELD_NUMBER: _builtins.int
+    space: _builtins.str
+    """The space to fill; its volume must be mounted and hold no memories."""
+    backup_id: _builtins.str
+    source_space: _builtins.str
+    """The space the backup was taken of; empty: `space`."""
+    @_builtins.property
+    def target(self) -> Global___BackupTarget: ...
+    def __init__(
+        self,
+        *,
+        space: _builtins.str = ...,
+        target: Global___BackupTarget | None = ...,
+        backup_id: _builtins.str = ...,
+        source_space: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_id", b"backup_id", "source_space", b"source_space", "space", b"space", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreSpaceRequest: _TypeAlias = RestoreSpaceRequest  # noqa: Y015
+
+@_typing.final
+class RestoreSpaceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LSN_FIELD_NUMBER: _builtins.int
+    MEMORIES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    lsn: _builtins.int
+    memories: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        lsn: _builtins.int = ...,
+        memories: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "lsn", b"lsn", "memories", b"memories"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreSpaceResponse: _TypeAlias = RestoreSpaceResponse  # noqa: Y015
+
+@_typing.final
+class DeleteBackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPACE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    space: _builtins.str
+    """The space the backup was taken of."""
+    backup_id: _builtins.str
+    @_builtins.property
+    def target(self) -> Global___BackupTarget: ...
+    def __init__(
+        self,
+        *,
+        space: _builtins.str = ...,
+        target: Global___BackupTarget | None = ...,
+        backup_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_id", b"backup_id", "space", b"space", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBackupRequest: _TypeAlias = DeleteBackupRequest  # noqa: Y015
+
+@_typing.final
+class DeleteBackupResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_DELETED_FIELD_NUMBER: _builtins.int
+    bytes_deleted: _builtins.int
+    """Bytes removed from the target (files no other backup of the space names, and the manifest)."""
+    def __init__(
+        self,
+        *,
+        bytes_deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_deleted", b"bytes_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBackupResponse: _TypeAlias = DeleteBackupResponse  # noqa: Y015

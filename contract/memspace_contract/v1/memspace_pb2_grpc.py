@@ -401,6 +401,21 @@ class SpaceServiceStub:
                 request_serializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryRequest.SerializeToString,
                 response_deserializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryResponse.FromString,
                 _registered_method=True)
+        self.BackupSpace = channel.unary_unary(
+                '/memspace.v1.SpaceService/BackupSpace',
+                request_serializer=memspace_dot_v1_dot_memspace__pb2.BackupSpaceRequest.SerializeToString,
+                response_deserializer=memspace_dot_v1_dot_memspace__pb2.BackupSpaceResponse.FromString,
+                _registered_method=True)
+        self.RestoreSpace = channel.unary_unary(
+                '/memspace.v1.SpaceService/RestoreSpace',
+                request_serializer=memspace_dot_v1_dot_memspace__pb2.RestoreSpaceRequest.SerializeToString,
+                response_deserializer=memspace_dot_v1_dot_memspace__pb2.RestoreSpaceResponse.FromString,
+                _registered_method=True)
+        self.DeleteBackup = channel.unary_unary(
+                '/memspace.v1.SpaceService/DeleteBackup',
+                request_serializer=memspace_dot_v1_dot_memspace__pb2.DeleteBackupRequest.SerializeToString,
+                response_deserializer=memspace_dot_v1_dot_memspace__pb2.DeleteBackupResponse.FromString,
+                _registered_method=True)
 
 
 class SpaceServiceServicer:
@@ -443,6 +458,32 @@ class SpaceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BackupSpace(self, request, context):
+        """Addition, admin only: back up one space of this server to an object-store target, consistent
+        at one LSN while writes continue. Idempotent by backup_id: a retry uploads only what the
+        target lacks and completes the same backup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSpace(self, request, context):
+        """Addition, admin only: fill a space's mounted, empty volume from a backup, every checksum
+        verified before the space serves; refused (nothing served) when anything is missing or
+        corrupt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBackup(self, request, context):
+        """Addition, admin only: delete one backup's manifest and the files no other backup of the
+        space names.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpaceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -470,6 +511,21 @@ def add_SpaceServiceServicer_to_server(servicer, server):
                     servicer.ApplyIndexEntry,
                     request_deserializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryRequest.FromString,
                     response_serializer=memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryResponse.SerializeToString,
+            ),
+            'BackupSpace': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackupSpace,
+                    request_deserializer=memspace_dot_v1_dot_memspace__pb2.BackupSpaceRequest.FromString,
+                    response_serializer=memspace_dot_v1_dot_memspace__pb2.BackupSpaceResponse.SerializeToString,
+            ),
+            'RestoreSpace': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSpace,
+                    request_deserializer=memspace_dot_v1_dot_memspace__pb2.RestoreSpaceRequest.FromString,
+                    response_serializer=memspace_dot_v1_dot_memspace__pb2.RestoreSpaceResponse.SerializeToString,
+            ),
+            'DeleteBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBackup,
+                    request_deserializer=memspace_dot_v1_dot_memspace__pb2.DeleteBackupRequest.FromString,
+                    response_serializer=memspace_dot_v1_dot_memspace__pb2.DeleteBackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -609,6 +665,87 @@ class SpaceService:
             '/memspace.v1.SpaceService/ApplyIndexEntry',
             memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryRequest.SerializeToString,
             memspace_dot_v1_dot_memspace__pb2.ApplyIndexEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackupSpace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memspace.v1.SpaceService/BackupSpace',
+            memspace_dot_v1_dot_memspace__pb2.BackupSpaceRequest.SerializeToString,
+            memspace_dot_v1_dot_memspace__pb2.BackupSpaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSpace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memspace.v1.SpaceService/RestoreSpace',
+            memspace_dot_v1_dot_memspace__pb2.RestoreSpaceRequest.SerializeToString,
+            memspace_dot_v1_dot_memspace__pb2.RestoreSpaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memspace.v1.SpaceService/DeleteBackup',
+            memspace_dot_v1_dot_memspace__pb2.DeleteBackupRequest.SerializeToString,
+            memspace_dot_v1_dot_memspace__pb2.DeleteBackupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -157,6 +157,20 @@ class SpaceServiceStub:
     it just wrote to the shard's index Secret, whose projection arrives much later). The entry
     of the higher generation wins between this and the index directory.
     """
+    BackupSpace: _grpc.UnaryUnaryMultiCallable[_memspace_pb2.BackupSpaceRequest, _memspace_pb2.BackupSpaceResponse]
+    """Addition, admin only: back up one space of this server to an object-store target, consistent
+    at one LSN while writes continue. Idempotent by backup_id: a retry uploads only what the
+    target lacks and completes the same backup.
+    """
+    RestoreSpace: _grpc.UnaryUnaryMultiCallable[_memspace_pb2.RestoreSpaceRequest, _memspace_pb2.RestoreSpaceResponse]
+    """Addition, admin only: fill a space's mounted, empty volume from a backup, every checksum
+    verified before the space serves; refused (nothing served) when anything is missing or
+    corrupt.
+    """
+    DeleteBackup: _grpc.UnaryUnaryMultiCallable[_memspace_pb2.DeleteBackupRequest, _memspace_pb2.DeleteBackupResponse]
+    """Addition, admin only: delete one backup's manifest and the files no other backup of the
+    space names.
+    """
 
 @_typing.type_check_only
 class SpaceServiceAsyncStub(SpaceServiceStub):
@@ -175,6 +189,20 @@ class SpaceServiceAsyncStub(SpaceServiceStub):
     """Addition, admin only: apply one spaces index entry at once (under the operator: the change
     it just wrote to the shard's index Secret, whose projection arrives much later). The entry
     of the higher generation wins between this and the index directory.
+    """
+    BackupSpace: _aio.UnaryUnaryMultiCallable[_memspace_pb2.BackupSpaceRequest, _memspace_pb2.BackupSpaceResponse]  # type: ignore[assignment]
+    """Addition, admin only: back up one space of this server to an object-store target, consistent
+    at one LSN while writes continue. Idempotent by backup_id: a retry uploads only what the
+    target lacks and completes the same backup.
+    """
+    RestoreSpace: _aio.UnaryUnaryMultiCallable[_memspace_pb2.RestoreSpaceRequest, _memspace_pb2.RestoreSpaceResponse]  # type: ignore[assignment]
+    """Addition, admin only: fill a space's mounted, empty volume from a backup, every checksum
+    verified before the space serves; refused (nothing served) when anything is missing or
+    corrupt.
+    """
+    DeleteBackup: _aio.UnaryUnaryMultiCallable[_memspace_pb2.DeleteBackupRequest, _memspace_pb2.DeleteBackupResponse]  # type: ignore[assignment]
+    """Addition, admin only: delete one backup's manifest and the files no other backup of the
+    space names.
     """
 
 class SpaceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -221,6 +249,38 @@ class SpaceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Addition, admin only: apply one spaces index entry at once (under the operator: the change
         it just wrote to the shard's index Secret, whose projection arrives much later). The entry
         of the higher generation wins between this and the index directory.
+        """
+
+    @_abc_1.abstractmethod
+    def BackupSpace(
+        self,
+        request: _memspace_pb2.BackupSpaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memspace_pb2.BackupSpaceResponse, _abc.Awaitable[_memspace_pb2.BackupSpaceResponse]]:
+        """Addition, admin only: back up one space of this server to an object-store target, consistent
+        at one LSN while writes continue. Idempotent by backup_id: a retry uploads only what the
+        target lacks and completes the same backup.
+        """
+
+    @_abc_1.abstractmethod
+    def RestoreSpace(
+        self,
+        request: _memspace_pb2.RestoreSpaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memspace_pb2.RestoreSpaceResponse, _abc.Awaitable[_memspace_pb2.RestoreSpaceResponse]]:
+        """Addition, admin only: fill a space's mounted, empty volume from a backup, every checksum
+        verified before the space serves; refused (nothing served) when anything is missing or
+        corrupt.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteBackup(
+        self,
+        request: _memspace_pb2.DeleteBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memspace_pb2.DeleteBackupResponse, _abc.Awaitable[_memspace_pb2.DeleteBackupResponse]]:
+        """Addition, admin only: delete one backup's manifest and the files no other backup of the
+        space names.
         """
 
 def add_SpaceServiceServicer_to_server(servicer: SpaceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from memspace_contract import index
+from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
-from memspace_server.storage import ann, feeds, memories
+from memspace_server.storage import ann, backing_up, feeds, memories, objects
 from memspace_server.storage.spaces import Health
 
 MAX_CAPACITY = 2**40
@@ -275,3 +275,50 @@ def search_index_status(status: ann.Status) -> pb.SearchIndexStatus:
     if status.recall is not None:
         message.recall = status.recall
     return message
+
+
+# -- backups -----------------------------------------------------------------------------------
+
+
+def backup_target(target: pb.BackupTarget, store_timeout_s: float) -> objects.TargetConfig:
+    """The object-store target an admin call names (its credentials travel in the call)."""
+    if not target.url:
+        raise errors.InvalidArgumentError(
+            "the backup target needs a url: s3://BUCKET[/PREFIX] (with endpoint and "
+            "credentials for S3-compatible stores), or a directory on the server"
+        )
+    if bool(target.access_key_id) != bool(target.secret_access_key):
+        raise errors.InvalidArgumentError(
+            "give both access_key_id and secret_access_key of the backup target, or neither"
+        )
+    return objects.TargetConfig(
+        url=target.url,
+        endpoint=target.endpoint or None,
+        region=target.region or "us-east-1",
+        access_key_id=target.access_key_id or None,
+        secret_access_key=target.secret_access_key or None,
+        retry_timeout_s=store_timeout_s,
+        connect_timeout_s=min(5.0, store_timeout_s),
+    )
+
+
+def source_space(name: str) -> spaces.SpaceId | None:
+    if not name:
+        return None
+    try:
+        return spaces.parse_space_id(name)
+    except spaces.InvalidSpaceIdError as err:
+        raise errors.InvalidSpaceIdError(f"source_space: {err}") from err
+
+
+def backup_response(taken: backing_up.Taken) -> pb.BackupSpaceResponse:
+    response = pb.BackupSpaceResponse(
+        backup_id=taken.manifest.backup_id,
+        lsn=taken.manifest.lsn,
+        memories=taken.manifest.memories,
+        bytes=taken.manifest.bytes,
+        bytes_uploaded=taken.bytes_uploaded,
+    )
+    set_time(response.started, taken.started.timestamp())
+    set_time(response.completed, taken.completed.timestamp())
+    return response

@@ -31,6 +31,9 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
     errors.SubscriberTooSlowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SpaceInactiveError: grpc.StatusCode.FAILED_PRECONDITION,
+    # The message names the state (Offloaded, or being offloaded): set the space Active again.
+    errors.SpaceOffloadedError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SpaceSealedError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ManagedIndexError: grpc.StatusCode.FAILED_PRECONDITION,
     # Not ALREADY_EXISTS: creating an existing space with the same settings succeeds; only a
     # different configuration is refused, and the system is not in the state it needs.
@@ -47,6 +50,8 @@ TABLE: dict[type[errors.MemspaceError], grpc.StatusCode] = {
     # The object store failed or is unreachable; a retried backup uploads only what is missing.
     errors.ObjectStoreError: grpc.StatusCode.UNAVAILABLE,
     errors.DataRootInUseError: grpc.StatusCode.UNAVAILABLE,
+    # A restore fills the space's volume: it serves once the restore is done.
+    errors.SpaceRestoringError: grpc.StatusCode.UNAVAILABLE,
     # Subscribe again from the LSN in the message and in trailing metadata.
     errors.ResumableError: grpc.StatusCode.UNAVAILABLE,
 }

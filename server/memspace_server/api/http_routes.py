@@ -142,6 +142,30 @@ OPERATIONS: tuple[Operation, ...] = (
         Body.FIELDS,
         "Apply one spaces index entry at once (admin only; the operator's call)",
     ),
+    Operation(
+        "POST",
+        f"{SPACE}/backups",
+        "SpaceService",
+        "BackupSpace",
+        Body.FIELDS,
+        "Back up the space to an object-store target (admin only)",
+    ),
+    Operation(
+        "POST",
+        f"{SPACE}/restore",
+        "SpaceService",
+        "RestoreSpace",
+        Body.FIELDS,
+        "Fill the space's empty volume from a backup (admin only)",
+    ),
+    Operation(
+        "DELETE",
+        f"{SPACE}/backups/{{backup_id}}",
+        "SpaceService",
+        "DeleteBackup",
+        Body.FIELDS,
+        "Delete one backup of the space from a target (admin only)",
+    ),
 )
 
 HEALTH_OF_EVERY_SPACE = Operation(

@@ -66,6 +66,9 @@ POLICIES: dict[str, Policy] = {
     "/memspace.v1.SpaceService/ListSpaces": Policy(Scope.NO_SPACE, Access.ADMIN),
     "/memspace.v1.SpaceService/Health": Policy(Scope.SPACE_OR_ALL, Access.TENANT_OR_ADMIN),
     "/memspace.v1.SpaceService/ApplyIndexEntry": Policy(Scope.NAMED_SPACE, Access.ADMIN),
+    "/memspace.v1.SpaceService/BackupSpace": Policy(Scope.NAMED_SPACE, Access.ADMIN),
+    "/memspace.v1.SpaceService/RestoreSpace": Policy(Scope.NAMED_SPACE, Access.ADMIN),
+    "/memspace.v1.SpaceService/DeleteBackup": Policy(Scope.NAMED_SPACE, Access.ADMIN),
 }
 
 

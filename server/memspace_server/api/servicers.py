@@ -12,6 +12,7 @@ from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors
 from memspace_server.api import converters
 from memspace_server.api.handling import Call
+from memspace_server.storage import backing_up
 from memspace_server.storage import registry as registries
 
 
@@ -110,9 +111,17 @@ class MemoryServicer:
 
 
 class SpaceServicer:
-    def __init__(self, registry: registries.Registry, draining: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        registry: registries.Registry,
+        draining: Callable[[], bool],
+        backups: backing_up.Backups,
+        store_timeout_s: float = 30.0,
+    ) -> None:
         self.registry = registry
         self.draining = draining
+        self.backups = backups
+        self.store_timeout_s = store_timeout_s
 
     async def create_space(self, request: pb.CreateSpaceRequest, call: Call) -> pb.Space:
         entry, created = await self.registry.create(
@@ -155,3 +164,39 @@ class SpaceServicer:
         generation = entry.generation if entry is not None else request.removed_generation
         state, applied = await self.registry.apply(call.space, entry, generation)
         return pb.ApplyIndexEntryResponse(state=state, generation=applied)
+
+    async def backup_space(
+        self, request: pb.BackupSpaceRequest, call: Call
+    ) -> pb.BackupSpaceResponse:
+        taken = await self.backups.backup(
+            call.space,
+            converters.backup_target(request.target, self.store_timeout_s),
+            request.backup_id,
+            final=request.final,
+        )
+        return converters.backup_response(taken)
+
+    async def restore_space(
+        self, request: pb.RestoreSpaceRequest, call: Call
+    ) -> pb.RestoreSpaceResponse:
+        manifest = await self.backups.restore(
+            call.space,
+            converters.backup_target(request.target, self.store_timeout_s),
+            request.backup_id,
+            converters.source_space(request.source_space),
+        )
+        return pb.RestoreSpaceResponse(
+            lsn=manifest.lsn, memories=manifest.memories, bytes=manifest.bytes
+        )
+
+    async def delete_backup(
+        self, request: pb.DeleteBackupRequest, call: Call
+    ) -> pb.DeleteBackupResponse:
+        if not request.backup_id:
+            raise errors.InvalidArgumentError("DeleteBackup needs the backup_id to delete")
+        deleted = await self.backups.delete(
+            call.space,
+            converters.backup_target(request.target, self.store_timeout_s),
+            request.backup_id,
+        )
+        return pb.DeleteBackupResponse(bytes_deleted=deleted.bytes)

@@ -40,7 +40,7 @@ from memspace_server.api import (
     tracing,
 )
 from memspace_server.settings import ServerSettings, SettingsError, is_loopback, split_address
-from memspace_server.storage import catalogs
+from memspace_server.storage import backing_up, catalogs
 from memspace_server.storage import registry as registries
 from memspace_server.storage.spaces import Health, Space
 
@@ -90,6 +90,7 @@ class Server:
         self._admin_token_warned: str | None = None
         self._drained: asyncio.Future[bool] | None = None
         self._stopping = asyncio.Event()
+        self.backups = backing_up.Backups(self.registry)
 
     def _open_registry(self) -> registries.Registry:
         s = self.settings
@@ -137,7 +138,12 @@ class Server:
             max_batch_bytes=s.max_batch_bytes,
             max_recall_response_bytes=s.max_recall_response_bytes,
         )
-        space = servicers.SpaceServicer(self.registry, lambda: self.draining)
+        space = servicers.SpaceServicer(
+            self.registry,
+            lambda: self.draining,
+            self.backups,
+            store_timeout_s=s.backup_store_timeout_s,
+        )
         by_name = {"MemoryService": memory, "SpaceService": space}
         names = []
         every_handler = {}
@@ -393,6 +399,7 @@ class Server:
         except Exception:
             ok = False
             log.exception("flushing the spaces failed")
+        self.backups.close()
         self.metrics.stop()
         log.info("drained in %.2f s", time.monotonic() - started)
         return ok

@@ -340,14 +340,23 @@ async def list_spaces(target: objects.Target) -> list[str]:
 async def delete(target: objects.Target, space_id: str, backup_id: str) -> int:
     """Delete a backup: its manifest, then the files no other backup of the space names.
     Returns the number of files deleted."""
+    files, _ = await delete_measured(target, space_id, backup_id)
+    return files
+
+
+async def delete_measured(target: objects.Target, space_id: str, backup_id: str) -> tuple[int, int]:
+    """`delete`, returning the files deleted and the bytes they and the manifest held."""
+    key = manifest_key(space_id, backup_id)
+    manifest_bytes = (await target.keys(key.rsplit("/", 1)[0])).get(key, 0)
     doomed = await read(target, space_id, backup_id)
-    await target.delete([manifest_key(space_id, backup_id)])
+    await target.delete([key])
     kept: set[str] = set()
     for other in await list_backups(target, space_id):
         kept.update(f.sha256 for f in other.files)
-    keys = sorted({blob_key(space_id, f.sha256) for f in doomed.files if f.sha256 not in kept})
+    blobs = {blob_key(space_id, f.sha256): f.size for f in doomed.files if f.sha256 not in kept}
+    keys = sorted(blobs)
     await target.delete(keys)
-    return len(keys)
+    return len(keys), manifest_bytes + sum(blobs.values())
 
 
 async def prune(target: objects.Target, space_id: str, keep: int) -> list[str]:

@@ -1,8 +1,11 @@
 """The registry of the spaces one server holds: lazy loading, leases, idle unload.
 
 A space is loaded on its first request and unloaded (consolidated, files closed, RAM freed) when
-idle, Inactive or deleted. Loads of one space are serialised; loads of different spaces run
-concurrently. All methods run on the server's event loop; blocking work goes to the executor.
+idle, Inactive, Offloaded, Restoring or deleted. While a restore fills a space's volume
+(`backing_up`) the space is not loaded and its calls get UNAVAILABLE; a space sealed by a final
+backup takes no writes until its index entry releases it (a newer generation, Active). Loads of
+one space are serialised; loads of different spaces run concurrently. All methods run on the
+server's event loop; blocking work goes to the executor.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from memspace_server.storage.spaces import Health, Space
 log = logging.getLogger(__name__)
 
 REFUSAL_BACKOFF_S = 5.0
+SEAL = ".sealed"
+"""`{"generation": N, "reason": "..."}` in a sealed space's directory: the seal outlives a
+restart. A dot name, so no backup holds it."""
 COUNT_FIGURES = ("memories", "tier_memories", "pressure", "wal_lag_ms")
 """The figures an unloaded space's checkpoint gives, unknown when its WAL holds more."""
 
@@ -53,7 +59,7 @@ def _owns(root: Path, space_id: spaces.SpaceId) -> bool:
     return bool(found == space_id)
 
 
-def _wal_holds_records(directory: Path) -> bool:
+def wal_holds_records(directory: Path) -> bool:
     """Whether any WAL segment holds a record (a consolidated, closed space keeps at most one
     empty segment). Blocking."""
     for _, path in wal.list_segments(directory):
@@ -63,6 +69,27 @@ def _wal_holds_records(directory: Path) -> bool:
         except FileNotFoundError:
             continue
     return False
+
+
+def _read_seal(root: Path) -> tuple[int, str] | None:
+    """(generation, reason) of the space's seal, None when it has none. Blocking."""
+    try:
+        doc = json.loads((root / SEAL).read_text())
+        return int(doc["generation"]), str(doc["reason"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # Unreadable: stay sealed (refusing writes loses nothing; taking them might).
+        return 1 << 62, f"the space's seal {root / SEAL} is unreadable ({err})"
+
+
+def _write_seal(root: Path, generation: int, reason: str) -> None:
+    durable.atomic_write(root / SEAL, json.dumps({"generation": generation, "reason": reason}))
+
+
+def _remove_seal(root: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (root / SEAL).unlink()
 
 
 class Registry:
@@ -91,6 +118,11 @@ class Registry:
         self._started = time.monotonic()
         self._history: dict[spaces.SpaceId, consolidating.Rate] = {}
         """Consolidations of the last minute of spaces unloaded since (for their Health)."""
+        self._restoring: dict[spaces.SpaceId, str] = {}
+        """Spaces whose volume a restore is filling, with what their calls are told."""
+        self._seals: dict[spaces.SpaceId, tuple[int, str]] = {}
+        """Sealed spaces (loaded or not): the generation of the entry in effect when sealed,
+        and why."""
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -121,11 +153,16 @@ class Registry:
         return state, self.catalog.generation(space_id)
 
     async def _settle(self) -> None:
-        """Unload the loaded spaces the index no longer serves; reconfigure the others."""
+        """Unload the loaded spaces the index no longer serves; reconfigure the others; lift
+        the seals their entries release."""
+        await self._release_seals()
         for space_id, space in list(self._spaces.items()):
             entry = self.catalog.get(space_id)
             if entry is None or entry.state == wire.INACTIVE:
                 await self.unload(space_id)
+            elif entry.state in (wire.OFFLOADED, wire.RESTORING):
+                # Its data is in a backup (or coming from one): nothing to consolidate for.
+                await self.unload(space_id, consolidate=False)
             else:
                 try:
                     space.reconfigure(entry)
@@ -162,11 +199,7 @@ class Registry:
             raise errors.UnavailableError("the server is shutting down; retry on another shard")
         if entry is None:
             entry = self.entry(space_id)
-        if entry.state == wire.INACTIVE:
-            raise errors.SpaceInactiveError(
-                f"space {space_id!r} is Inactive: its data is kept but not served. Set its "
-                "state to Active to use it"
-            )
+        self._check_servable(space_id, entry)
         space = self._spaces.get(space_id)
         if space is not None and not space.failed and not space.closing:
             if space.entry is not entry and space.entry != entry:
@@ -185,19 +218,97 @@ class Registry:
                 self._spaces[space_id] = space
             return space
 
+    def _check_servable(self, space_id: spaces.SpaceId, entry: index.IndexEntry) -> None:
+        """Refuse a call to a space its state (or a restore in progress) does not serve."""
+        restoring = self._restoring.get(space_id)
+        if restoring is not None:
+            raise errors.SpaceRestoringError(restoring)
+        if entry.state == wire.INACTIVE:
+            raise errors.SpaceInactiveError(
+                f"space {space_id!r} is Inactive: its data is kept but not served. Set its "
+                "state to Active to use it"
+            )
+        if entry.state == wire.OFFLOADED:
+            raise errors.SpaceOffloadedError(
+                f"space {space_id!r} is Offloaded: its data lives in its final backup, not on "
+                "this server. Set its state to Active to restore it and use it"
+            )
+        if entry.state == wire.RESTORING:
+            raise errors.SpaceRestoringError(
+                f"space {space_id!r} is Restoring: its data is being restored from a backup; "
+                "retry shortly"
+            )
+
     async def _open(self, space_id: spaces.SpaceId, entry: index.IndexEntry) -> Space:
         refused = self._refused.get(space_id)
         if refused is not None and time.monotonic() < refused[1]:
             raise refused[0]
+        root = self.volume(space_id)
         try:
-            space = await Space.open(self.volume(space_id), entry, self.settings, self.pools)
+            space = await Space.open(root, entry, self.settings, self.pools)
         except errors.SpaceRefusedError as err:
             if refused is None or str(refused[0]) != str(err):
                 log.error("space %s refused: %s", space_id, err)
             self._refused[space_id] = (err, time.monotonic() + REFUSAL_BACKOFF_S)
             raise
         self._refused.pop(space_id, None)
+        seal = self._seals.get(space_id)
+        if seal is None:
+            seal = await asyncio.get_running_loop().run_in_executor(self.executor, _read_seal, root)
+        if seal is not None:
+            if self._releases(entry, seal[0]):
+                await asyncio.get_running_loop().run_in_executor(self.executor, _remove_seal, root)
+                self._seals.pop(space_id, None)
+            else:
+                self._seals[space_id] = seal
+                space.sealed = seal[1]
         return space
+
+    # -- restores and seals (backing_up) ---------------------------------------------------
+
+    def restoring(self, space_id: spaces.SpaceId, why: str | None) -> None:
+        """Mark the space as being restored (its calls get UNAVAILABLE with `why`), or, with
+        None, no longer: it loads on its next call."""
+        if why is None:
+            self._restoring.pop(space_id, None)
+            self._refused.pop(space_id, None)
+        else:
+            self._restoring[space_id] = why
+
+    def is_restoring(self, space_id: spaces.SpaceId) -> bool:
+        return space_id in self._restoring
+
+    async def seal(self, space: Space, reason: str) -> None:
+        """Refuse the loaded space's writes from now on, with `reason`, until an entry of a
+        newer generation than the one in effect now sets it Active (a restart keeps it)."""
+        generation = self.catalog.generation(space.id)
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, _write_seal, space.directory.root, generation, reason
+        )
+        self._seals[space.id] = (generation, reason)
+        space.sealed = reason
+
+    @staticmethod
+    def _releases(entry: index.IndexEntry | None, sealed_at: int) -> bool:
+        return entry is not None and entry.state == wire.ACTIVE and entry.generation > sealed_at
+
+    async def _release_seals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for space_id, (generation, _) in list(self._seals.items()):
+            entry = self.catalog.get(space_id)
+            if entry is None:
+                self._seals.pop(space_id, None)
+            elif self._releases(entry, generation):
+                await loop.run_in_executor(self.executor, _remove_seal, self.volume(space_id))
+                self._seals.pop(space_id, None)
+                space = self._spaces.get(space_id)
+                if space is not None:
+                    space.sealed = None
+                log.info(
+                    "space %s: its seal is lifted (Active at generation %d)",
+                    space_id,
+                    entry.generation,
+                )
 
     @contextlib.asynccontextmanager
     async def lease(
@@ -288,6 +399,7 @@ class Registry:
             await loop.run_in_executor(self.executor, self.catalog.remove, space_id)
             await loop.run_in_executor(self.executor, shutil.rmtree, self.volume(space_id), True)
             self._refused.pop(space_id, None)
+            self._seals.pop(space_id, None)
             return True
 
     # -- health and unloading -----------------------------------------------------------------
@@ -320,7 +432,11 @@ class Registry:
         unknown: set[str] = set()
         state: wire.SpaceState = entry.state if root.is_dir() else wire.UNMOUNTED
         foreign = entry.space_id in self._refused or not _owns(root, entry.space_id)
-        if foreign:
+        if entry.state in (wire.OFFLOADED, wire.RESTORING) or entry.space_id in self._restoring:
+            # Its data is in a backup, or on its way back from one: nothing here to count.
+            state = wire.RESTORING if entry.space_id in self._restoring else entry.state
+            unknown.update(COUNT_FIGURES)
+        elif foreign:
             state = wire.FAILED
             unknown.update(COUNT_FIGURES)
         elif root.is_dir():
@@ -329,7 +445,7 @@ class Registry:
             except errors.MemspaceError:
                 state = wire.FAILED
                 unknown.update(COUNT_FIGURES)
-            if _wal_holds_records(root / "wal"):
+            if wal_holds_records(root / "wal"):
                 unknown.update(COUNT_FIGURES)  # the WAL holds writes the checkpoint lacks
             disk = layout.SpaceDir(root).disk_bytes()
         history = self._history.get(entry.space_id)
@@ -348,15 +464,16 @@ class Registry:
             unknown=tuple(sorted(unknown)),
         )
 
-    async def unload(self, space_id: spaces.SpaceId) -> bool:
-        """Consolidate and close a space. It stays listed as loaded (and its health live) until
-        it is closed; requests meanwhile wait for a fresh load."""
+    async def unload(self, space_id: spaces.SpaceId, *, consolidate: bool = True) -> bool:
+        """Consolidate (unless told not to: the WAL keeps everything anyway) and close a space.
+        It stays listed as loaded (and its health live) until it is closed; requests meanwhile
+        wait for a fresh load."""
         async with self._lock(space_id):
             space = self._spaces.get(space_id)
             if space is None:
                 return False
             try:
-                await space.close()
+                await space.close(consolidate=consolidate)
             finally:
                 if self._spaces.get(space_id) is space:
                     del self._spaces[space_id]

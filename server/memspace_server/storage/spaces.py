@@ -164,6 +164,9 @@ class Space:
         self.keywords = keywords.KeywordIndex(state.directory.root, Lsn(state.next_lsn - 1))
         self._index_task: asyncio.Task[None] | None = None
         self._sampling: asyncio.Task[None] | None = None
+        self.sealed: str | None = None
+        """Why the space takes no more writes (a final backup holds its last ones), or None.
+        Checked under the write lock: a write that gets the lock after the seal is refused."""
 
     @classmethod
     async def open(
@@ -290,6 +293,11 @@ class Space:
         if self._closed:
             raise errors.UnavailableError(f"space {self.id!r} is being unloaded; retry shortly")
 
+    def _check_writable(self) -> None:
+        self._check_usable()
+        if self.sealed is not None:
+            raise errors.SpaceSealedError(self.sealed)
+
     def _locate(self, memory_id: str) -> tiers.TierStore | None:
         for tier in (self.hot, self.warm, self.cold):
             if memory_id in tier:
@@ -335,7 +343,7 @@ class Space:
 
     async def remember_many(self, drafts: Sequence[memories.Draft]) -> tuple[int, Lsn, list[str]]:
         """Store every draft or none: all are validated before anything is written."""
-        self._check_usable()
+        self._check_writable()
         now = time.time()
         batch = validating.validate(drafts, self.dim, now)
         count = len(batch)
@@ -344,7 +352,7 @@ class Space:
         if self._bucket is not None:
             self._bucket.take(count)
         async with self._lock.write():
-            self._check_usable()
+            self._check_writable()
             last = dict(zip(batch.ids, range(count), strict=True))
             stored = self._stored(last.keys())
             new = len(last) - sum(len(held) for _tier, held in stored)
@@ -372,7 +380,7 @@ class Space:
 
     def stage_batch(self, max_bytes: int, max_count: int) -> batches.BatchStage:
         """A stage for a RememberBatch stream into this space (see `commit_batch`)."""
-        self._check_usable()
+        self._check_writable()
         return batches.BatchStage(
             self.directory.root, self.dim, max_bytes, max_count, self._executor
         )
@@ -386,7 +394,7 @@ class Space:
         end even if its caller is cancelled (a cut-short batch in the middle of the log could
         not be told from the records after it); a failed append fails the space, which reloads
         from disk, where recovery cuts the incomplete batch off."""
-        self._check_usable()
+        self._check_writable()
         count = len(stage)
         if count == 0:
             return 0, self.durable_lsn, []
@@ -399,7 +407,7 @@ class Space:
         count = len(stage)
         loop = asyncio.get_running_loop()
         async with self._lock.write():
-            self._check_usable()
+            self._check_writable()
             limit = self.entry.quota.max_memories
             if limit is not None:
                 ids = set(stage.ids)
@@ -461,13 +469,13 @@ class Space:
         self.keywords.add(columns.ids, columns.contents, columns.tags, self._wal.next_lsn - 1)
 
     async def forget(self, memory_id: str) -> tuple[bool, Lsn]:
-        self._check_usable()
+        self._check_writable()
         memory_id = memories.check_id(memory_id)
         if self._bucket is not None:
             self._bucket.take(1)
         now = time.time()
         async with self._lock.write():
-            self._check_usable()
+            self._check_writable()
             tier = self._locate(memory_id)
             if tier is None:
                 return False, Lsn(0)
