@@ -248,10 +248,15 @@ def _prepare(root: Path, space_id: spaces.SpaceId, source: str, backup_id: str) 
     # From here the volume is not served until the restore completes.
     staging.mkdir(exist_ok=True)
     durable.fsync_dir(root)
-    if identity.exists():
-        identity.unlink()
-    (root / registry.SEAL).unlink(missing_ok=True)
-    for part in layout.PARTS:
-        shutil.rmtree(root / part, ignore_errors=True)
+    identity.unlink(missing_ok=True)
+    # Everything else too: the parts, and what the space keeps beside them (its seal, search
+    # and keyword indexes of the empty space, which must not pass for the restored one's).
+    for path in root.iterdir():
+        if path.name in (layout.RESTORING, "lost+found"):  # lost+found: a file system's own
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     durable.fsync_dir(root)
     return False
