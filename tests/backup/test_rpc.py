@@ -173,3 +173,29 @@ async def test_a_final_backup_holds_every_acknowledged_write_and_the_space_refus
         await held(stubs, "beta", acked.memories)
         # The restored space is not sealed: the seal is the offloaded space's, not its data's.
         await write(stubs, "beta", acked, 1, np.random.default_rng(5))
+
+
+async def test_two_backups_of_one_space_at_once_run_one_after_the_other(
+    servers: Servers, tmp_path: Path, minio_server: minio.Minio, bucket: str
+) -> None:
+    server = servers(tmp_path / "data")
+    target = target_of(minio_server, bucket)
+    async with connect(await server.start()) as stubs:
+        await create_space(stubs, "alpha", admin=None)
+        await create_space(stubs, "beta", admin=None)
+        acked = Acknowledged()
+        await write(stubs, "alpha", acked, 300, np.random.default_rng(1))
+        await write(stubs, "beta", acked, 10, np.random.default_rng(2))
+        request = pb.BackupSpaceRequest(space="alpha", target=target, backup_id="same")
+        first, second, other = await asyncio.gather(
+            stubs.spaces.BackupSpace(request, timeout=CALL_TIMEOUT_S),
+            stubs.spaces.BackupSpace(request, timeout=CALL_TIMEOUT_S),
+            stubs.spaces.BackupSpace(
+                pb.BackupSpaceRequest(space="beta", target=target), timeout=CALL_TIMEOUT_S
+            ),
+        )
+        # The second waited for the first and found its backup complete: one backup, one LSN.
+        assert first.lsn == second.lsn
+        assert sorted([first.bytes_uploaded, second.bytes_uploaded])[0] == 0
+        assert max(first.bytes_uploaded, second.bytes_uploaded) > 0
+        assert other.memories == 10
