@@ -139,7 +139,7 @@ async def test_a_restore_into_an_offloaded_or_inactive_space_is_refused(
         pb.BackupSpaceRequest(space=TEAM, target=target), metadata=ADMIN
     )
     for state in ("Offloaded", "Inactive"):
-        await apply(shard, entry(2 if state == "Offloaded" else 3, state))  # type: ignore[arg-type]
+        await apply(shard, entry(2 if state == "Offloaded" else 3, state))
         err = await failure(
             shard.spaces.RestoreSpace(
                 pb.RestoreSpaceRequest(space=TEAM, target=target, backup_id=taken.backup_id),

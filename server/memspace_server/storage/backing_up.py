@@ -1,10 +1,11 @@
 """Backups and restores of a serving server's spaces, asked for by an admin call (SpaceService's
 BackupSpace, RestoreSpace, DeleteBackup): `backups` does the copying, this module the rest.
 
-- One backup or restore per space at a time: a second call for the same space waits for the
-  first to end. Other spaces, and the space's own calls, go on meanwhile (a backup freezes the
-  space's files, not its writes); the files are read and checked in the server's own backup
-  threads, never on the event loop nor in the threads that serve other spaces' I/O.
+- One backup, restore or backup deletion per space at a time: a second call for the same
+  space waits for the first to end. Other spaces, and the space's own calls, go on meanwhile (a
+  backup freezes the space's files, not its writes); the files are read and checked in the
+  server's own backup threads, never on the event loop nor in the threads that serve other
+  spaces' I/O.
 - Backups are idempotent by ID: a backup whose manifest is in the target already is answered
   from it; one cut short (the store went away, the server was killed) is taken again and
   uploads only the files the target lacks.
@@ -131,9 +132,13 @@ class Backups:
     async def delete(
         self, space_id: spaces.SpaceId, config: objects.TargetConfig, backup_id: str
     ) -> Deleted:
-        """Delete one backup of the space (which need not be on this server any more)."""
+        """Delete one backup of the space (which need not be on this server any more). It
+        waits for a backup of the space in progress here: that backup may name files the
+        deletion would otherwise take as unused."""
         target = objects.Target(config)
-        files, size = await backups.delete_measured(target, space_id, check_backup_id(backup_id))
+        check_backup_id(backup_id)
+        async with self._lock(space_id):
+            files, size = await backups.delete_measured(target, space_id, backup_id)
         return Deleted(files, size)
 
     # -- restores -------------------------------------------------------------------------
