@@ -12,8 +12,12 @@
   shard made from the operator's own StatefulSet manifest (its probes, drain and grace period;
   no spaces, TLS off) runs the image of `make image`; its pod is deleted ROUNDS times and the
   seconds with no ready endpoint in its Service's EndpointSlices are measured (polled every
-  50 ms), with the time from the deletion to the new pod's Ready. Skipped (said so) where the
-  node cannot run (not root, tools or image missing).
+  50 ms), with when each step of the restart was first seen (`shard_restart_phases_s`: the old
+  container exited, the old pod gone, the new one made, running, started, Ready, its endpoint
+  ready). Skipped (said so) where the node cannot run (not root, tools or image missing).
+- `state_change_effective_s` (target p99 <= 1 s): on the same node, the operator (its own
+  process) serves one space from a shard pod it made, and its `spec.state` is flipped
+  STATE_ROUNDS times each way (benchmarks/state_changes.py, `run_on_node`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any, cast
 
 import kubernetes.client
 
-from benchmarks import operator_bench
+from benchmarks import operator_bench, state_changes
 from memspace_operator import shards
 from memspace_operator.settings import Settings
 from tests.operator.conftest import Kube
@@ -58,6 +62,8 @@ SETTINGS = {
 }
 SETTLE_LIMIT_S = 180.0
 ROUNDS = 3
+STATE_ROUNDS = 25
+"""Inactive-then-Active changes of one space on the real node (state_change_effective_s)."""
 NODE_NAMESPACE = "memspace-restart"
 
 
@@ -239,6 +245,9 @@ def _restart_cost(results: dict[str, object], rounds: int) -> None:
             cluster.node = node
             (image,) = [name for name in node.import_image(tar) if "memspace" in name][:1]
             _measure_restarts(cluster, node, image, results, rounds)
+            state_changes.run_on_node(
+                cluster, node, image, workdir, results, rounds=5 if rounds == 1 else STATE_ROUNDS
+            )
         finally:
             cluster.node = node
             cluster.stop()
@@ -273,23 +282,27 @@ def _measure_restarts(
         for manifest in manifests:
             cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         pod = _wait_ready_pod(core, None)
-        gaps, to_ready, to_gone = [], [], []
+        gaps, timelines = [], []
         for _ in range(rounds):
             old = pod["metadata"]["uid"]
             deleted = time.monotonic()
             core.delete_namespaced_pod(pod["metadata"]["name"], NODE_NAMESPACE)
-            gap, gone = _unready_gap(core, discovery, deleted, old)
+            gap, timeline = _unready_gap(core, discovery, deleted, old)
             gaps.append(gap)
-            to_gone.append(gone - deleted)
+            timelines.append(timeline)
             pod = _wait_ready_pod(core, old)
-            to_ready.append(time.monotonic() - deleted)
         apps.delete_namespaced_stateful_set("memspace-shard-0", NODE_NAMESPACE)
     cluster.kubectl("delete", "namespace", NODE_NAMESPACE, "--wait=false")
+    phases = {
+        phase: round(statistics.median(t[phase] for t in timelines), 2)
+        for phase in PHASES
+        if all(phase in t for t in timelines)
+    }
     print(
         f"   shard pod deleted: no ready endpoint for {statistics.median(gaps):.2f} s (median; "
-        f"max {max(gaps):.2f}) over {rounds} restarts; new pod Ready after "
-        f"{statistics.median(to_ready):.2f} s, of which {statistics.median(to_gone):.2f} s until "
-        f"the old pod was gone (load average {os.getloadavg()[0]:.1f})",
+        f"max {max(gaps):.2f}) over {rounds} restarts; seconds from the deletion (median): "
+        + ", ".join(f"{phase} {at:.2f}" for phase, at in phases.items())
+        + f" (load average {os.getloadavg()[0]:.1f})",
         flush=True,
     )
     results["shard_restart_unavailable_s"] = {
@@ -297,8 +310,24 @@ def _measure_restarts(
         "max": round(max(gaps), 2),
         "restarts": rounds,
     }
-    results["shard_restart_to_ready_s"] = round(statistics.median(to_ready), 2)
-    results["shard_restart_old_pod_gone_s"] = round(statistics.median(to_gone), 2)
+    results["shard_restart_phases_s"] = phases
+    if "endpoint ready" in phases:
+        results["shard_restart_to_ready_s"] = phases["endpoint ready"]
+    if "old pod gone" in phases:
+        results["shard_restart_old_pod_gone_s"] = phases["old pod gone"]
+
+
+PHASES = (
+    "endpoint not ready",
+    "old container exited",
+    "old pod gone",
+    "new pod made",
+    "new container running",
+    "new container started",
+    "new pod ready",
+    "endpoint ready",
+)
+"""What a restart goes through, each timed (polled every 50 ms) from the pod's deletion."""
 
 
 def _wait_ready_pod(core: kubernetes.client.CoreV1Api, other_than: str | None) -> dict[str, Any]:
@@ -333,25 +362,45 @@ def _unready_gap(
     discovery: kubernetes.client.DiscoveryV1Api,
     since: float,
     old: str,
-) -> tuple[float, float]:
-    """Seconds without a ready endpoint after the deletion at `since` (monotonic), and when the
-    old pod was gone."""
+) -> tuple[float, dict[str, float]]:
+    """Seconds without a ready endpoint after the deletion at `since` (monotonic), and when
+    (seconds after `since`) each of PHASES was first seen."""
+    seen: dict[str, float] = {}
     went: float | None = None
-    gone: float | None = None
     deadline = since + 240
     while time.monotonic() < deadline:
         ready = _ready_endpoints(discovery)
         now = time.monotonic()
-        if gone is None:
-            try:
-                pod = core.read_namespaced_pod("memspace-shard-0-0", NODE_NAMESPACE)
-                if pod.metadata is None or pod.metadata.uid != old:
-                    gone = now
-            except kubernetes.client.ApiException:
-                gone = now
+        for phase in _phases(core, old):
+            seen.setdefault(phase, now - since)
         if not ready and went is None:
             went = now
+            seen["endpoint not ready"] = now - since
         if ready and went is not None:
-            return now - went, gone if gone is not None else now
+            seen["endpoint ready"] = now - since
+            return now - went, seen
         time.sleep(0.05)
     raise RuntimeError("the shard's endpoint did not come back")
+
+
+def _phases(core: kubernetes.client.CoreV1Api, old: str) -> list[str]:
+    """The PHASES the shard pod shows now."""
+    try:
+        pod = core.read_namespaced_pod("memspace-shard-0-0", NODE_NAMESPACE)
+    except kubernetes.client.ApiException:
+        return ["old pod gone"]
+    body: dict[str, Any] = core.api_client.sanitize_for_serialization(pod)
+    status = body.get("status") or {}
+    containers = status.get("containerStatuses") or []
+    if body["metadata"]["uid"] == old:
+        exited = any("terminated" in (c.get("state") or {}) for c in containers)
+        return ["old container exited"] if exited else []
+    found = ["old pod gone", "new pod made"]
+    if any("running" in (c.get("state") or {}) for c in containers):
+        found.append("new container running")
+    if any(c.get("started") for c in containers):
+        found.append("new container started")
+    conditions = status.get("conditions") or []
+    if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+        found.append("new pod ready")
+    return found

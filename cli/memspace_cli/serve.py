@@ -84,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
     except (settings.SettingsError, errors.DataRootInUseError) as err:
         logging.getLogger("memspace.serve").error("%s", err)
         return 2
-    if code != 0:
-        # A drain that timed out may leave a flush running in a worker thread; the WAL already
-        # holds every acknowledged write, so exit now rather than past the drain timeout.
-        logging.shutdown()
-        os._exit(code)
-    return code
+    # Exit now, skipping the interpreter's teardown: the drain flushed every space (or, when it
+    # timed out, the WAL holds every acknowledged write while a flush may still run in a worker
+    # thread), and tracing was shut down. Tearing down the modules took 1-2.5 s on a busy
+    # machine, which a restarting shard's successor waits for (a StatefulSet pod keeps its name).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def banner(server: Server) -> None:

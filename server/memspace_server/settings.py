@@ -174,7 +174,8 @@ class ServerSettings(Settings):
         env="MEMSPACE_DRAIN_NOTICE",
         metavar="SECONDS",
         help="seconds of a drain spent still serving while grpc.health.v1 answers NOT_SERVING, "
-        "so load balancers that probe health move traffic away first; part of the drain timeout",
+        "so load balancers that probe health move traffic away first; ends early once no call has "
+        "arrived for 0.2 s; part of the drain timeout",
     )
     default_embedding_dim: int = setting(
         index.DEFAULT_EMBEDDING_DIM,

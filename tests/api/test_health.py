@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memspace_contract import spaces
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_server.api import logs
+from memspace_server.api import logs, serving
 from memspace_server.storage import spaces as storage_spaces
 from tests.api.conftest import DIM, Running, Start, md, memory, status_of, write_entry
 
@@ -96,7 +96,11 @@ async def test_health_of_an_unloaded_space_is_exact(start: Start) -> None:
     assert not running.server.registry.loaded()  # health did not load it
 
 
-async def test_grpc_health_is_serving_then_not_serving_while_draining(start: Start) -> None:
+async def test_grpc_health_is_serving_then_not_serving_while_draining(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The notice lasts its full second here (an idle server's would end after 0.2 s quiet).
+    monkeypatch.setattr(serving, "NOTICE_QUIET_S", 60.0)
     running = await start(drain_notice_s=1.0)
     health = health_pb2_grpc.HealthStub(running.api.channel)
     for service in ("", "memspace.v1.MemoryService", "memspace.v1.SpaceService"):
@@ -115,6 +119,45 @@ async def test_grpc_health_is_serving_then_not_serving_while_draining(start: Sta
     ours = await running.spaces.Health(pb.HealthRequest())
     assert ours.status == "DRAINING"
     assert await drain
+
+
+async def test_an_idle_server_ends_its_drain_notice_early(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A notice of 20 s; the drain is given 10: only an early end lets it finish in time.
+    running = await start(drain_notice_s=20.0, drain_timeout_s=24.0)
+    await fill(running, "default", 2)
+    with caplog.at_level(logging.INFO, logger=serving.__name__):
+        assert await asyncio.wait_for(running.server.drain(), 10.0)
+    assert "drain notice ended early" in caplog.text
+
+
+async def test_a_server_with_calls_arriving_serves_them_through_its_drain_notice(
+    start: Start,
+) -> None:
+    running = await start(drain_notice_s=1.0)
+    health = health_pb2_grpc.HealthStub(running.api.channel)
+    cue = pb.RecallRequest(cue=[1.0] + [0.0] * (DIM - 1), k=1)
+    served_while_not_serving = 0
+
+    async def caller() -> grpc.StatusCode:
+        nonlocal served_while_not_serving
+        while True:
+            try:
+                answer = await health.Check(health_pb2.HealthCheckRequest())
+                await running.memories.Recall(cue)
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            if answer.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                served_while_not_serving += 1
+
+    calls = asyncio.create_task(caller())
+    await asyncio.sleep(0.1)
+    assert await running.server.drain()
+    # Calls kept arriving, so the notice was not cut short: calls made after health said
+    # NOT_SERVING were still served, until the server refused new calls.
+    assert await calls in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert served_while_not_serving > 1
 
 
 async def test_reflection_lists_the_services(standalone: Running) -> None:

@@ -18,6 +18,7 @@ from mcp.client import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from memspace_contract import index
+from memspace_server.api import mcp_app, mcp_deferring
 from tests.api.conftest import ADMIN_TOKEN, DIM, Start, memspace_serve, vec
 from tests.api.over_http import Web, headers, web
 
@@ -203,3 +204,7 @@ async def test_a_memspace_serve_process_serves_mcp_and_drains_cleanly(tmp_path: 
         served.popen.send_signal(signal.SIGTERM)
         assert served.popen.wait(timeout=60) == 0, served.output()[-4000:]
     assert "Traceback" not in served.output(), served.output()[-4000:]
+
+
+def test_the_deferred_endpoint_is_served_where_the_mcp_endpoint_says() -> None:
+    assert mcp_deferring.PATH == mcp_app.PATH

@@ -94,6 +94,7 @@ class Edge:
         self.refusing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_call = time.monotonic()
 
     # -- draining ------------------------------------------------------------------------------
 
@@ -111,10 +112,15 @@ class Edge:
             return False
         return True
 
+    def quiet_for(self) -> float:
+        """Seconds since the last call arrived, if none is in flight now; else 0."""
+        return 0.0 if self.in_flight else time.monotonic() - self._last_call
+
     def _enter(self) -> None:
         if self.refusing:
             raise errors.UnavailableError("the server is draining; retry shortly")
         self.in_flight += 1
+        self._last_call = time.monotonic()
         self._idle.clear()
 
     def _leave(self) -> None:

@@ -30,7 +30,7 @@ from memspace_server.api import (
     http_app,
     http_serving,
     limits,
-    mcp_app,
+    mcp_deferring,
     metrics,
     openapi,
     routing,
@@ -53,6 +53,9 @@ OTHER_CALLS = 64
 on top of --max-calls."""
 STOP_GRACE_S = 0.5
 """Grace of grpc's own stop, once no memspace call is in flight."""
+NOTICE_QUIET_S = 0.2
+"""A drain notice ends early once no call has arrived for this long (clients that still reach
+the server keep it busy; an idle one goes at once)."""
 
 
 class Server:
@@ -83,7 +86,7 @@ class Server:
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self.http: http_serving.HttpPort | None = None
-        self.mcp: mcp_app.Endpoint | None = None
+        self.mcp: mcp_deferring.Deferred | None = None
         self.tls: certificates.Reloading | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._admin_token_stamp: tuple[int, int] | None = None
@@ -188,8 +191,9 @@ class Server:
                 ) from err
         if s.http_listen != "off":
             # The same edge handlers as the gRPC server's: one routing core for both.
-            # The MCP endpoint (/mcp on the same port) calls the same edge handlers too.
-            self.mcp = mcp_app.Endpoint(every_handler)
+            # The MCP endpoint (/mcp on the same port) calls the same edge handlers too; it is
+            # made in the background (its SDK is slow to import), so a start does not wait.
+            self.mcp = mcp_deferring.Deferred(every_handler)
             self.http = http_serving.HttpPort(
                 http_app.App(
                     every_handler,
@@ -197,7 +201,7 @@ class Server:
                     openapi.document,
                     max_body_bytes=s.max_receive_message_bytes,
                     max_batch_body_bytes=max(s.max_receive_message_bytes, s.max_batch_bytes),
-                    mounts={mcp_app.PATH: self.mcp.asgi},
+                    mounts={mcp_deferring.PATH: self.mcp.asgi},
                 ).asgi(),
                 s,
             )
@@ -226,7 +230,7 @@ class Server:
 
     async def _start_http(self) -> None:
         if self.mcp is not None:
-            await self.mcp.start()
+            self.mcp.start()
         if self.http is not None:
             await self.http.start()
 
@@ -363,7 +367,7 @@ class Server:
         await self.health.drain()
         self.metrics.snapshot = dataclasses.replace(self.metrics.snapshot, draining=True)
         if s.drain_notice_s:
-            await asyncio.sleep(s.drain_notice_s)
+            await self._notice(s.drain_notice_s)
         self.edge.refuse_new_calls()
         # Live Subscribe streams would hold the drain until its timeout: end them now (their
         # clients get UNAVAILABLE with the LSN to resume from, on another server).
@@ -403,6 +407,19 @@ class Server:
         self.metrics.stop()
         log.info("drained in %.2f s", time.monotonic() - started)
         return ok
+
+    async def _notice(self, notice_s: float) -> None:
+        """Serve on while grpc.health.v1 says NOT_SERVING, for `notice_s` seconds, or less once
+        no call has arrived for NOTICE_QUIET_S: an idle shard has nobody to give notice to, and
+        its pod's successor (a StatefulSet pod keeps its name) starts only once it is gone."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + notice_s
+        while (left := end - loop.time()) > 0:
+            quiet = self.edge.quiet_for()
+            if quiet >= NOTICE_QUIET_S:
+                log.info("drain notice ended early: no call for %.2f s", quiet)
+                return
+            await asyncio.sleep(min(left, NOTICE_QUIET_S - quiet))
 
 
 def _healths(loaded: list[Space]) -> dict[str, Health]:
