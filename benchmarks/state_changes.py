@@ -90,6 +90,9 @@ def run_on_node(
     rounds: int,
 ) -> None:
     """The state changes of one space served by a shard pod on the real node."""
+    crds = str(controlplane.REPO / "crds")
+    cluster.kubectl("apply", "--server-side", "-f", crds)
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
     for namespace in (NODE_SERVER_NAMESPACE, TENANT):
         cluster.kubectl("create", "namespace", namespace)
         node.wait_for_service_account(namespace)
