@@ -35,10 +35,21 @@ def add_parsers(commands: Any) -> None:
 
     recall = commands.add_parser(
         "recall",
-        help="the memories most similar to a cue",
-        description="Recall the k memories most similar to a cue (cosine, best first).",
+        help="the memories most similar to a cue, or matching a text query",
+        description=(
+            "Recall the k best memories: by cosine similarity to a cue (--mode vector, the "
+            "default), by BM25 of a text query over content and tags (--mode keyword), or both "
+            "fused by reciprocal rank (--mode hybrid: --cue and --query)."
+        ),
     )
-    _embedding_argument(recall, "--cue", "the cue embedding")
+    _embedding_argument(recall, "--cue", "the cue embedding", required=False)
+    recall.add_argument("--query", metavar="TEXT", help="the text query (keyword and hybrid)")
+    recall.add_argument(
+        "--mode",
+        choices=("vector", "keyword", "hybrid"),
+        default="vector",
+        help="how to rank (default vector)",
+    )
     recall.add_argument("-k", type=int, default=10, help="how many (1..1000, default 10)")
     recall.add_argument("--min-score", type=float, metavar="S", help="lowest score shown")
     _tags_argument(recall, "only memories with this tag (every one given must match)")
@@ -79,10 +90,12 @@ def add_parsers(commands: Any) -> None:
         connecting.add_arguments(command)
 
 
-def _embedding_argument(command: argparse.ArgumentParser, flag: str, what: str) -> None:
+def _embedding_argument(
+    command: argparse.ArgumentParser, flag: str, what: str, required: bool = True
+) -> None:
     command.add_argument(
         flag,
-        required=True,
+        required=required,
         metavar="VECTOR",
         help=f"{what}: a JSON array, @FILE (.json or .npy) or - (JSON on standard input)",
     )
@@ -201,12 +214,14 @@ def _remember(memspace: client.MemspaceClient, args: argparse.Namespace, out: Ou
 
 def _recall(memspace: client.MemspaceClient, args: argparse.Namespace, out: Output) -> None:
     hits = memspace.recall(
-        embedding(args.cue),
+        embedding(args.cue) if args.cue is not None else None,
         args.k,
         min_score=args.min_score,
         tags=tags(args.tag),
         include_embeddings=args.embeddings,
         exact=args.exact,
+        query=args.query,
+        mode=args.mode,
     )
     if out.json:
         out.doc(

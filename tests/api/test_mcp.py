@@ -81,9 +81,33 @@ async def test_the_tools_are_listed_with_their_embedding_arguments(guarded: Web)
     tools = {tool.name: tool for tool in listed.tools}
     assert set(tools) == {"remember", "recall", "forget", "get"}
     assert tools["remember"].input_schema["required"] == ["content", "embedding"]
-    assert tools["recall"].input_schema["required"] == ["cue"]
-    for name in ("remember", "recall"):
-        assert "does not embed text yet" in (tools[name].description or "")
+    # A keyword recall needs no cue, a vector one no query: the server says which is missing.
+    assert tools["recall"].input_schema.get("required", []) == []
+    properties = tools["recall"].input_schema["properties"]
+    assert {"cue", "query", "mode", "k", "tags", "min_score"} <= set(properties)
+    assert "does not embed text yet" in (tools["remember"].description or "")
+    assert "reciprocal rank" in (tools["recall"].description or "")
+
+
+async def test_keyword_and_hybrid_recall_through_mcp(guarded: Web) -> None:
+    async with session(guarded, "team-a", TOKENS["team-a"]) as s:
+        near = answer(await call(s, "remember", content="the cat sat", embedding=vec(1.0)))
+        rare = answer(
+            await call(s, "remember", content="ticket ZX-9041 reopened", embedding=vec(0.0, 1.0))
+        )
+        by_cue = answer(await call(s, "recall", cue=vec(1.0), k=1))["hits"]
+        assert [h["memory"]["id"] for h in by_cue] == [near["id"]]
+        by_word = answer(await call(s, "recall", mode="keyword", query="zx-9041", k=1))["hits"]
+        assert [h["memory"]["id"] for h in by_word] == [rare["id"]]
+        both = answer(await call(s, "recall", mode="hybrid", cue=vec(1.0), query="ZX-9041", k=2))[
+            "hits"
+        ]
+        assert {h["memory"]["id"] for h in both} == {near["id"], rare["id"]}
+        no_query = await call(s, "recall", mode="keyword", k=1)
+        assert refused(no_query, "INVALID_ARGUMENT"), text(no_query)
+        assert "query" in text(no_query)
+    async with session(guarded, "team-b", TOKENS["team-b"]) as s:
+        assert answer(await call(s, "recall", mode="keyword", query="zx", k=5))["hits"] == []
 
 
 async def test_remember_recall_get_forget_through_mcp(guarded: Web) -> None:

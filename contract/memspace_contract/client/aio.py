@@ -124,18 +124,25 @@ class AsyncMemspaceClient:
 
     async def recall(
         self,
-        cue: results.EmbeddingLike,
+        cue: results.EmbeddingLike | None = None,
         k: int = 10,
         *,
         min_score: float | None = None,
         tags: Mapping[str, str] | None = None,
         include_embeddings: bool = False,
         exact: bool = False,
+        query: str | None = None,
+        mode: str = "vector",
     ) -> list[results.Hit]:
-        """The `k` memories most similar to `cue` (cosine, best first), over every tier; only
-        those with every tag of `tags` and, with `min_score`, at least that score. `exact`
-        scans every tier exactly even where the space keeps an approximate index."""
-        request = results.recall_request(cue, k, min_score, tags, include_embeddings, exact=exact)
+        """The `k` best memories over every tier, best first, by `mode`: `"vector"` (cosine
+        similarity to `cue`), `"keyword"` (BM25 of the text `query` over content and tags) or
+        `"hybrid"` (both, fused by reciprocal rank; needs `cue` and `query`). Only those with
+        every tag of `tags` and, with `min_score`, at least that score (cosine for vector and
+        hybrid, BM25 for keyword). `exact` scans every tier exactly even where the space keeps
+        an approximate index."""
+        request = results.recall_request(
+            cue, k, min_score, tags, include_embeddings, exact=exact, query=query, mode=mode
+        )
         answer = await self._retried(lambda: self.memories.Recall(request, timeout=self.timeout))
         return [results.Hit.from_message(hit) for hit in answer.hits]
 

@@ -265,21 +265,35 @@ def batch_messages(
     ]
 
 
+RECALL_MODES = {
+    "vector": pb.RECALL_MODE_VECTOR,
+    "keyword": pb.RECALL_MODE_KEYWORD,
+    "hybrid": pb.RECALL_MODE_HYBRID,
+}
+"""How a recall ranks: cosine of the cue, BM25 of the text query, or both fused by rank."""
+
+
 def recall_request(
-    cue: EmbeddingLike,
+    cue: EmbeddingLike | None,
     k: int,
     min_score: float | None,
     tags: Mapping[str, str] | None,
     include_embeddings: bool,
     *,
     exact: bool = False,
+    query: str | None = None,
+    mode: str = "vector",
 ) -> pb.RecallRequest:
+    if mode not in RECALL_MODES:
+        raise ValueError(f"mode {mode!r}; allowed {', '.join(RECALL_MODES)}")
     request = pb.RecallRequest(
-        cue=vector(cue, "cue").tolist(),
+        cue=vector(cue, "cue").tolist() if cue is not None else [],
         k=k,
         tags=tags,
         include_embeddings=include_embeddings,
         exact=exact,
+        query=query or "",
+        mode=RECALL_MODES[mode],
     )
     if min_score is not None:
         request.min_score = min_score

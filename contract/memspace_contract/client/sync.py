@@ -116,16 +116,20 @@ class MemspaceClient:
 
     def recall(
         self,
-        cue: results.EmbeddingLike,
+        cue: results.EmbeddingLike | None = None,
         k: int = 10,
         *,
         min_score: float | None = None,
         tags: Mapping[str, str] | None = None,
         include_embeddings: bool = False,
         exact: bool = False,
+        query: str | None = None,
+        mode: str = "vector",
     ) -> list[results.Hit]:
         """See `AsyncMemspaceClient.recall`."""
-        request = results.recall_request(cue, k, min_score, tags, include_embeddings, exact=exact)
+        request = results.recall_request(
+            cue, k, min_score, tags, include_embeddings, exact=exact, query=query, mode=mode
+        )
         answer = self._retried(lambda: self.memories.Recall(request, timeout=self.timeout))
         return [results.Hit.from_message(hit) for hit in answer.hits]
 

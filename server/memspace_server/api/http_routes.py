@@ -77,7 +77,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "MemoryService",
         "Recall",
         Body.FIELDS,
-        "Exact top-k cosine similarity over every tier of the space",
+        "The top k memories of every tier by cosine similarity to a cue (mode "
+        "RECALL_MODE_VECTOR, the default), by BM25 of a text query over content and tags "
+        "(RECALL_MODE_KEYWORD), or both fused by reciprocal rank (RECALL_MODE_HYBRID)",
     ),
     Operation(
         "GET", f"{SPACE}/memories/{{id}}", "MemoryService", "Get", Body.NONE, "One memory by id"

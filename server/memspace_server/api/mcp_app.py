@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from google.protobuf import message as protobuf_message
 from mcp.server.mcpserver import Context, MCPServer
@@ -140,26 +140,46 @@ class Endpoint:
 
     async def recall(
         self,
-        cue: Annotated[
-            list[float],
-            Field(
-                description="The query embedding as a float array of the space's dimension, "
-                "computed by the client (the server does not embed text yet)",
-                min_length=1,
-            ),
-        ],
         *,
         ctx: Context[Any, Any],
+        cue: Annotated[
+            list[float] | None,
+            Field(
+                description="The query embedding as a float array of the space's dimension, "
+                "computed by the client; needed by modes vector and hybrid",
+            ),
+        ] = None,
+        query: Annotated[
+            str | None,
+            Field(
+                description="Text to find by keyword (BM25 over content and tags); needed by "
+                "modes keyword and hybrid",
+                max_length=4096,
+            ),
+        ] = None,
+        mode: Annotated[
+            Literal["vector", "keyword", "hybrid"],
+            Field(
+                description="vector: cosine similarity to the cue; keyword: BM25 of the query; "
+                "hybrid: both, fused by reciprocal rank"
+            ),
+        ] = "vector",
         k: Annotated[int, Field(description="How many memories at most", ge=1)] = 5,
         tags: Annotated[
             dict[str, str] | None,
             Field(description="Only memories carrying all these tags"),
         ] = None,
         min_score: Annotated[
-            float | None, Field(description="Only memories at least this similar (cosine)")
+            float | None,
+            Field(
+                description="Only memories scoring at least this: cosine (vector, and the "
+                "vector half of hybrid) or BM25 (keyword)"
+            ),
         ] = None,
     ) -> dict[str, Any]:
-        request = pb.RecallRequest(cue=cue, k=k, tags=tags or {})
+        request = pb.RecallRequest(
+            cue=cue or [], k=k, tags=tags or {}, query=query or "", mode=_MODES[mode]
+        )
         if min_score is not None:
             request.min_score = min_score
         return await self._call(ctx, "Recall", request)
@@ -193,9 +213,16 @@ REMEMBER = (
     "the client computes: this server does not embed text yet."
 )
 RECALL = (
-    "The k memories of this space most similar (cosine) to the cue, best first, with their "
-    "scores. The cue is a float array embedding of the space's dimension that the client "
-    "computes: this server does not embed text yet."
+    "The k best memories of this space, best first, with their scores: by cosine similarity "
+    "to the cue (mode vector, the default; the cue is a float array embedding of the space's "
+    "dimension that the client computes), by keyword (mode keyword: BM25 of the text query over "
+    "content and tags, for exact names, codes and rare words), or both fused by reciprocal "
+    "rank (mode hybrid: cue and query)."
 )
+_MODES = {
+    "vector": pb.RECALL_MODE_VECTOR,
+    "keyword": pb.RECALL_MODE_KEYWORD,
+    "hybrid": pb.RECALL_MODE_HYBRID,
+}
 FORGET = "Remove one memory of this space by id; an unknown id answers forgotten=false."
 GET = "One memory of this space by id (NOT_FOUND when there is none)."
