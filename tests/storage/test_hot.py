@@ -32,6 +32,7 @@ def test_a_hot_tier_over_many_blocks_matches_a_plain_matrix(
     # Pages of the rows ahead of the last written are populated in the background meanwhile
     # (0: never): the rows written stay as they are.
     monkeypatch.setattr(hot, "AHEAD_BYTES", 4 * DIM * ahead_rows or 1 << 40)
+    monkeypatch.setattr(hot, "STEP_BYTES", 4 * DIM * 100)
     rng = np.random.default_rng(5)
     tier = hot.HotTier(DIM)
     model: dict[str, np.ndarray] = {}

@@ -103,6 +103,26 @@ async def test_records_come_back_in_lsn_order_with_their_contents(
     assert len(wal.list_segments(tmp_path)) > 1, "1 KiB segments must have rolled"
 
 
+@pytest.mark.parametrize("iov_max", [1, 1024], ids=["plain-writes", "one-writev"])
+async def test_a_group_commit_appends_every_frame_whole_in_order(
+    tmp_path: Path,
+    executor: concurrent.futures.Executor,
+    monkeypatch: pytest.MonkeyPatch,
+    iov_max: int,
+) -> None:
+    # Each frame goes to the system as its head and payload; more parts than one writev takes
+    # are joined and written plainly.
+    monkeypatch.setattr(wal, "_IOV_MAX", iov_max)
+    log = await _write(tmp_path, executor, 30, group=10)
+    await log.close()
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == list(range(1, 31))
+    assert recovered.truncated_bytes == 0
+    assert [r.memory.content for r in found if isinstance(r, records.Remembered)] == [
+        f"content {i}" for i in range(30)
+    ]
+
+
 async def test_concurrent_writers_share_fsyncs(
     tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:

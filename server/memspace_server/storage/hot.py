@@ -1,14 +1,15 @@
 """The hot tier: memories in RAM as growable numpy columns, scanned with a matrix product per
 block of embeddings.
 
-Rows stay dense: a removal moves the last row into the hole. The embeddings are kept in blocks
-of a fixed size, so the tier grows by adding a block and never copies the rows it holds (only
-the first block doubles up to full size); the small per-row columns double. The tier remembers
+Rows stay dense: a removal moves the last row into the hole. The embeddings are kept in blocks,
+so the tier grows by adding a block and never copies the rows it holds; the small per-row
+columns double. The tier remembers
 which memories arrived since the last checkpoint (`unsaved`), so a checkpoint writes only
 those."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -22,80 +23,90 @@ BLOCK_BYTES = 64 * 1024 * 1024
 AHEAD_BYTES = 32 * 1024 * 1024
 """Bytes of embedding rows past the last one written whose pages are faulted in ahead, in the
 background (`pages`), asked for in steps of half this."""
+STEP_BYTES = 4 * 1024 * 1024
+"""The least the background thread is asked to fault in at once."""
 
 
 class _Blocks:
-    """The embedding matrix of the hot tier as blocks of `block_rows` rows: row r lies in
-    block r // block_rows. Growing adds blocks and copies nothing, except while the first
-    block is smaller than a full one (a small tier), which doubles."""
+    """The embedding matrix of the hot tier as a list of blocks: block k holds the rows from
+    `starts[k]` on. Growing adds a block and never copies a row: a new block is as large as
+    all before it together (at least 64 rows, at most `block_rows`), so a small tier stays
+    small and a large one has few blocks; replay, which knows how many rows come, adds just
+    that many. (Doubling one first block instead copied up to 64 MiB into fresh pages, the
+    costliest part of a Remember while a space grew.)"""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.block_rows = max(1024, BLOCK_BYTES // (4 * dim))
         self.blocks: list[npt.NDArray[np.float32]] = []
+        self.starts: list[int] = []
+        self._starts = np.zeros(0, np.int64)
+        self.capacity = 0
         self._ahead_rows = max(1, AHEAD_BYTES // (4 * dim))
         self._faulted = 0
         """Rows whose pages were asked to be faulted in (or written)."""
 
     @property
-    def capacity(self) -> int:
-        return sum(block.shape[0] for block in self.blocks)
-
-    @property
     def nbytes(self) -> int:
         return sum(block.nbytes for block in self.blocks)
 
-    def reserve(self, need: int, used: int, exact: bool = False) -> None:
-        """Room for `need` rows, keeping the first `used`; `exact`: no more than needed for a
-        first block (replay knows how many rows come)."""
-        capacity = self.capacity
-        if need <= capacity:
-            return
-        full = self.block_rows
-        if not self.blocks or self.blocks[0].shape[0] < full:
-            first = self.blocks[0].shape[0] if self.blocks else 0
-            size = min(full, max(need, 64) if exact else max(need, 2 * first, 64))
-            grown = np.zeros((size, self.dim), np.float32)
-            if self.blocks:
-                grown[:used] = self.blocks[0][:used]
-                self.blocks[0] = grown
-                self._faulted = min(self._faulted, used)
-            else:
-                self.blocks.append(grown)
-            capacity = size
-        while capacity < need:
-            self.blocks.append(np.zeros((full, self.dim), np.float32))
-            capacity += full
+    def reserve(self, need: int, exact: bool = False) -> None:
+        """Room for `need` rows; `exact`: no more than needed (replay knows how many come)."""
+        while self.capacity < need:
+            missing = need - self.capacity
+            size = min(self.block_rows, missing if exact else max(64, self.capacity, missing))
+            self.blocks.append(np.zeros((size, self.dim), np.float32))
+            self.starts.append(self.capacity)
+            self.capacity += size
+        if len(self.starts) != self._starts.shape[0]:
+            self._starts = np.array(self.starts, np.int64)
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        """(block, offset in it) of a row."""
+        block = bisect.bisect_right(self.starts, row) - 1
+        return block, row - self.starts[block]
 
     def write(self, start: int, rows: npt.NDArray[np.float32]) -> None:
         """Rows start, start + 1, ... from `rows`."""
-        full = self.block_rows
+        count = rows.shape[0]
+        if count == 0:
+            return
+        block, offset = self._locate(start)
         done = 0
-        while done < rows.shape[0]:
-            block, offset = divmod(start + done, full)
-            take = min(rows.shape[0] - done, full - offset)
-            self.blocks[block][offset : offset + take] = rows[done : done + take]
+        while done < count:
+            target = self.blocks[block]
+            take = min(count - done, target.shape[0] - offset)
+            target[offset : offset + take] = rows[done : done + take]
             done += take
+            block, offset = block + 1, 0
         self._fault_ahead(start + done)
 
     def _fault_ahead(self, end: int) -> None:
         """Keep the pages of the rows after `end` (up to AHEAD_BYTES, within the blocks there
         are) being faulted in by the background thread, so that writes find them there."""
         self._faulted = max(self._faulted, end)
-        want = min(self.capacity, end + self._ahead_rows)
-        if want - self._faulted < self._ahead_rows // 2:
-            return
+        want = end + self._ahead_rows
+        if want - self._faulted >= self._ahead_rows // 2:
+            self.fault_through(want)
+
+    def fault_through(self, end: int) -> None:
+        """Have the pages of the rows up to `end` (within the blocks there are) faulted in by
+        the background thread, those not asked for yet."""
+        want = min(self.capacity, end)
         row_bytes = 4 * self.dim
+        if (want - self._faulted) * row_bytes < STEP_BYTES:
+            return  # a small tier, or not much new: not worth a trip to the thread
+        block, offset = self._locate(self._faulted)
         while self._faulted < want:
-            block, offset = divmod(self._faulted, self.block_rows)
             array = self.blocks[block]
             take = min(want - self._faulted, array.shape[0] - offset)
             pages.ahead(array, offset * row_bytes, (offset + take) * row_bytes)
             self._faulted += take
+            block, offset = block + 1, 0
 
     def row(self, row: int) -> npt.NDArray[np.float32]:
         """A view of one row."""
-        block, offset = divmod(row, self.block_rows)
+        block, offset = self._locate(row)
         view: npt.NDArray[np.float32] = self.blocks[block][offset]
         return view
 
@@ -107,7 +118,8 @@ class _Blocks:
             one: npt.NDArray[np.float32] = self.blocks[0][rows]
             return one
         out = np.empty((rows.shape[0], self.dim), np.float32)
-        block, offset = np.divmod(rows, self.block_rows)
+        block = np.searchsorted(self._starts, rows, "right") - 1
+        offset = rows - self._starts[block]
         for k in np.unique(block).tolist():
             wanted = block == k
             out[wanted] = self.blocks[k][offset[wanted]]
@@ -117,8 +129,7 @@ class _Blocks:
         """The first n rows times `cue`: one kernel call per block, each writing its part of
         one output (no copy of the rows, no concatenation)."""
         out = np.empty(n, np.float32)
-        for k, block in enumerate(self.blocks):
-            start = k * self.block_rows
+        for start, block in zip(self.starts, self.blocks, strict=True):
             if start >= n:
                 break
             end = min(n, start + block.shape[0])
@@ -167,7 +178,7 @@ class HotTier:
         return int(self._emb.nbytes + self._norms.nbytes + 32 * self._norms.shape[0])
 
     def _grow(self, need: int, exact: bool = False) -> None:
-        self._emb.reserve(need, self._n, exact)
+        self._emb.reserve(need, exact)
         capacity = self._norms.shape[0]
         if need <= capacity:
             return
@@ -182,11 +193,21 @@ class HotTier:
         """Make room for `count` more memories at once (replay knows how many come)."""
         self._grow(self._n + count, exact=True)
 
-    def add(self, batch: tiers.Columns) -> None:
+    def expect(self, count: int) -> None:
+        """Make room for `count` more memories, grown as writes grow it, and have the pages of
+        those rows faulted in by the background thread meanwhile (replay calls it as it reads
+        the log, before it writes the rows)."""
+        need = self._n + count
+        self._grow(need)
+        self._emb.fault_through(need)
+
+    def add(self, batch: tiers.Columns, checked: bool = False) -> None:
+        """Append the batch, whose ids must not be in the tier (`checked`: the caller made
+        sure of it, as a write does when it removes the versions stored before)."""
         count = len(batch)
         if count == 0:
             return
-        if not self._row.keys().isdisjoint(batch.ids):
+        if not checked and not self._row.keys().isdisjoint(batch.ids):
             raise KeyError("memory already in the hot tier; remove it first")
         start = self._n
         end = start + count

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import sys
 import threading
@@ -42,7 +41,9 @@ def _setup() -> Any:
     with _lock:
         if _madvise is None and _usable:
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+                # The symbols the process has loaded, libc among them (`find_library`
+                # would start a subprocess to look for it).
+                libc = ctypes.CDLL(None, use_errno=True)
                 madvise = libc.madvise
             except (OSError, AttributeError):
                 _usable = False

@@ -59,8 +59,12 @@ class _Latest:
     records are numbered in one sequence across the log; `latest` maps each memory to the
     number of its last record, and the memories' columns are then gathered frame by frame."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, hot: HotTier) -> None:
         self.dim = dim
+        self.hot = hot
+        self.remembers = 0
+        """Remember records read so far: the hot tier has room for them, its pages faulted in
+        by a background thread while the log is read."""
         self.latest: dict[str, int] = {}
         self.oldest: float | None = None
         self._starts: list[int] = []
@@ -77,6 +81,8 @@ class _Latest:
                 )
             at, ids, remember = frame.at, frame.ids, frame.kinds == records.REMEMBER
             source: frames.Frame | memoryview = frame
+            self.remembers += frame.embeddings.shape[0]
+            self.hot.expect(self.remembers)
         else:
             kind, memory_id, at = records.peek(payload)
             ids, remember = [memory_id], np.array([kind == records.REMEMBER])
@@ -154,7 +160,7 @@ def recover(
         state=checkpointer.state(manifest.cold),
         chunks=chunks,
     )
-    replay = _Latest(dim)
+    replay = _Latest(dim, hot)
     try:
         recovered = wal.recover(directory.wal, manifest.lsn, replay.apply)
         holding = [tier for tier in (hot, warm, cold) if len(tier)]
@@ -163,7 +169,7 @@ def recover(
                 tier.remove(memory_id)
         hot.reserve(len(replay.latest))
         for batch in replay.batches():
-            hot.add(batch)
+            hot.add(batch, checked=True)  # each memory's last record, removed from every tier
     except records.RecordFormatError as err:
         raise errors.CorruptWalError(f"space {entry.space_id!r}: {err}") from err
     if recovered.replayed:

@@ -369,10 +369,12 @@ class Space:
             )
             self._replace(stored, new)
             self.keywords.add(batch.ids, batch.contents, batch.tags, lsn)
+            # `_replace` removed every stored version of these memories.
             if len(last) == count:
-                self.hot.add(batch)
+                self.hot.add(batch, checked=True)
             else:  # an id given twice: its last draft counts
-                self.hot.add(batch.take(np.sort(np.fromiter(last.values(), np.int64, len(last)))))
+                rows = np.sort(np.fromiter(last.values(), np.int64, len(last)))
+                self.hot.add(batch.take(rows), checked=True)
             self._note_writes(count, now)
         await self._durable(future)
         self._maybe_consolidate()
@@ -465,7 +467,7 @@ class Space:
         )
         stored = self._stored(columns.ids)
         self._replace(stored, len(columns) - sum(len(held) for _tier, held in stored))
-        self.hot.add(columns)
+        self.hot.add(columns, checked=True)
         self.keywords.add(columns.ids, columns.contents, columns.tags, self._wal.next_lsn - 1)
 
     async def forget(self, memory_id: str) -> tuple[bool, Lsn]:

@@ -48,6 +48,8 @@ SUFFIX = ".wal"
 _FRAME = struct.Struct("<II")
 MAX_RECORD = 16 * 1024 * 1024
 """Largest payload of a format-1 segment (one record)."""
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+"""Most buffers one writev takes."""
 MAX_FRAME = 64 * 1024 * 1024
 """Largest payload of a format-2 segment (one batch frame); a larger write is split."""
 
@@ -68,7 +70,12 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
 
 
 def frame(payload: bytes | bytearray) -> bytes:
-    return b"".join((_FRAME.pack(len(payload), crc32c.crc32c(payload)), payload))
+    return b"".join(frame_parts(payload))
+
+
+def frame_parts(payload: bytes | bytearray) -> tuple[bytes, bytes | bytearray]:
+    """A frame as its head and its payload, not joined (appends hand both to one writev)."""
+    return _FRAME.pack(len(payload), crc32c.crc32c(payload)), payload
 
 
 @dataclasses.dataclass
@@ -485,7 +492,7 @@ class Wal(Generic[T]):
         self._executor = executor
         self._on_durable = on_durable
         self._segment_bytes = segment_bytes
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | bytearray] = []
         self._waiters: list[_Waiter[T]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._failure: errors.MemspaceError | None = None
@@ -542,24 +549,24 @@ class Wal(Generic[T]):
             raise ValueError("a WAL write holds at least one record")
         first = self._next_lsn
         payloads, events = build(Lsn(first))
-        framed = []
+        framed: list[bytes | bytearray] = []
         if len(payloads) > 1:
-            framed.append(frame(frames.encode_marker(first, time.time(), count)))
+            framed.extend(frame_parts(frames.encode_marker(first, time.time(), count)))
         for payload in payloads:
             if len(payload) > MAX_FRAME:
                 raise errors.InvalidMemoryError(
                     f"a WAL frame of {len(payload)} bytes exceeds the limit of {MAX_FRAME}"
                 )
-            framed.append(frame(payload))
+            framed.extend(frame_parts(payload))
         return self.submit_frames(framed, count, events)
 
     def submit_frames(
-        self, framed: list[bytes], lsns: int, events: list[T]
+        self, framed: Sequence[bytes | bytearray], lsns: int, events: list[T]
     ) -> tuple[Lsn, asyncio.Future[None]]:
         """Queue framed records made for the `lsns` LSNs from `next_lsn` on (batch markers
-        among them take none); the caller holds what keeps anyone else from submitting
-        meanwhile, the space's write lock. `on_durable` gets `events` once they are on disk.
-        Returns the last LSN."""
+        among them take none), as whole frames or their parts in order; the caller holds what
+        keeps anyone else from submitting meanwhile, the space's write lock. `on_durable` gets
+        `events` once they are on disk. Returns the last LSN."""
         if self._failure is not None:
             raise self._failure
         last = self._next_lsn + lsns - 1
@@ -642,19 +649,22 @@ class Wal(Generic[T]):
         self._fd = fd
         self._size = os.fstat(fd).st_size
 
-    def _write(self, data: bytes, first_lsn: int) -> None:
-        """Blocking: append one batch and fsync it (runs in the executor)."""
+    def _write(self, parts: list[bytes | bytearray], first_lsn: int) -> None:
+        """Blocking: append one batch (its frames' parts, in one writev where the system
+        takes them all) and fsync it (runs in the executor)."""
         full = self._size >= self._segment_bytes and not self.holding_segment
         if self._fd is None or self._roll_requested or full:
             self._open_segment(self.directory / segment_name(first_lsn), create=True)
             self._roll_requested = False
         assert self._fd is not None
         start = self._size
+        size = sum(len(part) for part in parts)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            written = os.writev(self._fd, parts) if len(parts) <= _IOV_MAX else 0
+            if written < size:  # a short write (or too many parts): the rest in plain writes
+                view = memoryview(b"".join(parts))[written:]
+                while view:
+                    view = view[os.write(self._fd, view) :]
             synced = time.perf_counter()
             os.fdatasync(self._fd)
             self.last_fsync_s = time.perf_counter() - synced
@@ -665,7 +675,7 @@ class Wal(Generic[T]):
             except OSError:
                 log.exception("could not cut a failed WAL append back in %s", self.directory)
             raise
-        self._size = start + len(data)
+        self._size = start + size
         self.syncs += 1
 
     async def _flush_loop(self) -> None:
@@ -675,16 +685,15 @@ class Wal(Generic[T]):
             waiters, self._waiters = self._waiters, []
             try:
                 first = waiters[0].lsn - waiters[0].count + 1
-                data = b"".join(batch)
                 # Parented on the call that started this flusher; the writes it groups with
                 # that call's are counted in `memspace.wal.writers`.
                 with spans.span("memspace.wal.commit") as span:
-                    await loop.run_in_executor(self._executor, self._write, data, first)
+                    await loop.run_in_executor(self._executor, self._write, batch, first)
                     if span is not None:
                         span.set_attributes(
                             {
                                 "memspace.wal.records": sum(w.count for w in waiters),
-                                "memspace.wal.bytes": len(data),
+                                "memspace.wal.bytes": sum(len(part) for part in batch),
                                 "memspace.wal.writers": len(waiters),
                                 "memspace.wal.first_lsn": first,
                                 "memspace.wal.fsync_ms": self.last_fsync_s * 1000,
