@@ -91,13 +91,15 @@ def test_faulting_pages_ahead_leaves_what_they_hold_alone() -> None:
 
 def test_the_product_kernel_matches_numpy_for_any_layout() -> None:
     rng = np.random.default_rng(4)
-    matrix = rng.normal(size=(1000, 48)).astype(np.float32)
+    matrix = rng.normal(size=(3000, 48)).astype(np.float32)
+    assert matrix.size >= tiers.SMALL_PRODUCT  # the whole matrix goes to faiss's kernel
     cue = rng.normal(size=48).astype(np.float32)
     for rows, vector in (
         (matrix, cue),
         (matrix[::2], cue),  # strided rows: numpy answers
         (matrix[:, :24], cue[:24]),
         (matrix[:0], cue),
+        (matrix[:10], cue),  # small: numpy answers
         (np.asfortranarray(matrix), cue),
     ):
         out = np.empty(rows.shape[0], np.float32)

@@ -160,6 +160,11 @@ def norms(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.sqrt(squares).astype(np.float32, copy=False)
 
 
+SMALL_PRODUCT = 1 << 17
+"""Values of a matrix below which numpy's product is as quick (the kernel's call costs more
+than the reading saves)."""
+
+
 def products(
     matrix: npt.NDArray[np.float32], cue: npt.NDArray[np.float32], out: npt.NDArray[np.float32]
 ) -> None:
@@ -171,7 +176,8 @@ def products(
     if out.shape != (rows,):
         raise ValueError(f"{rows} rows need an output of {rows}, got {out.shape}")
     if (
-        matrix.dtype == np.float32
+        matrix.size >= SMALL_PRODUCT
+        and matrix.dtype == np.float32
         and cue.dtype == np.float32
         and out.dtype == np.float32
         and matrix.flags.c_contiguous
