@@ -22,6 +22,7 @@ are not the machine's (ratios flatter or worse)."""
 SUITES = (
     "benchmarks.storage_bench",
     "benchmarks.ann_bench",
+    "benchmarks.keyword_bench",
     "benchmarks.grpc_bench",
     "benchmarks.http_bench",
     "benchmarks.reliability_bench",
