@@ -73,6 +73,13 @@ SETTINGS = {
     "MEMSPACE_RESYNC_INTERVAL": "60",
     # Nothing listens there: every Health RPC fails at once.
     "MEMSPACE_SHARD_ENDPOINT_TEMPLATE": "127.0.0.1:9",
+    # A Lease of a minute: while 10,000 spaces were created on the shared 2-core test machine,
+    # a Lease write took the control plane more than 10 s and the operator, alone here (no
+    # standby to take over, no Deployment to restart it), stepped down at the default
+    # 15/10/2 s and the run stalled.
+    "MEMSPACE_LEASE_DURATION": "60",
+    "MEMSPACE_LEASE_RENEW_DEADLINE": "45",
+    "MEMSPACE_LEASE_RETRY_PERIOD": "5",
 }
 TIMEOUT_S = 900.0
 """The longest a 1,000-space run may take to converge; scaled by the number of spaces."""
@@ -130,6 +137,7 @@ def _bench(
             _create(custom, count)
             created_s = time.monotonic() - started
             print(f"   created {count} MemorySpaces in {created_s:.1f} s", flush=True)
+            tracker.operator = operator
             bound = tracker.wait(count, "VolumeBound", started)
             bound_s = max(bound) - started
             print(f"   all VolumeBound after {bound_s:.1f} s", flush=True)
@@ -293,6 +301,8 @@ class _Tracker:
         self.first: dict[str, dict[str, float]] = {"VolumeBound": {}, "Mounted": {}}
         self.last_event = time.monotonic()
         self._changed: set[str] | None = None
+        self.operator: subprocess.Popen[bytes] | None = None
+        """The operator's process, once running: a wait fails at once when it has exited."""
 
     def __enter__(self) -> _Tracker:
         self._thread.start()
@@ -338,6 +348,11 @@ class _Tracker:
         with self._lock:
             return len(self.first[kind])
 
+    def _check_operator(self) -> None:
+        """Fail at once when the operator process has exited: nothing would converge."""
+        if self.operator is not None and (code := self.operator.poll()) is not None:
+            raise RuntimeError(f"the operator exited (status {code}); see its log")
+
     def wait(self, count: int, kind: str, started: float) -> list[float]:
         """When each of `count` spaces first reported `kind` True."""
         shown = time.monotonic()
@@ -349,6 +364,7 @@ class _Tracker:
                 return seen
             if now - started > _timeout(count):
                 raise RuntimeError(f"only {len(seen)} of {count} spaces {kind} by now")
+            self._check_operator()
             if now - shown >= 10:
                 shown = now
                 print(
@@ -367,6 +383,7 @@ class _Tracker:
                 progress, at = found, time.monotonic()
             elif time.monotonic() - at > patience_s or time.monotonic() - started > _timeout(count):
                 return None
+            self._check_operator()
             time.sleep(0.5)
         with self._lock:
             return max(self.first["Mounted"].values()) - started
