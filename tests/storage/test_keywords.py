@@ -3,13 +3,16 @@ three tiers, persisted with the LSN it reflects and rebuilt only when that is no
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from memspace_server import errors
-from memspace_server.storage import keywords, memories, registry, tiers
+from memspace_server.storage import keywords, memories, registry, settings, tiers
 
 from .conftest import draft, make_space, vec
+from .test_registry import _open_files_under
 
 
 def keyword(text: str, k: int = 10, **tags: str) -> memories.Query:
@@ -81,6 +84,25 @@ async def test_a_reload_keeps_the_index_without_rebuilding_it(
         assert ids[0] not in {hit.memory.id for hit in found}
         assert len(await space.recall(keyword("latecomer"))) == 1
     assert keywords.KeywordIndex.rebuilds == before
+
+
+async def test_an_unloaded_space_keeps_no_file_of_its_keyword_index_open(tmp_path: Path) -> None:
+    reg = registry.standalone(tmp_path, settings.EngineSettings(chunk_rows=16), idle_unload_s=0.0)
+    rng = np.random.default_rng(8)
+    try:
+        space_id = await make_space(reg, hot=10)
+        async with reg.lease(space_id) as space:
+            for i in range(40):
+                await space.remember(draft(rng, f"entry{i} shared"))
+            assert len(await space.recall(keyword("shared", k=100))) == 40
+            assert space.keywords.is_open
+            held = _open_files_under(tmp_path / "spaces" / space_id / keywords.FOLDER)
+            assert held, "an open keyword index maps its segment files"
+        await reg.maintain()
+        assert reg.loaded() == {}
+        assert _open_files_under(tmp_path) == []
+    finally:
+        await reg.close()
 
 
 async def test_hybrid_recall_fuses_the_vector_and_the_keyword_ranks(
