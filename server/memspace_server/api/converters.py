@@ -287,6 +287,11 @@ def backup_target(target: pb.BackupTarget, store_timeout_s: float) -> objects.Ta
             "the backup target needs a url: s3://BUCKET[/PREFIX] (with endpoint and "
             "credentials for S3-compatible stores), or a directory on the server"
         )
+    if "://" not in target.url and not target.url.startswith("/"):
+        raise errors.InvalidArgumentError(
+            f"backup target {target.url[:200]!r}: a directory on the server must be an absolute "
+            "path (or use s3://BUCKET[/PREFIX])"
+        )
     if bool(target.access_key_id) != bool(target.secret_access_key):
         raise errors.InvalidArgumentError(
             "give both access_key_id and secret_access_key of the backup target, or neither"
