@@ -86,6 +86,32 @@ async def test_a_reload_keeps_the_index_without_rebuilding_it(
     assert keywords.KeywordIndex.rebuilds == before
 
 
+async def test_a_space_closed_after_a_failure_or_too_many_pending_writes_rebuilds_its_index(
+    spaces_registry: registry.Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(9)
+    space_id = await make_space(spaces_registry)
+    async with spaces_registry.lease(space_id) as space:
+        for i in range(10):
+            await space.remember(draft(rng, f"first{i} alike"))
+        assert len(await space.recall(keyword("alike", k=100))) == 10
+        # A failed space commits nothing and unstamps what it committed in this load.
+        space.keywords.close(commit=False)
+    assert await spaces_registry.unload(space_id)
+    before = keywords.KeywordIndex.rebuilds
+    async with spaces_registry.lease(space_id) as space:
+        assert len(await space.recall(keyword("alike", k=100))) == 10
+    assert keywords.KeywordIndex.rebuilds == before + 1
+    assert await spaces_registry.unload(space_id)
+    # More writes than MAX_PENDING before the index is opened: dropped, then rebuilt.
+    monkeypatch.setattr(keywords, "MAX_PENDING", 5)
+    async with spaces_registry.lease(space_id) as space:
+        for i in range(8):
+            await space.remember(draft(rng, f"second{i} alike"))
+        assert len(await space.recall(keyword("alike", k=100))) == 18
+    assert keywords.KeywordIndex.rebuilds == before + 2
+
+
 async def test_an_unloaded_space_keeps_no_file_of_its_keyword_index_open(tmp_path: Path) -> None:
     reg = registry.standalone(tmp_path, settings.EngineSettings(chunk_rows=16), idle_unload_s=0.0)
     rng = np.random.default_rng(8)

@@ -294,14 +294,28 @@ class KeywordIndex:
             ]
 
     def close(self, commit: bool = True) -> None:
-        """Commit what is pending (if open and `commit`: a failed space commits nothing) and
-        let go of the index: no files stay open."""
+        """Commit what is pending (if open and `commit`) and let go of the index: no files stay
+        open. Without `commit` (a failed space), an index opened in this load loses its stamp:
+        it may hold writes the log never made durable, so the next load rebuilds it, even if
+        the space's LSN comes back to the same number with other writes."""
         if commit:
             self.flush()
         with self._lock:
+            if not commit and self._index is not None:
+                self._unstamp()
             self._index = None
             self._pending.clear()
             self._pending_count = 0
+
+    def _unstamp(self) -> None:
+        try:
+            writer = self._index.writer(WRITER_HEAP, 1)
+            writer.delete_documents_by_term("meta", STAMP)
+            writer.commit()
+            writer.wait_merging_threads()
+        except Exception:  # derived data: without an index the next load rebuilds it
+            log.warning("keyword index in %s: removing it after a failure", self.directory)
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 RRF_K: Final = 60
