@@ -110,6 +110,14 @@ async def test_a_space_closed_after_a_failure_or_too_many_pending_writes_rebuild
             await space.remember(draft(rng, f"second{i} alike"))
         assert len(await space.recall(keyword("alike", k=100))) == 18
     assert keywords.KeywordIndex.rebuilds == before + 2
+    assert await spaces_registry.unload(space_id)
+    # Or more characters of content than MAX_PENDING_CHARS (a few long memories).
+    monkeypatch.setattr(keywords, "MAX_PENDING_CHARS", 1000)
+    async with spaces_registry.lease(space_id) as space:
+        for i in range(3):
+            await space.remember(draft(rng, f"third{i} alike " + "x" * 600))
+        assert len(await space.recall(keyword("alike", k=100))) == 21
+    assert keywords.KeywordIndex.rebuilds == before + 3
 
 
 async def test_an_unloaded_space_keeps_no_file_of_its_keyword_index_open(tmp_path: Path) -> None:

@@ -38,8 +38,11 @@ FORMAT: Final = 1
 """The schema version; an index of another format is rebuilt."""
 WRITER_HEAP: Final = 15_000_000
 """Bytes of tantivy's indexing arena (its minimum for one thread), held only while committing."""
-MAX_PENDING: Final = 200_000
+MAX_PENDING: Final = 100_000
 """Writes kept while the index is closed; past that it is rebuilt on its next use instead."""
+MAX_PENDING_CHARS: Final = 8 * 1024 * 1024
+"""Characters of content those writes may hold (they keep the strings alive after the hot tier
+lets them go): past that, too, the index is rebuilt on its next use instead."""
 TOKENIZER: Final = "memspace"
 STAMP: Final = "stamp"
 """The `meta` term of the one document that records the LSN and format of the index."""
@@ -120,6 +123,7 @@ class KeywordIndex:
         self._schema: Any = None
         self._pending: list[_Add | _Remove] = []
         self._pending_count = 0
+        self._pending_chars = 0
         self._stale = False
         """Pending writes were dropped: the next open rebuilds."""
         self._committed = Lsn(-1)
@@ -140,21 +144,29 @@ class KeywordIndex:
     ) -> None:
         """Index memories written at LSN `lsn` (the last of them): a memory given again replaces
         its earlier version."""
-        self._note(_Add(ids, contents, tags), len(ids), lsn)
+        chars = sum(map(len, contents)) if self._index is None else 0
+        self._note(_Add(ids, contents, tags), len(ids), chars, lsn)
 
     def remove(self, memory_id: str, lsn: int) -> None:
-        self._note(_Remove(memory_id), 1, lsn)
+        self._note(_Remove(memory_id), 1, 0, lsn)
 
-    def _note(self, op: _Add | _Remove, count: int, lsn: int) -> None:
+    def _note(self, op: _Add | _Remove, count: int, chars: int, lsn: int) -> None:
         self._applied = Lsn(max(self._applied, lsn))
         if self._stale:
             return
         self._pending.append(op)
         self._pending_count += count
-        if self._index is None and self._pending_count > MAX_PENDING:
-            self._pending.clear()
-            self._pending_count = 0
+        self._pending_chars += chars
+        if self._index is None and (
+            self._pending_count > MAX_PENDING or self._pending_chars > MAX_PENDING_CHARS
+        ):
+            self._clear_pending()
             self._stale = True
+
+    def _clear_pending(self) -> None:
+        self._pending.clear()
+        self._pending_count = 0
+        self._pending_chars = 0
 
     # -- blocking work (worker threads) -----------------------------------------------------
 
@@ -204,8 +216,7 @@ class KeywordIndex:
         for memory_id, content, tags in memories():
             writer.add_document(_document(memory_id, content, tags))
             count += 1
-        self._pending.clear()
-        self._pending_count = 0
+        self._clear_pending()
         self._stale = False
         self._index = index
         self._finish(writer)
@@ -228,8 +239,7 @@ class KeywordIndex:
             for memory_id, content, tags in zip(op.ids, op.contents, op.tags, strict=True):
                 writer.delete_documents_by_term("id", memory_id)
                 writer.add_document(_document(memory_id, content, tags))
-        self._pending.clear()
-        self._pending_count = 0
+        self._clear_pending()
         self._finish(writer)
 
     def _finish(self, writer: Any) -> None:
@@ -304,8 +314,7 @@ class KeywordIndex:
             if not commit and self._index is not None:
                 self._unstamp()
             self._index = None
-            self._pending.clear()
-            self._pending_count = 0
+            self._clear_pending()
 
     def _unstamp(self) -> None:
         try:
