@@ -28,6 +28,10 @@ warm and cold tiers together hold `autoThreshold` rows and HNSW from there.
   and `Active` after it keeps a tenant from writing into the empty space meanwhile; a
   RestoreSpace into an `Active` space works as well (the space is then refused UNAVAILABLE for
   the length of the call, and served as soon as it returns).
+
+`embedding` (an addition; absent or null: none) names the model the server embeds the space's
+text with, `{"model": "wordllama-l2-256"}` (`memspace_contract.models`); `embeddingDim` is then
+that model's dimension. Without it the client sends every vector, as before the addition.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from memspace_contract import durable, spaces, wire
+from memspace_contract import durable, models, spaces, wire
 
 SUFFIX = ".json"
 MAX_EMBEDDING_DIM = 4096
@@ -118,6 +122,17 @@ class SearchIndex:
 
 
 @dataclasses.dataclass(frozen=True)
+class Embedding:
+    """spec.embedding: the server embeds the space's text with this model."""
+
+    model: str
+    """A name of `memspace_contract.models.MODELS`."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+
+@dataclasses.dataclass(frozen=True)
 class IndexEntry:
     space_id: spaces.SpaceId
     embedding_dim: int
@@ -129,8 +144,16 @@ class IndexEntry:
     """The MemorySpace generation this entry was written for (0: not known)."""
     search: SearchIndex = SearchIndex()
     """spec.index: exact or approximate search of the warm and cold tiers."""
+    embedding: Embedding | None = None
+    """spec.embedding: the model the server embeds text with; None: the client sends vectors."""
 
     def to_json(self) -> dict[str, Any]:
+        doc = self._core_json()
+        if self.embedding is not None:
+            doc["embedding"] = self.embedding.to_json()
+        return doc
+
+    def _core_json(self) -> dict[str, Any]:
         return {
             "spaceId": self.space_id,
             "tokenSha256": self.token_sha256,
@@ -219,6 +242,27 @@ def parse_search(doc: Mapping[str, Any]) -> SearchIndex:
         raise InvalidIndexEntryError(f"index.{err}") from err
 
 
+def parse_embedding(doc: Mapping[str, Any], dim: int) -> Embedding | None:
+    """The `embedding` section of an entry (absent or null: none), checked against the entry's
+    dimension."""
+    if doc.get("embedding") is None:
+        return None
+    section = _section(doc, "embedding")
+    name = section.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidIndexEntryError(f"embedding.model must be a model name, got {name!r}")
+    model = models.MODELS.get(name)
+    if model is None:
+        known = ", ".join(models.MODELS)
+        raise InvalidIndexEntryError(f"embedding.model {name[:80]!r} is unknown; known: {known}")
+    if model.dim != dim:
+        raise InvalidIndexEntryError(
+            f"embeddingDim is {dim} but embedding model {name!r} makes {model.dim}-dimensional "
+            "vectors"
+        )
+    return Embedding(model=name)
+
+
 def parse_entry(doc: Any) -> IndexEntry:
     """Parse one index document, raising InvalidIndexEntryError naming the bad field."""
     if not isinstance(doc, Mapping):
@@ -264,6 +308,7 @@ def parse_entry(doc: Any) -> IndexEntry:
         state=state,
         generation=_int(doc, "generation", 0, 0, None),
         search=parse_search(doc),
+        embedding=parse_embedding(doc, dim),
     )
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 import pydantic
 
-from memspace_contract import index
+from memspace_contract import index, models
 from memspace_contract.settings import Settings, SettingsError, setting
 from memspace_server.storage.settings import EngineSettings
 
@@ -314,6 +314,33 @@ class ServerSettings(Settings):
         "the loop does not grow with how hard it pushes (a space alone is not held back; 0: "
         "off)",
     )
+    embedding_models: str = setting(
+        ",".join(models.MODELS),
+        env="MEMSPACE_EMBEDDING_MODELS",
+        metavar="NAME[,NAME...]",
+        help="the embedding models this server offers to spaces (spec.embedding.model, "
+        "CreateSpace's embedding_model), comma-separated; empty: none. Each is loaded from its "
+        "installed package on first use, never downloaded",
+    )
+    embedding_threads: int = setting(
+        1,
+        env="MEMSPACE_EMBEDDING_THREADS",
+        metavar="N",
+        gt=0,
+        help="batches of text the server embeds at once, each on a thread of its own, whatever "
+        "the number of spaces asking; further batches wait, taken from each space in turn so "
+        "one tenant cannot hold the CPU (1 leaves the other core of a 2-core pod to the event "
+        "loop)",
+    )
+    embedding_batch: int = setting(
+        64,
+        env="MEMSPACE_EMBEDDING_BATCH",
+        metavar="N",
+        gt=0,
+        le=4096,
+        help="most texts embedded in one call of the model (RememberBatch streams are embedded "
+        "in groups of this many)",
+    )
     max_subscribers_per_space: int = setting(
         1024,
         env="MEMSPACE_MAX_SUBSCRIBERS_PER_SPACE",
@@ -335,6 +362,11 @@ class ServerSettings(Settings):
     @classmethod
     def _address_or_off(cls, value: str) -> str:
         return value if value == "off" else _address(value)
+
+    @property
+    def offered_models(self) -> tuple[str, ...]:
+        """The names of `embedding_models`, in order."""
+        return tuple(name.strip() for name in self.embedding_models.split(",") if name.strip())
 
     @property
     def tls(self) -> bool:
@@ -368,6 +400,12 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> ServerSetti
 def validate(settings: ServerSettings) -> None:
     """The rules between settings (each field's own bounds hold already): TLS files go
     together, and a non-loopback port needs TLS and an admin token unless --insecure."""
+    for name in settings.offered_models:
+        if name not in models.MODELS:
+            raise SettingsError(
+                f"--embedding-models names {name!r}, which this server does not know; known: "
+                f"{', '.join(models.MODELS)}"
+            )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise SettingsError("--tls-cert-file and --tls-key-file go together: give both or neither")
     if settings.tls_client_ca_file is not None and not settings.tls:

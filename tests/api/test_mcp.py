@@ -80,12 +80,16 @@ async def test_the_tools_are_listed_with_their_embedding_arguments(guarded: Web)
         listed = await s.list_tools()
     tools = {tool.name: tool for tool in listed.tools}
     assert set(tools) == {"remember", "recall", "forget", "get"}
-    assert tools["remember"].input_schema["required"] == ["content", "embedding"]
+    # Text only is enough on a space with an embedding model (tests/api/test_embedding.py);
+    # a space without one takes the client's vectors.
+    assert tools["remember"].input_schema["required"] == ["content"]
+    assert "embedding" in tools["remember"].input_schema["properties"]
     # A keyword recall needs no cue, a vector one no query: the server says which is missing.
     assert tools["recall"].input_schema.get("required", []) == []
     properties = tools["recall"].input_schema["properties"]
     assert {"cue", "query", "mode", "k", "tags", "min_score"} <= set(properties)
-    assert "does not embed text yet" in (tools["remember"].description or "")
+    for name in ("remember", "recall"):
+        assert "embedding model" in (tools[name].description or "")
     assert "reciprocal rank" in (tools["recall"].description or "")
 
 
@@ -185,9 +189,9 @@ async def test_malformed_calls_are_clear_tool_errors(guarded: Web) -> None:
         wrong = await call(s, "remember", content="x", embedding="one two three")
         assert wrong.is_error
         assert "embedding" in text(wrong)
+        # Neither a cue nor a query: the edge refuses the empty cue.
         missing = await call(s, "recall", k=3)
-        assert missing.is_error
-        assert "cue" in text(missing)
+        assert refused(missing, "INVALID_ARGUMENT"), text(missing)
         # The wrong dimension: the edge's own refusal, with its gRPC status.
         short = await call(s, "remember", content="x", embedding=[1.0, 2.0])
         assert short.is_error

@@ -115,7 +115,10 @@ class Memory(_message.Message):
     """Ignored in a RememberRequest."""
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Exactly the space's embedding_dim finite values, not all zero."""
+        """Exactly the space's embedding_dim finite values, not all zero. Addition: on a space with an
+        embedding model (spec.embedding), a memory with content and no embedding is embedded by the
+        server from its content.
+        """
 
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -635,12 +638,18 @@ class CreateSpaceRequest(_message.Message):
     TIERS_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     space: _builtins.str
     embedding_dim: _builtins.int
     """1..4096; 0 means the default, 768."""
     token_sha256: _builtins.str
     """Addition: hex SHA-256 of the space's token. Empty: the space has no token of its own and
     only the admin token opens it (when the server checks tokens at all).
+    """
+    embedding_model: _builtins.str
+    """Addition: the name of the embedding model the server embeds this space's text with (one
+    of the server's models, docs/operations.md); empty: the client sends every vector. With a
+    model, embedding_dim is the model's dimension (0 or that dimension; another is refused).
     """
     @_builtins.property
     def tiers(self) -> Global___SpaceTiers:
@@ -663,10 +672,11 @@ class CreateSpaceRequest(_message.Message):
         tiers: Global___SpaceTiers | None = ...,
         quota: Global___SpaceQuota | None = ...,
         index: Global___SpaceIndex | None = ...,
+        embedding_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "quota", b"quota", "tiers", b"tiers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_dim", b"embedding_dim", "index", b"index", "quota", b"quota", "space", b"space", "tiers", b"tiers", "token_sha256", b"token_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_dim", b"embedding_dim", "embedding_model", b"embedding_model", "index", b"index", "quota", b"quota", "space", b"space", "tiers", b"tiers", "token_sha256", b"token_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -683,12 +693,15 @@ class Space(_message.Message):
     QUOTA_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     space: _builtins.str
     embedding_dim: _builtins.int
     state: _builtins.str
     """"Active" or "Inactive"."""
     created: _builtins.bool
     """Addition: CreateSpace made it (false: it existed already)."""
+    embedding_model: _builtins.str
+    """Addition: the space's embedding model; empty: none (the client sends every vector)."""
     @_builtins.property
     def tiers(self) -> Global___SpaceTiers:
         """Addition."""
@@ -711,10 +724,11 @@ class Space(_message.Message):
         quota: Global___SpaceQuota | None = ...,
         created: _builtins.bool = ...,
         index: Global___SpaceIndex | None = ...,
+        embedding_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "quota", b"quota", "tiers", b"tiers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "embedding_dim", b"embedding_dim", "index", b"index", "quota", b"quota", "space", b"space", "state", b"state", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "embedding_dim", b"embedding_dim", "embedding_model", b"embedding_model", "index", b"index", "quota", b"quota", "space", b"space", "state", b"state", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -245,6 +245,7 @@ def space(entry: index.IndexEntry, created: bool = False) -> pb.Space:
             ef_construction=entry.search.ef_construction,
             ef_search=entry.search.ef_search,
         ),
+        embedding_model=entry.embedding.model if entry.embedding is not None else "",
     )
 
 

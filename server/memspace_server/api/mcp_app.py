@@ -8,8 +8,9 @@ error table as every other call, so an MCP client reaches only the space its tok
 refused call is a tool error (`isError`) whose text starts with the gRPC status name.
 
 The server is stateless (no MCP session is kept between requests) and answers JSON, so any
-replica of a space's server answers any request. Until server-side embeddings exist, the tools
-take and return embeddings as float arrays.
+replica of a space's server answers any request. On a space with an embedding model
+(spec.embedding) the tools take text only: `remember` embeds the memory's content and `recall`
+its query on the server. On a space without one, the client sends the float arrays itself.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ PATH = "/mcp"
 
 INSTRUCTIONS = (
     "Long-term memory of one memspace space. The space is the one the X-Memory-Space header "
-    "names, opened by the bearer token in the Authorization header. Embeddings are float arrays "
-    "of the space's dimension, computed by the client: this server does not embed text yet."
+    "names, opened by the bearer token in the Authorization header. Remember text and recall by "
+    "a text query: a space with an embedding model embeds them on the server. Only on a space "
+    "without a model does the client send embeddings (float arrays of the space's dimension)."
 )
 
 Embedding = Annotated[
-    list[float],
+    list[float] | None,
     Field(
-        description="The embedding as a float array of the space's dimension, computed by the "
-        "client (the server does not embed text yet)",
+        description="Only for a space without an embedding model: the embedding as a float "
+        "array of the space's dimension, computed by the client. Leave it out on a space with a "
+        "model: the server embeds the content",
         min_length=1,
     ),
 ]
@@ -120,10 +123,10 @@ class Endpoint:
 
     async def remember(
         self,
-        content: Annotated[str, Field(description="The text of the memory")],
-        embedding: Embedding,
+        content: Annotated[str, Field(description="The text of the memory", min_length=1)],
         *,
         ctx: Context[Any, Any],
+        embedding: Embedding = None,
         tags: Annotated[
             dict[str, str] | None, Field(description="String tags to filter recall by")
         ] = None,
@@ -133,7 +136,7 @@ class Endpoint:
         ] = None,
         confidence: Annotated[float | None, Field(description="How sure, 0..1")] = None,
     ) -> dict[str, Any]:
-        memory = pb.Memory(content=content, embedding=embedding, tags=tags or {}, id=id or "")
+        memory = pb.Memory(content=content, embedding=embedding or (), tags=tags or {}, id=id or "")
         if confidence is not None:
             memory.confidence = confidence
         return await self._call(ctx, "Remember", pb.RememberRequest(memory=memory))
@@ -146,22 +149,24 @@ class Endpoint:
             list[float] | None,
             Field(
                 description="The query embedding as a float array of the space's dimension, "
-                "computed by the client; needed by modes vector and hybrid",
+                "computed by the client: only on a space without an embedding model (modes "
+                "vector and hybrid); a space with one embeds the text query instead",
             ),
         ] = None,
         query: Annotated[
             str | None,
             Field(
-                description="Text to find by keyword (BM25 over content and tags); needed by "
-                "modes keyword and hybrid",
+                description="What to recall, as text: found by keyword (BM25 over content and "
+                "tags) in modes keyword and hybrid, and embedded by the server for modes vector "
+                "and hybrid on a space with an embedding model",
                 max_length=4096,
             ),
         ] = None,
         mode: Annotated[
             Literal["vector", "keyword", "hybrid"],
             Field(
-                description="vector: cosine similarity to the cue; keyword: BM25 of the query; "
-                "hybrid: both, fused by reciprocal rank"
+                description="vector: cosine similarity to the cue or the embedded query; "
+                "keyword: BM25 of the query; hybrid: both, fused by reciprocal rank"
             ),
         ] = "vector",
         k: Annotated[int, Field(description="How many memories at most", ge=1)] = 5,
@@ -208,16 +213,16 @@ def _refusal(refused: http_calls.RefusedError) -> str:
 
 
 REMEMBER = (
-    "Store one memory (its text, its embedding and optional tags) in this space; answered with "
-    "its id once it is durable. The embedding is a float array of the space's dimension that "
-    "the client computes: this server does not embed text yet."
+    "Store one memory (its text and optional tags) in this space; answered with its id once it "
+    "is durable. A space with an embedding model embeds the text on the server; a space without "
+    "one needs the embedding too (a float array of the space's dimension)."
 )
 RECALL = (
-    "The k best memories of this space, best first, with their scores: by cosine similarity "
-    "to the cue (mode vector, the default; the cue is a float array embedding of the space's "
-    "dimension that the client computes), by keyword (mode keyword: BM25 of the text query over "
-    "content and tags, for exact names, codes and rare words), or both fused by reciprocal "
-    "rank (mode hybrid: cue and query)."
+    "The k best memories of this space, best first, with their scores: closest in meaning "
+    "(mode vector, the default: cosine similarity to the text query, which a space with an "
+    "embedding model embeds on the server; a space without one needs the cue, a float array of "
+    "the space's dimension), by keyword (mode keyword: BM25 of the text query over content and "
+    "tags, for exact names, codes and rare words), or both fused by reciprocal rank (mode hybrid)."
 )
 _MODES = {
     "vector": pb.RECALL_MODE_VECTOR,

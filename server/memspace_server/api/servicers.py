@@ -4,15 +4,16 @@ auth, errors, metrics and logs happen at the edge (`handling`), never here."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from memspace_contract import index, wire
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_server import errors
+from memspace_server import embedding, errors
 from memspace_server.api import converters
 from memspace_server.api.handling import Call
-from memspace_server.storage import backing_up
+from memspace_server.storage import backing_up, memories
 from memspace_server.storage import registry as registries
 
 
@@ -24,15 +25,53 @@ class MemoryServicer:
         max_batch: int,
         max_batch_bytes: int,
         max_recall_response_bytes: int,
+        *,
+        embedder: embedding.Embedder | None = None,
     ) -> None:
         self.registry = registry
         self.draining = draining
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self.max_recall_response_bytes = max_recall_response_bytes
+        self.embedder = embedder
+        self.embed_batch = embedder.batch if embedder is not None else 64
+
+    async def _embed(self, call: Call, texts: Sequence[str], what: str) -> embedding.Vectors:
+        """Embed `texts` (memories' content or a recall's query) with the space's model; refused
+        INVALID_ARGUMENT on a space without one."""
+        space_id = call.space
+        entry = call.entry or self.registry.entries().get(space_id)
+        if entry is None:
+            raise errors.SpaceNotFoundError(f"space {space_id!r} does not exist")
+        if entry.embedding is None or self.embedder is None:
+            raise errors.InvalidMemoryError(
+                f"space {space_id!r} has no embedding model, so the server cannot embed {what}: "
+                f"send the embedding ({entry.embedding_dim} floats), or use a space created "
+                "with an embedding model (spec.embedding.model, CreateSpace's embedding_model)"
+            )
+        if not all(text.strip() for text in texts):
+            raise errors.InvalidMemoryError(
+                f"{what} is blank and no embedding was sent: send text to embed, or the "
+                "embedding itself"
+            )
+        return await self.embedder.embed(space_id, entry.embedding.model, texts)
+
+    async def _embedded(self, call: Call, drafts: list[memories.Draft]) -> list[memories.Draft]:
+        """`drafts` with every one that has no embedding embedded from its content (in one
+        call of the model for all of them)."""
+        missing = [i for i, draft in enumerate(drafts) if not draft.embedding.size]
+        if not missing:
+            return drafts
+        vectors = await self._embed(
+            call, [drafts[i].content for i in missing], "a memory's content"
+        )
+        done = list(drafts)
+        for row, i in enumerate(missing):
+            done[i] = dataclasses.replace(drafts[i], embedding=vectors[row])
+        return done
 
     async def remember(self, request: pb.RememberRequest, call: Call) -> pb.RememberResponse:
-        draft = converters.draft(request)
+        (draft,) = await self._embedded(call, [converters.draft(request)])
         async with self.registry.lease(call.space, call.entry) as space:
             memory_id, lsn = await space.remember(draft)
         return pb.RememberResponse(id=memory_id, lsn=lsn)
@@ -46,15 +85,27 @@ class MemoryServicer:
             # more than a little RAM, however large, and nothing is stored unless all of it is.
             stage = space.stage_batch(self.max_batch_bytes, self.max_batch)
             try:
+                # Memories without an embedding are held until `embed_batch` of them have
+                # come, then embedded in one call of the model and staged in their order.
+                held: list[memories.Draft] = []
+                waiting = 0
                 async for request in requests:
-                    await stage.add(converters.draft(request), time.time())
+                    draft = converters.draft(request)
+                    held.append(draft)
+                    waiting += not draft.embedding.size
+                    if waiting >= self.embed_batch or not waiting:
+                        for ready in await self._embedded(call, held):
+                            await stage.add(ready, time.time())
+                        held, waiting = [], 0
+                for ready in await self._embedded(call, held):
+                    await stage.add(ready, time.time())
                 count, last_lsn, ids = await space.commit_batch(stage)
             finally:
                 stage.close()
         return pb.RememberBatchResponse(count=count, last_lsn=last_lsn, ids=ids)
 
     async def recall(self, request: pb.RecallRequest, call: Call) -> pb.RecallResponse:
-        query = converters.query(request)
+        query = await self._cued(converters.query(request), request, call)
         async with self.registry.lease(call.space, call.entry) as space:
             hits = await space.recall(query)
         size = converters.recall_size(hits)
@@ -64,6 +115,20 @@ class MemoryServicer:
                 "are sent. Ask for fewer hits (k), without embeddings, or with tag filters"
             )
         return converters.recall_response(hits, query.mode)
+
+    async def _cued(
+        self, query: memories.Query, request: pb.RecallRequest, call: Call
+    ) -> memories.Query:
+        """`query` with its cue embedded from the request's text query when it has none: vector
+        recall by text, and the vector half of hybrid recall on a space with a model."""
+        if query.cue.size or not request.query or request.mode == pb.RECALL_MODE_KEYWORD:
+            return query
+        if request.mode == pb.RECALL_MODE_HYBRID:
+            entry = call.entry or self.registry.entries().get(call.space)
+            if entry is None or entry.embedding is None:
+                return query
+        (cue,) = await self._embed(call, [request.query], "the recall's query")
+        return dataclasses.replace(query, cue=cue)
 
     async def get(self, request: pb.GetRequest, call: Call) -> pb.GetResponse:
         async with self.registry.lease(call.space, call.entry) as space:
@@ -117,16 +182,37 @@ class SpaceServicer:
         draining: Callable[[], bool],
         backups: backing_up.Backups,
         store_timeout_s: float = 30.0,
+        embedder: embedding.Embedder | None = None,
     ) -> None:
         self.registry = registry
         self.draining = draining
         self.backups = backups
         self.store_timeout_s = store_timeout_s
+        self.embedder = embedder
+
+    def _embedding(self, request: pb.CreateSpaceRequest) -> tuple[int, index.Embedding | None]:
+        """The space's dimension and embedding model: the model's dimension when it has one."""
+        name = request.embedding_model
+        if not name:
+            return converters.embedding_dim(request), None
+        if self.embedder is None:
+            raise errors.InvalidArgumentError(
+                "this server offers no embedding model: create the space without one"
+            )
+        model = self.embedder.model(name)
+        if request.embedding_dim and request.embedding_dim != model.dim:
+            raise errors.InvalidArgumentError(
+                f"embedding_dim is {request.embedding_dim} but embedding model {name!r} makes "
+                f"{model.dim}-dimensional vectors: leave embedding_dim 0 or set {model.dim}"
+            )
+        return model.dim, index.Embedding(model=model.name)
 
     async def create_space(self, request: pb.CreateSpaceRequest, call: Call) -> pb.Space:
+        dim, model = self._embedding(request)
         entry, created = await self.registry.create(
             call.space,
-            converters.embedding_dim(request),
+            dim,
+            embedding=model,
             tiers_config=converters.tiers(request),
             quota=converters.quota(request),
             token_sha256=converters.token_sha256(request),

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memspace_contract import spaces
+from memspace_server import embedding
 from memspace_server.api import (
     certificates,
     handling,
@@ -79,6 +80,12 @@ class Server:
         per_space = settings.working_calls_per_space
         turns = sharing.Turns(per_space) if per_space else None
         self.edge = handling.Edge(self.router, self.metrics, self.limits, turns)
+        offered = settings.offered_models
+        self.embedder = (
+            embedding.Embedder(offered, settings.embedding_threads, settings.embedding_batch)
+            if offered
+            else None
+        )
         self.health = _Health()
         self.port = 0
         self.draining = False
@@ -140,12 +147,14 @@ class Server:
             max_batch=s.max_batch,
             max_batch_bytes=s.max_batch_bytes,
             max_recall_response_bytes=s.max_recall_response_bytes,
+            embedder=self.embedder,
         )
         space = servicers.SpaceServicer(
             self.registry,
             lambda: self.draining,
             self.backups,
             store_timeout_s=s.backup_store_timeout_s,
+            embedder=self.embedder,
         )
         by_name = {"MemoryService": memory, "SpaceService": space}
         names = []
@@ -405,6 +414,8 @@ class Server:
             log.exception("flushing the spaces failed")
         self.backups.close()
         self.metrics.stop()
+        if self.embedder is not None:
+            self.embedder.close()
         log.info("drained in %.2f s", time.monotonic() - started)
         return ok
 

@@ -330,9 +330,10 @@ class Registry:
         quota: index.Quota | None = None,
         token_sha256: str | None = None,
         search: index.SearchIndex | None = None,
+        embedding: index.Embedding | None = None,
     ) -> tuple[index.IndexEntry, bool]:
         """Create a space (standalone only). Creating an existing space with the same
-        embedding size returns it unchanged: (entry, False)."""
+        embedding size and model returns it unchanged: (entry, False)."""
         if not self.catalog.writable:
             raise errors.ManagedIndexError(
                 "this server's spaces are managed by the memspace operator: create a MemorySpace "
@@ -354,6 +355,12 @@ class Registry:
                         f"space {space_id!r} exists with embedding_dim {existing.embedding_dim}, "
                         f"not {embedding_dim}"
                     )
+                if existing.embedding != embedding:
+                    have = existing.embedding.model if existing.embedding else "none"
+                    want = embedding.model if embedding else "none"
+                    raise errors.SpaceConflictError(
+                        f"space {space_id!r} exists with embedding model {have}, not {want}"
+                    )
                 return existing, False
             entry = index.IndexEntry(
                 space_id=space_id,
@@ -362,6 +369,7 @@ class Registry:
                 tiers=tiers_config or index.Tiers(),
                 quota=quota or index.Quota(),
                 search=search or index.SearchIndex(),
+                embedding=embedding,
             )
             root = self.volume(space_id)
             loop = asyncio.get_running_loop()
