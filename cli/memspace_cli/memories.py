@@ -2,7 +2,9 @@
 tables for people (rich) or JSON for scripts (`-o json`; `watch` writes one JSON object a line).
 
 Embeddings are given as a JSON array (`--embedding '[0.1, 0.2]'`), a file (`@vec.json`, or a
-numpy `@vec.npy`) or `-` (a JSON array on standard input).
+numpy `@vec.npy`) or `-` (a JSON array on standard input). On a space with an embedding model
+they are left out: `memspace remember TEXT` and `memspace recall --query TEXT` are embedded by
+the server.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ def add_parsers(commands: Any) -> None:
         "remember", help="store a memory in a space", description="Store one memory."
     )
     remember.add_argument("content", help="the memory's text")
-    _embedding_argument(remember, "--embedding", "the memory's embedding")
+    _embedding_argument(
+        remember,
+        "--embedding",
+        "the memory's embedding (default: none, the server embeds the text: a space with an "
+        "embedding model)",
+        required=False,
+    )
     remember.add_argument("--id", dest="memory_id", metavar="ID", help="its ID (default: new)")
     _tags_argument(remember, "a tag of the memory")
     remember.add_argument("--confidence", type=float, metavar="F", help="0..1 (default 1)")
@@ -43,7 +51,12 @@ def add_parsers(commands: Any) -> None:
         ),
     )
     _embedding_argument(recall, "--cue", "the cue embedding", required=False)
-    recall.add_argument("--query", metavar="TEXT", help="the text query (keyword and hybrid)")
+    recall.add_argument(
+        "--query",
+        metavar="TEXT",
+        help="the text query (keyword and hybrid; on a space with an embedding model also "
+        "vector, embedded by the server, with no --cue)",
+    )
     recall.add_argument(
         "--mode",
         choices=("vector", "keyword", "hybrid"),
@@ -201,7 +214,7 @@ class Output:
 def _remember(memspace: client.MemspaceClient, args: argparse.Namespace, out: Output) -> None:
     done = memspace.remember(
         args.content,
-        embedding(args.embedding),
+        embedding(args.embedding) if args.embedding is not None else None,
         memory_id=args.memory_id,
         tags=tags(args.tag),
         confidence=args.confidence,
@@ -213,6 +226,8 @@ def _remember(memspace: client.MemspaceClient, args: argparse.Namespace, out: Ou
 
 
 def _recall(memspace: client.MemspaceClient, args: argparse.Namespace, out: Output) -> None:
+    if args.cue is None and not args.query:
+        raise ValueError("recall needs --cue VECTOR or --query TEXT")
     hits = memspace.recall(
         embedding(args.cue) if args.cue is not None else None,
         args.k,

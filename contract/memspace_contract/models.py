@@ -33,6 +33,16 @@ MODELS: Final[dict[str, Model]] = {model.name: model for model in (WORDLLAMA_L2_
 DEFAULT_MODEL: Final = WORDLLAMA_L2_256.name
 
 
+NONE: Final = "none"
+"""The list of offered models that offers none (an empty setting means the default)."""
+
+
+def offered(setting: str) -> tuple[str, ...]:
+    """The model names of a comma-separated setting (`NONE`: no model)."""
+    names = tuple(name.strip() for name in setting.split(",") if name.strip())
+    return () if names == (NONE,) else names
+
+
 class UnknownModelError(ValueError):
     """A model name that is not in the table (or not among the ones offered)."""
 

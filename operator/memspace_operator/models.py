@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 import kubernetes.utils
 
 from memspace_contract import index, spaces, wire
+from memspace_contract import models as embedding_models
 from memspace_operator import errors, naming
 
 ReclaimPolicy = Literal["Retain", "Delete"]
@@ -91,6 +92,9 @@ class SpaceSpec:
     offloaded: bool = False
     """spec.state is Offloaded (`state` then holds the state of the index entry while the final
     backup runs: Active)."""
+    embedding: index.Embedding | None = None
+    """spec.embedding: the model the shard embeds the space's text with (embedding_dim is then
+    the model's); None: the clients send every vector."""
     unset: frozenset[str] = frozenset()
     """The fields a MemorySpaceClass may default that the spec leaves unset (DEFAULTABLE);
     they hold the built-in defaults here, which a class default replaces."""
@@ -161,12 +165,8 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
     except spaces.InvalidSpaceIdError as err:
         where = "spec.spaceId" if spec.get("spaceId") else "metadata.name (spaceId not set)"
         raise errors.InvalidSpecError(f"{where}: {err}") from err
-    dim = _int(spec, "embeddingDim", index.DEFAULT_EMBEDDING_DIM, "spec")
-    assert dim is not None
-    if not 1 <= dim <= index.MAX_EMBEDDING_DIM:
-        raise errors.InvalidSpecError(
-            f"spec.embeddingDim is {dim}; allowed 1..{index.MAX_EMBEDDING_DIM}"
-        )
+    embedding = _embedding(spec)
+    dim = _dimension(spec, embedding)
     storage = _section(spec, "storage")
     size = str(storage.get("size") or DEFAULT_SIZE)
     if quantity(size) <= 0:
@@ -235,6 +235,7 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> SpaceSpec:
         state=cast("index.State", state),
         class_name=class_name,
         search=search,
+        embedding=embedding,
         unset=frozenset(name for name, present in given.items() if not present),
         backup=backup,
         restore_from=restore_from,
@@ -266,6 +267,42 @@ def _restore_from(doc: Mapping[str, Any]) -> RestoreFrom | None:
     if namespace is not None and not isinstance(namespace, str):
         raise errors.InvalidSpecError(f"spec.restoreFrom.namespace must be a string: {namespace!r}")
     return RestoreFrom(backup=backup, namespace=namespace)
+
+
+def _dimension(spec: Mapping[str, Any], embedding: index.Embedding | None) -> int:
+    """spec.embeddingDim: the model's dimension with a model (another is refused), else the
+    given one or the default."""
+    default_dim = (
+        embedding_models.MODELS[embedding.model].dim
+        if embedding is not None
+        else index.DEFAULT_EMBEDDING_DIM
+    )
+    dim = _int(spec, "embeddingDim", default_dim, "spec")
+    assert dim is not None
+    if embedding is not None and dim != default_dim:
+        raise errors.InvalidSpecError(
+            f"spec.embeddingDim is {dim} but spec.embedding.model {embedding.model!r} makes "
+            f"{default_dim}-dimensional vectors: leave spec.embeddingDim unset (or {default_dim})"
+        )
+    if not 1 <= dim <= index.MAX_EMBEDDING_DIM:
+        raise errors.InvalidSpecError(
+            f"spec.embeddingDim is {dim}; allowed 1..{index.MAX_EMBEDDING_DIM}"
+        )
+    return dim
+
+
+def _embedding(spec: Mapping[str, Any]) -> index.Embedding | None:
+    """spec.embedding: a model of the table, or none."""
+    section = _section(spec, "embedding")
+    name = section.get("model")
+    if not name:
+        return None
+    if not isinstance(name, str) or name not in embedding_models.MODELS:
+        known = ", ".join(embedding_models.MODELS)
+        raise errors.InvalidSpecError(
+            f"spec.embedding.model {name!r} is not a model memspace knows; known: {known}"
+        )
+    return index.Embedding(model=name)
 
 
 def _rate(quota_doc: Mapping[str, Any], key: str) -> float | None:
@@ -314,4 +351,5 @@ def index_entry(spec: SpaceSpec, token_sha256: str | None, generation: int) -> i
         quota=spec.quota,
         state=spec.state,
         search=spec.search,
+        embedding=spec.embedding,
     )

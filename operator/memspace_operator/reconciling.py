@@ -57,11 +57,24 @@ async def reconcile(op: Operator, body: Mapping[str, Any]) -> None:
     """Bring the children of the MemorySpace `body` in line with its spec."""
     try:
         space = models.parse(body)
+        offered(op, space.spec)
     except errors.InvalidSpecError as err:
         await report_invalid(op, body, err)
         raise
     tracked = op.book.track(space)
     await reconcile_tracked(op, tracked)
+
+
+def offered(op: Operator, spec: models.SpaceSpec) -> None:
+    """Refuse a spec.embedding.model the platform does not offer (the chart's
+    server.embedding.models): the shards would not embed with it."""
+    if spec.embedding is not None and spec.embedding.model not in op.settings.offered_models:
+        listed = ", ".join(op.settings.offered_models) or "none"
+        raise errors.InvalidSpecError(
+            f"spec.embedding.model {spec.embedding.model!r} is not offered on this platform "
+            f"(offered: {listed}); the platform admin lists models in the chart's "
+            "server.embedding.models"
+        )
 
 
 async def reconcile_tracked(op: Operator, tracked: tracking.Tracked) -> None:

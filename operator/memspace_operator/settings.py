@@ -15,6 +15,7 @@ from typing import Any
 
 import pydantic
 
+from memspace_contract import models
 from memspace_contract.settings import Settings as _Base
 from memspace_contract.settings import SettingsError, setting
 
@@ -140,6 +141,13 @@ class Settings(_Base):
         help="JSON object of environment variables of the shard container, e.g. the OTEL_* "
         "variables that turn tracing on (the chart's tracing.env)",
     )
+    embedding_models: str = setting(
+        ",".join(models.MODELS),
+        env="MEMSPACE_EMBEDDING_MODELS",
+        help="the embedding models the platform offers (the chart's server.embedding.models, "
+        "comma-separated, or 'none'; the shards get the same list): a MemorySpace naming "
+        "another in spec.embedding.model is not served (Ready=False, InvalidSpec)",
+    )
     service_account: str | None = setting(
         None,
         env="MEMSPACE_SERVER_SERVICE_ACCOUNT",
@@ -254,6 +262,16 @@ class Settings(_Base):
             raise ValueError(f"{err!r}; only {{shard}} and {{namespace}} may be used") from err
         return value
 
+    @pydantic.field_validator("embedding_models")
+    @classmethod
+    def _known_models(cls, value: str) -> str:
+        for name in models.offered(value):
+            if name not in models.MODELS:
+                raise ValueError(
+                    f"{name!r} is not a model memspace knows ({', '.join(models.MODELS)})"
+                )
+        return value
+
     @pydantic.field_validator("lease_name")
     @classmethod
     def _lease_name(cls, value: str) -> str:
@@ -289,6 +307,10 @@ class Settings(_Base):
         """The name a shard's certificate is checked for: its Service's, whatever address
         `endpoint` dials (a loopback port when the operator runs outside the cluster)."""
         return f"memspace-shard-{shard}.{self.server_namespace}.svc"
+
+    @property
+    def offered_models(self) -> tuple[str, ...]:
+        return models.offered(self.embedding_models)
 
     def endpoint(self, shard: int) -> str:
         """host:port of shard N: what clients and the health poller dial."""

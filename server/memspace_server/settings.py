@@ -319,7 +319,7 @@ class ServerSettings(Settings):
         env="MEMSPACE_EMBEDDING_MODELS",
         metavar="NAME[,NAME...]",
         help="the embedding models this server offers to spaces (spec.embedding.model, "
-        "CreateSpace's embedding_model), comma-separated; empty: none. Each is loaded from its "
+        "CreateSpace's embedding_model), comma-separated; 'none': none. Each is loaded from its "
         "installed package on first use, never downloaded",
     )
     embedding_threads: int = setting(
@@ -366,7 +366,7 @@ class ServerSettings(Settings):
     @property
     def offered_models(self) -> tuple[str, ...]:
         """The names of `embedding_models`, in order."""
-        return tuple(name.strip() for name in self.embedding_models.split(",") if name.strip())
+        return models.offered(self.embedding_models)
 
     @property
     def tls(self) -> bool:

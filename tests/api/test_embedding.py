@@ -6,6 +6,7 @@ dimension matches; a space without a model refuses text-only calls with a clear 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from memspace_contract import models
+from memspace_contract import client, models
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import embedding
 from tests.api.conftest import DIM, Running, Start, failure, md, vec
@@ -187,7 +188,7 @@ async def test_create_space_checks_the_model_and_its_dimension(server: Running) 
 
 
 async def test_a_server_that_offers_no_model_refuses_one(start: Start) -> None:
-    running = await start(embedding_models="")
+    running = await start(embedding_models="none")
     err = await failure(create(running, "notes"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "offers no embedding model" in (err.details() or "")
@@ -293,3 +294,80 @@ def test_the_model_loads_from_its_package_without_a_network() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+async def test_the_client_library_and_the_cli_take_text_only(server: Running) -> None:
+    credentials = client.Credentials(endpoint=server.address, space="notes")
+    async with client.AsyncMemspaceClient(credentials, timeout=30) as memspace:
+        first = await memspace.remember(NOTES[0], tags={"via": "client"})
+        batch = await memspace.remember_batch(NOTES[1:3])
+        assert batch.count == 2
+        hits = await memspace.recall(query=PARAPHRASES[0][0], k=3)
+        assert hits[0].memory.id == first.id
+        hits = await memspace.recall(query=PARAPHRASES[2][0], k=3)
+        assert hits[0].memory.id == batch.ids[1]
+        with pytest.raises(grpc.aio.AioRpcError) as no_cue:
+            await memspace.recall(k=3)
+        assert no_cue.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    def memspace_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MEMSPACE_")}
+        return subprocess.run(
+            [sys.executable, "-m", "memspace_cli.main", *args, "--endpoint", server.address],
+            env={**base, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    made = await asyncio.to_thread(
+        memspace_cli, "remember", NOTES[3], "--space", "notes", "-o", "json"
+    )
+    assert made.returncode == 0, made.stderr
+    made_id = json.loads(made.stdout)["id"]
+    found = await asyncio.to_thread(
+        memspace_cli,
+        "recall",
+        "--query",
+        PARAPHRASES[3][0],
+        "-k",
+        "1",
+        "--space",
+        "notes",
+        "-o",
+        "json",
+    )
+    assert found.returncode == 0, found.stderr
+    assert [h["memory"]["id"] for h in json.loads(found.stdout)] == [made_id]
+    neither = await asyncio.to_thread(memspace_cli, "recall", "--space", "notes")
+    assert neither.returncode == 2
+    assert "--query" in neither.stderr
+    refused_cli = await asyncio.to_thread(memspace_cli, "remember", "text", "--space", "default")
+    assert refused_cli.returncode == 1
+    assert "has no embedding model" in refused_cli.stderr
+
+
+async def test_hybrid_recall_by_text_alone_embeds_the_query_on_a_space_with_a_model(
+    server: Running,
+) -> None:
+    """The vector half of hybrid recall comes from the embedded query: a memory that shares no
+    word with the query, which keyword recall cannot find, is among the hybrid hits."""
+    ids = []
+    for note in NOTES:
+        made = await server.memories.Remember(
+            pb.RememberRequest(memory=text_memory(note)), metadata=md("notes")
+        )
+        ids.append(made.id)
+    question = "Where does a kitten nap?"  # no word in common with the cat's note
+    cat = ids[4]
+
+    async def recall(mode: pb.RecallMode.ValueType) -> list[str]:
+        found = await server.memories.Recall(
+            pb.RecallRequest(query=question, k=3, mode=mode), metadata=md("notes")
+        )
+        return [hit.memory.id for hit in found.hits]
+
+    assert cat not in await recall(pb.RECALL_MODE_KEYWORD)
+    assert cat in await recall(pb.RECALL_MODE_HYBRID)
+    assert (await recall(pb.RECALL_MODE_VECTOR))[0] == cat

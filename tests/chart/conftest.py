@@ -185,6 +185,7 @@ def full_values(server_namespace: str) -> dict[str, Any]:
             "mountBatchWindow": 2.5,
             "serviceAccountName": "memspace-shard",
             "endpointTemplate": "memspace-shard-{shard}.{namespace}.svc.corp.example:50051",
+            "embedding": {"models": [], "threads": 2},
         },
         "defaultStorageClass": "fast-ssd",
         "adminToken": {"create": True, "secretName": "shards-admin-token"},

@@ -15,6 +15,7 @@ import yaml
 from memspace_contract import spaces
 from memspace_operator import naming, shards
 from memspace_operator.settings import Settings
+from memspace_server import settings as server_settings
 from tests.chart.conftest import CHART, Helm, Manifest, env_of, find, full_values, one, values_file
 from tests.support import controlplane
 
@@ -244,11 +245,14 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
         "MEMSPACE_LOG_FORMAT": "json",
         "MEMSPACE_SERVER_ENV": json.dumps(
             {
+                "MEMSPACE_EMBEDDING_MODELS": "none",
+                "MEMSPACE_EMBEDDING_THREADS": "2",
                 "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
                 "OTEL_EXPORTER_OTLP_INSECURE": "true",
             },
             separators=(",", ":"),
         ),
+        "MEMSPACE_EMBEDDING_MODELS": "none",
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
     }
@@ -279,6 +283,7 @@ def test_the_operator_settings_reach_the_operator_as_its_environment(helm: Helm)
     assert settings.lease_name == "memspace-operator"
     assert (settings.lease_duration_s, settings.lease_renew_deadline_s) == (20, 12.5)
     assert settings.lease_retry_period_s == 3
+    assert settings.offered_models == ()
     statefulset, _ = shard_objects(settings)
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert f"--tls-client-ca-file={naming.TLS_PATH}/ca.crt" in container["args"]
@@ -666,6 +671,23 @@ def test_the_admission_policies_are_rendered_when_enabled(helm: Helm) -> None:
     assert find(helm.template(nothing), "ValidatingAdmissionPolicy") == []
 
 
+def test_the_offered_embedding_models_reach_the_operator_and_every_shard(helm: Helm) -> None:
+    env = env_of(one(helm.template(), "Deployment"))
+    settings = Settings.from_env(env)
+    assert settings.offered_models == ("wordllama-l2-256",)
+    statefulset, _ = shard_objects(settings)
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    shard_env = {e["name"]: e["value"] for e in container["env"]}
+    served = server_settings.load({}, {**shard_env, "MEMSPACE_DATA_ROOT": "/var/lib/memspace"})
+    assert served.offered_models == ("wordllama-l2-256",)
+    assert served.embedding_threads == 1
+    chosen = {"server": {"embedding": {"models": [], "threads": 2}}}
+    env = env_of(one(helm.template(chosen), "Deployment"))
+    assert Settings.from_env(env).offered_models == ()
+    with pytest.raises(controlplane.KubectlError, match="embedding"):
+        helm.template({"server": {"embedding": {"models": ["no-such-model"]}}})
+
+
 def test_tracing_env_reaches_the_operator_and_every_shard(helm: Helm) -> None:
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_of(one(helm.template(), "Deployment"))
     otel = {
@@ -677,8 +699,9 @@ def test_tracing_env_reaches_the_operator_and_every_shard(helm: Helm) -> None:
     settings = Settings.from_env(env)
     statefulset, _ = shard_objects(settings)
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    embedding = {"MEMSPACE_EMBEDDING_MODELS": "wordllama-l2-256", "MEMSPACE_EMBEDDING_THREADS": "1"}
     assert container["env"] == [
-        {"name": name, "value": value} for name, value in sorted(otel.items())
+        {"name": name, "value": value} for name, value in sorted({**otel, **embedding}.items())
     ]
     with pytest.raises(controlplane.KubectlError, match="OTEL_"):
         helm.template({"tracing": {"env": {"PATH": "/tmp"}}})  # only OTEL_* variables

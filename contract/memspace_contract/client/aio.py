@@ -91,14 +91,15 @@ class AsyncMemspaceClient:
     async def remember(
         self,
         content: str,
-        embedding: results.EmbeddingLike,
+        embedding: results.EmbeddingLike | None = None,
         *,
         memory_id: str | None = None,
         tags: Mapping[str, str] | None = None,
         confidence: float | None = None,
     ) -> results.Remembered:
         """Store one memory (replacing one of the same `memory_id`); answered once it is durable.
-        Without `memory_id` the client makes one, so a retried call stores it once."""
+        Without `memory_id` the client makes one, so a retried call stores it once. Without
+        `embedding`, a space with an embedding model embeds `content` on the server."""
         message = results.memory_message(
             content, embedding, memory_id or results.new_id(), tags, confidence
         )
@@ -109,13 +110,14 @@ class AsyncMemspaceClient:
     async def remember_batch(
         self,
         contents: Sequence[str],
-        embeddings: results.EmbeddingLike,
+        embeddings: results.EmbeddingLike | None = None,
         *,
         ids: Sequence[str] | None = None,
         tags: Sequence[Mapping[str, str] | None] | Mapping[str, str] | None = None,
     ) -> results.Batch:
         """Store many memories in one stream, all or none: `embeddings` is a (len(contents), dim)
-        matrix; `tags` one mapping for all or one per memory."""
+        matrix, or None on a space with an embedding model (the server embeds the contents);
+        `tags` one mapping for all or one per memory."""
         requests = results.batch_messages(contents, embeddings, ids, tags)
         answer = await self._retried(
             lambda: self.memories.RememberBatch(iter(requests), timeout=self.timeout)
@@ -136,7 +138,8 @@ class AsyncMemspaceClient:
     ) -> list[results.Hit]:
         """The `k` best memories over every tier, best first, by `mode`: `"vector"` (cosine
         similarity to `cue`), `"keyword"` (BM25 of the text `query` over content and tags) or
-        `"hybrid"` (both, fused by reciprocal rank; needs `cue` and `query`). Only those with
+        `"hybrid"` (both, fused by reciprocal rank; needs `cue` and `query`). On a space with an
+        embedding model `query` alone is enough: the server embeds it as the cue. Only those with
         every tag of `tags` and, with `min_score`, at least that score (cosine for vector and
         hybrid, BM25 for keyword). `exact` scans every tier exactly even where the space keeps
         an approximate index."""

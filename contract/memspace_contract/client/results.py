@@ -226,14 +226,14 @@ class Health:
 
 def memory_message(
     content: str,
-    embedding: EmbeddingLike,
+    embedding: EmbeddingLike | None,
     memory_id: str,
     tags: Mapping[str, str] | None,
     confidence: float | None,
 ) -> pb.Memory:
-    message = pb.Memory(
-        id=memory_id, content=content, embedding=vector(embedding).tolist(), tags=tags
-    )
+    """A Memory; without `embedding` the server embeds `content` (a space with a model)."""
+    values = vector(embedding).tolist() if embedding is not None else ()
+    message = pb.Memory(id=memory_id, content=content, embedding=values, tags=tags)
     if confidence is not None:
         message.confidence = confidence
     return message
@@ -241,13 +241,16 @@ def memory_message(
 
 def batch_messages(
     contents: Sequence[str],
-    embeddings: EmbeddingLike,
+    embeddings: EmbeddingLike | None,
     ids: Sequence[str] | None,
     tags: Sequence[Mapping[str, str] | None] | Mapping[str, str] | None,
 ) -> list[pb.RememberRequest]:
-    """One RememberRequest per memory: the rows of `embeddings` (a matrix), client-made ids when
-    none are given, `tags` for all or one mapping per memory."""
-    rows = matrix(embeddings, len(contents))
+    """One RememberRequest per memory: the rows of `embeddings` (a matrix; None: the server
+    embeds each content), client-made ids when none are given, `tags` for all or one mapping
+    per memory."""
+    rows: list[Any] = (
+        list(matrix(embeddings, len(contents))) if embeddings is not None else [()] * len(contents)
+    )
     chosen = list(ids) if ids is not None else [new_id() for _ in contents]
     if len(chosen) != len(contents):
         raise ValueError(f"{len(chosen)} ids for {len(contents)} memories")
@@ -259,7 +262,7 @@ def batch_messages(
             raise ValueError(f"{len(per_memory)} tag mappings for {len(contents)} memories")
     return [
         pb.RememberRequest(
-            memory=pb.Memory(id=memory_id, content=content, embedding=row.tolist(), tags=tag)
+            memory=pb.Memory(id=memory_id, content=content, embedding=_values(row), tags=tag)
         )
         for memory_id, content, row, tag in zip(chosen, contents, rows, per_memory, strict=True)
     ]
@@ -271,6 +274,10 @@ RECALL_MODES = {
     "hybrid": pb.RECALL_MODE_HYBRID,
 }
 """How a recall ranks: cosine of the cue, BM25 of the text query, or both fused by rank."""
+
+
+def _values(row: Any) -> list[float]:
+    return row.tolist() if isinstance(row, np.ndarray) else list(row)
 
 
 def recall_request(

@@ -85,7 +85,7 @@ class MemspaceClient:
     def remember(
         self,
         content: str,
-        embedding: results.EmbeddingLike,
+        embedding: results.EmbeddingLike | None = None,
         *,
         memory_id: str | None = None,
         tags: Mapping[str, str] | None = None,
@@ -102,7 +102,7 @@ class MemspaceClient:
     def remember_batch(
         self,
         contents: Sequence[str],
-        embeddings: results.EmbeddingLike,
+        embeddings: results.EmbeddingLike | None = None,
         *,
         ids: Sequence[str] | None = None,
         tags: Sequence[Mapping[str, str] | None] | Mapping[str, str] | None = None,

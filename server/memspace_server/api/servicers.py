@@ -46,8 +46,9 @@ class MemoryServicer:
         if entry.embedding is None or self.embedder is None:
             raise errors.InvalidMemoryError(
                 f"space {space_id!r} has no embedding model, so the server cannot embed {what}: "
-                f"send the embedding ({entry.embedding_dim} floats), or use a space created "
-                "with an embedding model (spec.embedding.model, CreateSpace's embedding_model)"
+                f"send the embedding (exactly {entry.embedding_dim} floats), or use a space "
+                "created with an embedding model (spec.embedding.model, CreateSpace's "
+                "embedding_model)"
             )
         if not all(text.strip() for text in texts):
             raise errors.InvalidMemoryError(
