@@ -30,6 +30,7 @@ SUITES = (
     "benchmarks.operator_bench",
     "benchmarks.backup_bench",
     "benchmarks.shard_churn_bench",
+    "benchmarks.embedding_bench",
 )
 
 

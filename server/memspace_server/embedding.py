@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import importlib.metadata
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,9 +62,9 @@ class StaticModel:
     def embed(self, texts: Sequence[str]) -> Vectors:
         """One unit vector a text, as rows of an (n, dim) float32 matrix. A text without a single
         token (only white space) is refused: it has no meaning to search by."""
-        # One text at a time: encode_batch would spread over every core of the machine, past
-        # the threads the server allows for embedding.
-        encodings = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        # encode_batch releases the GIL (so embedding threads run on cores of their own) and,
+        # with TOKENIZERS_PARALLELISM off (`load`), stays on its calling thread.
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
         if lengths.size and lengths.min() == 0:
             empty = int(np.argmin(lengths))
@@ -98,6 +99,9 @@ def _package_dir(distribution: str, *parts: str) -> Path:
 
 def load(model: models.Model) -> StaticModel:
     """Load a model of the table from its installed package (blocking: about 0.3 s)."""
+    # The tokenizer's own thread pool would spread each batch over every core of the machine,
+    # past the threads the server gives embedding (--embedding-threads): one core a batch.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if model.name != models.WORDLLAMA_L2_256.name:
         raise errors.FailedPreconditionError(f"no loader for embedding model {model.name!r}")
     root = _package_dir(model.package, "wordllama")
