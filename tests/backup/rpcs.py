@@ -103,8 +103,15 @@ async def remember_until(
     return count
 
 
-async def held(stubs: Stubs, space: str, expected: dict[str, tuple[str, list[float], int]]) -> None:
-    """The space holds exactly `expected`: its count, and each memory's content and embedding."""
+async def held(
+    stubs: Stubs,
+    space: str,
+    expected: dict[str, tuple[str, list[float], int]],
+    in_flight: int = 0,
+) -> None:
+    """The space holds exactly `expected`: its count, and each memory's content and embedding;
+    and, with `in_flight`, up to that many more (writes cut short by a kill, which may have
+    reached the log without being acknowledged)."""
     for memory_id, (content, embedding, _) in expected.items():
         got = await stubs.memories.Get(
             pb.GetRequest(space=space, id=memory_id), timeout=CALL_TIMEOUT_S
@@ -115,4 +122,5 @@ async def held(stubs: Stubs, space: str, expected: dict[str, tuple[str, list[flo
         )
     # Loaded by the calls above: its count is live.
     health = await stubs.spaces.Health(pb.HealthRequest(space=space), timeout=CALL_TIMEOUT_S)
-    assert health.spaces[0].memories == len(expected), (space, health.spaces[0])
+    found = health.spaces[0].memories
+    assert len(expected) <= found <= len(expected) + in_flight, (space, health.spaces[0])

@@ -111,20 +111,23 @@ async def test_a_server_killed_during_a_backup_loses_nothing_and_a_retried_backu
         with pytest.raises(grpc.aio.AioRpcError) as killed:
             await backup
         assert killed.value.code() is grpc.StatusCode.UNAVAILABLE
-        with pytest.raises(grpc.aio.AioRpcError) as cut:
-            await writer  # its call in flight died with the server
-        assert cut.value.code() is grpc.StatusCode.UNAVAILABLE
+        (ended,) = await asyncio.gather(writer, return_exceptions=True)
+        if isinstance(ended, grpc.aio.AioRpcError):  # its call in flight died with the server
+            assert ended.code() is grpc.StatusCode.UNAVAILABLE
+        else:  # or it had its answer just before, and saw the stop
+            assert isinstance(ended, int)
     # No manifest: the cut-short backup is not listed.
     assert await backups.list_backups(store(minio_server, bucket), ALPHA) == []
     async with connect(await server.start()) as stubs:
-        await held(stubs, "alpha", acked.memories)  # every acknowledged write is there
+        # Every acknowledged write is there (and perhaps the one cut short by the kill).
+        await held(stubs, "alpha", acked.memories, in_flight=1)
         retried = await stubs.spaces.BackupSpace(
             pb.BackupSpaceRequest(space="alpha", target=target, backup_id="nightly"),
             timeout=CALL_TIMEOUT_S * 3,
         )
         assert retried.backup_id == "nightly"
         assert 0 < retried.bytes_uploaded < retried.bytes, "the retry uploads only what is missing"
-        assert retried.memories == len(acked.memories)
+        assert len(acked.memories) <= retried.memories <= len(acked.memories) + 1
         await create_space(stubs, "beta", dim=16, admin=None)
         await stubs.spaces.RestoreSpace(
             pb.RestoreSpaceRequest(
@@ -132,7 +135,7 @@ async def test_a_server_killed_during_a_backup_loses_nothing_and_a_retried_backu
             ),
             timeout=CALL_TIMEOUT_S * 3,
         )
-        await held(stubs, "beta", acked.memories)
+        await held(stubs, "beta", acked.memories, in_flight=1)
 
 
 async def refused_as_unfinished(stubs: Stubs, space: str, dim: int = 16) -> None:
@@ -241,8 +244,9 @@ async def test_the_store_going_away_fails_the_backup_call_cleanly_and_the_space_
             assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "backup target s3://" in (failed.value.details() or "")
             written = len(acked.memories)
-            await asyncio.sleep(0.3)
-            assert len(acked.memories) > written, "writes went on after the failed backup"
+            # Writes go on (a consolidation the backup held back may run first).
+            await wait_for(lambda: len(acked.memories) > written + 5, "writes after the failure")
+            assert not writer.done()
             stop.set()
             await writer
             await held(stubs, "alpha", acked.memories)
