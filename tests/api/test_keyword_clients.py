@@ -42,9 +42,13 @@ def test_the_sync_client_and_the_cli_recall_by_keyword_and_hybrid(tmp_path: Path
         assert rare.id in table
         assert near in table
         refused = memspace("recall", "--mode", "keyword", env=env)
-        assert refused.returncode != 0
+        assert refused.returncode == 2  # bad input, caught before any call
+        assert "--query" in refused.stderr
+        # Refused by the server: hybrid on a space without a model needs a cue as well.
+        refused = memspace("recall", "--mode", "hybrid", "--query", "5521", env=env)
+        assert refused.returncode == 1
         assert "INVALID_ARGUMENT" in refused.stderr
-        assert "query" in refused.stderr
+        assert "cue" in refused.stderr
 
 
 async def test_the_asyncio_client_recalls_by_keyword(start: Start) -> None:
