@@ -28,7 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memspace_cli import main as cli
-from memspace_contract import client, index, spaces
+from memspace_contract import client, index, models, spaces
 from memspace_operator import certificates, naming, shards
 from memspace_operator import main as operator_main
 from memspace_operator.settings import Settings
@@ -417,6 +417,27 @@ def test_the_image_runs_the_operator_s_entry_points_as_non_root_on_a_read_only_r
     )
     assert refused.returncode != 0
     assert "Read-only file system" in refused.stderr
+
+
+@pytest.mark.timeout(IMAGE_TIMEOUT_S)
+def test_the_image_carries_the_embedding_model_and_loads_it_without_a_network(
+    docker: image.Docker,
+) -> None:
+    """The offered model's weights are in the image: loaded on a read-only root with no network
+    at all (a shard reaches no model hub), and they embed text."""
+    check = (
+        "from memspace_contract import models; from memspace_server import embedding\n"
+        "for name in models.MODELS:\n"
+        "    found = embedding.load(models.MODELS[name]).embed(['a memory', 'another one'])\n"
+        "    assert found.shape == (2, models.MODELS[name].dim), found.shape\n"
+        "    print(name, found.shape[1])\n"
+    )
+    options = [o for o in restricted() if o not in ("--network", "host")]
+    loaded = docker(
+        "run", "--rm", *options, "--network", "none", "--entrypoint", "python", image.IMAGE,
+        "-c", check,
+    ).stdout  # fmt: skip
+    assert loaded.split() == [models.DEFAULT_MODEL, str(models.MODELS[models.DEFAULT_MODEL].dim)]
 
 
 @pytest.mark.timeout(IMAGE_TIMEOUT_S)
