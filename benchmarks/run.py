@@ -29,6 +29,7 @@ SUITES = (
     "benchmarks.limits_bench",
     "benchmarks.operator_bench",
     "benchmarks.backup_bench",
+    "benchmarks.offload_bench",
     "benchmarks.shard_churn_bench",
     "benchmarks.embedding_bench",
 )

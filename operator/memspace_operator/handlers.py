@@ -17,12 +17,22 @@ from typing import Any
 
 import kopf
 
-from memspace_operator import errors, models, naming, operating, reconciling, tracing
+from memspace_operator import (
+    backups,
+    errors,
+    models,
+    naming,
+    operating,
+    reconciling,
+    schedules,
+    tracing,
+)
 from memspace_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
+BACKUPS = (naming.GROUP, naming.VERSION, naming.BACKUP_PLURAL)
 MAX_DELAY_S = 300.0
 
 Step = Callable[[operating.Operator, Mapping[str, Any]], Awaitable[None]]
@@ -53,19 +63,24 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         loaded = Settings.from_env(os.environ)
     operator = await operating.Operator.start(loaded)
     operator.freed = lambda space_id: reconciling.nudge_waiting(operator, space_id)
+    operator.nudged = lambda space_id: reconciling.nudge(operator, space_id)
     memo["operator"] = operator
     memo["resync"] = asyncio.get_running_loop().create_task(
         reconciling.resync_forever(operator), name="memspace-resync"
+    )
+    memo["schedules"] = asyncio.get_running_loop().create_task(
+        schedules.run_forever(operator), name="memspace-schedules"
     )
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    resync = memo.get("resync")
-    if isinstance(resync, asyncio.Task):
-        resync.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await resync
+    for key in ("resync", "schedules"):
+        task = memo.get(key)
+        if isinstance(task, asyncio.Task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     operator = memo.get("operator")
     if isinstance(operator, operating.Operator):
         await operator.close()
@@ -90,6 +105,40 @@ async def forget_deleted(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> Non
 @kopf.on.delete(*RESOURCE)
 async def finalize(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     await _run(memo, body, retry, reconciling.finalize)
+
+
+@kopf.on.resume(*BACKUPS)
+@kopf.on.create(*BACKUPS)
+async def take_backup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    operator: operating.Operator = memo["operator"]
+    await _run_backup(operator, body, lambda: backups.run(operator, body, retry), retry)
+
+
+@kopf.on.delete(*BACKUPS)
+async def delete_backup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    operator: operating.Operator = memo["operator"]
+    await _run_backup(operator, body, lambda: backups.remove(operator, body), retry)
+
+
+async def _run_backup(
+    operator: operating.Operator,
+    body: kopf.Body,
+    step: Callable[[], Awaitable[None]],
+    retry: int,
+) -> None:
+    metadata = body.get("metadata") or {}
+    ref = backups.BackupRef(
+        str(metadata.get("namespace")), str(metadata.get("name")), str(metadata.get("uid"))
+    )
+    try:
+        await step()
+    except errors.PermanentError as err:
+        operator.recorder.warning(ref, err.reason, err.message)
+        raise kopf.PermanentError(f"{err.reason}: {err.message}") from err
+    except errors.TemporaryError as err:
+        delay = min(MAX_DELAY_S, max(err.delay, 1.0) * 2 ** min(retry, 8))
+        operator.recorder.warning(ref, err.reason, f"{err.message}; retrying in {delay:.0f} s")
+        raise kopf.TemporaryError(f"{err.reason}: {err.message}", delay=delay) from err
 
 
 async def _run(memo: kopf.Memo, body: kopf.Body, retry: int, step: Step) -> None:

@@ -27,7 +27,7 @@ import grpc
 
 from memspace_contract import client, index, spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_operator import certificates, statuses
+from memspace_operator import certificates, errors, statuses
 from memspace_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ _STATES: dict[str, tuple[statuses.ConditionStatus, str, str]] = {
     wire.ACTIVE: ("True", "Serving", "served by {shard}"),
     wire.INACTIVE: ("True", "Inactive", "unloaded by {shard} (Inactive)"),
     wire.UNMOUNTED: ("False", "VolumeNotMounted", "{shard} does not see the space's volume yet"),
+    wire.RESTORING: ("False", "Restoring", "{shard} is filling the space's volume from a backup"),
+    wire.OFFLOADED: ("True", "Offloaded", "unloaded by {shard} (Offloaded: it lives in a backup)"),
 }
 _FAILED: tuple[statuses.ConditionStatus, str, str] = (
     "False",
@@ -225,6 +227,24 @@ class Poller:
             spaces={spaces.SpaceId(s.space): s for s in answer.spaces},
             asked_at=asked_at,
         )
+
+    async def admin(self, shard: int) -> client.Client:
+        """A client of shard N with the admin token, for the admin calls of backups (the
+        channel Health and ApplyIndexEntry use). TemporaryError while there is no token or
+        no CA to verify the shard with yet."""
+        token = self._token.read()
+        if token is None:
+            raise errors.TemporaryError(
+                "the operator has no admin token (MEMSPACE_ADMIN_TOKEN_FILE) to call the shards",
+                reason="NoAdminToken",
+                delay=30.0,
+            )
+        trust = self._trust()
+        if self._settings.tls_enabled and trust is None:
+            raise errors.TemporaryError(
+                "no CA to verify the shards with yet", reason="NoShardTrust", delay=5.0
+            )
+        return await self._client(self._credentials(shard, token, trust), shard)
 
     async def apply(
         self, shard: int, space_id: spaces.SpaceId, entry: index.IndexEntry | None, generation: int

@@ -331,7 +331,9 @@ class Mounter:
         for space_id in sorted(candidates):
             if self._assignments.mounted_on(space_id) is not None:
                 continue
-            if self._assignments.get(space_id) is not None:
+            if self._assignments.get(space_id) is not None and not self._assignments.is_offloaded(
+                space_id
+            ):
                 continue  # adopted again meanwhile
             url = kube.pvcs(namespace, naming.claim_name(space_id))
             pvc = await self._kube.get_or_none(url)

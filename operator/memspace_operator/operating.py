@@ -59,6 +59,9 @@ class Operator:
         )
         self.freed: Callable[[spaces.SpaceId | None], None] | None = None
         """Re-checks the spaces waiting for a freed space ID or shard slot (set by handlers)."""
+        self.nudged: Callable[[spaces.SpaceId], None] | None = None
+        """Reconciles, soon, the MemorySpace of a space ID (set by handlers): a backup of it
+        completed or failed, or its volume was mounted for a restore."""
         self.claims = watching.ClaimWatch(client, settings, self.on_claim)
         self.certifier = certifying.Certifier(client, settings)
         self.poller = health.Poller(
@@ -207,6 +210,10 @@ class Operator:
         tracked.observed.volume = volumes.condition(pvc, self.volume_notes.get(space_id))
         self.book.publish_soon(tracked)
 
+    def nudge(self, space_id: spaces.SpaceId) -> None:
+        if self.nudged is not None:
+            self.nudged(space_id)
+
     def on_freed(self, space_id: spaces.SpaceId | None) -> None:
         if self.freed is not None:
             self.freed(space_id)
@@ -229,6 +236,9 @@ class Operator:
             tracked.observed.mount = condition
             if condition.status == "True" and (before is None or before.status != "True"):
                 self.recorder.normal(tracked.ref, "Mounted", condition.message)
+                hold = tracked.observed.hold
+                if hold is not None and hold.reason == "Restoring":
+                    self.nudge(space_id)  # its restore waited for this mount
             self.book.publish_soon(tracked)
 
     async def on_health(self, result: health.ShardHealth) -> None:

@@ -39,6 +39,7 @@ from memspace_operator import (
     kube,
     models,
     naming,
+    offloading,
     statuses,
     tracing,
     tracking,
@@ -143,12 +144,18 @@ async def _claim(op: Operator, tracked: tracking.Tracked) -> volumes.Claim:
     return claim
 
 
-async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
+async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:  # noqa: PLR0915  # the steps in order, read in one place
     requested = tracked.requested or tracked.space
     with tracing.step("class"):
         applied = await op.classes.apply(requested)
     tracked.space = space = dataclasses.replace(requested, spec=applied.spec)
+    record = offloading.record_of(tracked)
+    if space.spec.offloaded and record is not None:
+        await _offloaded(op, tracked, record)  # it lives in its final backup
+        return
+    op.assignments.set_offloaded(space.spec.space_id, False)
     op.assignments.set_inactive(space.spec.space_id, space.spec.state == wire.INACTIVE)
+    record = await _reclaim(op, tracked, record)  # back from Offloaded
     with tracing.step("claim"):
         claim = await _claim(op, tracked)
     if claim.pending:
@@ -168,9 +175,15 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
     tracked.observed.endpoint = op.settings.endpoint(shard)
     with tracing.step("expand"):
         await _expand(op, tracked, pvc)
+    fresh = claim.fresh
+    if record is not None and fresh:
+        # Back from Offloaded on a new volume: the tenant's token stays (its hash and the
+        # proof of its Secret were kept in status.offload).
+        pvc = await _trust_offloaded_credentials(op, tracked, shard, pvc, record)
+        fresh = False
     try:
         with tracing.step("credentials"):
-            secret, entry = await _credentials_and_index(op, tracked, shard, pvc, fresh=claim.fresh)
+            secret, entry = await _credentials_and_index(op, tracked, shard, pvc, fresh=fresh)
     except errors.SecretNotOwnedError as err:
         await op.index.remove(shard, space.spec.space_id)  # no token of it is known
         tracked.handed = None
@@ -197,7 +210,168 @@ async def _reconcile(op: Operator, tracked: tracking.Tracked) -> None:
     _observe_mount(op, tracked)
     if (unmonitored := op.unmonitored()) is not None:
         observed.health = unmonitored
+    await _backup_steps(op, tracked, shard, pvc=pvc, entry=entry, record=record)
+
+
+async def _backup_steps(
+    op: Operator,
+    tracked: tracking.Tracked,
+    shard: int,
+    *,
+    pvc: dict[str, Any],
+    entry: index.IndexEntry,
+    record: dict[str, Any] | None,
+) -> None:
+    """Restore the new volume (restoreFrom, back from Offloaded) or take the final backup of
+    an offload; then publish the status."""
+    tracked.observed.hold = None
+    if offloading.wants_restore(tracked):
+        with tracing.step("restore"):
+            await offloading.restore(op, tracked, shard)
+        if not offloading.wants_restore(tracked):
+            # Restored: the entry says Active now (it said Restoring), and the shard serves it.
+            entry = models.index_entry(tracked.space.spec, entry.token_sha256, entry.generation)
+            await op.index.put(shard, entry)
+            await _hand_to_shard(op, tracked, shard, entry)
+    elif record is not None:
+        _reactivated(op, tracked, record)
+    if not tracked.space.spec.offloaded and record is None:
+        tracked.observed.backup_conditions.pop("Offloaded", None)  # an offload given up
+    final = None
+    if tracked.space.spec.offloaded:
+        with tracing.step("offload"):
+            final = await offloading.final_backup(op, tracked)
+    if final is None:
+        _publish(op, tracked)
+        return
+    record = offloading.offload_record(final, volumes.credentials_uid(pvc), entry.token_sha256)
+    await _offloaded(op, tracked, record)
+
+
+async def _offloaded(op: Operator, tracked: tracking.Tracked, record: dict[str, Any]) -> None:
+    """The space lives in its final backup: its index entry says Offloaded, it counts as
+    unmounted (its volume leaves the shard at the shard's next restart), its claim is deleted
+    (delete-pending while a pod mounts it). Idempotent."""
+    space = tracked.space
+    space_id = space.spec.space_id
+    assignment = op.assignments.get(space_id)
+    shard = assignment.shard if assignment is not None else None
+    if assignment is not None and assignment.owner_uid == space.ref.uid:
+        op.assignments.set_offloaded(space_id, True)
+        entry = await op.index.get(assignment.shard, space_id)
+        if entry is not None:
+            wanted = offloading.offloaded_entry(
+                dataclasses.replace(entry, generation=space.generation)
+            )
+            if entry != wanted:
+                await op.index.put(assignment.shard, wanted)
+                if op.poller.enabled:
+                    await op.poller.apply(assignment.shard, space_id, wanted, space.generation)
+                op.recorder.normal(
+                    space.ref,
+                    "Unloaded",
+                    f"{naming.shard_name(assignment.shard)} unloaded the space (its index entry "
+                    f"says {wanted.state})",
+                )
+        op.mounter.request(assignment.shard)
+    url = kube.pvcs(op.settings.server_namespace, naming.claim_name(space_id))
+    pvc = await op.kube.get_or_none(url)
+    detail = "its volume is deleted"
+    if pvc is not None and volumes.owner_uid(pvc) == space.ref.uid:
+        if not volumes.is_delete_pending(pvc):
+            mounted_on = op.assignments.mounted_on(space_id)
+            done = await volumes.release(
+                op.kube,
+                op.settings,
+                space,
+                delete=True,
+                mounted_by=naming.shard_name(mounted_on) if mounted_on is not None else None,
+            )
+            op.recorder.normal(space.ref, "VolumeReleased", done)
+        if op.assignments.mounted_on(space_id) is not None:
+            detail = (
+                f"its volume is deleted once {naming.shard_name(shard or 0)} unmounts it, at its "
+                "next restart (no shard is restarted for it)"
+            )
+    before = tracked.observed.backup_conditions.get("Offloaded")
+    _clear_children(tracked.observed)
+    offloading.show_offloaded(tracked, record, detail)
+    if before is None or before.status != "True":
+        op.recorder.normal(
+            space.ref, "Offloaded", tracked.observed.backup_conditions["Offloaded"].message
+        )
+    tracked.observed.problem = None
     _publish(op, tracked)
+
+
+async def _reclaim(
+    op: Operator, tracked: tracking.Tracked, record: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Back from Offloaded: a claim still waiting for its shard's restart to be deleted is
+    taken back as it is (its data is the final backup's: the space took no write since)."""
+    if record is None:
+        return None
+    space_id = tracked.space.spec.space_id
+    url = kube.pvcs(op.settings.server_namespace, naming.claim_name(space_id))
+    pvc = await op.kube.get_or_none(url)
+    mounted_on = op.assignments.mounted_on(space_id)
+    if (
+        pvc is None
+        or not volumes.is_delete_pending(pvc)
+        or volumes.owner_uid(pvc) != tracked.space.ref.uid
+        or mounted_on is None
+    ):
+        return record
+    patch: dict[str, Any] = {
+        "metadata": {"labels": {naming.DELETE_PENDING: None, naming.SHARD: str(mounted_on)}}
+    }
+    if record.get("credentialsUid"):
+        patch["metadata"]["annotations"] = {naming.CREDENTIALS_UID: record["credentialsUid"]}
+    try:
+        await op.kube.patch(url, patch)
+    except errors.NotFoundError:
+        return record
+    op.assignments.record(space_id, mounted_on, tracked.space.ref.uid)
+    kept = {**record, "volumeKept": True}
+    tracked.observed.backup_status[offloading.OFFLOAD] = kept
+    op.recorder.normal(
+        tracked.ref,
+        "VolumeKept",
+        f"claim {naming.claim_name(space_id)} was not deleted yet ({naming.shard_name(mounted_on)} "
+        "still mounts it): taken back as it is, with the final backup's data; no restore needed",
+    )
+    return kept
+
+
+async def _trust_offloaded_credentials(
+    op: Operator, tracked: tracking.Tracked, shard: int, pvc: dict[str, Any], record: dict[str, Any]
+) -> dict[str, Any]:
+    space = tracked.space
+    digest = record.get("tokenSha256")
+    if digest:
+        await op.index.ensure_secret(shard)
+        entry = await op.index.get(shard, space.spec.space_id)
+        if entry is None or entry.token_sha256 != digest:
+            await op.index.put(shard, models.index_entry(space.spec, digest, space.generation))
+    uid = record.get("credentialsUid")
+    if uid and volumes.credentials_uid(pvc) != uid:
+        pvc = await volumes.record_credentials(op.kube, op.settings, pvc, str(uid))
+    return pvc
+
+
+def _reactivated(op: Operator, tracked: tracking.Tracked, record: dict[str, Any]) -> None:
+    """Back from Offloaded on its kept volume: the offload record goes from the status."""
+    observed = tracked.observed
+    if observed.backup_status.get(offloading.OFFLOAD) == {}:
+        return
+    observed.backup_status[offloading.OFFLOAD] = {}
+    observed.backup_conditions.pop("Offloaded", None)
+    op.recorder.normal(
+        tracked.ref,
+        "Reactivated",
+        f"Active again on its kept volume (final backup {record.get('backupId')} stays in "
+        f"MemorySpaceBackup {record.get('backup')})",
+    )
 
 
 def _observe_mount(op: Operator, tracked: tracking.Tracked) -> None:
@@ -315,6 +489,8 @@ async def _credentials_and_index(
     """The credentials Secret and the index entry; returns the Secret's name and the entry."""
     space = tracked.space
     spec = space.spec
+    if offloading.wants_restore(tracked):
+        spec = dataclasses.replace(spec, state=offloading.RESTORING_STATE)
     await op.index.ensure_secret(shard)
     # A new incarnation of the space ID trusts nothing an earlier one left in the index.
     entry = None if fresh else await op.index.get(shard, spec.space_id)
@@ -499,6 +675,13 @@ async def _finalize(op: Operator, tracked: tracking.Tracked) -> None:
 
 
 # -- re-checks -------------------------------------------------------------------------------------
+
+
+def nudge(op: Operator, space_id: spaces.SpaceId) -> None:
+    """Reconcile, soon, the MemorySpace that holds `space_id` (a backup of it ended, say)."""
+    tracked = op.book.owner_of(space_id)
+    if tracked is not None and not tracked.space.deleting:
+        op.spawn(_quietly(op, tracked), name=f"memspace-nudge-{tracked.ref}")
 
 
 def nudge_waiting(op: Operator, freed: spaces.SpaceId | None = None) -> None:

@@ -42,6 +42,9 @@ class Shards:
         self.intake_window_s = intake_window_s
         self._assigned: dict[spaces.SpaceId, Assignment] = {}
         self._inactive: set[spaces.SpaceId] = set()
+        self._offloaded: set[spaces.SpaceId] = set()
+        """Inactive spaces that live in a backup: their delete-pending claims may go although
+        they stay assigned (their index entry answers for them)."""
         self._known: set[ShardNumber] = set()
         self._mounted: dict[ShardNumber, frozenset[spaces.SpaceId]] = {}
         self._opened: dict[ShardNumber, float] = {}
@@ -155,6 +158,16 @@ class Shards:
         self._mounted.pop(number, None)
         self._opened.pop(number, None)
 
+    def set_offloaded(self, space_id: spaces.SpaceId, offloaded: bool) -> None:
+        if offloaded:
+            self._offloaded.add(space_id)
+            self._inactive.add(space_id)
+        else:
+            self._offloaded.discard(space_id)
+
+    def is_offloaded(self, space_id: spaces.SpaceId) -> bool:
+        return space_id in self._offloaded
+
     def set_inactive(self, space_id: spaces.SpaceId, inactive: bool) -> None:
         if inactive:
             self._inactive.add(space_id)
@@ -221,6 +234,7 @@ class Shards:
 
     def release(self, space_id: spaces.SpaceId) -> Assignment | None:
         self._inactive.discard(space_id)
+        self._offloaded.discard(space_id)
         return self._assigned.pop(space_id, None)
 
     def full(self) -> bool:

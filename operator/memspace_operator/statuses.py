@@ -108,6 +108,13 @@ class Observed:
     index_confirmed_at: float = 0.0
     """When (time.monotonic) the shard last confirmed it directly: a Health answer asked
     before then may be older and does not lower it."""
+    hold: Condition | None = None
+    """Ready in place of Mounted and Healthy while a backup step stands between the volume and
+    serving (Restoring, Offloading)."""
+    backup_conditions: dict[str, Condition] = dataclasses.field(default_factory=dict)
+    """Conditions of backups, restores and offloads (Restored, Offloaded), after Ready."""
+    backup_status: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """status.offload and status.restoredFrom."""
 
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -163,7 +170,7 @@ def _ready(observed: Observed, parts: list[Condition]) -> Condition:
     for part in volume:
         if part.status != "True":
             return Condition(READY, part.status, part.reason, part.message)
-    pending = _unconfirmed(observed)
+    pending = _unconfirmed(observed) or observed.hold
     if pending is not None:
         return pending
     if observed.state == wire.INACTIVE:
@@ -185,14 +192,17 @@ def _ready(observed: Observed, parts: list[Condition]) -> Condition:
 def conditions(observed: Observed) -> list[Condition]:
     """VolumeBound, Mounted, Healthy and the Ready summary (only Ready for a space that owns
     nothing, such as a SpaceIdConflict)."""
+    extra = [observed.backup_conditions[k] for k in sorted(observed.backup_conditions)]
     if observed.problem is not None and observed.claim_name is None:
-        return [_ready(observed, [])]
+        return [_ready(observed, []), *extra]
+    if observed.hold is not None and observed.claim_name is None:
+        return [observed.hold, *extra]
     parts = [
         observed.volume or _pending("VolumeBound", "Provisioning", "the volume is being created"),
         observed.mount or _pending("Mounted", "MountPending", "no shard mounts the volume yet"),
         observed.health or _pending("Healthy", "HealthPending", "the shard has not answered yet"),
     ]
-    return [*parts, _ready(observed, parts)]
+    return [*parts, _ready(observed, parts), *extra]
 
 
 def render(observed: Observed, previous: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +235,7 @@ def render(observed: Observed, previous: Mapping[str, Any]) -> dict[str, Any]:
         "credentialsSecret": observed.credentials_secret,
     }
     status.update({key: value for key, value in optional.items() if value is not None})
+    status.update({key: dict(value) for key, value in observed.backup_status.items() if value})
     if observed.confirming and observed.index_generation:
         status["indexGeneration"] = observed.index_generation
     figures = observed.figures
