@@ -44,8 +44,6 @@ RETRIED_CODES = frozenset(
     }
 )
 """Answers a retry may cure: the shard restarting or draining, the store busy."""
-MAX_ATTEMPTS = 6
-"""Retried failures before the backup is Failed (the delays grow: about 10 minutes in all)."""
 
 PENDING, RUNNING, COMPLETED, FAILED = "Pending", "Running", "Completed", "Failed"
 
@@ -233,7 +231,7 @@ async def run(op: Operator, body: Mapping[str, Any], retry: int) -> None:
         answer = await admin.spaces.BackupSpace(request, timeout=BACKUP_TIMEOUT_S)
     except grpc.aio.AioRpcError as err:
         why = f"{err.code().name}: {err.details()}"
-        if err.code() in RETRIED_CODES and retry + 1 < MAX_ATTEMPTS:
+        if err.code() in RETRIED_CODES and retry + 1 < op.settings.backup_attempts:
             raise errors.TemporaryError(
                 f"{naming.shard_name(shard)} could not take the backup now ({why})",
                 reason="BackupRetrying",

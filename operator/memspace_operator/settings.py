@@ -54,6 +54,13 @@ class Settings(_Base):
         help="seconds between checks of the spaces' backup schedules (a scheduled backup starts "
         "at most this late; retention is applied as often)",
     )
+    backup_attempts: int = setting(
+        6,
+        env="MEMSPACE_BACKUP_ATTEMPTS",
+        ge=1,
+        help="attempts of a backup whose shard answers UNAVAILABLE and the like (the store or the "
+        "shard away) before it is Failed; the delays between them double from 10 s",
+    )
     max_spaces_per_shard: int = setting(
         20,
         env="MEMSPACE_MAX_SPACES_PER_SHARD",

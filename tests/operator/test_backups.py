@@ -128,7 +128,10 @@ def get_backup(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
 
 
 def list_backups(kube: Kube, namespace: str) -> list[dict[str, Any]]:
-    listed = kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, BACKUPS)
+    listed = cast(
+        "dict[str, Any]",
+        kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, BACKUPS),
+    )
     return cast("list[dict[str, Any]]", listed.get("items") or [])
 
 
@@ -250,7 +253,18 @@ def test_a_schedule_makes_backups_and_keeps_the_newest(
                 )
             raise
         completed = [i for i in items if i["status"]["phase"] == "Completed"]
-        assert 2 <= len(completed) <= 3, items  # keep, and one more made before the last pruning
+        # keep, and those completed after the last pruning before the schedule was removed (a
+        # check prunes what has completed; the newest may still be running then)
+        assert 2 <= len(completed) <= 4, items
+        gone = {
+            e["message"].split()[2].rstrip(":")
+            for e in deployment.kube.events(ns, "ticking")
+            if e["reason"] == "BackupPruned"
+        }
+        assert gone
+        assert not gone & {i["metadata"]["name"] for i in items}
+        # The oldest went: every pruned backup is older than every kept one (names sort by tick).
+        assert max(gone) < min(i["metadata"]["name"] for i in completed)
         for item in items:
             assert item["metadata"]["labels"]["memspace.dev/backup-purpose"] == "scheduled"
         ids = {i["status"]["backupId"] for i in items}
@@ -385,3 +399,52 @@ def test_an_offloaded_space_keeps_no_volume_and_comes_back_with_its_memories_and
         wait_for("the offload backup to go",
                  lambda: get_backup(deployment.kube, ns, second["backup"]) is None)  # fmt: skip
         assert targets.manifests(bucket, "idle") == {first["backupId"]}
+
+
+def test_a_failed_final_backup_leaves_the_space_serving_on_its_volume_with_the_reason(
+    deployment: Deployment, kubelet: FakeKubelet, targets: Targets, minio_server: minio.Minio
+) -> None:
+    ns, server_ns = deployment.namespace, deployment.server_namespace
+    target, bucket = targets.make()
+    # Credentials the store refuses: every upload fails.
+    deployment.kube.core.patch_namespaced_secret(
+        f"{target}-s3",
+        server_ns,
+        {"data": {"secretAccessKey": base64.b64encode(b"not-the-key").decode()}},
+    )
+    with deployment.running(MEMSPACE_BACKUP_DEFAULT_TARGET=target, MEMSPACE_BACKUP_ATTEMPTS="1"):
+        deployment.apply("stuck", embeddingDim=DIM)
+        deployment.wait_condition("stuck", "Ready", "True")
+        asyncio.run(remember(deployment, "stuck", 5))
+        creds = tenant_credentials(deployment.kube, ns, "stuck", server_ns)
+
+        deployment.kube.patch_spec(ns, "stuck", {"state": "Offloaded"})
+        body = deployment.wait_condition("stuck", "Offloaded", "False", "OffloadFailed")
+        assert "failed" in condition(body, "Offloaded")["message"]
+        body = deployment.wait_condition("stuck", "Ready", "True")
+        assert "offload" not in body["status"]
+        assert deployment.kube.pvc(server_ns, "space-stuck") is not None
+        backup = get_backup(deployment.kube, ns, "stuck-offload-2")
+        assert backup is not None
+        assert backup["status"]["phase"] == "Failed"
+        assert "OffloadFailed" in {e["reason"] for e in deployment.kube.events(ns, "stuck")}
+        assert targets.manifests(bucket, "stuck") == set()
+        # Reads are served; writes stay refused (the final backup's seal) until Active again.
+        assert len(asyncio.run(recall_all(creds))) == 5
+        code, _ = asyncio.run(remember_code(creds))
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        deployment.kube.patch_spec(ns, "stuck", {"state": "Active"})
+        wait_for("writes to be taken again",
+                 lambda: asyncio.run(remember_code(creds))[0] is grpc.StatusCode.OK)  # fmt: skip
+        wait_for("the Offloaded condition to go",
+                 lambda: not condition(deployment.space("stuck"), "Offloaded"))  # fmt: skip
+        deployment.wait_condition("stuck", "Ready", "True")
+
+
+async def remember_code(creds: client.Credentials) -> tuple[grpc.StatusCode, str]:
+    async with client.connect(creds) as memspace:
+        try:
+            await memspace.remember("one more", [1.0, 0.0, 0.0, 0.0])
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
