@@ -226,6 +226,8 @@ def _remember(memspace: client.MemspaceClient, args: argparse.Namespace, out: Ou
 
 
 def _recall(memspace: client.MemspaceClient, args: argparse.Namespace, out: Output) -> None:
+    if args.cue is None and not args.query:
+        raise ValueError("recall needs --cue VECTOR or --query TEXT")
     hits = memspace.recall(
         embedding(args.cue) if args.cue is not None else None,
         args.k,

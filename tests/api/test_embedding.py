@@ -341,8 +341,8 @@ async def test_the_client_library_and_the_cli_take_text_only(server: Running) ->
     assert found.returncode == 0, found.stderr
     assert [h["memory"]["id"] for h in json.loads(found.stdout)] == [made_id]
     neither = await asyncio.to_thread(memspace_cli, "recall", "--space", "notes")
-    assert neither.returncode == 1  # the server's refusal: an empty cue
-    assert "INVALID_ARGUMENT" in neither.stderr
+    assert neither.returncode == 2
+    assert "--query" in neither.stderr
     refused_cli = await asyncio.to_thread(memspace_cli, "remember", "text", "--space", "default")
     assert refused_cli.returncode == 1
     assert "has no embedding model" in refused_cli.stderr
