@@ -106,6 +106,12 @@ async def test_a_server_killed_during_a_backup_loses_nothing_and_a_retried_backu
         assert not backup.done()
         before = len(acked.memories)
         await wait_for(lambda: len(acked.memories) > before + 5, "writes during the backup")
+        # Another space is served meanwhile.
+        await stubs.memories.Remember(
+            pb.RememberRequest(space="default", memory=pb.Memory(content="y", embedding=[1.0] * 8)),
+            timeout=CALL_TIMEOUT_S,
+        )
+        assert not backup.done()
         server.kill()
         stop.set()
         with pytest.raises(grpc.aio.AioRpcError) as killed:
