@@ -6,13 +6,18 @@ test runs a real server whose flooding space sends far more calls than the edge 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from memspace_contract import spaces as spaces_ids
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server.api import sharing
-from tests.api.conftest import Start, md, write_entry
+from memspace_server.storage import spaces
+from tests.api.conftest import Running, Start, md, write_entry
 
 
 class Caller:
@@ -161,24 +166,39 @@ def test_turns_need_a_call_at_work_per_space() -> None:
         sharing.Turns(0)
 
 
+async def seed(running: Running, space: str, token: str, count: int, dim: int) -> None:
+    rows = np.random.default_rng(7).standard_normal((count, dim)).astype(np.float32)
+
+    async def requests() -> AsyncIterator[pb.RememberRequest]:
+        for row in rows:
+            yield pb.RememberRequest(memory=pb.Memory(content="s", embedding=row.tolist()))
+
+    await running.memories.RememberBatch(requests(), metadata=md(space, token))
+
+
 async def test_a_quiet_spaces_call_starts_while_a_floods_calls_wait_their_turn(
-    start: Start, managed_dirs: tuple[Path, Path]
+    start: Start, managed_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A real server working on one call of each space at a time: 60 Remembers of a flooding
-    space are sent at once, then one of a quiet space. The flood's calls wait in their queue
-    (none refused, none lost), and the quiet call is at work while they still wait: it did not
-    queue behind them."""
+    """A real server working on one call of each space at a time: 60 Recalls of a flooding
+    space (each scanned on a worker thread, holding its turn meanwhile) are sent at once, then
+    one of a quiet space. The flood's calls wait in their queue (none refused, none lost), and
+    the quiet call is at work while they still wait: it did not queue behind them."""
     index_dir, volumes = managed_dirs
-    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=4)
-    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
+    dim = 256
+    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=dim)
+    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=dim)
     running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
     turns = running.server.edge.turns
     assert turns is not None
-    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
-    for space, token in (("noisy", "tn"), ("quiet", "tq")):
-        await running.memories.Remember(request, metadata=md(space, token))  # loaded
+    turns.window_s = 60.0  # the spaces share the loop throughout, however slow the machine
+    # Large enough that a recall scans on a worker thread, not inline on the loop.
+    await seed(running, "noisy", "tn", 16 * spaces.INLINE_SCAN // dim, dim)
+    cue = [1.0] + [0.0] * (dim - 1)
+    recall = pb.RecallRequest(cue=cue, k=10)
+    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=cue))
+    await running.memories.Remember(request, metadata=md("quiet", "tq"))  # loaded
     flood = [
-        asyncio.ensure_future(running.memories.Remember(request, metadata=md("noisy", "tn")))
+        asyncio.ensure_future(running.memories.Recall(recall, metadata=md("noisy", "tn")))
         for _ in range(60)
     ]
     for _ in range(5000):
@@ -186,23 +206,66 @@ async def test_a_quiet_spaces_call_starts_while_a_floods_calls_wait_their_turn(
             break
         await asyncio.sleep(0.001)
     assert turns.waiting("noisy") >= 20
-    # The flood's calls still waiting when the quiet one was at work (the server runs on this
-    # loop: a watcher sees every step between the calls' steps).
+    # The flood's calls still waiting when the quiet one started.
     beside: list[int] = []
+    enter = turns.enter
 
-    async def watch() -> None:
-        while True:
-            if turns.working_on("quiet"):
-                beside.append(turns.waiting("noisy"))
-            await asyncio.sleep(0)
+    async def noting(space: str) -> None:
+        await enter(space)
+        if space == "quiet":
+            beside.append(turns.waiting("noisy"))
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await running.memories.Remember(request, metadata=md("quiet", "tq"))
-    finally:
-        watcher.cancel()
+    monkeypatch.setattr(turns, "enter", noting)
+    await running.memories.Remember(request, metadata=md("quiet", "tq"))
     assert beside
     assert max(beside) > 0
     answers = await asyncio.gather(*flood)
-    assert len({answer.id for answer in answers}) == 60
+    assert all(len(answer.hits) == 10 for answer in answers)
+    assert turns.working == 0
+
+
+async def test_a_remember_hands_its_turn_on_before_its_fsync(
+    start: Start, managed_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turns bound work on the event loop, not waits on the disk: with one call of each space
+    at work at a time, three Remembers of a space all get past their turns while the first
+    group commit's fsync is held back, and none is left waiting for a turn. A turn held through
+    the fsync would keep two of them queued until it ended."""
+    index_dir, volumes = managed_dirs
+    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=4)
+    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
+    running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
+    turns = running.server.edge.turns
+    assert turns is not None
+    turns.window_s = 60.0
+    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
+    for space, token in (("noisy", "tn"), ("quiet", "tq")):
+        await running.memories.Remember(request, metadata=md(space, token))  # loaded
+    noisy = running.server.registry.loaded()[spaces_ids.SpaceId("noisy")]
+    gate = threading.Event()
+    write = noisy._wal._write
+
+    def held(data: bytes, first_lsn: int) -> None:
+        gate.wait(30.0)
+        write(data, first_lsn)
+
+    monkeypatch.setattr(noisy._wal, "_write", held)
+    first = noisy.next_lsn
+    calls = [
+        asyncio.ensure_future(running.memories.Remember(request, metadata=md("noisy", "tn")))
+        for _ in range(3)
+    ]
+    try:
+        for _ in range(5000):
+            if noisy.next_lsn == first + 3:
+                break
+            await asyncio.sleep(0.001)
+        assert noisy.next_lsn == first + 3  # all three wrote their record while none is durable
+        assert turns.working_on("noisy") == 0
+        assert turns.waiting("noisy") == 0
+        assert not any(call.done() for call in calls)
+    finally:
+        gate.set()
+    answers = await asyncio.gather(*calls)
+    assert sorted(answer.lsn for answer in answers) == [first, first + 1, first + 2]
     assert turns.working == 0

@@ -31,6 +31,7 @@ from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import errors, spans
 from memspace_server.api import errors_map, limits, logs, routing, sharing, tracing
 from memspace_server.api.metrics import Metrics
+from memspace_server.storage import queueing
 
 log = logging.getLogger(__name__)
 
@@ -322,14 +323,19 @@ class _Scope:
         return Call(self._route)
 
     async def take_turn(self, turns: sharing.Turns, space: str) -> None:
-        """Wait for the call's turn among the unary calls at work (`sharing`)."""
+        """Wait for the call's turn among the unary calls at work (`sharing`). The storage
+        engine hands the turn on before it waits for an fsync (`queueing.give_back`)."""
         await turns.enter(space)
         self._turns = turns
+        queueing.hold(self._leave_turn)
 
-    def release(self) -> None:
+    def _leave_turn(self) -> None:
         if self._turns is not None and self._route is not None and self._route.space:
             self._turns.leave(self._route.space)
-            self._turns = None
+        self._turns = None
+
+    def release(self) -> None:
+        self._leave_turn()
         if self._ticket is not None:
             self._ticket.release()
 

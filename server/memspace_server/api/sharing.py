@@ -18,36 +18,31 @@ storage engine (`feeds.Pacer`).
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import math
 import time
+
+from memspace_server.storage import queueing
 
 WINDOW_S = 0.5
 """Spaces that called within this many seconds share the loop (a paced client between two calls
 still counts)."""
 
 
-class Turns:
+class Turns(queueing.FairQueue):
     """Unary calls at work per space, with the ones beyond `per_space` queued while spaces share
     the loop (event loop only: no locking)."""
 
     def __init__(self, per_space: int, window_s: float = WINDOW_S) -> None:
         if per_space < 1:
             raise ValueError("turns need at least one call at work per space")
-        self.per_space = per_space
+        super().__init__(per_space)
         self.window_s = window_s
-        self.working = 0
-        self._by_space: collections.Counter[str] = collections.Counter()
-        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         # When each space last called, oldest first: the spaces sharing the loop lately.
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
 
-    def waiting(self, space: str) -> int:
-        queue = self._waiting.get(space)
-        return len(queue) if queue else 0
-
     def working_on(self, space: str) -> int:
-        return self._by_space[space]
+        return self.running(space)
 
     def shared(self) -> bool:
         """More than one space has called in the last `window_s` seconds, or has calls at work."""
@@ -58,54 +53,17 @@ class Turns:
             if seen[oldest] >= horizon:
                 break
             del seen[oldest]
-        return len(seen) > 1 or len(self._by_space) > 1
+        return len(seen) > 1 or self.spaces_running() > 1
+
+    def limit(self) -> float:
+        """A space alone on the server is not held back."""
+        return self.per_space if self.shared() else math.inf
 
     async def enter(self, space: str) -> None:
         """Return once the call may start; `leave(space)` exactly once after that."""
         self._seen[space] = time.monotonic()
         self._seen.move_to_end(space)
-        if space not in self._waiting and (
-            self._by_space[space] < self.per_space or not self.shared()
-        ):
-            self._take(space)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(space, collections.deque()).append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.leave(space)  # admitted just as the caller gave up: pass the turn on
-            else:
-                queue = self._waiting.get(space)
-                if queue is not None and future in queue:
-                    queue.remove(future)
-                    if not queue:
-                        del self._waiting[space]
-            raise
+        await self.acquire(space)
 
     def leave(self, space: str) -> None:
-        self.working -= 1
-        left = self._by_space[space] - 1
-        if left > 0:
-            self._by_space[space] = left
-        else:
-            del self._by_space[space]
-        if space in self._waiting:
-            self._admit(space)
-
-    def _take(self, space: str) -> None:
-        self.working += 1
-        self._by_space[space] += 1
-
-    def _admit(self, space: str) -> None:
-        """Start the space's waiting calls its share allows (all of them once it is alone)."""
-        queue = self._waiting[space]
-        alone = not self.shared()
-        while queue and (alone or self._by_space[space] < self.per_space):
-            future = queue.popleft()
-            if not future.done():  # a caller cancelled but not yet told
-                self._take(space)
-                future.set_result(None)
-        if not queue:
-            del self._waiting[space]
+        self.release(space)

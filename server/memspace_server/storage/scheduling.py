@@ -11,14 +11,13 @@ space's recall wait for more than the scans already running.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from memspace_server.storage import caches, feeds
+from memspace_server.storage import caches, feeds, queueing
 from memspace_server.storage.settings import EngineSettings
 
 P = ParamSpec("P")
@@ -26,7 +25,8 @@ T = TypeVar("T")
 
 
 class FairScans:
-    """Runs blocking scans on `workers` threads, admitting the waiting spaces in turn."""
+    """Runs blocking scans on `workers` threads, admitting the waiting spaces in turn
+    (`queueing.FairQueue`)."""
 
     def __init__(self, workers: int, per_space: int) -> None:
         if workers < 1 or per_space < 1:
@@ -36,79 +36,23 @@ class FairScans:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="memspace-scan"
         )
-        self._running: collections.Counter[str] = collections.Counter()
-        self._total = 0
-        # Waiting scans by space, in the order their spaces take turns (a served space moves
-        # to the back).
-        self._waiting: collections.OrderedDict[str, collections.deque[asyncio.Future[None]]] = (
-            collections.OrderedDict()
-        )
+        self._slots = queueing.FairQueue(per_space, total=workers)
 
     def running(self, space: str) -> int:
-        return self._running[space]
+        return self._slots.running(space)
 
     def waiting(self, space: str) -> int:
-        queue = self._waiting.get(space)
-        return len(queue) if queue else 0
+        return self._slots.waiting(space)
 
     async def run(self, space: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """fn(*args, **kwargs) on a scan thread once it is this space's turn."""
-        await self._admit(space)
+        await self._slots.acquire(space)
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, lambda: fn(*args, **kwargs)
             )
         finally:
-            self._release(space)
-
-    async def _admit(self, space: str) -> None:
-        # A free thread with spaces waiting means every one of them is at its cap (a release
-        # admits them otherwise): a space that is not waiting already may take it.
-        free = self._total < self.workers and self._running[space] < self.per_space
-        if free and space not in self._waiting:
-            self._take(space)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(space, collections.deque()).append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self._release(space)  # admitted just as the caller gave up: pass the turn on
-            else:
-                queue = self._waiting.get(space)
-                if queue is not None and future in queue:
-                    queue.remove(future)
-                    if not queue:
-                        del self._waiting[space]
-            raise
-
-    def _take(self, space: str) -> None:
-        self._running[space] += 1
-        self._total += 1
-
-    def _release(self, space: str) -> None:
-        self._running[space] -= 1
-        if self._running[space] <= 0:
-            del self._running[space]
-        self._total -= 1
-        self._admit_next()
-
-    def _admit_next(self) -> None:
-        """Give free threads to waiting spaces, one scan per space per turn."""
-        while self._total < self.workers and self._waiting:
-            for space in list(self._waiting):
-                if self._running[space] < self.per_space:
-                    break
-            else:
-                return  # every waiting space is at its cap
-            queue = self._waiting.pop(space)
-            future = queue.popleft()
-            if queue:
-                self._waiting[space] = queue  # to the back of the turn order
-            if not future.done():  # a caller cancelled but not yet told
-                self._take(space)
-                future.set_result(None)
+            self._slots.release(space)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -34,6 +34,7 @@ from memspace_server.storage import (
     keywords,
     locks,
     memories,
+    queueing,
     quotas,
     recovering,
     scheduling,
@@ -325,6 +326,9 @@ class Space:
         self._count += new
 
     async def _durable(self, future: asyncio.Future[None]) -> None:
+        # The call's turn on the event loop bounds its work there, not its wait on the disk:
+        # hand it on before the group commit's fsync (a unary call holds one, `queueing`).
+        queueing.give_back()
         try:
             await future
         except errors.MemspaceError as err:

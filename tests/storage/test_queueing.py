@@ -1,0 +1,85 @@
+"""The fair queue the edge's turns and the scan threads share: slots go round robin by space
+under a flood, each space in its own arrival order, and a held slot is handed on once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from memspace_server.storage import queueing
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_slots_go_round_robin_by_space_however_many_each_space_queued() -> None:
+    slots = queueing.FairQueue(per_space=2, total=1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def work(label: str) -> None:
+        space = label.split("-", maxsplit=1)[0]
+        await slots.acquire(space)
+        order.append(label)
+        try:
+            await release.wait()
+        finally:
+            slots.release(space)
+
+    await slots.acquire("hold")  # the one slot is taken: everyone below queues
+    tasks = [asyncio.ensure_future(work(f"a-{n}")) for n in range(6)]
+    await settle()
+    tasks += [asyncio.ensure_future(work(f"b-{n}")) for n in range(2)]
+    tasks += [asyncio.ensure_future(work(f"c-{n}")) for n in range(2)]
+    await settle()
+    assert slots.waiting("a") == 6
+    release.set()
+    slots.release("hold")
+    await asyncio.gather(*tasks)
+    # a flooded first, yet b and c each had a turn after a's first slot, not after all six.
+    assert order == ["a-0", "b-0", "c-0", "a-1", "b-1", "c-1", "a-2", "a-3", "a-4", "a-5"]
+    assert slots.working == 0
+
+
+async def test_a_space_never_holds_more_than_its_share() -> None:
+    slots = queueing.FairQueue(per_space=2)
+    for _ in range(2):
+        await slots.acquire("a")
+    third = asyncio.ensure_future(slots.acquire("a"))
+    await slots.acquire("b")  # another space is not held back by a's queue
+    await settle()
+    assert not third.done()
+    assert (slots.running("a"), slots.waiting("a")) == (2, 1)
+    slots.release("a")
+    await third
+    assert (slots.running("a"), slots.waiting("a")) == (2, 0)
+
+
+async def test_a_held_slot_is_handed_on_once() -> None:
+    slots = queueing.FairQueue(per_space=1)
+    await slots.acquire("a")
+    released: list[str] = []
+
+    def release() -> None:
+        released.append("a")
+        slots.release("a")
+
+    async def call() -> None:
+        queueing.hold(release)
+        queueing.give_back()
+        queueing.give_back()  # nothing held any more: no second release
+
+    await asyncio.ensure_future(call())
+    assert released == ["a"]
+    assert slots.working == 0
+    queueing.give_back()  # outside any call: nothing held
+
+
+def test_a_fair_queue_needs_a_slot() -> None:
+    with pytest.raises(ValueError, match="at least one slot"):
+        queueing.FairQueue(per_space=0)
+    with pytest.raises(ValueError, match="at least one slot"):
+        queueing.FairQueue(per_space=1, total=0)
