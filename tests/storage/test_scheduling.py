@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -194,3 +195,38 @@ async def test_one_batch_reaches_many_subscribers_in_order(
     expected = list(zip(ids, range(last - 19, last + 1), strict=True))
     assert all(found == expected for found in seen)
     assert spaces_registry.pools.fanout.held == 0
+
+
+async def test_a_batch_to_many_subscribers_wakes_only_as_many_streams_as_the_pacer_has_turns() -> (
+    None
+):
+    """One write published to 1,000 idle subscribers queues a few steps on the event loop (the
+    streams the pacer has turns for), not a step per subscriber: another space's call that
+    becomes ready next waits behind those few. The rest are woken as turns free up, and every
+    subscriber still gets every event in order."""
+    pacer = feeds.Pacer(slots=8, hold_s=10)
+    feed = feeds.Feed(pacer)
+    streams = [feed.subscribe(buffer=100, skip_through=0) for _ in range(1000)]
+    seen: list[list[int]] = [[] for _ in streams]
+
+    async def read(n: int) -> None:
+        async for event in streams[n].live():
+            seen[n].append(event.lsn)
+
+    readers = [asyncio.ensure_future(read(n)) for n in range(len(streams))]
+    await settle()  # every reader waits for events
+    loop = asyncio.get_running_loop()
+    # The loop's queue of ready steps (asyncio's default loop keeps it in `_ready`).
+    before = len(loop._ready)  # type: ignore[attr-defined]
+    feed.publish([feeds.Run(feeds.EventType.REMEMBERED, ["a", "b", "c"], 1, time.time())])
+    woken = len(loop._ready) - before  # type: ignore[attr-defined]
+    assert woken <= pacer.slots
+    for _ in range(1000):
+        if all(len(found) == 3 for found in seen):
+            break
+        await asyncio.sleep(0.01)
+    assert all(found == [1, 2, 3] for found in seen)
+    assert pacer.held == 0
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)

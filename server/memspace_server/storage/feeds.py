@@ -4,8 +4,9 @@ A subscriber that falls a whole buffer behind is cut off with SubscriberTooSlowE
 LSN to resume from, so a slow reader costs a bounded amount of memory and never slows writers.
 A group commit hands its events to each subscriber as one batch (its cost grows with the
 subscribers, not with subscribers times events), and the server's subscribers send through a
-few turns of a shared `Pacer`: a thousand streams woken by one batch never queue ahead of
-another space's requests on the event loop by more than a few sends."""
+few turns of a shared `Pacer`. A stream waiting for events is woken only once the pacer has a
+turn for it: one batch to a thousand subscribers queues a few steps on the event loop, not a
+thousand, so another space's requests never wait behind more than a few sends."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class Pacer:
         self._free = slots
         self._held: dict[int, float] = {}
         self._next = 0
-        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[int | None]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -77,19 +78,28 @@ class Pacer:
     async def acquire(self) -> int:
         if self._free and not self._waiters:
             return self._grant()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._waiters.append(future)
-        if self._timer is None:
-            self._timer = loop.call_later(self.hold_s, self._expire)
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.enqueue(future)
         try:
-            return await future
+            token = await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release(future.result())
             else:
                 future.cancel()
             raise
+        assert token is not None
+        return token
+
+    def enqueue(self, future: asyncio.Future[int | None]) -> None:
+        """Give `future` a turn (its result is the token) now if one is free, else in arrival
+        order; a future done meanwhile (cancelled, or woken for another reason) is skipped."""
+        if self._free and not self._waiters:
+            future.set_result(self._grant())
+            return
+        self._waiters.append(future)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.hold_s, self._expire)
 
     def _grant(self) -> int:
         self._free -= 1
@@ -98,8 +108,8 @@ class Pacer:
         self._held[token] = time.monotonic()
         return token
 
-    def release(self, token: int) -> None:
-        if self._held.pop(token, None) is None:
+    def release(self, token: int | None) -> None:
+        if token is None or self._held.pop(token, None) is None:
             return  # taken back already
         self._free += 1
         self._wake()
@@ -128,7 +138,8 @@ class Subscription:
         self._buffer = buffer
         self._batches: collections.deque[list[Event]] = collections.deque()
         self._pending = 0
-        self._ready = asyncio.Event()
+        # Set while the stream waits for events: offered events queue it for a turn to send.
+        self._parked: asyncio.Future[int | None] | None = None
         self._skip_through = skip_through
         self._overflow_lsn: int | None = None
         self._last = skip_through
@@ -146,11 +157,21 @@ class Subscription:
                 return
         if self._pending > self._buffer:
             self._overflow_lsn = events[0].lsn
-            self._ready.set()
+            self._rouse()
             return
         self._batches.append(events)
         self._pending += len(events)
-        self._ready.set()
+        parked, self._parked = self._parked, None
+        if parked is not None and not parked.done():
+            # Woken only once it has a turn to send: a batch to a thousand subscribers wakes
+            # a few streams at a time, not a thousand tasks in one step of the loop.
+            self._feed.pacer.enqueue(parked)
+
+    def _rouse(self) -> None:
+        """Wake a parked stream without a turn (it ends, or reports it fell behind)."""
+        parked, self._parked = self._parked, None
+        if parked is not None and not parked.done():
+            parked.set_result(None)
 
     @property
     def buffer(self) -> int:
@@ -158,29 +179,52 @@ class Subscription:
 
     async def live(self) -> AsyncIterator[Event]:
         pacer = self._feed.pacer
-        while True:
-            if not self._batches:
-                if self._overflow_lsn is not None:
-                    raise errors.SubscriberTooSlowError(
-                        "the subscriber fell behind its buffer of "
-                        f"{self._buffer} events; resubscribe with since_lsn="
-                        f"{self._last + 1} to resume",
-                        resume_lsn=self._last + 1,
-                    )
-                if self.closed:
-                    return
-                self._ready.clear()
-                await self._ready.wait()
-                continue
-            batch = self._batches.popleft()
-            for event in batch:
-                turn = await pacer.acquire()
-                try:
-                    self._pending -= 1
-                    self._last = event.lsn
-                    yield event
-                finally:
+        turn: int | None = None  # a turn granted while parked, not used yet
+        try:
+            while True:
+                if not self._batches:
                     pacer.release(turn)
+                    turn = None
+                    if self._overflow_lsn is not None:
+                        raise errors.SubscriberTooSlowError(
+                            "the subscriber fell behind its buffer of "
+                            f"{self._buffer} events; resubscribe with since_lsn="
+                            f"{self._last + 1} to resume",
+                            resume_lsn=self._last + 1,
+                        )
+                    if self.closed:
+                        return
+                    turn = await self._park()
+                    continue
+                batch = self._batches.popleft()
+                for event in batch:
+                    if turn is None:
+                        turn = await pacer.acquire()
+                    try:
+                        self._pending -= 1
+                        self._last = event.lsn
+                        yield event
+                    finally:
+                        pacer.release(turn)
+                        turn = None
+        finally:
+            pacer.release(turn)
+
+    async def _park(self) -> int | None:
+        """Wait for events: the turn to send the first of them (None when woken to end)."""
+        parked: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._parked = parked
+        try:
+            return await parked
+        except asyncio.CancelledError:
+            if parked.done() and not parked.cancelled():
+                self._feed.pacer.release(parked.result())
+            else:
+                parked.cancel()  # the pacer skips it
+            raise
+        finally:
+            if self._parked is parked:
+                self._parked = None
 
     def note_replayed(self, lsn: int) -> None:
         self._last = max(self._last, lsn)
@@ -191,7 +235,7 @@ class Subscription:
     def end(self) -> None:
         """Finish the stream after what it already holds."""
         self.closed = True
-        self._ready.set()
+        self._rouse()
 
 
 class Feed:
