@@ -341,6 +341,16 @@ class ServerSettings(Settings):
         help="most texts embedded in one call of the model (RememberBatch streams are embedded "
         "in groups of this many)",
     )
+    thread_switch_ms: float = setting(
+        0.5,
+        env="MEMSPACE_THREAD_SWITCH_MS",
+        metavar="MS",
+        gt=0,
+        le=100,
+        help="how long a worker thread that has finished a scan or an fsync waits at most for a "
+        "busy event loop's thread to hand over the interpreter (Python's switch interval, 5 by "
+        "default: a 5 ms wait per hop for a quiet space's call while another floods the loop)",
+    )
     max_subscribers_per_space: int = setting(
         1024,
         env="MEMSPACE_MAX_SUBSCRIBERS_PER_SPACE",

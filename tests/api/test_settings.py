@@ -78,3 +78,11 @@ def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
 )
 def test_loopback_hosts(host: str, loopback: bool) -> None:
     assert settings.is_loopback(host) is loopback
+
+
+def test_threads_hand_over_within_half_a_millisecond_by_default(tmp_path: Path) -> None:
+    assert parse(["--data-root", str(tmp_path)]).thread_switch_ms == 0.5
+    environ = {"MEMSPACE_THREAD_SWITCH_MS": "2"}
+    assert parse(["--data-root", str(tmp_path)], environ).thread_switch_ms == 2.0
+    with pytest.raises(settings.SettingsError, match="thread"):
+        parse(["--data-root", str(tmp_path), "--thread-switch-ms", "0"])

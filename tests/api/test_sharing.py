@@ -6,6 +6,7 @@ test runs a real server whose flooding space sends far more calls than the edge 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -269,3 +270,17 @@ async def test_a_remember_hands_its_turn_on_before_its_fsync(
     answers = await asyncio.gather(*calls)
     assert sorted(answer.lsn for answer in answers) == [first, first + 1, first + 2]
     assert turns.working == 0
+
+
+async def test_the_server_sets_the_threads_switch_interval(
+    start: Start, managed_dirs: tuple[Path, Path]
+) -> None:
+    """A worker thread's result reaches a busy event loop within the configured switch interval
+    (Python's default of 5 ms was a 5 ms wait per hop of a quiet space's call)."""
+    index_dir, volumes = managed_dirs
+    before = sys.getswitchinterval()
+    try:
+        await start(data_root=volumes, index_dir=index_dir, thread_switch_ms=0.25)
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    finally:
+        sys.setswitchinterval(before)

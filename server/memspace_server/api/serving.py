@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,10 @@ the server keep it busy; an idle one goes at once)."""
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        # A scan or fsync thread hands its result to the event loop only once it holds the
+        # interpreter: at Python's default switch interval a busy loop (another space's flood)
+        # keeps it waiting 5 ms for every such hop of a quiet space's call.
+        sys.setswitchinterval(settings.thread_switch_ms / 1000)
         self.registry = self._open_registry()
         self.metrics = metrics.Metrics()
         self.router = routing.Router(
