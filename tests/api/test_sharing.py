@@ -8,17 +8,15 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 
 from memspace_contract import spaces as spaces_ids
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server.api import sharing
-from memspace_server.storage import spaces
-from tests.api.conftest import Running, Start, md, write_entry
+from tests.api.conftest import Start, md, write_entry
 
 
 class Caller:
@@ -167,61 +165,61 @@ def test_turns_need_a_call_at_work_per_space() -> None:
         sharing.Turns(0)
 
 
-async def seed(running: Running, space: str, token: str, count: int, dim: int) -> None:
-    rows = np.random.default_rng(7).standard_normal((count, dim)).astype(np.float32)
-
-    async def requests() -> AsyncIterator[pb.RememberRequest]:
-        for row in rows:
-            yield pb.RememberRequest(memory=pb.Memory(content="s", embedding=row.tolist()))
-
-    await running.memories.RememberBatch(requests(), metadata=md(space, token))
-
-
 async def test_a_quiet_spaces_call_starts_while_a_floods_calls_wait_their_turn(
     start: Start, managed_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real server working on one call of each space at a time: 60 Recalls of a flooding
-    space (each scanned on a worker thread, holding its turn meanwhile) are sent at once, then
-    one of a quiet space. The flood's calls wait in their queue (none refused, none lost), and
-    the quiet call is at work while they still wait: it did not queue behind them."""
+    space (each scanned on a worker thread, holding its turn meanwhile; the test holds the
+    first scan until the end) are sent at once, then one Remember of a quiet space. The flood's
+    calls wait in their queue (none refused, none lost), and the quiet call starts while they
+    still wait: it did not queue behind them."""
     index_dir, volumes = managed_dirs
-    dim = 256
-    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=dim)
-    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=dim)
+    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=4)
+    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
     running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
     turns = running.server.edge.turns
     assert turns is not None
     turns.window_s = 60.0  # the spaces share the loop throughout, however slow the machine
-    # Large enough that a recall scans on a worker thread, not inline on the loop.
-    await seed(running, "noisy", "tn", 16 * spaces.INLINE_SCAN // dim, dim)
-    cue = [1.0] + [0.0] * (dim - 1)
-    recall = pb.RecallRequest(cue=cue, k=10)
-    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=cue))
-    await running.memories.Remember(request, metadata=md("quiet", "tq"))  # loaded
+    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
+    for space, token in (("noisy", "tn"), ("quiet", "tq")):
+        await running.memories.Remember(request, metadata=md(space, token))  # loaded
+    noisy = running.server.registry.loaded()[spaces_ids.SpaceId("noisy")]
+    gate = threading.Event()
+    search = noisy._search
+
+    def held(*args: Any) -> Any:
+        gate.wait(30.0)
+        return search(*args)
+
+    # Every recall of the flood scans on a worker thread, the first held there.
+    monkeypatch.setattr(noisy, "_scan_is_small", lambda: False)
+    monkeypatch.setattr(noisy, "_search", held)
+    recall = pb.RecallRequest(cue=[1.0, 0.0, 0.0, 0.0], k=1)
     flood = [
         asyncio.ensure_future(running.memories.Recall(recall, metadata=md("noisy", "tn")))
         for _ in range(60)
     ]
-    for _ in range(5000):
-        if turns.waiting("noisy") >= 20:
-            break
-        await asyncio.sleep(0.001)
-    assert turns.waiting("noisy") >= 20
-    # The flood's calls still waiting when the quiet one started.
-    beside: list[int] = []
-    enter = turns.enter
+    try:
+        for _ in range(5000):
+            if turns.waiting("noisy") == 59:
+                break
+            await asyncio.sleep(0.001)
+        assert (turns.working_on("noisy"), turns.waiting("noisy")) == (1, 59)
+        beside: list[int] = []
+        enter = turns.enter
 
-    async def noting(space: str) -> None:
-        await enter(space)
-        if space == "quiet":
-            beside.append(turns.waiting("noisy"))
+        async def noting(space: str) -> None:
+            await enter(space)
+            if space == "quiet":
+                beside.append(turns.waiting("noisy"))
 
-    monkeypatch.setattr(turns, "enter", noting)
-    await running.memories.Remember(request, metadata=md("quiet", "tq"))
-    assert beside
-    assert max(beside) > 0
+        monkeypatch.setattr(turns, "enter", noting)
+        await running.memories.Remember(request, metadata=md("quiet", "tq"))
+        assert beside == [59]
+    finally:
+        gate.set()
     answers = await asyncio.gather(*flood)
-    assert all(len(answer.hits) == 10 for answer in answers)
+    assert all(len(answer.hits) == 1 for answer in answers)
     assert turns.working == 0
 
 
