@@ -244,9 +244,9 @@ async def test_a_remember_hands_its_turn_on_before_its_fsync(
     gate = threading.Event()
     write = noisy._wal._write
 
-    def held(data: bytes, first_lsn: int) -> None:
+    def held(*args: Any) -> Any:
         gate.wait(30.0)
-        write(data, first_lsn)
+        return write(*args)
 
     monkeypatch.setattr(noisy._wal, "_write", held)
     first = noisy.next_lsn
