@@ -16,7 +16,7 @@ import pytest
 from memspace_contract import spaces as spaces_ids
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server.api import sharing
-from tests.api.conftest import Start, md, write_entry
+from tests.api.conftest import Running, Start, md, write_entry
 
 
 class Caller:
@@ -165,6 +165,26 @@ def test_turns_need_a_call_at_work_per_space() -> None:
         sharing.Turns(0)
 
 
+REMEMBER = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
+
+
+async def noisy_and_quiet(
+    start: Start, managed_dirs: tuple[Path, Path]
+) -> tuple[Running, sharing.Turns]:
+    """A real server working on one call of each space at a time, spaces "noisy" (token "tn")
+    and "quiet" ("tq") loaded and sharing the loop throughout, however slow the machine."""
+    index_dir, volumes = managed_dirs
+    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=4)
+    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
+    running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
+    turns = running.server.edge.turns
+    assert turns is not None
+    turns.window_s = 60.0
+    for space, token in (("noisy", "tn"), ("quiet", "tq")):
+        await running.memories.Remember(REMEMBER, metadata=md(space, token))  # loaded
+    return running, turns
+
+
 async def test_a_quiet_spaces_call_starts_while_a_floods_calls_wait_their_turn(
     start: Start, managed_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,16 +193,8 @@ async def test_a_quiet_spaces_call_starts_while_a_floods_calls_wait_their_turn(
     first scan until the end) are sent at once, then one Remember of a quiet space. The flood's
     calls wait in their queue (none refused, none lost), and the quiet call starts while they
     still wait: it did not queue behind them."""
-    index_dir, volumes = managed_dirs
-    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=4)
-    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
-    running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
-    turns = running.server.edge.turns
-    assert turns is not None
-    turns.window_s = 60.0  # the spaces share the loop throughout, however slow the machine
-    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
-    for space, token in (("noisy", "tn"), ("quiet", "tq")):
-        await running.memories.Remember(request, metadata=md(space, token))  # loaded
+    running, turns = await noisy_and_quiet(start, managed_dirs)
+    request = REMEMBER
     noisy = running.server.registry.loaded()[spaces_ids.SpaceId("noisy")]
     gate = threading.Event()
     search = noisy._search
@@ -230,16 +242,8 @@ async def test_a_remember_hands_its_turn_on_before_its_fsync(
     at work at a time, three Remembers of a space all get past their turns while the first
     group commit's fsync is held back, and none is left waiting for a turn. A turn held through
     the fsync would keep two of them queued until it ended."""
-    index_dir, volumes = managed_dirs
-    write_entry(index_dir, "noisy", token="tn", volumes=volumes, dim=4)
-    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
-    running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
-    turns = running.server.edge.turns
-    assert turns is not None
-    turns.window_s = 60.0
-    request = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
-    for space, token in (("noisy", "tn"), ("quiet", "tq")):
-        await running.memories.Remember(request, metadata=md(space, token))  # loaded
+    running, turns = await noisy_and_quiet(start, managed_dirs)
+    request = REMEMBER
     noisy = running.server.registry.loaded()[spaces_ids.SpaceId("noisy")]
     gate = threading.Event()
     write = noisy._wal._write
