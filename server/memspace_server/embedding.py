@@ -13,7 +13,6 @@ most one batch of each other waiting space.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import importlib.metadata
 import logging
@@ -27,7 +26,7 @@ import tokenizers
 from safetensors import numpy as safetensors_numpy
 
 from memspace_contract import models
-from memspace_server import errors
+from memspace_server import errors, queueing
 
 log = logging.getLogger(__name__)
 
@@ -112,55 +111,26 @@ def load(model: models.Model) -> StaticModel:
     return StaticModel(model, weights["embedding.weight"], tokenizer)
 
 
-class Turns:
+class Turns(queueing.FairQueue):
     """At most `threads` batches at work; the ones beyond wait per space and start in round
     robin over the spaces (event loop only: no locking)."""
 
     def __init__(self, threads: int) -> None:
         if threads < 1:
             raise ValueError("embedding needs at least one thread")
-        self.free = threads
-        self._waiting: collections.OrderedDict[str, collections.deque[asyncio.Future[None]]] = (
-            collections.OrderedDict()
-        )
+        super().__init__(per_space=threads, total=threads)
 
-    def waiting(self, space: str) -> int:
-        queue = self._waiting.get(space)
-        return len(queue) if queue else 0
+    @property
+    def free(self) -> int:
+        return int(self.total) - self.working
 
     async def enter(self, space: str) -> None:
-        """Return once the batch may start; `leave()` exactly once after that."""
-        if self.free > 0 and not self._waiting:
-            self.free -= 1
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(space, collections.deque()).append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.leave()  # handed a thread just as the caller gave up: pass it on
-            else:
-                queue = self._waiting.get(space)
-                if queue is not None and future in queue:
-                    queue.remove(future)
-                    if not queue:
-                        del self._waiting[space]
-            raise
+        """Return once the batch may start; `leave(space)` exactly once after that."""
+        await self.acquire(space)
 
-    def leave(self) -> None:
+    def leave(self, space: str) -> None:
         """A batch finished: its thread goes to the oldest waiting batch of the next space."""
-        while self._waiting:
-            space, queue = next(iter(self._waiting.items()))
-            future = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(space)  # its next batch waits for every other space
-            else:
-                del self._waiting[space]
-            if not future.done():
-                future.set_result(None)
-                return
-        self.free += 1
+        self.release(space)
 
 
 class Embedder:
@@ -215,7 +185,7 @@ class Embedder:
             try:
                 parts.append(await loop.run_in_executor(self._executor, model.embed, chunk))
             finally:
-                self.turns.leave()
+                self.turns.leave(space)
         if not parts:
             return np.zeros((0, model.dim), dtype=np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -249,7 +249,7 @@ async def test_one_space_cannot_hold_the_embedding_threads() -> None:
             order.append(space)
             await release.wait()
         finally:
-            turns.leave()
+            turns.leave(space)
 
     first = asyncio.create_task(batch("flood"))
     await asyncio.sleep(0)

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from memspace_server.storage import queueing
+from memspace_server import queueing
 
 
 async def settle() -> None:

@@ -28,10 +28,9 @@ from google.protobuf import message as protobuf_message
 
 from memspace_contract import index, spaces, wire
 from memspace_contract.v1 import memspace_pb2 as pb
-from memspace_server import errors, spans
+from memspace_server import errors, queueing, spans
 from memspace_server.api import errors_map, limits, logs, routing, sharing, tracing
 from memspace_server.api.metrics import Metrics
-from memspace_server.storage import queueing
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import collections
 import math
 import time
 
-from memspace_server.storage import queueing
+from memspace_server import queueing
 
 WINDOW_S = 0.5
 """Spaces that called within this many seconds share the loop (a paced client between two calls

@@ -17,7 +17,8 @@ import os
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from memspace_server.storage import caches, feeds, queueing
+from memspace_server import queueing
+from memspace_server.storage import caches, feeds
 from memspace_server.storage.settings import EngineSettings
 
 P = ParamSpec("P")

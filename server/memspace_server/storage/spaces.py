@@ -24,7 +24,7 @@ import numpy as np
 
 from memspace_contract import durable, index, wire
 from memspace_contract.wire import Lsn
-from memspace_server import errors, spans
+from memspace_server import errors, queueing, spans
 from memspace_server.storage import (
     ann,
     batches,
@@ -34,7 +34,6 @@ from memspace_server.storage import (
     keywords,
     locks,
     memories,
-    queueing,
     quotas,
     recovering,
     scheduling,

@@ -1,7 +1,8 @@
 """Fair queues: slots of some work handed out round robin by space, at most `per_space` at once to
 one space and at most `total` in all, so that a space's share does not grow with how hard its
-clients push. The edge's turns for unary calls (`api.sharing`) and the scan threads
-(`scheduling.FairScans`) both take their slots here.
+clients push. The edge's turns for unary calls (`api.sharing`), the scan threads
+(`storage.scheduling.FairScans`) and the embedding threads (`embedding.Turns`) all take their
+slots here. It knows nothing of gRPC, the storage engine or the models.
 
 A call that holds a slot and is about to wait on something that is not the event loop's work
 (the group commit's fsync) hands its slot on early with `give_back`: the slot bounds work on the
