@@ -23,9 +23,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -285,12 +287,23 @@ def _measure_restarts(
         gaps, timelines = [], []
         for _ in range(rounds):
             old = pod["metadata"]["uid"]
-            deleted = time.monotonic()
-            core.delete_namespaced_pod(pod["metadata"]["name"], NODE_NAMESPACE)
-            gap, timeline = _unready_gap(core, discovery, deleted, old)
+            with _ServerLog(cluster) as old_log:
+                deleted, deleted_at = time.monotonic(), time.time()
+                core.delete_namespaced_pod(pod["metadata"]["name"], NODE_NAMESPACE)
+                gap, timeline = _unready_gap(core, discovery, deleted, old)
+                pod = _wait_ready_pod(core, old)
+            # The servers' own log: when the old one began and ended its drain, and when the
+            # new one served (their clocks are this machine's).
+            new_log = cluster.kubectl("-n", NODE_NAMESPACE, "logs", POD).stdout
+            for phase, text, marker in (
+                ("old server draining", old_log.text, "draining:"),
+                ("old server drained", old_log.text, "drained in"),
+                ("new server serving", new_log, "serving "),
+            ):
+                if (at := _logged_at(text, marker)) is not None:
+                    timeline[phase] = at - deleted_at
             gaps.append(gap)
             timelines.append(timeline)
-            pod = _wait_ready_pod(core, old)
         apps.delete_namespaced_stateful_set("memspace-shard-0", NODE_NAMESPACE)
     cluster.kubectl("delete", "namespace", NODE_NAMESPACE, "--wait=false")
     phases = {
@@ -319,22 +332,64 @@ def _measure_restarts(
 
 PHASES = (
     "endpoint not ready",
+    "old server draining",
+    "old server drained",
     "old container exited",
     "old pod gone",
     "new pod made",
     "new container running",
+    "new server serving",
     "new container started",
     "new pod ready",
     "endpoint ready",
 )
-"""What a restart goes through, each timed (polled every 50 ms) from the pod's deletion."""
+"""What a restart goes through, each timed from the pod's deletion: polled every 50 ms, or
+(the servers' steps) from their log."""
+POD = "memspace-shard-0-0"
+
+
+class _ServerLog:
+    """`kubectl logs -f` of the shard pod while it lives: its log once it has ended."""
+
+    def __init__(self, cluster: controlplane.Cluster) -> None:
+        self.argv = [
+            str(cluster.tools["kubectl"]), f"--kubeconfig={cluster.kubeconfig}",
+            "-n", NODE_NAMESPACE, "logs", "-f", POD,
+        ]  # fmt: skip
+        self.text = ""
+
+    def __enter__(self) -> _ServerLog:
+        self._process = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        assert self._process.stdout is not None
+        # Following once its first line is in (the server logged at its start).
+        self.text = self._process.stdout.readline()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.text += self._process.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self.text += self._process.communicate()[0]
+
+
+def _logged_at(text: str, marker: str) -> float | None:
+    """The time (epoch seconds) of the first JSON log line whose message has `marker`."""
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            entry = json.loads(line)
+            if marker in entry["message"]:
+                return datetime.datetime.fromisoformat(entry["time"]).timestamp()
+    return None
 
 
 def _wait_ready_pod(core: kubernetes.client.CoreV1Api, other_than: str | None) -> dict[str, Any]:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         with contextlib.suppress(kubernetes.client.ApiException):
-            pod = core.read_namespaced_pod("memspace-shard-0-0", NODE_NAMESPACE)
+            pod = core.read_namespaced_pod(POD, NODE_NAMESPACE)
             body: dict[str, Any] = core.api_client.sanitize_for_serialization(pod)
             conditions = (body.get("status") or {}).get("conditions") or []
             ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
@@ -386,7 +441,7 @@ def _unready_gap(
 def _phases(core: kubernetes.client.CoreV1Api, old: str) -> list[str]:
     """The PHASES the shard pod shows now."""
     try:
-        pod = core.read_namespaced_pod("memspace-shard-0-0", NODE_NAMESPACE)
+        pod = core.read_namespaced_pod(POD, NODE_NAMESPACE)
     except kubernetes.client.ApiException:
         return ["old pod gone"]
     body: dict[str, Any] = core.api_client.sanitize_for_serialization(pod)

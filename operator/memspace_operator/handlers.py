@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
 BACKUPS = (naming.GROUP, naming.VERSION, naming.BACKUP_PLURAL)
 MAX_DELAY_S = 300.0
+RECONCILE_WORKERS = 200
+"""MemorySpaces handled at once (kopf's workers); the others wait their turn. Without a limit,
+10,000 spaces applied at once were all started together and shared the API client's slots,
+each one step at a time, so that every one would finish near the end (after 5 minutes 1,300
+claims were made and only 46 spaces reported VolumeBound, the rate falling). A worker stays
+5 s after its object's last event, so this also bounds the rate: 200 workers, 40 spaces/s."""
 
 Step = Callable[[operating.Operator, Mapping[str, Any]], Awaitable[None]]
 
@@ -48,6 +54,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.reporting_component = naming.MANAGER
     settings.posting.event_name_prefix = "memspace-"
     settings.execution.default_backoff = 30
+    settings.queueing.worker_limit = RECONCILE_WORKERS
     settings.watching.server_timeout = 300
     # The CRD is installed before the operator: no CRD or namespace watching, so the RBAC needs
     # no list/watch on either (restart the operator after adding a CRD version).

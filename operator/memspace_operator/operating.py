@@ -249,19 +249,26 @@ class Operator:
             condition, figures = health.assess(result, space_id)
             observed = tracked.observed
             before = observed.health
+            generation = observed.index_generation
             observed.health = condition
+            changed = condition != before
             found = result.spaces.get(space_id)
             if found is not None and (
                 found.index_generation >= observed.index_generation
                 or result.asked_at > observed.index_confirmed_at
             ):
                 observed.index_generation = int(found.index_generation)
+                changed |= observed.index_generation != generation
             if figures is not None and figures.differs(observed.figures):
                 observed.figures = figures
                 observed.figures_time = statuses.now()
+                changed = True
             if before is not None and before.status == "True" and condition.status != "True":
                 self.recorder.warning(tracked.ref, condition.reason, condition.message)
-            self.book.publish_soon(tracked)
+            # Only a change is published: a publish per space per round (a task each, to find
+            # nothing to write) was a third of the operator's CPU at 2,400 spaces.
+            if changed:
+                self.book.publish_soon(tracked)
 
 
 def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
