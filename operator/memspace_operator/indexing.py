@@ -11,7 +11,7 @@ import base64
 import contextlib
 from typing import Any
 
-from memspace_contract import index, spaces
+from memspace_contract import index, spaces, wire
 from memspace_operator import errors, kube, naming
 from memspace_operator.settings import Settings
 
@@ -67,6 +67,20 @@ class Index:
             return index.loads(base64.b64decode(raw))
         except (index.InvalidIndexEntryError, ValueError):
             return None
+
+    async def offloaded(self, shard: int) -> list[spaces.SpaceId]:
+        """The spaces whose entry in shard N's index says Offloaded (they have no claim, so the
+        index is where an operator starting up learns that the shard still keeps them)."""
+        secret = await self._kube.get_or_none(self._url(shard))
+        found = []
+        for raw in ((secret or {}).get("data") or {}).values():
+            try:
+                entry = index.loads(base64.b64decode(raw))
+            except (index.InvalidIndexEntryError, ValueError):
+                continue
+            if entry.state == wire.OFFLOADED:
+                found.append(entry.space_id)
+        return found
 
     async def put(self, shard: int, entry: index.IndexEntry) -> None:
         await self.ensure_secret(shard)

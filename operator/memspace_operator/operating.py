@@ -101,6 +101,12 @@ class Operator:
         selector = kube.selector({**naming.managed(), naming.COMPONENT: "shard"})
         listed = await self.kube.list(kube.statefulsets(namespace), selector)
         self.assignments.know(self.mounter.load(listed.get("items") or []))
+        for shard in self.assignments.shards:
+            for space_id in await self.index.offloaded(shard):
+                if self.assignments.get(space_id) is None:
+                    # Its MemorySpace's uid is learnt when it is reconciled (kept meanwhile).
+                    self.assignments.record(space_id, shard, "")
+                    self.assignments.set_offloaded(space_id, True)
         pods_version = await self.pods.list()
         await self.mounter.reap_all(list(self.claims.claims.values()))
         self.certifier.shards.update(self.assignments.shards)

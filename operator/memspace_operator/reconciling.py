@@ -255,9 +255,14 @@ async def _offloaded(op: Operator, tracked: tracking.Tracked, record: dict[str, 
     space = tracked.space
     space_id = space.spec.space_id
     assignment = op.assignments.get(space_id)
+    if assignment is not None and not assignment.owner_uid:
+        # Found Offloaded in a shard's index at start-up: its owner is this MemorySpace.
+        op.assignments.record(space_id, assignment.shard, space.ref.uid)
+        assignment = op.assignments.get(space_id)
     shard = assignment.shard if assignment is not None else None
     if assignment is not None and assignment.owner_uid == space.ref.uid:
         op.assignments.set_offloaded(space_id, True)
+        record = {**record, "shard": int(assignment.shard)}
         entry = await op.index.get(assignment.shard, space_id)
         if entry is not None:
             wanted = offloading.offloaded_entry(
@@ -312,6 +317,10 @@ async def _reclaim(
     if record is None:
         return None
     space_id = tracked.space.spec.space_id
+    found = op.assignments.get(space_id)
+    if found is not None and not found.owner_uid:
+        # Found Offloaded in a shard's index at start-up: its owner is this MemorySpace.
+        op.assignments.record(space_id, found.shard, tracked.space.ref.uid)
     url = kube.pvcs(op.settings.server_namespace, naming.claim_name(space_id))
     pvc = await op.kube.get_or_none(url)
     mounted_on = op.assignments.mounted_on(space_id)

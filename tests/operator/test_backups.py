@@ -448,3 +448,42 @@ async def remember_code(creds: client.Credentials) -> tuple[grpc.StatusCode, str
         except grpc.aio.AioRpcError as err:
             return err.code(), err.details() or ""
     return grpc.StatusCode.OK, ""
+
+
+def test_an_offloaded_space_survives_an_operator_restart_and_comes_back_with_its_token(
+    deployment: Deployment, kubelet: FakeKubelet, targets: Targets
+) -> None:
+    ns, server_ns = deployment.namespace, deployment.server_namespace
+    target, _ = targets.make()
+    with deployment.running(MEMSPACE_BACKUP_DEFAULT_TARGET=target):
+        deployment.apply("napping", embeddingDim=DIM)
+        deployment.wait_condition("napping", "Ready", "True")
+        asyncio.run(remember(deployment, "napping", 7))
+        creds = tenant_credentials(deployment.kube, ns, "napping", server_ns)
+        before = asyncio.run(recall_all(creds))
+        offloaded = offload(deployment, "napping")
+        # What coming back needs is in the status itself, not only in the operator's memory.
+        assert offloaded["tokenSha256"]
+        assert offloaded["credentialsUid"]
+        pod = shard_pod(deployment)
+        assert pod is not None
+        deployment.kube.core.delete_namespaced_pod(pod["metadata"]["name"], server_ns)
+        wait_for("the offloaded claim to be deleted",
+                 lambda: deployment.kube.pvc(server_ns, "space-napping") is None)  # fmt: skip
+    with deployment.running(MEMSPACE_BACKUP_DEFAULT_TARGET=target):
+        body = deployment.wait_condition("napping", "Ready", "False", "Offloaded")
+        assert body["status"]["offload"]["backupId"] == offloaded["backupId"]
+
+        # Its shard (restarted, holding no volume now) still answers for it.
+        def answered() -> tuple[grpc.StatusCode, str] | None:
+            answer = asyncio.run(recall_code(creds))
+            return None if answer[0] is grpc.StatusCode.UNAVAILABLE else answer
+
+        code, details = wait_for("the shard to answer for the offloaded space", answered, 60)
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert "Offloaded" in details
+        assert deployment.kube.statefulset(server_ns, "memspace-shard-0") is not None
+        deployment.kube.patch_spec(ns, "napping", {"state": "Active"})
+        body = deployment.wait_condition("napping", "Ready", "True")
+        assert body["status"]["restoredFrom"]["backupId"] == offloaded["backupId"]
+        assert asyncio.run(recall_all(creds)) == before
