@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
 
 from memspace_contract import spaces
 
@@ -168,3 +169,26 @@ def offload_backup(owner_name: str, generation: int) -> str:
 def scheduled_backup(owner_name: str, stamp: str) -> str:
     """The MemorySpaceBackup a schedule makes at tick `stamp` (`20260102t0304`)."""
     return _fit(f"{owner_name}-{stamp}", 253)
+
+
+def backup_object(
+    space: str,
+    namespace: str,
+    name: str,
+    *,
+    target: str | None,
+    purpose: str,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The MemorySpaceBackup the operator makes of `space` (a schedule's tick, an offload)."""
+    spec: dict[str, str] = {"memorySpace": space}
+    if target:
+        spec["target"] = target
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {**managed(), BACKUP_OF: label_value(space), BACKUP_PURPOSE: purpose},
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"apiVersion": API_VERSION, "kind": BACKUP_KIND, "metadata": metadata, "spec": spec}

@@ -192,23 +192,9 @@ async def final_backup(op: Operator, tracked: tracking.Tracked) -> dict[str, Any
     url = kube.memoryspacebackups(ref.namespace, name)
     body = await op.kube.get_or_none(url)
     if body is None:
-        spec: dict[str, str] = {"memorySpace": ref.name}
-        if space.spec.backup.target:
-            spec["target"] = space.spec.backup.target
-        manifest = {
-            "apiVersion": naming.API_VERSION,
-            "kind": naming.BACKUP_KIND,
-            "metadata": {
-                "name": name,
-                "namespace": ref.namespace,
-                "labels": {
-                    **naming.managed(),
-                    naming.BACKUP_OF: naming.label_value(ref.name),
-                    naming.BACKUP_PURPOSE: OFFLOAD,
-                },
-            },
-            "spec": spec,
-        }
+        manifest = naming.backup_object(
+            ref.name, ref.namespace, name, target=space.spec.backup.target, purpose=OFFLOAD
+        )
         try:
             body = await op.kube.create(kube.memoryspacebackups(ref.namespace), manifest)
         except errors.AlreadyExistsError:

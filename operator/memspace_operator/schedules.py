@@ -100,24 +100,14 @@ class Scheduler:
         space = tracked.space
         ref = space.ref
         name = naming.scheduled_backup(ref.name, tick.strftime(STAMP))
-        spec: dict[str, str] = {"memorySpace": ref.name}
-        if space.spec.backup.target:
-            spec["target"] = space.spec.backup.target
-        body = {
-            "apiVersion": naming.API_VERSION,
-            "kind": naming.BACKUP_KIND,
-            "metadata": {
-                "name": name,
-                "namespace": ref.namespace,
-                "labels": {
-                    **naming.managed(),
-                    naming.BACKUP_OF: naming.label_value(ref.name),
-                    naming.BACKUP_PURPOSE: "scheduled",
-                },
-                "annotations": {naming.SCHEDULED_AT: tick.strftime(statuses.TIME_FORMAT)},
-            },
-            "spec": spec,
-        }
+        body = naming.backup_object(
+            ref.name,
+            ref.namespace,
+            name,
+            target=space.spec.backup.target,
+            purpose="scheduled",
+            annotations={naming.SCHEDULED_AT: tick.strftime(statuses.TIME_FORMAT)},
+        )
         try:
             made = await self.op.kube.create(kube.memoryspacebackups(ref.namespace), body)
         except errors.AlreadyExistsError:
