@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 DATA ?= ./data
 LISTEN ?= 127.0.0.1:50051
+MODEL ?= wordllama-l2-256
 PYTEST_ARGS ?=
 
 .PHONY: help venv run test lint fmt bench soak clean proto openapi e2e-kind chart-crds bench-operator image lock
@@ -13,7 +14,8 @@ PYTEST_ARGS ?=
 include hack/k8s.mk
 
 help:
-	@echo "make run    install and start a standalone memspace server on $(LISTEN) (data in $(DATA))"
+	@echo "make run    install and start a standalone memspace server on $(LISTEN) (data in $(DATA);"
+	@echo "           its 'default' space embeds text with $(MODEL); MODEL=none: clients send vectors)"
 	@echo "make test   install everything, run lint and the whole test suite"
 	@echo "make lint   ruff, mypy --strict, import-linter, hadolint, shellcheck, lock file check"
 	@echo "make image  build the memspace:dev image (a docker-save tar) with a local dockerd"
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: venv
-	$(BIN)/memspace serve --data-root $(DATA) --listen $(LISTEN)
+	$(BIN)/memspace serve --data-root $(DATA) --listen $(LISTEN) --default-embedding-model $(MODEL)
 
 lint: venv
 	$(BIN)/ruff format --check .

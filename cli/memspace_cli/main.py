@@ -56,9 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(arguments)
     code: int = args.run(args)
     if args.command == "backup":
-        # The command's work is done and printed. Skip the interpreter's teardown: with the
-        # object store's native runtime threads still alive it aborted once (SIGABRT, nothing
-        # on stderr) after a delete had finished, failing a command that had succeeded.
+        # The command's work is done and printed. Skip the interpreter's teardown: obstore's
+        # shared Tokio runtime is never shut down, its worker threads run on into Py_Finalize,
+        # and one that touches interpreter state already torn down panics on a thread with no
+        # Python frame to catch it, so Rust aborts the process (SIGABRT, nothing on stderr).
+        # It happened once after a delete had finished, failing a command that had succeeded.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

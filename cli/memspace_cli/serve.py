@@ -100,7 +100,9 @@ def banner(server: Server) -> None:
         return
     address = server.address
     entry = server.registry.entries().get(spaces.DEFAULT_SPACE)
-    dim = entry.embedding_dim if entry is not None else server.settings.default_embedding_dim
+    dim, model = server.settings.default_embedding
+    if entry is not None:
+        dim, model = entry.embedding_dim, entry.embedding
     auth = ""
     if server.router.check_tokens:
         auth = ' -H "authorization: Bearer $(cat ADMIN_TOKEN_FILE)"'
@@ -113,10 +115,20 @@ def banner(server: Server) -> None:
         grpcurl += " -cert CERT_FILE -key KEY_FILE"
         status += " --cert-file CERT_FILE --key-file KEY_FILE"
         python += ", cert_file='CERT_FILE', key_file='KEY_FILE'"
+    described = f"embedding_dim {dim}" + (f", model {model.model}" if model is not None else "")
     lines = [
         f"memspace: serving on {address}, data in {settings.data_root}",
-        f"  the 'default' space (embedding_dim {dim}) answers requests that name no space",
+        f"  the 'default' space ({described}) answers requests that name no space",
         f"  health:   memspace status --endpoint {address}{status}",
+    ]
+    if model is not None:
+        token = " --token-file ADMIN_TOKEN_FILE" if server.router.check_tokens else ""
+        where = f"--endpoint {address}{token}{status}"
+        lines += [
+            f"  text:     memspace remember {where} 'the invoice is due on Friday'",
+            f"            memspace recall {where} --query 'when is the bill due?' --mode hybrid",
+        ]
+    lines += [
         f"  grpcurl:  grpcurl {grpcurl}{auth} {address} list",
         f"            grpcurl {grpcurl}{auth} {address} memspace.v1.SpaceService/ListSpaces",
         "  python:   from memspace_contract import client",

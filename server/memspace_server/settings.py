@@ -185,6 +185,14 @@ class ServerSettings(Settings):
         le=index.MAX_EMBEDDING_DIM,
         help="standalone: embedding size of the 'default' space when it is created",
     )
+    default_embedding_model: str = setting(
+        models.NONE,
+        env="MEMSPACE_DEFAULT_EMBEDDING_MODEL",
+        metavar="NAME",
+        help="standalone: the embedding model of the 'default' space when it is created (one of "
+        "--embedding-models; its dimension replaces --default-embedding-dim), so text-only "
+        "Remember and Recall work on it; 'none': the client sends vectors",
+    )
     index_refresh_s: float = setting(
         1.0,
         env="MEMSPACE_INDEX_REFRESH",
@@ -388,6 +396,14 @@ class ServerSettings(Settings):
         """Spaces come from an operator-written index: CreateSpace/DeleteSpace are refused."""
         return self.index_dir is not None
 
+    @property
+    def default_embedding(self) -> tuple[int, index.Embedding | None]:
+        """Standalone: the dimension and embedding model of a new 'default' space."""
+        if self.default_embedding_model == models.NONE:
+            return self.default_embedding_dim, None
+        model = models.MODELS[self.default_embedding_model]
+        return model.dim, index.Embedding(model=model.name)
+
     def engine(self) -> EngineSettings:
         return EngineSettings(
             subscriber_buffer=self.subscriber_buffer,
@@ -416,6 +432,12 @@ def validate(settings: ServerSettings) -> None:
                 f"--embedding-models names {name!r}, which this server does not know; known: "
                 f"{', '.join(models.MODELS)}"
             )
+    default_model = settings.default_embedding_model
+    if default_model != models.NONE and default_model not in settings.offered_models:
+        raise SettingsError(
+            f"--default-embedding-model names {default_model!r}, which this server does not "
+            f"offer; offered: {', '.join(settings.offered_models) or 'none'}"
+        )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise SettingsError("--tls-cert-file and --tls-key-file go together: give both or neither")
     if settings.tls_client_ca_file is not None and not settings.tls:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +22,7 @@ import pytest
 from memspace_contract import client, models
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import embedding
-from tests.api.conftest import DIM, Running, Start, failure, md, vec
+from tests.api.conftest import DIM, Running, Start, failure, md, memspace_serve, vec
 from tests.api.over_http import headers, web
 from tests.api.test_mcp import answer, call, refused, session, text
 
@@ -371,3 +373,43 @@ async def test_hybrid_recall_by_text_alone_embeds_the_query_on_a_space_with_a_mo
     assert cat not in await recall(pb.RECALL_MODE_KEYWORD)
     assert cat in await recall(pb.RECALL_MODE_HYBRID)
     assert (await recall(pb.RECALL_MODE_VECTOR))[0] == cat
+
+
+def test_the_standalone_default_space_takes_text_with_a_default_model(tmp_path: Path) -> None:
+    """`make run`'s server: the 'default' space made with --default-embedding-model takes text
+    only, and the commands the start banner prints for it work as printed."""
+    args = ["--data-root", str(tmp_path / "data"), "--listen", "127.0.0.1:0"]
+    args += ["--metrics-listen", "off", "--default-embedding-model", MODEL]
+    with memspace_serve(args, tmp_path / "log") as served:
+        banner = served.log.read_text()
+        assert f"embedding_dim {MODEL_DIM}, model {MODEL}" in banner
+        printed = [
+            shlex.split(line.split(":", 1)[1] if line.lstrip().startswith("text:") else line)
+            for line in banner.splitlines()
+            if "memspace remember" in line or "memspace recall" in line
+        ]
+        assert [argv[:2] for argv in printed] == [
+            ["memspace", "remember"],
+            ["memspace", "recall"],
+        ]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MEMSPACE_")}
+
+        def run(argv: list[str]) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "memspace_cli.main", *argv[1:], "-o", "json"],
+                env={**base, "COLUMNS": "200"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        run([*printed[0][:-1], "Our cat sleeps on the warm windowsill."])
+        made = json.loads(run(printed[0]))["id"]
+        hits = json.loads(run(printed[1]))
+        assert hits[0]["memory"]["id"] == made
+    with memspace_serve(args, tmp_path / "log-again") as served:
+        # The space keeps the model it was made with; a second start does not remake it.
+        assert f"embedding_dim {MODEL_DIM}, model {MODEL}" in served.log.read_text()

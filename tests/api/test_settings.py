@@ -55,6 +55,18 @@ def test_the_environment_fills_what_flags_leave_out(tmp_path: Path) -> None:
         (["--data-root", "d", "--log-format", "xml"], "text, json"),
         (["--data-root", "d", "--default-embedding-dim", "5000"], "1..4096"),
         (["--data-root", "d", "--drain-notice", "30"], "drain timeout"),
+        (["--data-root", "d", "--default-embedding-model", "bert"], "does not offer"),
+        (
+            [
+                "--data-root",
+                "d",
+                "--embedding-models",
+                "none",
+                "--default-embedding-model",
+                "wordllama-l2-256",
+            ],
+            "offered: none",
+        ),
     ],
 )
 def test_bad_settings_say_what_is_wrong(argv: list[str], says: str) -> None:

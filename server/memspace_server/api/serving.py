@@ -126,12 +126,21 @@ class Server:
 
     # -- start ---------------------------------------------------------------------------------
 
+    async def _create_default_space(self) -> None:
+        """Standalone: the space that answers calls naming none, with the configured model."""
+        dim, model = self.settings.default_embedding
+        await self.registry.create(spaces.DEFAULT_SPACE, dim, embedding=model)
+        log.info(
+            "created the default space (embedding_dim %d, embedding model %s)",
+            dim,
+            model.model if model is not None else "none",
+        )
+
     async def start(self) -> None:
         s = self.settings
         await self.registry.refresh()
         if not s.managed and self.registry.catalog.get(spaces.DEFAULT_SPACE) is None:
-            await self.registry.create(spaces.DEFAULT_SPACE, s.default_embedding_dim)
-            log.info("created the default space (embedding_dim %d)", s.default_embedding_dim)
+            await self._create_default_space()
         # Under the operator the token comes from an optional Secret volume: a shard started
         # while that Secret is missing (before an install, after an uninstall) serves its spaces
         # and opens SpaceService once the file appears. Standalone, a missing file is a mistake.
