@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from memspace_contract import spaces as spaces_ids
 from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_server import queueing
 from memspace_server.api import sharing
 from tests.api.conftest import Running, Start, md, write_entry
 
@@ -157,6 +159,42 @@ async def test_a_space_alone_on_the_loop_is_not_held_back() -> None:
     for n in range(1, 5):
         a.end(n)
     await asyncio.gather(*alone, *queued)
+    assert turns.working == 0
+
+
+async def test_a_call_refused_for_its_rate_keeps_its_turn_while_spaces_share_the_loop() -> None:
+    """A client that ignores RESOURCE_EXHAUSTED and calls again at once waits in its own
+    space's queue for the retry-after (at least REFUSED_HOLD_S); alone, its turn goes at once."""
+    turns = sharing.Turns(per_space=1)
+    await called(turns, "b")
+
+    async def refused_call(space: str) -> None:
+        await turns.enter(space)
+        queueing.refused(0.01)  # as a space's token bucket does before it refuses
+        turns.leave(space)
+
+    await asyncio.ensure_future(refused_call("a"))
+    assert turns.working_on("a") == 1  # kept after the call ended
+    started = time.monotonic()
+    await turns.enter("a")
+    assert time.monotonic() - started >= sharing.REFUSED_HOLD_S * 0.9
+    turns.leave("a")
+    assert turns.working == 0
+    # A call that was not refused hands its turn on at once.
+    await asyncio.ensure_future(turns.enter("a"))
+    turns.leave("a")
+    assert turns.working == 0
+
+
+async def test_a_space_alone_is_not_held_back_after_a_refusal() -> None:
+    turns = sharing.Turns(per_space=1, window_s=0.05)
+
+    async def refused_call() -> None:
+        await turns.enter("a")
+        queueing.refused(1.0)
+        turns.leave("a")
+
+    await asyncio.ensure_future(refused_call())
     assert turns.working == 0
 
 

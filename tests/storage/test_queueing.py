@@ -78,6 +78,34 @@ async def test_a_held_slot_is_handed_on_once() -> None:
     queueing.give_back()  # outside any call: nothing held
 
 
+async def test_a_space_alone_holds_more_than_its_share_until_another_space_asks() -> None:
+    activity = queueing.Activity(window_s=60.0)
+    slots = queueing.FairQueue(per_space=1, total=3, alone=2, activity=activity)
+    for _ in range(2):
+        await slots.acquire("a")
+    third = asyncio.ensure_future(slots.acquire("a"))
+    await settle()
+    assert not third.done()  # alone, a holds `alone` slots at most
+    activity.note("b")  # another space asked for work (a call, a scan or a send)
+    slots.release("a")
+    await settle()
+    assert not third.done()  # shared: a's share is one slot, and it holds one
+    await slots.acquire("b")  # b finds a slot at once
+    slots.release("a")
+    await asyncio.wait_for(third, 1)
+    assert (slots.running("a"), slots.running("b")) == (1, 1)
+
+
+async def test_activity_forgets_a_space_after_its_window() -> None:
+    activity = queueing.Activity(window_s=0.05)
+    activity.note("a")
+    activity.note("b")
+    assert activity.shared()
+    await asyncio.sleep(0.1)
+    activity.note("a")
+    assert not activity.shared()
+
+
 def test_a_fair_queue_needs_a_slot() -> None:
     with pytest.raises(ValueError, match="at least one slot"):
         queueing.FairQueue(per_space=0)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from memspace_server import spans
+from memspace_server import queueing, spans
 from memspace_server.storage import feeds, memories, registry, scheduling
 
 from .conftest import draft, make_space
@@ -159,6 +159,26 @@ async def test_the_pacer_lets_a_few_streams_send_at_once() -> None:
     pacer.release(second)
     pacer.release(token)
     pacer.release(token)  # a second release is a no-op
+    assert pacer.held == 0
+
+
+async def test_the_pacer_keeps_one_send_in_flight_while_other_spaces_ask_for_work() -> None:
+    """A fan-out alone sends through every turn; beside another space's calls it keeps one send
+    in flight, so each step of those calls waits behind one send at most."""
+    activity = queueing.Activity(window_s=60.0)
+    pacer = feeds.Pacer(slots=4, hold_s=10, shared_slots=1, activity=activity)
+    pacer.note("busy")
+    first, second = await pacer.acquire(), await pacer.acquire()
+    activity.note("quiet")  # another space's call
+    third = asyncio.ensure_future(pacer.acquire())
+    await settle()
+    assert not third.done()
+    pacer.release(first)
+    await settle()
+    assert not third.done()  # one send is still in flight
+    pacer.release(second)
+    token = await asyncio.wait_for(third, 1)
+    pacer.release(token)
     assert pacer.held == 0
 
 

@@ -83,7 +83,8 @@ class Server:
             )
         )
         per_space = settings.working_calls_per_space
-        turns = sharing.Turns(per_space) if per_space else None
+        activity = self.registry.pools.activity
+        turns = sharing.Turns(per_space, activity=activity) if per_space else None
         self.edge = handling.Edge(self.router, self.metrics, self.limits, turns)
         offered = settings.offered_models
         self.embedder = (

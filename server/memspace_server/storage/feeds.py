@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 from memspace_contract.wire import Lsn
-from memspace_server import errors
+from memspace_server import errors, queueing
 
 
 class EventType(enum.Enum):
@@ -58,14 +58,25 @@ class Pacer:
     """Turns to send one event, `slots` at a time across the server, handed out in arrival
     order. A turn is held from before a subscriber yields an event until it is asked for the
     next one; a turn held longer than `hold_s` (a reader whose transport is full) is taken back,
-    so stalled readers cannot keep the others waiting."""
+    so stalled readers cannot keep the others waiting.
 
-    def __init__(self, slots: int = 8, hold_s: float = 0.05) -> None:
-        if slots < 1:
+    While `activity` shows other spaces asking for work beside the subscribed ones, only
+    `shared_slots` turns are out at once: a fan-out then queues at most that many sends ahead of
+    each step of another space's call."""
+
+    def __init__(
+        self,
+        slots: int = 8,
+        hold_s: float = 0.05,
+        shared_slots: int | None = None,
+        activity: queueing.Activity | None = None,
+    ) -> None:
+        if slots < 1 or (shared_slots is not None and shared_slots < 1):
             raise ValueError("a pacer needs at least one slot")
         self.slots = slots
+        self.shared_slots = slots if shared_slots is None else min(slots, shared_slots)
         self.hold_s = hold_s
-        self._free = slots
+        self.activity = activity
         self._held: dict[int, float] = {}
         self._next = 0
         self._waiters: collections.deque[asyncio.Future[int | None]] = collections.deque()
@@ -75,8 +86,21 @@ class Pacer:
     def held(self) -> int:
         return len(self._held)
 
+    def note(self, space: str | None) -> None:
+        """`space` is sending: it counts among the spaces asking for work."""
+        if self.activity is not None and space is not None:
+            self.activity.note(space)
+
+    def _room(self) -> bool:
+        held = len(self._held)
+        if held < self.shared_slots:
+            return True
+        if held >= self.slots:
+            return False
+        return self.activity is None or not self.activity.shared()
+
     async def acquire(self) -> int:
-        if self._free and not self._waiters:
+        if not self._waiters and self._room():
             return self._grant()
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.enqueue(future)
@@ -94,7 +118,7 @@ class Pacer:
     def enqueue(self, future: asyncio.Future[int | None]) -> None:
         """Give `future` a turn (its result is the token) now if one is free, else in arrival
         order; a future done meanwhile (cancelled, or woken for another reason) is skipped."""
-        if self._free and not self._waiters:
+        if not self._waiters and self._room():
             future.set_result(self._grant())
             return
         self._waiters.append(future)
@@ -102,7 +126,6 @@ class Pacer:
             self._timer = asyncio.get_running_loop().call_later(self.hold_s, self._expire)
 
     def _grant(self) -> int:
-        self._free -= 1
         token = self._next
         self._next += 1
         self._held[token] = time.monotonic()
@@ -111,11 +134,10 @@ class Pacer:
     def release(self, token: int | None) -> None:
         if token is None or self._held.pop(token, None) is None:
             return  # taken back already
-        self._free += 1
         self._wake()
 
     def _wake(self) -> None:
-        while self._free and self._waiters:
+        while self._waiters and self._room():
             future = self._waiters.popleft()
             if not future.done():
                 future.set_result(self._grant())
@@ -126,7 +148,6 @@ class Pacer:
         for token, since in list(self._held.items()):
             if since <= horizon:
                 del self._held[token]
-                self._free += 1
         self._wake()
         if self._waiters:
             self._timer = asyncio.get_running_loop().call_later(self.hold_s, self._expire)
@@ -197,7 +218,9 @@ class Subscription:
                     turn = await self._park()
                     continue
                 batch = self._batches.popleft()
+                space = self._feed.space
                 for event in batch:
+                    pacer.note(space)
                     if turn is None:
                         turn = await pacer.acquire()
                     try:
@@ -239,9 +262,10 @@ class Subscription:
 
 
 class Feed:
-    def __init__(self, pacer: Pacer | None = None) -> None:
+    def __init__(self, pacer: Pacer | None = None, space: str | None = None) -> None:
         self._subscribers: set[Subscription] = set()
         self.pacer = pacer or Pacer()
+        self.space = space
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -249,6 +273,7 @@ class Feed:
     def publish(self, events: Iterable[Published]) -> None:
         if not self._subscribers:
             return
+        self.pacer.note(self.space)
         batch: list[Event] = []
         for item in events:
             if isinstance(item, Run):

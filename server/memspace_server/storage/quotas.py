@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from memspace_server import errors
+from memspace_server import errors, queueing
 
 
 class TokenBucket:
@@ -33,6 +33,8 @@ class TokenBucket:
         needed = min(float(count), self.capacity)
         if needed > self._tokens:
             wait = (needed - self._tokens) / self.rate
+            # The edge's turns keep this call's turn meanwhile (`queueing`).
+            queueing.refused(wait)
             raise errors.RateLimitedError(
                 f"{self.what} above this space's quota of {self.rate:g} {self.what} per second; "
                 f"retry in {wait:.2f} s",

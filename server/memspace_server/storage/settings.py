@@ -35,11 +35,18 @@ class EngineSettings:
     scans_per_space: int | None = None
     """Scans one space may run at once; None: one fewer than scan_threads (at least 1), so
     another space's recall always finds a thread."""
+    shared_scans_per_space: int = 1
+    """Scans one space may run at once while other spaces ask for work too: one scan thread
+    per space then, so a space flooding recalls keeps at most one core busy beside the event
+    loop and another space's scan thread is not starved of a core."""
     wal_threads: int = 4
     """Threads for WAL appends (write + fdatasync): this many spaces commit at once."""
     fanout_slots: int = 8
     """Subscribe streams of the whole server sending an event at once: a batch to a space with
     many subscribers then delays another space's calls by a few sends, not by all of them."""
+    shared_fanout_slots: int = 1
+    """`fanout_slots` while other spaces than the subscribed ones ask for work: the fan-out then
+    queues at most this many steps ahead of each step of their calls."""
     ann_recall_sample: float = 0.01
     """Fraction of approximate recalls also run exactly in the background to measure recall@k
     (Health, metrics); 0 turns the measurement off."""

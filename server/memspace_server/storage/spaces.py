@@ -136,7 +136,7 @@ class Space:
         self.hot = state.hot
         self.warm = state.warm
         self.cold = state.cold
-        self.feed = feeds.Feed(pools.fanout)
+        self.feed = feeds.Feed(pools.fanout, space=self.id)
         self._wal: wal.Wal[feeds.Published] = wal.Wal(
             state.directory.wal,
             state.next_lsn,
