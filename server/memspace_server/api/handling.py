@@ -1,12 +1,15 @@
 """The edge every RPC goes through: one wrapper per call shape, applied to every method of every
 memspace.v1 service when the handlers are built (see `method_handlers`).
 
-One call scope (`Edge._scope`) does for every call what the shapes share: it binds the log
-context, counts the call in flight, maps any error through the one table (`errors_map`) and
-observes the call in the metrics. Inside it each shape routes the call (space selection and
-auth, `routing`, with one index lookup), which also admits it under the caps on calls and
-streams (`limits`), and runs the servicer with the resulting `Call`.
-Servicers never do any of this themselves.
+One call scope (`Edge._scope`; inline in `_unary`, the shape of most calls) does for every call
+what the shapes share: it binds the log context, counts the call in flight, maps any error
+through the one table (`errors_map`) and observes the call in the metrics. Inside it each shape
+routes the call (space selection and auth, `routing`, with one index lookup), which also admits
+it under the caps on calls and streams (`limits`), and runs the servicer with the resulting
+`Call`. Servicers never do any of this themselves.
+
+A handler wrapper, not grpc.aio server interceptors: an interceptor is one more awaitable layer
+per call, and every unary call's steps here are plain calls but for its turn (`sharing`).
 """
 
 from __future__ import annotations
@@ -171,37 +174,52 @@ class Edge:
     async def _scope(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], shape: limits.Shape
     ) -> AsyncIterator[_Scope]:
-        """One call from arrival to answer: bind the log context, count it in flight (or refuse
-        it while draining), answer any error through the one table, and observe it in the
-        metrics. The body routes and admits the call (`_Scope.route`) and runs the servicer."""
-        started = time.perf_counter()
-        scope = _Scope(self.router, self.limits, shape)
+        """One streaming call from arrival to answer (`_begin`, then `_settle` on an error and
+        `_end`). Unary calls, the many short ones, do the same steps inline (`_unary`): a
+        context manager costs each of them two more awaitables."""
+        scope = self._begin(method, context, shape)
         code = "OK"
-        entered = False
-        traced = tracing.start_call(method, context) if spans.ENABLED else None
         try:
             scope.read_metadata(method, context, self._request_id)
             self._enter()
-            entered = True
+            scope.entered = True
             yield scope
-        except grpc.aio.AbortError:
-            code = _code_name(context)
+        except BaseException as err:
+            code = _outcome(err, context)
+            await self._settle(err, method, context)
             raise
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except Exception as err:
-            code = _error_code_name(err)
-            await self._fail(err, method, context)
         finally:
-            scope.release()
-            if entered:
-                self._leave()
-            timed = shape is not limits.Shape.SERVER_STREAM
-            elapsed = time.perf_counter() - started if timed else None
-            self.metrics.observe(scope.label(), method, code, elapsed)
-            if traced is not None:
-                traced.end(scope.label(), code)
+            self._end(scope, method, code)
+
+    def _begin(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], shape: limits.Shape
+    ) -> _Scope:
+        """A call arrives: its scope, timed from now, its span started (tracing on)."""
+        scope = _Scope(self.router, self.limits, shape)
+        if spans.ENABLED:
+            scope.traced = tracing.start_call(method, context)
+        return scope
+
+    async def _settle(
+        self, err: BaseException, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Answer a call that raised `err` through the one table (`_fail`, which raises);
+        nothing for an abort already sent or a cancelled call (the caller re-raises those)."""
+        if isinstance(err, Exception) and not isinstance(err, grpc.aio.AbortError):
+            await self._fail(err, method, context)
+
+    def _end(self, scope: _Scope, method: str, code: str) -> None:
+        """The call is over: release its turn and caps, count it out, observe it in the
+        metrics (streams are not timed) and end its span."""
+        scope.release()
+        if scope.entered:
+            self._leave()
+        timed = scope.shape is not limits.Shape.SERVER_STREAM
+        elapsed = time.perf_counter() - scope.started if timed else None
+        label = scope.label()
+        self.metrics.observe(label, method, code, elapsed)
+        if scope.traced is not None:
+            scope.traced.end(label, code)
 
     def _request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids):x}"
@@ -227,14 +245,28 @@ class Edge:
     def _unary(
         self, method: str, policy: routing.Policy, behavior: Unary, names_space: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        turns = self.turns
+
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with self._scope(method, context, limits.Shape.UNARY) as scope:
+            # `_scope` inline (see there): the steps of every call, without its two awaitables.
+            scope = self._begin(method, context, limits.Shape.UNARY)
+            code = "OK"
+            try:
+                scope.read_metadata(method, context, self._request_id)
+                self._enter()
+                scope.entered = True
                 _check_parsed(request)
-                named = request.space if names_space else ""
-                call = scope.route(policy, named)
-                if self.turns is not None and call.route.space is not None:
-                    await scope.take_turn(self.turns, call.route.space)
+                call = scope.route(policy, request.space if names_space else "")
+                space = call.route.space
+                if turns is not None and space is not None:
+                    await scope.take_turn(turns, space)
                 return await behavior(request, call)
+            except BaseException as err:
+                code = _outcome(err, context)
+                await self._settle(err, method, context)
+                raise
+            finally:
+                self._end(scope, method, code)
 
         return handle
 
@@ -277,10 +309,29 @@ class _Scope:
     route. The route's index entry, looked up once by the router, also picks the call's metric
     label (only spaces in the index become label values)."""
 
+    __slots__ = (
+        "_limits",
+        "_refused_space",
+        "_route",
+        "_router",
+        "_ticket",
+        "_turns",
+        "authorization",
+        "entered",
+        "named",
+        "shape",
+        "started",
+        "traced",
+    )
+
     def __init__(self, router: routing.Router, caps: limits.Limits, shape: limits.Shape) -> None:
+        self.started = time.perf_counter()
         self._router = router
         self._limits = caps
-        self._shape = shape
+        self.shape = shape
+        self.entered = False
+        """The call counts in flight (`Edge._enter`)."""
+        self.traced: tracing.CallSpan | None = None
         self.named: list[str] = []
         self.authorization: list[str] = []
         self._route: routing.Route | None = None
@@ -318,7 +369,7 @@ class _Scope:
             self._refused_space = self._router.known_space(policy, self.named, named_in_request)
             raise
         logs.bind_space(self._route.space or "")
-        self._ticket = self._limits.admit(self._shape, self._route.space)
+        self._ticket = self._limits.admit(self.shape, self._route.space)
         return Call(self._route)
 
     async def take_turn(self, turns: sharing.Turns, space: str) -> None:
@@ -388,6 +439,17 @@ def _check_parsed(request: Any) -> Any:
             "send a message serialized from memspace.v1"
         )
     return request
+
+
+def _outcome(err: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status code name a call that raised `err` ends with (for the metrics and spans)."""
+    if isinstance(err, grpc.aio.AbortError):
+        return _code_name(context)
+    if isinstance(err, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    if isinstance(err, Exception):
+        return _error_code_name(err)
+    return "OK"
 
 
 def _error_code_name(err: Exception) -> str:

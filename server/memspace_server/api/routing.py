@@ -26,6 +26,8 @@ from memspace_contract import index, spaces, wire
 from memspace_server import errors
 
 SPACE_KEY = wire.SPACE_KEY
+PARSED_KEPT = 4096
+"""Valid space IDs a router remembers having parsed (then it starts over)."""
 
 
 class Scope(enum.Enum):
@@ -101,6 +103,8 @@ class Router:
         self.allow_default = allow_default
         self.check_tokens = check_tokens
         self._admin_sha256: str | None = None
+        self._parsed: dict[str, spaces.SpaceId] = {}
+        """Space IDs seen valid (at most PARSED_KEPT): most calls name a space named before."""
 
     def set_admin_token(self, token: str | None) -> None:
         self._admin_sha256 = index.token_sha256(token) if token else None
@@ -142,7 +146,14 @@ class Router:
             raise errors.InvalidArgumentError(
                 f"no space named: set metadata {SPACE_KEY} or the request's space field{extra}"
             )
-        return parse(name)
+        known = self._parsed.get(name)
+        if known is not None:
+            return known
+        space = parse(name)
+        if len(self._parsed) >= PARSED_KEPT:
+            self._parsed.clear()
+        self._parsed[name] = space
+        return space
 
     # -- auth ----------------------------------------------------------------------------------
 

@@ -72,7 +72,9 @@ class MemoryServicer:
         return done
 
     async def remember(self, request: pb.RememberRequest, call: Call) -> pb.RememberResponse:
-        (draft,) = await self._embedded(call, [converters.draft(request)])
+        draft = converters.draft(request)
+        if not draft.embedding.size:
+            (draft,) = await self._embedded(call, [draft])
         async with self.registry.lease(call.space, call.entry) as space:
             memory_id, lsn = await space.remember(draft)
         return pb.RememberResponse(id=memory_id, lsn=lsn)
@@ -106,9 +108,14 @@ class MemoryServicer:
         return pb.RememberBatchResponse(count=count, last_lsn=last_lsn, ids=ids)
 
     async def recall(self, request: pb.RecallRequest, call: Call) -> pb.RecallResponse:
-        query = await self._cued(converters.query(request), request, call)
+        query = converters.query(request)
+        if not query.cue.size and request.query and request.mode != pb.RECALL_MODE_KEYWORD:
+            query = await self._cued(query, request, call)
         async with self.registry.lease(call.space, call.entry) as space:
             hits = await space.recall(query)
+        dim = space.dim if query.include_embeddings else 0
+        if converters.recall_size_at_most(len(hits), dim) <= self.max_recall_response_bytes:
+            return converters.recall_response(hits, query.mode)
         size = converters.recall_size(hits)
         if size > self.max_recall_response_bytes:
             raise errors.LimitReachedError(
@@ -120,10 +127,9 @@ class MemoryServicer:
     async def _cued(
         self, query: memories.Query, request: pb.RecallRequest, call: Call
     ) -> memories.Query:
-        """`query` with its cue embedded from the request's text query when it has none: vector
-        recall by text, and the vector half of hybrid recall on a space with a model."""
-        if query.cue.size or not request.query or request.mode == pb.RECALL_MODE_KEYWORD:
-            return query
+        """`query`, which has no cue but a text query and is not a keyword recall, with its cue
+        embedded from that text: vector recall by text, and the vector half of hybrid recall on
+        a space with a model."""
         if request.mode == pb.RECALL_MODE_HYBRID:
             entry = call.entry or self.registry.entries().get(call.space)
             if entry is None or entry.embedding is None:

@@ -177,11 +177,12 @@ class Server:
         for service in handling.services():
             handlers = self.edge.method_handlers(service, by_name[service.name])
             every_handler[service.name] = handlers
+            # Generic handlers only: grpc.aio's server loop awaits a pending request per
+            # registered method (asyncio.wait over all of them for every call that arrives),
+            # which cost more per call than the dict lookup of a generic handler.
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service.full_name, handlers),)
             )
-            # The registered-method fast path of grpcio (not in the grpc-stubs yet).
-            server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
             names.append(service.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names += [health.SERVICE_NAME, reflection.SERVICE_NAME]

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
+import types
 from pathlib import Path
 
 from memspace_contract import durable, index, spaces, wire
@@ -310,14 +310,10 @@ class Registry:
                     entry.generation,
                 )
 
-    @contextlib.asynccontextmanager
-    async def lease(
-        self, space_id: spaces.SpaceId, entry: index.IndexEntry | None = None
-    ) -> AsyncIterator[Space]:
-        """The loaded space, kept loaded while the caller uses it (`entry` as for `load`)."""
-        space = await self.load(space_id, entry)
-        with space.leased():
-            yield space
+    def lease(self, space_id: spaces.SpaceId, entry: index.IndexEntry | None = None) -> Lease:
+        """The loaded space, kept loaded while the caller uses it (`entry` as for `load`):
+        `async with registry.lease(space_id) as space`."""
+        return Lease(self, space_id, entry)
 
     # -- standalone management ---------------------------------------------------------------
 
@@ -522,6 +518,38 @@ class Registry:
             lock, self._data_root_lock = self._data_root_lock, None
             if lock is not None:
                 os.close(lock)
+
+
+class Lease:
+    """`Registry.lease`: an async context manager of its own rather than a generator one, as
+    every call of every space takes one (a generator's costs two more awaitables a call)."""
+
+    __slots__ = ("_entry", "_held", "_registry", "_space_id")
+
+    def __init__(
+        self, registry: Registry, space_id: spaces.SpaceId, entry: index.IndexEntry | None
+    ) -> None:
+        self._registry = registry
+        self._space_id = space_id
+        self._entry = entry
+        self._held: contextlib.AbstractContextManager[Space] | None = None
+
+    async def __aenter__(self) -> Space:
+        space = await self._registry.load(self._space_id, self._entry)
+        held = space.leased()
+        held.__enter__()
+        self._held = held
+        return space
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(kind, error, traceback)
 
 
 @dataclasses.dataclass(frozen=True)

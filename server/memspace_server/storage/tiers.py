@@ -195,8 +195,11 @@ def products(
 
 
 def unit(vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    norm = np.float32(np.linalg.norm(vector))
-    return (vector / norm).astype(np.float32, copy=False)
+    """`vector` scaled to norm 1 (its norm in float32 as np.linalg.norm takes it, without that
+    function's checks: this runs once per recall)."""
+    norm = np.sqrt(vector.dot(vector))
+    scaled: npt.NDArray[np.float32] = (vector / norm).astype(np.float32, copy=False)
+    return scaled
 
 
 def best(scores: Scores, rows: Rows | None, k: int, min_score: float) -> list[tuple[float, int]]:
@@ -205,15 +208,16 @@ def best(scores: Scores, rows: Rows | None, k: int, min_score: float) -> list[tu
     count = scores.shape[0]
     if count == 0:
         return []
-    top = np.argpartition(scores, count - k)[count - k :] if k < count else np.arange(count)
+    top = scores.argpartition(count - k)[count - k :] if k < count else np.arange(count)
     picked = scores[top]
-    order = np.argsort(-picked, kind="stable")
+    order = (-picked).argsort(kind="stable")
+    ranked = top[order]
+    found = rows[ranked] if rows is not None else ranked
     out = []
-    for position in top[order]:
-        score = float(scores[position])
+    for score, row in zip(picked[order].tolist(), found.tolist(), strict=True):
         if score < min_score or score == -np.inf:
             break
-        out.append((score, int(rows[position]) if rows is not None else int(position)))
+        out.append((score, row))
     return out
 
 
