@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from memspace_contract import index
 from memspace_contract import spaces as spaces_ids
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import queueing
@@ -324,3 +326,37 @@ async def test_the_server_sets_the_threads_switch_interval(
         assert sys.getswitchinterval() == pytest.approx(0.00025)
     finally:
         sys.setswitchinterval(before)
+
+
+async def test_a_call_refused_for_its_quota_is_answered_at_once_and_keeps_its_turn(
+    start: Start, managed_dirs: tuple[Path, Path]
+) -> None:
+    """Through a real server: a Remember over the space's write quota is refused at once, its
+    turn stays taken while spaces share the loop (the flood's next call waits in its own
+    queue), and another space's call is not held back by it."""
+    index_dir, volumes = managed_dirs
+    write_entry(
+        index_dir,
+        "noisy",
+        token="tn",
+        volumes=volumes,
+        dim=4,
+        quota=index.Quota(max_writes_per_second=1.0),
+    )
+    write_entry(index_dir, "quiet", token="tq", volumes=volumes, dim=4)
+    running = await start(data_root=volumes, index_dir=index_dir, working_calls_per_space=1)
+    turns = running.server.edge.turns
+    assert turns is not None
+    turns.window_s = 60.0
+    await running.memories.Remember(REMEMBER, metadata=md("quiet", "tq"))
+    await running.memories.Remember(REMEMBER, metadata=md("noisy", "tn"))  # the one token
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.memories.Remember(REMEMBER, metadata=md("noisy", "tn"))
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert turns.working_on("noisy") == 1  # kept after the refusal was answered
+    await asyncio.wait_for(running.memories.Remember(REMEMBER, metadata=md("quiet", "tq")), 5)
+    for _ in range(300):
+        if turns.working == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert turns.working == 0  # given back after the retry-after
