@@ -43,6 +43,12 @@ STORAGE_CLASS = "hostpath"
 HOSTPATH_ROOT = Path("/tmp/hostpath_pv")  # fixed by the host-path provisioner
 SERVICE_CIDR = "10.0.0.0/24"
 START_TIMEOUT = 90.0
+CLAIM_SYNC_PERIOD = "2s"
+"""kube-controller-manager's --pvclaimbinder-sync-period for the tests: a claim whose
+provisioning failed (a conflicting update, say) is tried again within 2 s. Binding itself follows
+the claims' and volumes' events; the period re-queues every claim and volume, and each pending
+claim scans the volumes of its class, so thousands of claims want a longer one (the operator
+bench passes its own)."""
 
 
 class ToolsMissingError(RuntimeError):
@@ -182,8 +188,10 @@ class Cluster:
         watchdog: bool = True,
         local: bool = True,
         node_ip: str | None = None,
+        claim_sync_period: str = CLAIM_SYNC_PERIOD,
     ) -> None:
         self.local = local  # False: attached to a cluster run elsewhere (kind), see attach()
+        self.claim_sync_period = claim_sync_period
         self.node_ip = node_ip
         self.node: Any = None  # the tests.support.node.Node of a cluster with a node
         names = TOOLS if local else ("kubectl", "helm")
@@ -298,7 +306,8 @@ class Cluster:
             f"--cluster-signing-cert-file={pki['ca.crt']}",
             f"--cluster-signing-key-file={pki['ca.key']}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--enable-hostpath-provisioner=true", "--pvclaimbinder-sync-period=2s",
+            "--enable-hostpath-provisioner=true",
+            f"--pvclaimbinder-sync-period={self.claim_sync_period}",
             "--kube-api-qps=200", "--kube-api-burst=400",
         ])  # fmt: skip
         # The ServiceAccount controller making `default` shows the controllers are running.
