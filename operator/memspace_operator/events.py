@@ -20,13 +20,18 @@ from memspace_operator import models
 log = logging.getLogger(__name__)
 
 REPEAT_S = 600.0
+PRUNE_AT = 10_000
+"""Posts remembered before the first pruning of those older than `REPEAT_S`."""
 EventType = Literal["Normal", "Warning"]
 
 
 class Recorder:
     def __init__(self, repeat_s: float = REPEAT_S) -> None:
         self.repeat_s = repeat_s
-        self._posted: dict[tuple[str, str, str], float] = {}
+        self._posted: dict[str, dict[tuple[str, str], float]] = {}
+        """When each (reason, message) was last posted, per object uid."""
+        self._count = 0
+        self._prune_at = PRUNE_AT
         self._poster: contextvars.Context | None = None
         """A context of one of kopf's handlers, which holds kopf's event queue: observers
         running outside the handlers (the shard pods' watch) post through it."""
@@ -38,13 +43,15 @@ class Recorder:
         self.post(ref, "Warning", reason, message)
 
     def post(self, ref: models.SpaceRef, type_: EventType, reason: str, message: str) -> None:
-        key = (ref.uid, reason, message)
+        key = (reason, message)
         now = time.monotonic()
-        if now - self._posted.get(key, -self.repeat_s) < self.repeat_s:
+        posted = self._posted.setdefault(ref.uid, {})
+        if now - posted.get(key, -self.repeat_s) < self.repeat_s:
             return
-        self._posted[key] = now
-        if len(self._posted) > 10_000:
-            self._posted = {k: t for k, t in self._posted.items() if now - t < self.repeat_s}
+        self._count += key not in posted
+        posted[key] = now
+        if self._count > self._prune_at:
+            self._prune(now)
         log.log(
             logging.INFO if type_ == "Normal" else logging.WARNING,
             "%s %s: %s",
@@ -68,4 +75,17 @@ class Recorder:
                 self._poster = contextvars.copy_context()
 
     def forget(self, ref: models.SpaceRef) -> None:
-        self._posted = {k: t for k, t in self._posted.items() if k[0] != ref.uid}
+        self._count -= len(self._posted.pop(ref.uid, {}))
+
+    def _prune(self, now: float) -> None:
+        """Forget the posts older than `repeat_s`. Done again only once the count doubled: a
+        rebuild at every post past a fixed size was quadratic (10,000 spaces post three events
+        each within the repeat window)."""
+        kept = {
+            uid: fresh
+            for uid, posts in self._posted.items()
+            if (fresh := {k: t for k, t in posts.items() if now - t < self.repeat_s})
+        }
+        self._posted = kept
+        self._count = sum(len(posts) for posts in kept.values())
+        self._prune_at = max(PRUNE_AT, 2 * self._count)

@@ -83,14 +83,14 @@ class ClaimWatch(ListWatch):
         self._settings = settings
         self._on_claim = on_claim
         self.claims: dict[str, dict[str, Any]] = {}
-        """The managed PVCs by name, as last seen."""
+        """The managed PVCs by name, as last seen (the parts the operator reads: `slim`)."""
 
     async def list(self) -> str:
         """List the PVCs (also used at start-up); returns the list's resourceVersion."""
         listed = await self._kube.list(
             kube.pvcs(self._settings.server_namespace), kube.selector(naming.managed())
         )
-        seen = {item["metadata"]["name"]: item for item in listed.get("items") or []}
+        seen = {item["metadata"]["name"]: slim(item) for item in listed.get("items") or []}
         gone = set(self.claims) - set(seen)
         self.claims = seen
         for name in gone:
@@ -119,6 +119,30 @@ class ClaimWatch(ListWatch):
                     self.claims.pop(name, None)
                     await self._on_claim(name, None)
                 else:
-                    self.claims[name] = obj
+                    self.claims[name] = slim(obj)
                     await self._on_claim(name, obj)
         return resource_version
+
+
+_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels")
+_SPEC = ("volumeName", "storageClassName", "resources")
+_STATUS = ("phase", "capacity")
+_OURS = f"{naming.GROUP}/"
+
+
+def slim(pvc: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a PVC the operator reads from the watch's copy (its labels, our
+    annotations, the volume, the phase and sizes): a whole PVC, managedFields and all, is several
+    KiB in Python, and 10,000 of them were a good part of the operator's memory."""
+    metadata = pvc.get("metadata") or {}
+    spec = pvc.get("spec") or {}
+    status = pvc.get("status") or {}
+    annotations = metadata.get("annotations") or {}
+    return {
+        "metadata": {
+            **{key: metadata[key] for key in _METADATA if key in metadata},
+            "annotations": {k: v for k, v in annotations.items() if k.startswith(_OURS)},
+        },
+        "spec": {key: spec[key] for key in _SPEC if key in spec},
+        "status": {key: status[key] for key in _STATUS if key in status},
+    }

@@ -1,0 +1,111 @@
+"""What keeps the operator's cost per space flat at 10,000 spaces, without a cluster: the shard
+table's reads by shard, the Event recorder's memory of recent posts, and the claim watch's
+copies of the PVCs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from memspace_contract import spaces
+from memspace_operator import events, models, naming, sharding, volumes, watching
+
+
+def ref(i: int) -> models.SpaceRef:
+    return models.SpaceRef("tenant", f"space-{i:05d}", f"uid-{i:05d}")
+
+
+def test_the_recorder_posts_an_event_once_per_repeat_window_and_forgets_a_deleted_space(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = events.Recorder()
+    with caplog.at_level(logging.INFO, logger=events.__name__):
+        recorder.normal(ref(1), "ClaimCreated", "created")
+        recorder.normal(ref(1), "ClaimCreated", "created")
+        recorder.normal(ref(2), "ClaimCreated", "created")
+        recorder.forget(ref(1))
+        recorder.normal(ref(1), "ClaimCreated", "created")
+    assert len(caplog.records) == 3
+
+
+def test_the_recorder_remembers_10_000_spaces_events_in_linear_time() -> None:
+    """Three events for each of 10,000 spaces, all within the repeat window: pruning at every
+    post past a fixed size made this quadratic (minutes of the operator's CPU)."""
+    recorder = events.Recorder()
+    logging.getLogger(events.__name__).disabled = True
+    try:
+        started = time.perf_counter()
+        for i in range(10_000):
+            for reason in ("ClaimCreated", "CredentialsCreated", "Mounted"):
+                recorder.normal(ref(i), reason, f"{reason} for space {i}")
+        elapsed = time.perf_counter() - started
+        for i in range(10_000):
+            recorder.forget(ref(i))
+    finally:
+        logging.getLogger(events.__name__).disabled = False
+    assert elapsed < 10.0, f"30,000 posts took {elapsed:.1f} s"
+
+
+def claim(**status: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": "space-notes",
+            "namespace": "memspace-system",
+            "uid": "c1",
+            "resourceVersion": "42",
+            "labels": {naming.SHARD: "3", naming.SPACE_ID: "notes"},
+            "annotations": {
+                naming.OWNER_UID: "u1",
+                naming.CREDENTIALS_UID: "s1",
+                "pv.kubernetes.io/bind-completed": "yes",
+            },
+            "managedFields": [{"manager": "kube-controller-manager", "fieldsV1": {"f:x": {}}}],
+            "finalizers": ["kubernetes.io/pvc-protection"],
+        },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "hostpath",
+            "volumeName": "pvc-c1",
+            "resources": {"requests": {"storage": "2Gi"}},
+        },
+        "status": {"accessModes": ["ReadWriteOnce"], **status},
+    }
+
+
+def test_the_claim_watch_keeps_what_the_operator_reads_of_a_claim_and_no_more() -> None:
+    whole = claim(phase="Bound", capacity={"storage": "1Gi"})
+    kept = watching.slim(whole)
+    assert "managedFields" not in kept["metadata"]
+    assert "pv.kubernetes.io/bind-completed" not in kept["metadata"]["annotations"]
+    assert volumes.condition(kept) == volumes.condition(whole)
+    for read in (volumes.labels, volumes.shard_of, volumes.owner_uid, volumes.credentials_uid):
+        assert read(kept) == read(whole)
+    assert volumes.requested(kept) == volumes.requested(whole) == "2Gi"
+    assert kept["metadata"]["resourceVersion"] == "42"
+
+
+def test_10_000_assignments_and_a_health_round_over_their_shards_take_linear_time() -> None:
+    """Every assignment reads the intake shard's load, and every health round and mount reads
+    each shard's spaces: scanning every assignment for each made 10,000 spaces quadratic."""
+    table = sharding.Shards(max_spaces_per_shard=20, max_shards=501, intake_window_s=600)
+    started = time.perf_counter()
+    for i in range(10_000):
+        space_id = spaces.parse_space_id(f"space-{i:05d}")
+        shard = table.assign(space_id, f"uid-{i}", now=1_000.0)
+        assert shard == i // 20
+        if i % 20 == 19:
+            table.set_mounted(shard, table.wanted(shard))
+            table.seal(shard)
+    in_use = [s for s in table.shards if table.count(s)]
+    held = sum(len(table.spaces_of(s)) for s in in_use)
+    elapsed = time.perf_counter() - started
+    assert (len(in_use), held) == (500, 10_000)
+    assert elapsed < 5.0, f"took {elapsed:.1f} s"
+    table.release(spaces.parse_space_id("space-00000"))
+    assert len(table.spaces_of(0)) == 19
+    assert table.count(0) == 20  # still mounted: it counts until its shard unmounts it
