@@ -50,6 +50,8 @@ class Shards:
         they stay assigned (their index entry answers for them)."""
         self._known: set[ShardNumber] = set()
         self._mounted: dict[ShardNumber, frozenset[spaces.SpaceId]] = {}
+        self._mounted_by: dict[spaces.SpaceId, set[ShardNumber]] = {}
+        """`_mounted` by space: which shards' templates mount it."""
         self._opened: dict[ShardNumber, float] = {}
         self._sealed: set[ShardNumber] = set()
         self._closing: set[ShardNumber] = set()
@@ -74,10 +76,8 @@ class Shards:
         return self._mounted.get(ShardNumber(shard), frozenset())
 
     def mounted_on(self, space_id: spaces.SpaceId) -> ShardNumber | None:
-        for shard, mounted in sorted(self._mounted.items()):
-            if space_id in mounted:
-                return shard
-        return None
+        found = self._mounted_by.get(space_id)
+        return min(found) if found else None
 
     def count(self, shard: int) -> int:
         """The shard's load: mounted spaces and Active assigned ones."""
@@ -134,15 +134,26 @@ class Shards:
         number = ShardNumber(shard)
         self._known.add(number)
         self._described.add(number)
-        self._mounted[number] = frozenset(mounted)
+        self._set_mounted(number, frozenset(mounted))
         if opened_at is not None:
             self._opened[number] = opened_at
         if sealed or opened_at is None:
             self._sealed.add(number)
 
     def set_mounted(self, shard: int, mounted: Iterable[spaces.SpaceId]) -> None:
-        self._mounted[ShardNumber(shard)] = frozenset(mounted)
+        self._set_mounted(ShardNumber(shard), frozenset(mounted))
         self._described.add(ShardNumber(shard))
+
+    def _set_mounted(self, shard: ShardNumber, mounted: frozenset[spaces.SpaceId]) -> None:
+        before = self._mounted.get(shard, frozenset())
+        for space_id in before - mounted:
+            found = self._mounted_by[space_id]
+            found.discard(shard)
+            if not found:
+                del self._mounted_by[space_id]
+        for space_id in mounted - before:
+            self._mounted_by.setdefault(space_id, set()).add(shard)
+        self._mounted[shard] = mounted
 
     def seal(self, shard: int) -> None:
         self._sealed.add(ShardNumber(shard))
@@ -156,6 +167,7 @@ class Shards:
         number = ShardNumber(shard)
         for table in (self._known, self._sealed, self._closing, self._described):
             table.discard(number)
+        self._set_mounted(number, frozenset())
         self._mounted.pop(number, None)
         self._opened.pop(number, None)
 
