@@ -23,7 +23,9 @@ def _as_local(args: list[str], volumes: dict[str, Path]) -> list[str]:
     local = []
     for arg in args:
         moved = arg
-        if moved.startswith(("--listen=", "--metrics-listen=")):
+        if moved.startswith(
+            ("--listen=", "--metrics-listen=", "--health-listen=", "--http-listen=")
+        ):
             moved = moved.split("=", 1)[0] + "=127.0.0.1:0"
         for mount, directory in volumes.items():
             moved = moved.replace(f"={mount}", f"={directory}")
