@@ -12,6 +12,7 @@ not exist) stops the space before anything is made: errors.ClassLimitError.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -234,18 +235,22 @@ class Catalog:
         self._ttl_s = ttl_s
         self._found: dict[str, SpaceClass] = {}
         self._read_at: float | None = None
+        self._reading = asyncio.Lock()
 
     async def classes(self) -> dict[str, SpaceClass]:
-        now = time.monotonic()
-        if self._read_at is None or now - self._read_at >= self._ttl_s:
-            url = kube.path(naming.GROUP, naming.VERSION, PLURAL)
-            try:
-                listed = await self._kube.list(url)
-            except errors.NotFoundError:
-                listed = {}  # the class CRD is not installed: no class limits anything
-            items = listed.get("items") or []
-            self._found = {c.name: c for c in (parse(item) for item in items)}
-            self._read_at = now
+        # One LIST at a time: the reconciles that start while it is in flight wait for it
+        # (each made its own when 10,000 spaces came at once: a LIST per space).
+        async with self._reading:
+            now = time.monotonic()
+            if self._read_at is None or now - self._read_at >= self._ttl_s:
+                url = kube.path(naming.GROUP, naming.VERSION, PLURAL)
+                try:
+                    listed = await self._kube.list(url)
+                except errors.NotFoundError:
+                    listed = {}  # the class CRD is not installed: no class limits anything
+                items = listed.get("items") or []
+                self._found = {c.name: c for c in (parse(item) for item in items)}
+                self._read_at = now
         return self._found
 
     async def apply(self, space: models.MemorySpace) -> Applied:

@@ -7,6 +7,7 @@ different spaces never conflict.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 from typing import Any
@@ -35,19 +36,25 @@ class Index:
         self._kube = client
         self._settings = settings
         self._present: set[int] = set()
+        self._creating: dict[int, asyncio.Lock] = {}
 
     def _url(self, shard: int) -> str:
         return kube.secrets(self._settings.server_namespace, naming.index_secret(shard))
 
     async def ensure_secret(self, shard: int) -> None:
-        """Create shard N's index Secret unless it is known to exist."""
+        """Create shard N's index Secret unless it is known to exist. One create per shard:
+        the intake shard's new spaces come together, and each of them creating it (all but one
+        refused as AlreadyExists) was a request per space at 10,000 spaces."""
         if shard in self._present:
             return
-        with contextlib.suppress(errors.AlreadyExistsError):
-            await self._kube.create(
-                kube.secrets(self._settings.server_namespace), manifest(self._settings, shard)
-            )
-        self._present.add(shard)
+        async with self._creating.setdefault(shard, asyncio.Lock()):
+            if shard in self._present:
+                return
+            with contextlib.suppress(errors.AlreadyExistsError):
+                await self._kube.create(
+                    kube.secrets(self._settings.server_namespace), manifest(self._settings, shard)
+                )
+            self._present.add(shard)
 
     def forget(self, shard: int) -> None:
         """Shard N's index Secret was deleted with the shard (made again if the number is)."""

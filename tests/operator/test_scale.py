@@ -1,9 +1,10 @@
 """What keeps the operator's cost per space flat at 10,000 spaces, without a cluster: the shard
-table's reads by shard, the Event recorder's memory of recent posts, and the claim watch's
-copies of the PVCs."""
+table's reads by shard, the Event recorder's memory of recent posts, the claim watch's copies of
+the PVCs, and one read of the classes and one create of an index Secret for a burst of spaces."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -11,7 +12,17 @@ from typing import Any
 import pytest
 
 from memspace_contract import spaces
-from memspace_operator import events, models, naming, sharding, volumes, watching
+from memspace_operator import (
+    classes,
+    events,
+    indexing,
+    models,
+    naming,
+    sharding,
+    volumes,
+    watching,
+)
+from memspace_operator.settings import Settings
 
 
 def ref(i: int) -> models.SpaceRef:
@@ -114,3 +125,37 @@ def test_a_health_round_over_10_000_spaces_reads_each_shard_in_its_own_time() ->
     assert table.mounted_on(spaces.parse_space_id("space-00000")) == 0
     table.set_mounted(0, table.wanted(0))
     assert table.mounted_on(spaces.parse_space_id("space-00000")) is None
+
+
+class CountingKube:
+    """A stand-in for the operator's API client: answers after a pause, counts requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+
+    async def list(self, url: str, selector: str | None = None) -> dict[str, Any]:
+        self.requests.append(("LIST", url))
+        await asyncio.sleep(0.05)
+        return {"items": [], "metadata": {"resourceVersion": "1"}}
+
+    async def create(self, url: str, body: dict[str, Any], **_: Any) -> dict[str, Any]:
+        self.requests.append(("POST", url))
+        await asyncio.sleep(0.05)
+        return body
+
+
+def test_reconciles_that_start_together_read_the_classes_and_make_an_index_secret_once() -> None:
+    """200 reconciles starting at once (a burst of new spaces) made 200 LISTs of the classes
+    and, per intake shard, a create of its index Secret each (all but one refused)."""
+    client = CountingKube()
+    settings = Settings.from_env({})
+    catalog = classes.Catalog(client, None)  # type: ignore[arg-type]
+    index = indexing.Index(client, settings)  # type: ignore[arg-type]
+
+    async def burst() -> None:
+        await asyncio.gather(*(catalog.classes() for _ in range(200)))
+        await asyncio.gather(*(index.ensure_secret(i // 100) for i in range(200)))
+
+    asyncio.run(burst())
+    verbs = [verb for verb, _ in client.requests]
+    assert verbs == ["LIST", "POST", "POST"]
