@@ -313,7 +313,7 @@ class ServerSettings(Settings):
         "take every call slot of a shard",
     )
     working_calls_per_space: int = setting(
-        4,
+        2,
         env="MEMSPACE_WORKING_CALLS_PER_SPACE",
         metavar="N",
         ge=0,

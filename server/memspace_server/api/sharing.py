@@ -33,7 +33,7 @@ WINDOW_S = queueing.WINDOW_S
 
 REFUSED_HOLD_S = 0.1
 """The least time a turn stays taken after its call was refused for the space's rate, while
-spaces share the loop: with 4 turns, a flood that ignores refusals gets at most 40 refusals a
+spaces share the loop: with 2 turns, a flood that ignores refusals gets at most 20 refusals a
 second worked on (a retry-after is usually shorter: 10 ms at 100 writes per second)."""
 
 REFUSED_HOLD_MAX_S = 2.0
