@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from memspace_contract import spaces
 
 if TYPE_CHECKING:
     from memspace_server.api.serving import Server
+    from memspace_server.settings import ServerSettings
 
 
 def add_parser(commands: Any) -> None:
@@ -69,7 +71,7 @@ def limit_blas_threads(environ: MutableMapping[str, str] = os.environ) -> None:
 def run(args: argparse.Namespace) -> int:
     limit_blas_threads()
     from memspace_server import settings  # noqa: PLC0415
-    from memspace_server.api import logs, serving  # noqa: PLC0415
+    from memspace_server.api import logs  # noqa: PLC0415
 
     try:
         loaded = settings.load(vars(args), os.environ)
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from memspace_server import errors  # noqa: PLC0415
 
     try:
-        code = asyncio.run(serving.serve(loaded, on_started=banner))
+        code = asyncio.run(_serve(loaded))
     except (settings.SettingsError, errors.DataRootInUseError) as err:
         logging.getLogger("memspace.serve").error("%s", err)
         return 2
@@ -92,6 +94,37 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+async def _serve(loaded: ServerSettings) -> int:
+    """Serve: the health-only port first (a probe then waits for the server rather than failing
+    and trying again a period later), the server's modules imported in a worker thread meanwhile
+    (the event loop answers the probes), then the server; the libraries only a loaded space
+    needs are imported in the background once it serves."""
+    from memspace_server import importing  # noqa: PLC0415
+    from memspace_server.settings import SettingsError  # noqa: PLC0415
+
+    early = None
+    if loaded.health_listen != "off":
+        from memspace_server.api import probing  # noqa: PLC0415
+
+        early = probing.HealthPort(loaded.health_listen)
+        try:
+            await early.start()
+        except RuntimeError as err:
+            raise SettingsError(f"cannot serve health on {loaded.health_listen}: {err}") from err
+    try:
+        serving = await asyncio.to_thread(importlib.import_module, "memspace_server.api.serving")
+
+        def started(server: Server) -> None:
+            importing.warm_up()
+            banner(server)
+
+        code: int = await serving.serve(loaded, on_started=started, health_port=early)
+    finally:
+        if early is not None:
+            await early.stop(0)  # stopped already by a drain; at once after a failed start
+    return code
 
 
 def banner(server: Server) -> None:

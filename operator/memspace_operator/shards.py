@@ -20,8 +20,12 @@ DRAIN_NOTICE_S = 1
 GRACE_PERIOD_S = 30
 RUN_AS = 10001
 STARTUP_LIMIT_S = 120
-"""Longest a shard may take to start serving (WAL replay of its spaces) before the kubelet
-restarts it."""
+"""Longest a shard may take to start serving before the kubelet restarts it (spaces load on
+their first call, so a start is mostly imports: seconds)."""
+STARTUP_PROBE_TIMEOUT_S = 5
+"""How long one startup probe may wait: until the server serves, the health port holds a Check
+(up to its deadline) and answers it the moment the server serves (memspace_server.api.probing),
+so the pod turns Ready then rather than up to a probe period later."""
 
 
 def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) -> dict[str, Any]:
@@ -96,14 +100,16 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
             {"name": "http", "containerPort": naming.HTTP_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"},
         ],
-        # The kubelet's gRPC probes cannot speak TLS: they ask the plaintext health-only port.
-        # A restart costs clients little: the startup probe lets the pod in as soon as the
-        # server answers (checked every second, for up to STARTUP_LIMIT_S), and the short
-        # readiness period takes a draining or failing server out of the Service at once.
+        # The kubelet's gRPC probes cannot speak TLS: they ask the plaintext health-only port,
+        # which a starting server opens first and which holds a Check until the server serves.
+        # A restart costs clients little: the startup probe passes the moment the server serves
+        # (for up to STARTUP_LIMIT_S), the kubelet then runs the readiness probe at once, and
+        # the short readiness period takes a draining or failing server out of the Service.
         "startupProbe": {
             "grpc": {"port": naming.HEALTH_PORT},
             "periodSeconds": 1,
-            "failureThreshold": STARTUP_LIMIT_S,
+            "timeoutSeconds": STARTUP_PROBE_TIMEOUT_S,
+            "failureThreshold": STARTUP_LIMIT_S // STARTUP_PROBE_TIMEOUT_S,
         },
         "readinessProbe": {
             "grpc": {"port": naming.HEALTH_PORT},
@@ -133,6 +139,9 @@ def pod_spec(settings: Settings, shard: int, mounted: Iterable[spaces.SpaceId]) 
         "containers": [container],
         "volumes": volumes,
         "automountServiceAccountToken": False,
+        # No variables for every Service of the namespace (one set per shard): the server reads
+        # none, and a restarting pod need not wait for them.
+        "enableServiceLinks": False,
         "terminationGracePeriodSeconds": GRACE_PERIOD_S,
         "securityContext": {
             "runAsNonRoot": True,

@@ -19,14 +19,21 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import tokenizers
-from safetensors import numpy as safetensors_numpy
 
 from memspace_contract import models
-from memspace_server import errors, queueing
+from memspace_server import errors, importing, queueing
+
+if TYPE_CHECKING:
+    import tokenizers
+    from safetensors import numpy as safetensors_numpy
+else:
+    # By the first model loaded (a space with a model), not at the start.
+    tokenizers = importing.lazy("tokenizers")
+    safetensors_numpy = importing.lazy("safetensors.numpy")
 
 log = logging.getLogger(__name__)
 

@@ -172,6 +172,11 @@ def test_shard_pods_spread_as_the_settings_say_and_start_and_leave_quickly() -> 
     (container,) = spec["containers"]
     assert container["startupProbe"]["periodSeconds"] == 1
     assert container["readinessProbe"]["periodSeconds"] == 1
+    # The startup probe waits on the health port for the server to serve (held Check), for up
+    # to the startup limit in all.
+    startup = container["startupProbe"]
+    assert startup["timeoutSeconds"] * startup["failureThreshold"] == shards.STARTUP_LIMIT_S
+    assert spec["enableServiceLinks"] is False
 
 
 def test_a_static_volume_name_binds_the_claim_to_that_volume() -> None:

@@ -15,10 +15,19 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+
+from memspace_server import importing
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+else:
+    # Only a server with TLS reads certificates: a plaintext one does not import them at start.
+    x509 = importing.lazy("cryptography.x509")
+    serialization = importing.lazy("cryptography.hazmat.primitives.serialization")
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from memspace_server.api import (
     mcp_deferring,
     metrics,
     openapi,
+    probing,
     routing,
     servicers,
     sharing,
@@ -61,8 +62,13 @@ the server keep it busy; an idle one goes at once)."""
 
 
 class Server:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(
+        self, settings: ServerSettings, health_port: probing.HealthPort | None = None
+    ) -> None:
+        """`health_port`: the health-only port, already serving (opened before this module
+        was imported, see `probing`); without it, `start` opens `settings.health_listen`."""
         self.settings = settings
+        self._early_health = health_port
         # A scan or fsync thread hands its result to the event loop only once it holds the
         # interpreter: at Python's default switch interval a busy loop (another space's flood)
         # keeps it waiting 5 ms for every such hop of a quiet space's call.
@@ -188,13 +194,7 @@ class Server:
         names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
         self.port = self._add_port(server)
-        if s.health_listen != "off":
-            self._health_grpc = prober = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, prober)
-            try:
-                self.health_port = prober.add_insecure_port(s.health_listen)
-            except RuntimeError as err:
-                raise SettingsError(f"cannot serve health on {s.health_listen}: {err}") from err
+        self._add_health_port()
         if s.metrics_listen != "off":
             host, port = split_address(s.metrics_listen)
             try:
@@ -237,6 +237,8 @@ class Server:
             await self._health_grpc.start()
         for name in ["", *names[:2]]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._early_health is not None:
+            self._early_health.attach(self.health)  # held probes pass now
         self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
         self._warn_if_open()
         log.info(
@@ -258,6 +260,19 @@ class Server:
             self.mcp.start()
         if self.http is not None:
             await self.http.start()
+
+    def _add_health_port(self) -> None:
+        """The health-only port: the one opened before the start, else its own server."""
+        s = self.settings
+        if self._early_health is not None:
+            self.health_port = self._early_health.port
+        elif s.health_listen != "off":
+            self._health_grpc = prober = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, prober)
+            try:
+                self.health_port = prober.add_insecure_port(s.health_listen)
+            except RuntimeError as err:
+                raise SettingsError(f"cannot serve health on {s.health_listen}: {err}") from err
 
     def _add_port(self, server: grpc.aio.Server) -> int:
         s = self.settings
@@ -411,6 +426,8 @@ class Server:
             await self.mcp.stop()
         if self._health_grpc is not None:
             await self._health_grpc.stop(STOP_GRACE_S)
+        if self._early_health is not None:
+            await self._early_health.stop(STOP_GRACE_S)
         if self._housekeeping is not None:
             # Let its current round finish: cancelling a consolidation midway would leave its
             # worker thread writing while the flush below consolidates the same space.
@@ -490,22 +507,29 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc, name-defined]
 
 
 async def serve(
-    settings: ServerSettings, on_started: Callable[[Server], None] | None = None
+    settings: ServerSettings,
+    on_started: Callable[[Server], None] | None = None,
+    health_port: probing.HealthPort | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain. Returns the process exit code. Standalone, the
-    process holds its data root until it exits (a second server or a backup is refused)."""
+    process holds its data root until it exits (a second server or a backup is refused).
+    `health_port`: the health-only port, opened already (see `Server`)."""
     if settings.index_dir is None:
         registries.lock_data_root(settings.data_root)  # released when the process ends
     traced = tracing.configure(os.environ)
     try:
-        return await _serve(settings, on_started)
+        return await _serve(settings, on_started, health_port)
     finally:
         if traced is not None:
             traced.shutdown()
 
 
-async def _serve(settings: ServerSettings, on_started: Callable[[Server], None] | None) -> int:
-    server = Server(settings)
+async def _serve(
+    settings: ServerSettings,
+    on_started: Callable[[Server], None] | None,
+    health_port: probing.HealthPort | None,
+) -> int:
+    server = Server(settings, health_port)
     await server.start()
     if on_started is not None:
         on_started(server)

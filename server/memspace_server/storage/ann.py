@@ -29,14 +29,19 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from memspace_contract import durable, index
+from memspace_server import importing
 from memspace_server.storage import memories, tiers, zarr_tiers
+
+if TYPE_CHECKING:
+    import faiss
+else:
+    faiss = importing.lazy("faiss")  # by the first graph built or loaded, not at the start
 
 log = logging.getLogger(__name__)
 

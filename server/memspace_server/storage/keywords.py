@@ -18,18 +18,23 @@ with the space, so a space that is not searched by keyword pays nothing for it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
-
-import tantivy
+from typing import TYPE_CHECKING, Any, Final
 
 from memspace_contract import wire
 from memspace_contract.wire import Lsn
+from memspace_server import importing
 from memspace_server.storage import tiers
+
+if TYPE_CHECKING:
+    import tantivy
+else:
+    tantivy = importing.lazy("tantivy")  # by the first keyword index opened, not at the start
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +56,10 @@ Text = tuple[str, str, Mapping[str, str]]
 """(memory ID, content, tags) of one memory."""
 
 
+@functools.cache
 def _analyzer() -> Any:
     """Words of letters and digits, lowercased, those over 40 characters dropped: the same for
-    memories and queries."""
+    memories and queries (made once, on first use)."""
     return (
         tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
         .filter(tantivy.Filter.remove_long(40))
@@ -74,12 +80,9 @@ def _schema() -> Any:
     return builder.build()
 
 
-_ANALYZER = _analyzer()
-
-
 def terms(text: str) -> list[str]:
     """The distinct terms of a query, in order."""
-    return list(dict.fromkeys(_ANALYZER.analyze(text)))
+    return list(dict.fromkeys(_analyzer().analyze(text)))
 
 
 def _tag_text(tags: Mapping[str, str]) -> str:

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from memspace_contract import wire
+from memspace_server import importing
 from memspace_server.storage import memories
+
+if TYPE_CHECKING:
+    import faiss
+else:
+    faiss = importing.lazy("faiss")  # by the first scan past SMALL_PRODUCT, not at the start
 
 HOT: Final = wire.HOT
 WARM: Final = wire.WARM

@@ -17,17 +17,23 @@ import shutil
 import struct
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import zarr
-import zarr.codecs
-import zarr.core.sync as zarr_sync
 
 from memspace_contract import durable, wire
-from memspace_server import errors
+from memspace_server import errors, importing
 from memspace_server.storage import caches, memories, tiers
+
+if TYPE_CHECKING:
+    import zarr
+    import zarr.codecs
+    import zarr.core.sync as zarr_sync
+else:
+    # Imported once a tier has rows (an empty tier makes no Zarr call): not at the start.
+    zarr = importing.lazy("zarr")
+    zarr_sync = importing.lazy("zarr.core.sync")
 
 MAX_ROWS = 2**25
 """Nominal rows of every array of a generation (the real count is in the checkpoint); zarr's

@@ -1,0 +1,66 @@
+"""Heavy libraries imported on first use, not at the server's start.
+
+A shard restarting serves again as soon as its ports are up, and every import on the way is
+time with no server: zarr (a tier with committed rows), faiss (a large scan, an ANN graph),
+tantivy (a keyword index) and a model's tokenizer are needed only once a space that uses them
+is loaded. `lazy("faiss")` stands for the module and imports it on the first attribute read
+(Python's import lock makes concurrent first reads import it once); `warm_up` imports them all
+in a background thread once the server serves, so the first call rarely waits for one.
+Must not import any of them itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+import types
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
+
+DEFERRED: Final = ("faiss", "zarr", "zarr.codecs", "zarr.core.sync", "tantivy")
+"""What `warm_up` imports: every module a loaded space may need that the start does not."""
+
+
+class Lazy:
+    """A module imported on the first read of one of its attributes."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: types.ModuleType | None = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        module = self._module
+        if module is None:
+            module = self._module = importlib.import_module(self._name)
+        return getattr(module, attribute)
+
+    def __repr__(self) -> str:
+        state = "imported" if self._module is not None else "not imported yet"
+        return f"<lazy module {self._name!r}, {state}>"
+
+
+def lazy(name: str) -> Any:
+    """The module `name`, imported on first use. Annotate it with the real module for the type
+    checker: ``if TYPE_CHECKING: import faiss`` / ``else: faiss = importing.lazy("faiss")``."""
+    return Lazy(name)
+
+
+def warm_up(names: tuple[str, ...] = DEFERRED) -> threading.Thread:
+    """Import `names` in a daemon thread (started here); a call that needs one meanwhile waits
+    only for what is left of its import."""
+
+    def run() -> None:
+        started = time.monotonic()
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the call that needs it reports the error where it is handled
+                log.warning("importing %s in the background failed", name, exc_info=True)
+        log.debug("deferred imports done in %.2f s", time.monotonic() - started)
+
+    thread = threading.Thread(target=run, name="memspace-imports", daemon=True)
+    thread.start()
+    return thread
