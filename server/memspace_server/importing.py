@@ -19,6 +19,10 @@ import types
 from typing import Any, Final
 
 log = logging.getLogger(__name__)
+# faiss's loader logs at INFO which CPU build it tried and loaded, once per process: noise in a
+# server's log (imported before logging was configured, as before these imports were deferred,
+# those lines never showed).
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 DEFERRED: Final = ("faiss", "zarr", "zarr.codecs", "zarr.core.sync", "tantivy")
 """What `warm_up` imports: every module a loaded space may need that the start does not."""

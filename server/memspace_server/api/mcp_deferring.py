@@ -5,6 +5,7 @@ A `/mcp` request that comes before it is made waits for it. Nothing here imports
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ class Deferred:
     def __init__(self, handlers: Handlers) -> None:
         self._handlers = handlers
         self._made: asyncio.Task[mcp_app.Endpoint] | None = None
+        self._imported = False
 
     def start(self) -> None:
         self._made = asyncio.get_running_loop().create_task(self._make())
@@ -36,6 +38,7 @@ class Deferred:
     async def _make(self) -> mcp_app.Endpoint:
         # Imported in a worker thread: the event loop serves meanwhile.
         module = await asyncio.to_thread(importlib.import_module, "memspace_server.api.mcp_app")
+        self._imported = True
         endpoint: mcp_app.Endpoint = module.Endpoint(self._handlers)
         await endpoint.start()
         log.debug("MCP endpoint ready at %s", PATH)
@@ -52,6 +55,14 @@ class Deferred:
 
     async def stop(self) -> None:
         if self._made is None:
+            return
+        if not self._imported and not self._made.done():
+            # Still importing the SDK (a server drained soon after its start, on a busy
+            # machine): nothing was started, and the drain does not wait for the import (it
+            # took seconds there, which a restarting shard's successor waited for).
+            self._made.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._made
             return
         try:
             endpoint = await self._made
