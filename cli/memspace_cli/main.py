@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from memspace_cli import backup, memories, serve, status
+from memspace_cli import serve
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -28,13 +28,20 @@ def _operator(args: argparse.Namespace) -> int:
     return int(code or 0)
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(only_serve: bool = False) -> argparse.ArgumentParser:
+    """Every command's parser; `only_serve`: `serve`'s alone (the other commands import the
+    client library, numpy and the generated code among it, which a starting server imports
+    only once its health port is open, see `serve`)."""
     top = argparse.ArgumentParser(
         prog="memspace",
         description="Kubernetes-native, multi-tenant memory spaces for AI agents.",
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(commands)
+    if only_serve:
+        return top
+    from memspace_cli import backup, memories, status  # noqa: PLC0415  # see only_serve
+
     status.add_parser(commands)
     backup.add_parser(commands)
     memories.add_parsers(commands)
@@ -53,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments[:1] == ["operator"]:
         # The operator parses its own options: argparse's REMAINDER refuses a first "--option".
         return _operator(argparse.Namespace(operator_args=arguments[1:]))
-    args = parser().parse_args(arguments)
+    args = parser(only_serve=arguments[:1] == ["serve"]).parse_args(arguments)
     code: int = args.run(args)
     if args.command == "backup":
         # The command's work is done and printed. Skip the interpreter's teardown: obstore's
