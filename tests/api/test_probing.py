@@ -142,8 +142,12 @@ def test_memspace_serve_answers_probes_serving_only_once_it_serves(tmp_path: Pat
 
 def test_the_server_imports_no_library_that_only_a_loaded_space_needs() -> None:
     """zarr, faiss, tantivy, tokenizers and cryptography are imported by the first space (or
-    TLS certificate) that needs them, or in the background once the server serves."""
-    deferred = ("zarr", "faiss", "tantivy", "tokenizers", "cryptography", "numcodecs")
+    TLS certificate) that needs them, or in the background once the server serves; the
+    OpenTelemetry SDK only where tracing is on."""
+    deferred = (
+        "zarr", "faiss", "tantivy", "tokenizers", "cryptography", "numcodecs",
+        "opentelemetry.sdk",
+    )  # fmt: skip
     code = (
         "import sys\n"
         "from memspace_cli import main\n"

@@ -13,16 +13,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk import resources
-from opentelemetry.sdk import trace as sdk_trace
-from opentelemetry.sdk.trace import export
 
 from memspace_server import spans
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk import trace as sdk_trace
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,11 @@ def configure(environ: Mapping[str, str], service_name: str = SERVICE_NAME) -> T
     """Turn tracing on when `environ` asks for it; None (and nothing changed) otherwise."""
     if not wanted(environ):
         return None
+    # The SDK only where tracing is on (0.1 s of a server's start otherwise).
     from opentelemetry.exporter.otlp.proto.grpc import trace_exporter  # noqa: PLC0415
+    from opentelemetry.sdk import resources  # noqa: PLC0415
+    from opentelemetry.sdk import trace as sdk_trace  # noqa: PLC0415
+    from opentelemetry.sdk.trace import export  # noqa: PLC0415
 
     resource = resources.Resource.create(
         {resources.SERVICE_NAME: environ.get("OTEL_SERVICE_NAME") or service_name}
