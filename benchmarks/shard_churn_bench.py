@@ -10,11 +10,12 @@
   node runs the shard pods here: the tests' PodStatuses stand-in reports them Ready.
 - `shard_restart_unavailable_s` (target <= 3): on the real node (tests/support/node.py), a
   shard made from the operator's own StatefulSet manifest (its probes, drain and grace period;
-  no spaces, TLS off) runs the image of `make image`; its pod is deleted ROUNDS times and the
-  seconds with no ready endpoint in its Service's EndpointSlices are measured (polled every
-  50 ms), with when each step of the restart was first seen (`shard_restart_phases_s`: the old
-  container exited, the old pod gone, the new one made, running, started, Ready, its endpoint
-  ready). Skipped (said so) where the node cannot run (not root, tools or image missing).
+  no spaces, TLS off) runs the image of `make image`; its pod is deleted ROUNDS times, each
+  time SETTLE_S after it turned Ready, and the seconds with no ready endpoint in its Service's
+  EndpointSlices are measured (polled every 50 ms), with when each step of the restart was
+  first seen (`shard_restart_phases_s`: the old container exited, the old pod gone, the new one
+  made, running, started, Ready, its endpoint ready). Skipped (said so) where the node cannot
+  run (not root, tools or image missing).
 - `state_change_effective_s` (target p99 <= 1 s): on the same node, the operator (its own
   process) serves one space from a shard pod it made, and its `spec.state` is flipped
   STATE_ROUNDS times each way (benchmarks/state_changes.py, `run_on_node`).
@@ -64,6 +65,10 @@ SETTINGS = {
 }
 SETTLE_LIMIT_S = 180.0
 ROUNDS = 3
+SETTLE_S = 5.0
+"""How long a shard pod serves before it is deleted: a restart hits a pod that has served for a
+while, not one the kubelet has just synced (a deletion right after a sync of the pod waits up
+to a second more, for the kubelet's next look at its containers)."""
 STATE_ROUNDS = 25
 """Inactive-then-Active changes of one space on the real node (state_change_effective_s)."""
 NODE_NAMESPACE = "memspace-restart"
@@ -286,6 +291,7 @@ def _measure_restarts(
         pod = _wait_ready_pod(core, None)
         gaps, timelines = [], []
         for _ in range(rounds):
+            time.sleep(SETTLE_S)
             old = pod["metadata"]["uid"]
             with _ServerLog(cluster) as old_log:
                 deleted, deleted_at = time.monotonic(), time.time()
