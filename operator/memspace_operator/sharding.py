@@ -93,12 +93,16 @@ class Shards:
     def opened_at(self, shard: int) -> float | None:
         return self._opened.get(ShardNumber(shard))
 
-    def takes_new(self, shard: int, now: float | None = None) -> bool:
-        """Whether the shard may take a new space: not sealed, not full, still young."""
+    def takes_new(
+        self, shard: int, now: float | None = None, joining: spaces.SpaceId | None = None
+    ) -> bool:
+        """Whether the shard may take a new space (`joining`, counted once if already
+        assigned there): not sealed, not full, still young."""
         number = ShardNumber(shard)
         if number in self._sealed or number in self._closing:
             return False
-        if self.count(number) >= self.max_spaces_per_shard:
+        load = self.wanted(number) | self.mounted(number)
+        if len(load - {joining} if joining is not None else load) >= self.max_spaces_per_shard:
             return False
         opened = self._opened.get(number)
         now = time.time() if now is None else now
@@ -206,7 +210,9 @@ class Shards:
             self._known.add(number)
             self._opened.setdefault(number, time.time())
             return True
-        return self.takes_new(number) and self.mounted_on(space_id) is None
+        # The space itself counts once: assigned here a moment ago, it filled the shard's last
+        # place (without this, every shard's last space moved out and straight back in).
+        return self.takes_new(number, joining=space_id) and self.mounted_on(space_id) is None
 
     def assign(
         self, space_id: spaces.SpaceId, owner_uid: str, now: float | None = None

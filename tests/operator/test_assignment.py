@@ -5,6 +5,8 @@ shard's number is free again; none past maxShards."""
 
 from __future__ import annotations
 
+import time
+
 from memspace_contract import spaces
 from memspace_operator import sharding
 
@@ -113,3 +115,17 @@ def test_a_shard_whose_statefulset_was_never_made_takes_new_spaces_after_a_takeo
     assert table.assign(sid("space-e"), "u-e", now=T0 + 5) == 1
     assert table.assign(sid("space-f"), "u-f", now=T0 + 5) == 1
     assert table.assign(sid("space-g"), "u-g", now=T0 + 5) == 2
+
+
+def test_the_space_that_fills_the_intake_shard_keeps_its_place() -> None:
+    """The last space assigned to the intake shard fills it: it stays there (it moved out and
+    back in, rewriting its claim and index entry, once for every shard of a burst)."""
+    table = sharding.Shards(max_spaces_per_shard=3, max_shards=5, intake_window_s=60)
+    table.know([0])
+    now = time.time()  # keeps() reads the clock
+    table.describe(0, mounted=[], opened_at=now, sealed=False)
+    for i in range(3):
+        assert table.assign(sid(f"s-{i}"), f"uid-{i}", now=now) == 0
+    assert not table.takes_new(0, now=now)
+    assert table.keeps(sid("s-2"), 0)
+    assert table.assign(sid("s-3"), "uid-3", now=now) == 1
