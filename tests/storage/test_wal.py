@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from memspace_server import errors
-from memspace_server.storage import frames, memories, records, wal
+from memspace_server.storage import frames, memories, records, tiers, wal
 
 
 @pytest.fixture
@@ -402,13 +404,139 @@ async def test_a_write_of_several_frames_replays_whole_or_not_at_all(
 async def test_lsns_of_a_write_in_flight_are_still_retained(
     tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
-    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    # The writer's one thread is kept busy until the checks are done.
+    writer = concurrent.futures.ThreadPoolExecutor(1)
+    gate = threading.Event()
+    writer.submit(gate.wait)
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, writer, lambda events: None)
     _last, future = log.submit(2, _remember_batch(0, 2))
     # Not on disk yet (no segment exists): a subscriber from LSN 1 must not be told that LSN 1
     # is gone.
     assert wal.list_segments(tmp_path) == []
     assert log.next_lsn == 3
     assert log.first_retained_lsn() == 1
+    gate.set()
     await future
+    writer.shutdown()
     assert log.first_retained_lsn() == 1
     await log.close()
+
+
+def _frame_offsets(path: Path) -> list[int]:
+    """Where each frame of a segment starts."""
+    data = path.read_bytes()
+    offsets, pos = [], len(wal.MAGIC)
+    while pos < len(data):
+        offsets.append(pos)
+        pos += wal._FRAME.size + wal._FRAME.unpack_from(data, pos)[0]
+    return offsets
+
+
+def _columns(first: int, count: int, dim: int = 4) -> frames.Write:
+    return frames.Write(
+        tiers.Columns.of([_memory(i, dim) for i in range(first, first + count)], dim)
+    )
+
+
+async def test_writes_queued_together_are_one_frame_and_replay_write_by_write(
+    tmp_path: Path,
+) -> None:
+    # The writer's one thread is busy until every write is queued: they form one group.
+    writer = concurrent.futures.ThreadPoolExecutor(1)
+    gate = threading.Event()
+    writer.submit(gate.wait)
+    seen: list[int] = []
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, writer, seen.extend)
+    futures = [
+        log.append(_columns(0, 3), 1.0, 4, [1])[1],
+        log.append(frames.Write(None, ("m1",)), 2.0, 4, [2])[1],
+        log.append(_columns(10, 2), 3.0, 4, [3])[1],
+    ]
+    assert log.next_lsn == 7
+    gate.set()
+    await asyncio.gather(*futures)
+    assert log.syncs == 1
+    assert seen == [1, 2, 3]
+    assert log.durable_lsn == 6
+    await log.close()
+    writer.shutdown()
+    ((_, path),) = wal.list_segments(tmp_path)
+    assert len(_frame_offsets(path)) == 1
+    found, recovered = _replay(tmp_path)
+    assert recovered.next_lsn == 7
+    assert [r.lsn for r in found] == [1, 2, 3, 4, 5, 6]
+    assert [type(r).__name__ for r in found] == ["Remembered"] * 3 + ["Forgotten"] + [
+        "Remembered"
+    ] * 2
+    last = found[5]
+    assert isinstance(last, records.Remembered)
+    assert last.memory.id == "m11"
+    assert last.memory.content == "content 11"
+    assert last.memory.embedding.tolist() == [12.0] * 4
+    assert dict(last.memory.tags) == {"i": "11"}
+    # A floor inside the group replays only the records after it.
+    found, _ = _replay(tmp_path, floor=4)
+    assert [r.lsn for r in found] == [5, 6]
+
+
+async def test_a_torn_group_frame_loses_only_its_unacknowledged_writes(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    await log.append(_columns(0, 2), 1.0, 4, [])[1]
+    writer = concurrent.futures.ThreadPoolExecutor(1)
+    gate = threading.Event()
+    writer.submit(gate.wait)
+    log._executor = writer
+    group = [log.append(_columns(i, 3), 1.0, 4, [])[1] for i in (10, 20)]
+    gate.set()
+    await asyncio.gather(*group)
+    await log.close()
+    writer.shutdown()
+    ((_, path),) = wal.list_segments(tmp_path)
+    second = _frame_offsets(path)[1]
+    # A crash mid-append: the group's frame is cut short (it was never acknowledged).
+    with path.open("r+b") as out:
+        out.truncate(path.stat().st_size - 7)
+    found, recovered = _replay(tmp_path)
+    assert [r.lsn for r in found] == [1, 2]
+    assert recovered.next_lsn == 3
+    assert path.stat().st_size == second
+
+
+async def test_a_write_larger_than_a_frame_goes_behind_a_marker(
+    tmp_path: Path, executor: concurrent.futures.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(frames, "FRAME_BYTES", 4 * 4 + 64 + 4 * 24)
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    last, future = log.append(_columns(0, 5), 1.0, 4, [])
+    await future
+    assert last == 5
+    await log.close()
+    ((_, path),) = wal.list_segments(tmp_path)
+    offsets = _frame_offsets(path)
+    assert len(offsets) > 2  # a marker and the frames of the write behind it
+    payload = path.read_bytes()[offsets[0] + wal._FRAME.size : offsets[1]]
+    assert frames.peek(payload) == (1, 0, 5)
+    found, _ = _replay(tmp_path)
+    assert [r.lsn for r in found] == [1, 2, 3, 4, 5]
+
+
+async def test_a_failed_append_fails_every_write_queued_and_writes_nothing_after_it(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    log: wal.Wal[int] = wal.Wal(tmp_path, 1, executor, lambda events: None)
+    await log.append(_columns(0, 1), 1.0, 4, [])[1]
+    assert log._fd is not None
+    os.close(log._fd)  # the next write fails (EBADF)
+    first = log.append(_columns(1, 1), 1.0, 4, [])[1]
+    second = log.append(_columns(2, 1), 1.0, 4, [])[1]
+    for future in (first, second):
+        with pytest.raises(errors.UnavailableError):
+            await future
+    assert isinstance(log.failure, errors.UnavailableError)
+    with pytest.raises(errors.UnavailableError):
+        log.append(_columns(3, 1), 1.0, 4, [])
+    log._fd = None
+    found, _ = _replay(tmp_path)
+    assert [r.lsn for r in found] == [1]

@@ -25,7 +25,8 @@ import dataclasses
 import itertools
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -176,6 +177,145 @@ def _blob(texts: Sequence[str]) -> tuple[bytes, npt.NDArray[np.uint32]]:
     return data, np.fromiter(itertools.accumulate(lengths), "<u4", len(texts))
 
 
+@dataclasses.dataclass(frozen=True)
+class Write:
+    """One write's records, not encoded yet: its remember records (`batch`), then its forgets.
+    The WAL's writer encodes the writes of one group commit into one frame (`parts`)."""
+
+    batch: tiers.Columns | None
+    forgotten: Sequence[str] = ()
+
+    def __len__(self) -> int:
+        return (len(self.batch) if self.batch is not None else 0) + len(self.forgotten)
+
+
+def bound(batch: tiers.Columns, dim: int, each: bool = False) -> npt.NDArray[np.int64] | int:
+    """An upper bound of the bytes each memory of `batch` takes in a frame (UTF-8 takes at
+    most 4 a character), or of them all (an int) where that is quick and below FRAME_BYTES
+    (unless `each`)."""
+    count = len(batch)
+    fixed = 4 * dim + 64
+    tagged = any(batch.tags)
+    if not tagged and not each:
+        total = count * fixed + 4 * (sum(map(len, batch.ids)) + sum(map(len, batch.contents)))
+        if total <= FRAME_BYTES:
+            return total
+    sizes = fixed + 4 * (
+        np.fromiter(map(len, batch.ids), np.int64, count)
+        + np.fromiter(map(len, batch.contents), np.int64, count)
+    )
+    if tagged:
+        sizes += [sum(4 * (len(k) + len(v)) + 8 for k, v in t.items()) for t in batch.tags]
+    return sizes
+
+
+FRAME_BYTES = 16 * 1024 * 1024
+"""The most one frame is made to hold: a larger write takes several behind a batch marker, a
+group commit of several writes several frames."""
+_JOIN_EMBEDDINGS = 16
+"""Writes in one frame past which their embedding rows are copied into one part (many small
+parts cost more in calls than the copy)."""
+
+Buffer = bytes | memoryview
+"""A part of an encoded frame: bytes, or a flat byte view of a write's embedding rows."""
+
+
+@dataclasses.dataclass
+class _Gathered:
+    """The columns of a frame's writes, gathered in record order."""
+
+    kinds: list[bytes] = dataclasses.field(default_factory=list)
+    created: list[npt.NDArray[np.float64]] = dataclasses.field(default_factory=list)
+    confidence: list[npt.NDArray[np.float32]] = dataclasses.field(default_factory=list)
+    rows: list[npt.NDArray[np.float32]] = dataclasses.field(default_factory=list)
+    ids: list[str] = dataclasses.field(default_factory=list)
+    contents: list[str] = dataclasses.field(default_factory=list)
+    tags: list[Sequence[Mapping[str, str]]] = dataclasses.field(default_factory=list)
+    tagged: bool = False
+
+    def remembered(self, batch: tiers.Columns, dim: int) -> None:
+        count = len(batch)
+        matrix = np.ascontiguousarray(batch.embeddings, "<f4")
+        if matrix.shape != (count, dim):
+            raise ValueError(f"a frame of {count} memories of {dim} values got {matrix.shape}")
+        self.rows.append(matrix)
+        self.kinds.append(bytes((records.REMEMBER,)) * count)
+        self.created.append(np.asarray(batch.created_at, "<f8"))
+        self.confidence.append(np.asarray(batch.confidence, "<f4"))
+        self.ids.extend(batch.ids)
+        self.contents.extend(batch.contents)
+        self.tags.append(batch.tags)
+        self.tagged = self.tagged or any(batch.tags)
+
+    def forgotten(self, ids: Sequence[str]) -> None:
+        count = len(ids)
+        self.kinds.append(bytes((records.FORGET,)) * count)
+        self.created.append(np.zeros(count, "<f8"))
+        self.confidence.append(np.zeros(count, "<f4"))
+        self.ids.extend(ids)
+        self.contents.extend([""] * count)
+        self.tags.append([{}] * count)
+
+
+def parts(first_lsn: int, at: float, dim: int, writes: Sequence[Write]) -> list[Buffer]:
+    """One frame of `writes` (records with LSNs from first_lsn on, write after write), as its
+    parts in order: the head and fixed-width columns, each write's embedding rows as a view of
+    its matrix (not copied), then the text blobs. A frame holds whole writes, so a torn frame
+    loses whole writes; its time is `at` (the first write's)."""
+    columns = _Gathered()
+    for write in writes:
+        if write.batch is not None and len(write.batch):
+            columns.remembered(write.batch, dim)
+        if write.forgotten:
+            columns.forgotten(write.forgotten)
+    count = len(columns.ids)
+    remembers = sum(matrix.shape[0] for matrix in columns.rows)
+    id_blob, id_ends = _blob(columns.ids)
+    text_blob, text_ends = _blob(columns.contents)
+    if columns.tagged:
+        tag_blob, tag_ends = _blob(
+            [
+                json.dumps(dict(t), separators=(",", ":")) if t else ""
+                for run in columns.tags
+                for t in run
+            ]
+        )
+    else:
+        tag_blob, tag_ends = b"", np.zeros(count, "<u4")
+    head = _HEAD.pack(MARK, BATCH, first_lsn, at, count, dim, remembers)
+    front: list[bytes | memoryview] = []
+    size = 0
+    for section in (
+        head,
+        b"".join(columns.kinds),
+        _joined(columns.created),
+        _joined(columns.confidence),
+        id_ends.data,
+        text_ends.data,
+        tag_ends.data,
+    ):
+        front.append(section)
+        size += section.nbytes if isinstance(section, memoryview) else len(section)
+        padding = _pad(size) - size
+        if padding:
+            front.append(b"\0" * padding)
+            size += padding
+    found: list[Buffer] = [b"".join(front)]
+    rows = columns.rows
+    if len(rows) > _JOIN_EMBEDDINGS:
+        rows = [np.concatenate(rows)]
+    found.extend(matrix.reshape(-1).view(np.uint8).data for matrix in rows)
+    tail = 4 * dim * remembers % 8
+    found.append(b"".join((b"\0" * (8 - tail) if tail else b"", id_blob, text_blob, tag_blob)))
+    return found
+
+
+def _joined(arrays: list[npt.NDArray[Any]]) -> bytes:
+    if len(arrays) == 1:
+        return arrays[0].tobytes()
+    return b"".join(a.tobytes() for a in arrays)
+
+
 def encode(
     first_lsn: int,
     at: float,
@@ -187,47 +327,7 @@ def encode(
     batch = (
         remembered if isinstance(remembered, tiers.Columns) else tiers.Columns.of(remembered, dim)
     )
-    remembers = len(batch)
-    count = remembers + len(forgotten)
-    forgets = len(forgotten)
-    kinds = bytes((records.REMEMBER,)) * remembers + bytes((records.FORGET,)) * forgets
-    created = np.asarray(batch.created_at, "<f8").tobytes() + bytes(8 * forgets)
-    confidence = np.asarray(batch.confidence, "<f4").tobytes() + bytes(4 * forgets)
-    embeddings = np.ascontiguousarray(batch.embeddings, "<f4")
-    if embeddings.shape != (remembers, dim):
-        raise ValueError(f"a frame of {remembers} memories of {dim} values got {embeddings.shape}")
-    ids, id_ends = _blob([*batch.ids, *forgotten])
-    contents, text_ends = _blob(
-        [*batch.contents, *([""] * len(forgotten))] if forgotten else batch.contents
-    )
-    if any(batch.tags):
-        tags, tag_ends = _blob(
-            [json.dumps(dict(t), separators=(",", ":")) if t else "" for t in batch.tags]
-            + [""] * len(forgotten)
-        )
-    else:
-        tags, tag_ends = b"", np.zeros(count, "<u4")
-    head = _HEAD.pack(MARK, BATCH, first_lsn, at, count, dim, remembers)
-    parts: list[bytes | memoryview] = []
-    size = 0
-    for section in (
-        head,
-        kinds,
-        created,
-        confidence,
-        id_ends.data,
-        text_ends.data,
-        tag_ends.data,
-        embeddings.data,
-    ):
-        parts.append(section)
-        size += section.nbytes if isinstance(section, memoryview) else len(section)
-        padding = _pad(size) - size
-        if padding:
-            parts.append(b"\0" * padding)
-            size += padding
-    parts.extend((ids, contents, tags))
-    return b"".join(parts)
+    return b"".join(parts(first_lsn, at, dim, [Write(batch, forgotten)]))
 
 
 def restamp(payload: bytearray, first_lsn: int, at: float) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import random
 import time
@@ -68,50 +67,6 @@ class Health:
     """Figures above that are not known (their values then mean nothing)."""
     index: ann.Status | None = None
     """The search index of the warm and cold tiers (None: not known, the space not loaded)."""
-
-
-FRAME_BYTES = 16 * 1024 * 1024
-"""A write larger than this goes into several WAL frames (behind a batch marker)."""
-
-
-def _remembered(
-    batch: tiers.Columns, now: float, dim: int, first: Lsn
-) -> tuple[list[bytes], list[feeds.Published]]:
-    """The frames and events of remembering `batch` at LSNs first, first + 1, ..."""
-    count = len(batch)
-    # An upper bound of a memory's bytes in a frame (UTF-8 takes at most 4 a character).
-    fixed = 4 * dim + 64
-    tagged = any(batch.tags)
-    total = count * fixed + 4 * (sum(map(len, batch.ids)) + sum(map(len, batch.contents)))
-    if not tagged and total <= FRAME_BYTES:
-        bounds = [0, count]
-    else:
-        sizes = fixed + 4 * (
-            np.fromiter(map(len, batch.ids), np.int64, count)
-            + np.fromiter(map(len, batch.contents), np.int64, count)
-        )
-        if tagged:
-            sizes += [sum(4 * (len(k) + len(v)) + 8 for k, v in t.items()) for t in batch.tags]
-        ends = np.cumsum(sizes)
-        cuts = np.searchsorted(ends, np.arange(FRAME_BYTES, int(ends[-1]), FRAME_BYTES), "right")
-        bounds = sorted({0, *cuts.tolist(), count})
-    payloads = [
-        frames.encode(
-            first + start, now, dim, batch if end - start == count else batch.slice(start, end)
-        )
-        for start, end in itertools.pairwise(bounds)
-        if end > start
-    ]
-    return payloads, [feeds.Run(feeds.EventType.REMEMBERED, batch.ids, first, now)]
-
-
-def _forgotten(
-    memory_id: str, now: float, dim: int, lsn: Lsn
-) -> tuple[list[bytes], list[feeds.Published]]:
-    return (
-        [frames.encode(lsn, now, dim, (), (memory_id,))],
-        [feeds.Event(feeds.EventType.FORGOTTEN, memory_id, lsn, now)],
-    )
 
 
 class Space:
@@ -365,11 +320,12 @@ class Space:
                     f"space {self.id!r} holds {self.count()} memories; its quota "
                     f"maxMemories is {limit}. Forget some or raise the quota"
                 )
-            # One frame (a write over FRAME_BYTES: several behind a batch marker), replayed
-            # whole or not at all.
-            lsn, future = self._wal.submit(
-                count, functools.partial(_remembered, batch, now, self.dim)
-            )
+            # Encoded by the WAL's writer into one frame with the writes beside it (a write
+            # over FRAME_BYTES: several behind a batch marker), replayed whole or not at all.
+            events: list[feeds.Published] = [
+                feeds.Run(feeds.EventType.REMEMBERED, batch.ids, self._wal.next_lsn, now)
+            ]
+            lsn, future = self._wal.append(frames.Write(batch), now, self.dim, events)
             self._replace(stored, new)
             self.keywords.add(batch.ids, batch.contents, batch.tags, lsn)
             # `_replace` removed every stored version of these memories.
@@ -484,8 +440,11 @@ class Space:
             tier = self._locate(memory_id)
             if tier is None:
                 return False, Lsn(0)
-            lsn, future = self._wal.submit(
-                1, functools.partial(_forgotten, memory_id, now, self.dim)
+            forgotten: list[feeds.Published] = [
+                feeds.Event(feeds.EventType.FORGOTTEN, memory_id, self._wal.next_lsn, now)
+            ]
+            lsn, future = self._wal.append(
+                frames.Write(None, (memory_id,)), now, self.dim, forgotten
             )
             tier.remove(memory_id)
             self.keywords.remove(memory_id, lsn)

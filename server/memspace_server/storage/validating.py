@@ -26,12 +26,13 @@ def _embeddings(drafts: Sequence[memories.Draft], dim: int) -> np.ndarray:
         for draft in drafts:
             memories.check_vector(draft.embedding, dim, "embedding")
         raise errors.InvalidMemoryError("embeddings must be lists of numbers")
+    matrix = np.ascontiguousarray(matrix)
     with np.errstate(over="ignore", invalid="ignore"):
-        squares = np.einsum("ij,ij->i", matrix, matrix)
+        squares = tiers.squared_norms(matrix)
     if not (np.isfinite(squares).all() and squares.all()):
         for draft in drafts:
             memories.check_vector(draft.embedding, dim, "embedding")
-    return np.ascontiguousarray(matrix)
+    return matrix
 
 
 _CONFIDENCE = operator.attrgetter("confidence")

@@ -22,18 +22,23 @@ batch is replayed whole or not at all.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import itertools
 import logging
 import mmap
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import crc32c
+import numpy as np
 
 from memspace_contract import durable
 from memspace_contract.wire import Lsn
@@ -52,6 +57,9 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 """Most buffers one writev takes."""
 MAX_FRAME = 64 * 1024 * 1024
 """Largest payload of a format-2 segment (one batch frame); a larger write is split."""
+WRITER_TURN_S = 0.02
+"""How long a space's writer goes on taking its next groups before it lets the other spaces'
+appends waiting for the pool go first."""
 
 T = TypeVar("T")
 
@@ -473,10 +481,33 @@ class _Waiter(Generic[T]):
     events: list[T]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One submission waiting for the writer: a write's columns, or frames made already."""
+
+    first: int
+    """Its first LSN."""
+    lsns: int
+    write: frames.Write | None
+    framed: Sequence[frames.Buffer | bytearray] = ()
+    bound: int = 0
+    """An upper bound of the bytes of `write` in a frame."""
+    at: float = 0.0
+    dim: int = 0
+    parent: spans.Context | None = None
+
+
 class Wal(Generic[T]):
-    """Appends to the WAL of one space with group commit. Writers call `submit` on the event loop
-    (which fixes their LSN and order) and await the returned future: it resolves once the record
-    is on disk and fsynced, after `on_durable` has seen the writer's event in LSN order."""
+    """Appends to the WAL of one space with group commit. Writers call `append` (or `submit`)
+    on the event loop, which fixes their LSN and order, and await the returned future: it
+    resolves once the records are on disk and fsynced, after `on_durable` has seen the
+    writer's events in LSN order.
+
+    The writing runs on a thread of `executor` while the space has writes queued (at most one
+    at a time): it takes every write queued, encodes the column writes among them into one
+    frame (`frames.parts`; several past `frames.FRAME_BYTES`), appends them in one writev and
+    fdatasyncs, then takes what was queued meanwhile at once, without waiting for the event
+    loop: the loop validates and applies the next writes while the previous ones sync."""
 
     def __init__(
         self,
@@ -492,10 +523,15 @@ class Wal(Generic[T]):
         self._executor = executor
         self._on_durable = on_durable
         self._segment_bytes = segment_bytes
-        self._pending: list[bytes | bytearray] = []
-        self._waiters: list[_Waiter[T]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._waiters: collections.deque[_Waiter[T]] = collections.deque()
         self._failure: errors.MemspaceError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Shared with the writer thread, under `_lock`:
+        self._lock = threading.Lock()
+        self._queue: list[_Entry] = []
+        self._writing = False
+        self._broken = False
+        # The writer thread's own (and the loop's while nothing is being written):
         self._fd: int | None = None
         self._size = 0
         self._roll_requested = False
@@ -536,6 +572,40 @@ class Wal(Generic[T]):
         segments = list_segments(self.directory)
         return Lsn(segments[0][0] if segments else self._durable_lsn + 1)
 
+    def append(
+        self, write: frames.Write, at: float, dim: int, events: list[T]
+    ) -> tuple[Lsn, asyncio.Future[None]]:
+        """Queue one write's records (its remembers, then its forgets) at the next LSNs, to be
+        encoded as columns by the writer with the writes queued beside it; `on_durable` gets
+        `events` once they are on disk. A write past `frames.FRAME_BYTES` is encoded at once,
+        in several frames behind a batch marker (replayed all or none). Returns the last LSN."""
+        count = len(write)
+        if count < 1:
+            raise ValueError("a WAL write holds at least one record")
+        batch = write.batch
+        sizes = frames.bound(batch, dim) if batch is not None else 0
+        size = sizes if isinstance(sizes, int) else int(sizes.sum())
+        size += sum(64 + 4 * len(memory_id) for memory_id in write.forgotten)
+        if size <= frames.FRAME_BYTES:
+            entry = _Entry(self._next_lsn, count, write, (), size, at, dim)
+            return self._enqueue(entry, count, events)
+        assert batch is not None
+        if isinstance(sizes, int):
+            sizes = frames.bound(batch, dim, each=True)
+        ends = np.cumsum(sizes)
+        step = frames.FRAME_BYTES
+        cuts = np.searchsorted(ends, np.arange(step, int(ends[-1]), step), "right")
+        bounds = sorted({0, *cuts.tolist(), len(batch)})
+        first = self._next_lsn
+        pieces = [batch.slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        payloads = [
+            frames.encode(first + start, at, dim, piece)
+            for start, piece in zip(bounds, pieces, strict=False)
+        ]
+        if write.forgotten:
+            payloads.append(frames.encode(first + len(batch), at, dim, (), write.forgotten))
+        return self.submit(count, lambda _first: (payloads, events))
+
     def submit(
         self, count: int, build: Callable[[Lsn], tuple[Sequence[bytes], list[T]]]
     ) -> tuple[Lsn, asyncio.Future[None]]:
@@ -567,23 +637,39 @@ class Wal(Generic[T]):
         among them take none), as whole frames or their parts in order; the caller holds what
         keeps anyone else from submitting meanwhile, the space's write lock. `on_durable` gets
         `events` once they are on disk. Returns the last LSN."""
+        return self._enqueue(_Entry(self._next_lsn, lsns, None, framed), lsns, events)
+
+    def _enqueue(
+        self, entry: _Entry, lsns: int, events: list[T]
+    ) -> tuple[Lsn, asyncio.Future[None]]:
         if self._failure is not None:
             raise self._failure
+        loop = asyncio.get_running_loop()
+        self._loop = loop
         last = self._next_lsn + lsns - 1
         self._next_lsn = last + 1
-        self.appended_bytes += sum(len(f) for f in framed)
-        self._pending.extend(framed)
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._waiters.append(_Waiter(last, lsns, future, events))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush_loop())
+        if spans.ENABLED:
+            entry = dataclasses.replace(entry, parent=spans.current())
+        with self._lock:
+            self._queue.append(entry)
+            start = not self._writing
+            self._writing = True
+        if start:
+            try:
+                self._executor.submit(self._drain)
+            except RuntimeError as err:  # the executor was shut down: the server is stopping
+                with self._lock:
+                    self._writing = False
+                self._failed(err)
+                raise
         return Lsn(last), future
 
     async def flush(self) -> None:
-        """Wait until everything submitted so far is durable."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.shield(self._flusher)
+        """Wait until everything submitted so far is durable (or failed)."""
+        if self._waiters:
+            await asyncio.wait([self._waiters[-1].future])
         if self._failure is not None:
             raise self._failure
 
@@ -649,9 +735,105 @@ class Wal(Generic[T]):
         self._fd = fd
         self._size = os.fstat(fd).st_size
 
-    def _write(self, parts: list[bytes | bytearray], first_lsn: int) -> None:
-        """Blocking: append one batch (its frames' parts, in one writev where the system
-        takes them all) and fsync it (runs in the executor)."""
+    # -- the writer thread ---------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Blocking, on a writer thread: write and sync what is queued; tell the event loop
+        which LSNs are durable; if more was queued meanwhile, go on at once (no hand-off to
+        another thread), for up to `WRITER_TURN_S`, then behind the other spaces' appends
+        waiting for the pool: a space that never stops writing does not keep a thread from
+        them."""
+        loop = self._loop
+        assert loop is not None
+        turn_ends = time.monotonic() + WRITER_TURN_S
+        while True:
+            with self._lock:
+                entries, self._queue = self._queue, []
+                if not entries or self._broken:
+                    self._writing = False
+                    return
+            try:
+                size = self._commit(entries)
+            except Exception as err:  # every waiter must hear of any failure, not hang
+                with self._lock:
+                    self._broken = True  # nothing after a failed append is written
+                    self._queue = []
+                    self._writing = False
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(self._failed, err)
+                return
+            last = entries[-1].first + entries[-1].lsns - 1
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._written, last, size)
+            with self._lock:
+                if not self._queue or self._broken:
+                    self._writing = False
+                    return
+            if time.monotonic() < turn_ends:
+                continue
+            try:
+                self._executor.submit(self._drain)
+            except RuntimeError:  # the pool is shutting down: finish here
+                continue
+            return
+
+    def _commit(self, entries: list[_Entry]) -> int:
+        """Blocking: encode, append and sync one group; returns its bytes."""
+        # Parented on the call whose write started the group; the writes it groups with that
+        # call's are counted in `memspace.wal.writers`.
+        with spans.span("memspace.wal.commit", parent=entries[0].parent) as span:
+            parts = self._frames(entries)
+            size = self._write(parts, entries[0].first)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "memspace.wal.records": sum(e.lsns for e in entries),
+                        "memspace.wal.bytes": size,
+                        "memspace.wal.writers": len(entries),
+                        "memspace.wal.first_lsn": entries[0].first,
+                        "memspace.wal.fsync_ms": self.last_fsync_s * 1000,
+                    }
+                )
+        return size
+
+    def _frames(self, entries: list[_Entry]) -> list[frames.Buffer | bytearray]:
+        """The group's frames as parts in order: each run of column writes as few frames as
+        `frames.FRAME_BYTES` allows (whole writes each), frames made already as they are."""
+        out: list[frames.Buffer | bytearray] = []
+        run: list[_Entry] = []
+        run_bytes = 0
+        for entry in [*entries, None]:
+            if entry is not None and entry.write is not None:
+                if run and run_bytes + entry.bound > frames.FRAME_BYTES:
+                    out.extend(self._frame_of(run))
+                    run, run_bytes = [], 0
+                run.append(entry)
+                run_bytes += entry.bound
+                continue
+            if run:
+                out.extend(self._frame_of(run))
+                run, run_bytes = [], 0
+            if entry is not None:
+                out.extend(entry.framed)
+        return out
+
+    def _frame_of(self, run: list[_Entry]) -> list[frames.Buffer]:
+        writes = [entry.write for entry in run if entry.write is not None]
+        payload = frames.parts(run[0].first, run[0].at, run[0].dim, writes)
+        crc = 0
+        length = 0
+        for part in payload:
+            crc = crc32c.crc32c(part, crc)
+            length += len(part)
+        if length > MAX_FRAME:
+            raise errors.InvalidMemoryError(
+                f"a WAL frame of {length} bytes exceeds the limit of {MAX_FRAME}"
+            )
+        return [_FRAME.pack(length, crc), *payload]
+
+    def _write(self, parts: Sequence[frames.Buffer | bytearray], first_lsn: int) -> int:
+        """Blocking: append one group (its frames' parts, in one writev where the system
+        takes them all) and fsync it; returns its bytes."""
         full = self._size >= self._segment_bytes and not self.holding_segment
         if self._fd is None or self._roll_requested or full:
             self._open_segment(self.directory / segment_name(first_lsn), create=True)
@@ -677,40 +859,27 @@ class Wal(Generic[T]):
             raise
         self._size = start + size
         self.syncs += 1
+        return size
 
-    async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending, []
-            waiters, self._waiters = self._waiters, []
-            try:
-                first = waiters[0].lsn - waiters[0].count + 1
-                # Parented on the call that started this flusher; the writes it groups with
-                # that call's are counted in `memspace.wal.writers`.
-                with spans.span("memspace.wal.commit") as span:
-                    await loop.run_in_executor(self._executor, self._write, batch, first)
-                    if span is not None:
-                        span.set_attributes(
-                            {
-                                "memspace.wal.records": sum(w.count for w in waiters),
-                                "memspace.wal.bytes": sum(len(part) for part in batch),
-                                "memspace.wal.writers": len(waiters),
-                                "memspace.wal.first_lsn": first,
-                                "memspace.wal.fsync_ms": self.last_fsync_s * 1000,
-                            }
-                        )
-            except Exception as err:  # every waiter must hear of any failure, not hang
-                self._fail(err, waiters)
-                return
-            self._durable_lsn = waiters[-1].lsn
-            try:
-                self._on_durable([e for w in waiters for e in w.events])
-            finally:
-                for waiter in waiters:
-                    if not waiter.future.done():
-                        waiter.future.set_result(None)
+    # -- back on the event loop ----------------------------------------------------------------
 
-    def _fail(self, err: Exception, waiters: list[_Waiter[T]]) -> None:
+    def _written(self, last_lsn: int, size: int) -> None:
+        """Records through `last_lsn` are durable: publish their events, wake their writers."""
+        if self._failure is not None:
+            return
+        self._durable_lsn = max(self._durable_lsn, last_lsn)
+        self.appended_bytes += size
+        done: list[_Waiter[T]] = []
+        while self._waiters and self._waiters[0].lsn <= last_lsn:
+            done.append(self._waiters.popleft())
+        try:
+            self._on_durable([e for w in done for e in w.events])
+        finally:
+            for waiter in done:
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+
+    def _failed(self, err: BaseException) -> None:
         if durable.is_disk_full(err):
             failure: errors.MemspaceError = errors.DiskFullError(
                 "the space's volume is full; the write was not stored. Free space or grow the "
@@ -724,9 +893,7 @@ class Wal(Generic[T]):
             )
         log.error("WAL append failed in %s: %s", self.directory, err)
         self._failure = failure
-        waiters = waiters + self._waiters
-        self._waiters = []
-        self._pending = []
+        waiters, self._waiters = self._waiters, collections.deque()
         for waiter in waiters:
             if not waiter.future.done():
                 waiter.future.set_exception(failure)
