@@ -87,6 +87,11 @@ claims' and volumes' events; each period re-queues every claim and volume, and e
 scans every volume of its class (O(n^2) per period): at thousands of pending claims a 2 s period
 kept the binder's single worker busy with re-checks. A claim whose provisioning failed (an update
 conflict) waits at most this long for its retry."""
+SERVICE_CIDR = "10.0.0.0/16"
+"""The Service range here (the tests' /24 holds 254): every shard has a Service with a cluster
+IP, and 10,000 spaces make 500 shards; with the /24, the shards past the 250th never got a
+Service or a StatefulSet, their spaces never Mounted, and the operator's retries (Service
+creates refused "range is full") were the only writes at rest."""
 TIMEOUT_S = 900.0
 """The longest a 1,000-space run may take to converge; scaled by the number of spaces."""
 
@@ -102,7 +107,9 @@ def run(results: dict[str, object], quick: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="memspace-operator-bench-") as tmp:
         workdir = Path(tmp)
         cluster = controlplane.Cluster(
-            workdir / "control-plane", claim_sync_period=CLAIM_SYNC_PERIOD
+            workdir / "control-plane",
+            claim_sync_period=CLAIM_SYNC_PERIOD,
+            service_cidr=SERVICE_CIDR,
         )
         try:
             cluster.start()

@@ -189,9 +189,11 @@ class Cluster:
         local: bool = True,
         node_ip: str | None = None,
         claim_sync_period: str = CLAIM_SYNC_PERIOD,
+        service_cidr: str = SERVICE_CIDR,
     ) -> None:
         self.local = local  # False: attached to a cluster run elsewhere (kind), see attach()
         self.claim_sync_period = claim_sync_period
+        self.service_cidr = service_cidr  # a node's routes assume SERVICE_CIDR: keep it there
         self.node_ip = node_ip
         self.node: Any = None  # the tests.support.node.Node of a cluster with a node
         names = TOOLS if local else ("kubectl", "helm")
@@ -278,7 +280,7 @@ class Cluster:
             # (with a node: its address, and SA admission on).
             f"--advertise-address={address}", f"--bind-address={address}",
             f"--secure-port={port}", f"--cert-dir={self.pki}",
-            f"--etcd-servers={etcd_url}", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--etcd-servers={etcd_url}", f"--service-cluster-ip-range={self.service_cidr}",
             "--allow-privileged=true", "--authorization-mode=RBAC", *admission,
             f"--client-ca-file={pki['ca.crt']}",
             f"--tls-cert-file={pki['apiserver.crt']}",
@@ -305,7 +307,7 @@ class Cluster:
             f"--service-account-private-key-file={pki['sa.key']}",
             f"--cluster-signing-cert-file={pki['ca.crt']}",
             f"--cluster-signing-key-file={pki['ca.key']}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={self.service_cidr}",
             "--enable-hostpath-provisioner=true",
             f"--pvclaimbinder-sync-period={self.claim_sync_period}",
             "--kube-api-qps=200", "--kube-api-burst=400",
