@@ -13,9 +13,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memspace_contract.v1 import memspace_pb2 as pb
@@ -34,6 +36,17 @@ def free_port() -> int:
         return port
 
 
+@pytest.fixture
+async def port() -> AsyncIterator[probing.HealthPort]:
+    """A health port on a loopback port of the system's choosing, stopped after the test."""
+    opened = probing.HealthPort("127.0.0.1:0")
+    await opened.start()
+    try:
+        yield opened
+    finally:
+        await opened.stop(0)
+
+
 async def check(port: int, deadline_s: float) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         answer = await health_pb2_grpc.HealthStub(channel).Check(
@@ -42,50 +55,37 @@ async def check(port: int, deadline_s: float) -> int:
         return int(answer.status)
 
 
-async def test_a_check_sent_while_the_server_starts_passes_the_moment_it_serves() -> None:
-    port = probing.HealthPort("127.0.0.1:0")
-    await port.start()
-    try:
-        held = asyncio.ensure_future(check(port.port, deadline_s=5))
-        await asyncio.sleep(0.5)
-        assert not held.done(), "the Check was answered before the server served"
-        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs: sync only
-        attached = time.monotonic()
-        port.attach(servicer)
-        assert await held == SERVING
-        assert time.monotonic() - attached < 0.5
-        # From then on the server's own health answers, drain included.
-        await servicer.enter_graceful_shutdown()
-        assert await check(port.port, deadline_s=1) == NOT_SERVING
-    finally:
-        await port.stop(0)
+async def test_a_check_sent_while_the_server_starts_passes_the_moment_it_serves(
+    port: probing.HealthPort,
+) -> None:
+    held = asyncio.ensure_future(check(port.port, deadline_s=5))
+    await asyncio.sleep(0.5)
+    assert not held.done(), "the Check was answered before the server served"
+    servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs: sync only
+    attached = time.monotonic()
+    port.attach(servicer)
+    assert await held == SERVING
+    assert time.monotonic() - attached < 0.5
+    # From then on the server's own health answers, drain included.
+    await servicer.enter_graceful_shutdown()
+    assert await check(port.port, deadline_s=1) == NOT_SERVING
 
 
-async def test_a_check_held_past_its_deadline_answers_not_serving() -> None:
-    port = probing.HealthPort("127.0.0.1:0")
-    await port.start()
-    try:
-        started = time.monotonic()
-        assert await check(port.port, deadline_s=0.4) == NOT_SERVING
-        assert time.monotonic() - started < 0.4
-    finally:
-        await port.stop(0)
+async def test_a_check_held_past_its_deadline_answers_not_serving(port: probing.HealthPort) -> None:
+    started = time.monotonic()
+    assert await check(port.port, deadline_s=0.4) == NOT_SERVING
+    assert time.monotonic() - started < 0.4
 
 
-async def test_a_watch_sees_not_serving_until_the_server_serves() -> None:
-    port = probing.HealthPort("127.0.0.1:0")
-    await port.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port.port}") as channel:
-            stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-            first = await stream.read()
-            assert first.status == NOT_SERVING
-            port.attach(health.aio.HealthServicer())  # type: ignore[attr-defined]  # sync stubs
-            second = await stream.read()
-            assert second.status == SERVING
-            stream.cancel()
-    finally:
-        await port.stop(0)
+async def test_a_watch_sees_not_serving_until_the_server_serves(port: probing.HealthPort) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port.port}") as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        first = await stream.read()
+        assert first.status == NOT_SERVING
+        port.attach(health.aio.HealthServicer())  # type: ignore[attr-defined]  # sync stubs
+        second = await stream.read()
+        assert second.status == SERVING
+        stream.cancel()
 
 
 def test_memspace_serve_answers_probes_serving_only_once_it_serves(tmp_path: Path) -> None:
