@@ -179,10 +179,10 @@ async def failure(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     raise AssertionError("the call succeeded; it should have failed")
 
 
-async def collect(stream: Any, count: int) -> list[Any]:
-    """The first `count` messages of a server stream (within 10 s)."""
+async def collect(stream: Any, count: int, within_s: float = 10) -> list[Any]:
+    """The first `count` messages of a server stream (within `within_s` seconds)."""
     found: list[Any] = []
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(within_s):
         async for message in stream:
             found.append(message)
             if len(found) == count:

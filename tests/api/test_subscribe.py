@@ -87,9 +87,10 @@ async def test_a_slow_subscriber_is_cut_off_with_the_lsn_to_resume_from(start: S
         for i in range(1000):
             yield pb.RememberRequest(memory=memory(f"m{i}"))
 
-    # Nobody reads: the events fill the stream's HTTP/2 window, then the subscriber's buffer
-    # (one commit may exceed it; the next one finds the subscriber more than a buffer behind).
-    for _ in range(20):
+    # Nobody reads: the events fill the stream's HTTP/2 window (64 KiB, about 1,000 events),
+    # then the subscriber's buffer (one commit may exceed it; the next one finds the subscriber
+    # more than a buffer behind). Six batches are three times what the cut-off takes.
+    for _ in range(6):
         done = await running.memories.RememberBatch(batch())
     received = []
     try:
@@ -108,7 +109,8 @@ async def test_a_slow_subscriber_is_cut_off_with_the_lsn_to_resume_from(start: S
     assert trailers(error)["memspace-resume-lsn"] == str(resume)
     await channel.close(None)
     again = running.memories.Subscribe(pb.SubscribeRequest(since_lsn=resume))
-    rest = await collect(again, done.last_lsn - resume + 1)
+    # The replay of up to 5,000 events: a generous bound for a busy machine.
+    rest = await collect(again, done.last_lsn - resume + 1, within_s=30)
     again.cancel()
     assert [e.lsn for e in rest] == list(range(resume, done.last_lsn + 1))
 
