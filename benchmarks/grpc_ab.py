@@ -45,14 +45,16 @@ class Variant:
         return cls(name, checkout, tuple(flags.split()))
 
     def start(self, work: Path) -> grpc_bench.Process:
+        return self.serve(work / self.name, work / f"{self.name}.log")
+
+    def serve(self, data: Path, log: Path, *extra: str) -> grpc_bench.Process:
+        """`memspace serve` of this variant on `data`, with `extra` flags after its own."""
         saved = os.environ.get("PYTHONPATH")
         if self.checkout:
             parts = ("server", "contract", "cli", "operator")
             os.environ["PYTHONPATH"] = ":".join(f"{self.checkout}/{part}" for part in parts)
         try:
-            return grpc_bench.memspace_serve(
-                work / self.name, work / f"{self.name}.log", *self.flags
-            )
+            return grpc_bench.memspace_serve(data, log, *self.flags, *extra)
         finally:
             if saved is None:
                 os.environ.pop("PYTHONPATH", None)

@@ -427,6 +427,11 @@ async def _replay_a_few(stub: pb_grpc.MemoryServiceAsyncStub, tenant: Tenant, fi
 # -- servers -------------------------------------------------------------------------------------
 
 
+start_server: Callable[..., Process] = memspace_serve
+"""Starts the `memspace serve` whose figures are taken (`benchmarks.reliability_ab` swaps in
+another checkout's)."""
+
+
 def rss_anon_kib(pid: int) -> int:
     """Anonymous resident memory: what the process allocated (not the page cache it maps)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -441,9 +446,7 @@ def guarded_server(work: Path, name: str) -> Iterator[tuple[Process, str]]:
     token = secrets.token_urlsafe(24)
     token_file = work / f"{name}-admin-token"
     token_file.write_text(token)
-    process = memspace_serve(
-        work / name, work / f"{name}.log", "--admin-token-file", str(token_file)
-    )
+    process = start_server(work / name, work / f"{name}.log", "--admin-token-file", str(token_file))
     try:
         process.wait_address()
         yield process, token
@@ -451,8 +454,11 @@ def guarded_server(work: Path, name: str) -> Iterator[tuple[Process, str]]:
         process.stop()
 
 
-async def load_figures(results: dict[str, object], work: Path, quick: bool) -> None:
-    plan = LoadPlan(calls=3000 if quick else 20000, seconds=60.0 if quick else 120.0)
+async def load_figures(
+    results: dict[str, object], work: Path, quick: bool, plan: LoadPlan | None = None
+) -> None:
+    if plan is None:
+        plan = LoadPlan(calls=3000 if quick else 20000, seconds=60.0 if quick else 120.0)
     tenants = [Tenant(f"load-{n:02d}", secrets.token_urlsafe(16)) for n in range(18)]
     tenants += [Tenant(f"load-{n:02d}", secrets.token_urlsafe(16), quota=20.0) for n in (18, 19)]
     with guarded_server(work, "load") as (process, admin):
@@ -586,7 +592,7 @@ def managed_server(work: Path, name: str) -> Iterator[tuple[Process, Path]]:
     token_file.write_text(secrets.token_urlsafe(24))
     index_dir = work / f"{name}-index"
     index_dir.mkdir()
-    process = memspace_serve(
+    process = start_server(
         work / f"{name}-volumes",
         work / f"{name}.log",
         "--index-dir",
