@@ -66,7 +66,7 @@ async def measure(part: str, rows: int, seconds: float) -> dict[str, object]:
             rng = np.random.default_rng(0)
             matrix = rng.normal(size=(rows, dim)).astype(np.float32)
             cues = rng.normal(size=(10, dim)).astype(np.float32)
-            storage_bench._baselines(matrix, cues, figures)
+            search = storage_bench._baselines(matrix, cues, figures)
             reg = registry.standalone(
                 root / "recall",
                 dataclasses.replace(big, cold_cache_bytes=storage_bench.COLD_CACHE_BYTES),
@@ -74,12 +74,14 @@ async def measure(part: str, rows: int, seconds: float) -> dict[str, object]:
             try:
                 space_id = spaces.SpaceId("bench")
                 await reg.create(space_id, dim, tiers_config=index.Tiers(hot_capacity=rows * 2))
-                await storage_bench._recall_figures(reg, space_id, matrix, cues, figures, results)
+                await storage_bench._recall_figures(
+                    reg, space_id, matrix, cues, figures, results, search
+                )
             finally:
                 await reg.close()
             for tier in ("hot", "warm", "cold_cached"):
                 figures[f"recall_{tier}_vs_faiss"] = (
-                    figures[f"recall_{tier}_100k_ms"] / figures["faiss_flat_100k_ms"]
+                    figures[f"recall_{tier}_100k_ms"] / figures[f"faiss_beside_{tier}_ms"]
                 )
         else:
             for label, writers, per_call in (("remember", 8, 100), ("remember_single", 64, 1)):

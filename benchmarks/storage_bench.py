@@ -1,6 +1,7 @@
 """Storage engine benchmarks, each figure beside its baseline in the same run:
 recall from hot, warm and cold (first with the chunk cache empty, then repeated with it warm) vs
-faiss IndexFlatIP (and numpy) over the same matrix; remember throughput with group commit vs a
+faiss IndexFlatIP over the same matrix, each recall alternating with a faiss search (and numpy
+alone); remember throughput with group commit vs a
 raw append+fdatasync loop on the same disk; WAL replay rate, and vs a bare read + CRC32C of the
 same segment files."""
 
@@ -42,24 +43,41 @@ def _time(fn: Callable[[], object], repeat: int) -> float:
     return _median_ms(samples)
 
 
-async def _atime(fn: Callable[[], Awaitable[object]], repeat: int) -> float:
+async def _atime_beside(
+    fn: Callable[[], Awaitable[object]], baseline: Callable[[], object], repeat: int
+) -> tuple[float, float]:
+    """Median ms of `fn` and of `baseline`, their calls alternating: the baseline is taken at
+    the same moments, so a load on the machine that comes and goes slows both alike (40 calls
+    of one and then 40 of the other compared two different machines when the load changed)."""
     await fn()
-    samples = []
+    baseline()
+    mine, theirs = [], []
     for _ in range(repeat):
         start = time.perf_counter()
         await fn()
-        samples.append(time.perf_counter() - start)
-    return _median_ms(samples)
+        mine.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        baseline()
+        theirs.append(time.perf_counter() - start)
+    return _median_ms(mine), _median_ms(theirs)
 
 
-def _baselines(matrix: np.ndarray, cues: np.ndarray, figures: dict[str, float]) -> None:
+def _baselines(
+    matrix: np.ndarray, cues: np.ndarray, figures: dict[str, float]
+) -> Callable[[], object]:
+    """The baselines' figures; returns one faiss `IndexFlatIP` search of the next cue, for the
+    recall figures to alternate with."""
     import faiss  # noqa: PLC0415 - optional, benchmark-only dependency
 
     unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
     flat = faiss.IndexFlatIP(matrix.shape[1])
     flat.add(unit)
     queries = itertools.cycle(cues)
-    figures["faiss_flat_100k_ms"] = _time(lambda: flat.search(next(queries)[None, :], 10), 40)
+
+    def search() -> object:
+        return flat.search(next(queries)[None, :], 10)
+
+    figures["faiss_flat_100k_ms"] = _time(search, 40)
     queries = itertools.cycle(cues)
 
     def numpy_scan() -> None:
@@ -67,6 +85,7 @@ def _baselines(matrix: np.ndarray, cues: np.ndarray, figures: dict[str, float]) 
         np.argpartition(scores, scores.shape[0] - 10)[-10:]
 
     figures["numpy_flat_100k_ms"] = _time(numpy_scan, 40)
+    return search
 
 
 async def _recall_figures(
@@ -76,8 +95,16 @@ async def _recall_figures(
     cues: np.ndarray,
     figures: dict[str, float],
     results: dict[str, object],
+    faiss_search: Callable[[], object],
 ) -> None:
+    """Recall from each tier, each call beside a faiss search (`faiss_beside_TIER_ms`)."""
     entry = reg.entries()[space_id]
+
+    async def beside(tier: str, recall: Callable[[], Awaitable[object]], repeat: int) -> None:
+        mine, theirs = await _atime_beside(recall, faiss_search, repeat)
+        figures[f"recall_{tier}_100k_ms"] = mine
+        figures[f"faiss_beside_{tier}_ms"] = theirs
+
     async with reg.lease(space_id) as space:
         for start in range(0, matrix.shape[0], 1000):
             drafts = [
@@ -90,7 +117,7 @@ async def _recall_figures(
         async def recall() -> None:
             await space.recall(memories.Query(cue=next(queries), k=10))
 
-        figures["recall_hot_100k_ms"] = await _atime(recall, 40)
+        await beside("hot", recall, 40)
         # Replay: reopen the space from its WAL alone (nothing consolidated yet).
         await space.close(consolidate=False)
         wal_dir = space.directory.wal
@@ -104,7 +131,7 @@ async def _recall_figures(
         space.reconfigure(dataclasses.replace(entry, tiers=index.Tiers(hot_capacity=1)))
         await space.consolidate()
         queries = itertools.cycle(cues)
-        figures["recall_warm_100k_ms"] = await _atime(recall_from(space, queries), 40)
+        await beside("warm", recall_from(space, queries), 40)
         space.reconfigure(
             dataclasses.replace(entry, tiers=index.Tiers(hot_capacity=1, warm_capacity=1))
         )
@@ -117,9 +144,9 @@ async def _recall_figures(
             cache.clear()
             return await cold()
 
-        figures["recall_cold_100k_ms"] = await _atime(uncached, 3)
+        await beside("cold", uncached, 3)
         hits, misses = cache.hits, cache.misses
-        figures["recall_cold_cached_100k_ms"] = await _atime(cold, 20)
+        await beside("cold_cached", cold, 20)
         looked = cache.hits - hits + cache.misses - misses
         results["recall_cold_cache_hit_share"] = round((cache.hits - hits) / max(1, looked), 3)
         results["cold_cache_bytes"] = cache.capacity_bytes
@@ -230,7 +257,7 @@ async def _measure(figures: dict[str, float], results: dict[str, object], quick:
     matrix = rng.normal(size=(rows, DIM)).astype(np.float32)
     cues = rng.normal(size=(10, DIM)).astype(np.float32)
     results["recall_rows"] = rows
-    _baselines(matrix, cues, figures)
+    faiss_search = _baselines(matrix, cues, figures)
     with tempfile.TemporaryDirectory(
         prefix="memspace-bench-", dir=os.environ.get("MEMSPACE_BENCH_DIR")
     ) as tmp:
@@ -242,7 +269,7 @@ async def _measure(figures: dict[str, float], results: dict[str, object], quick:
         try:
             space_id = spaces.SpaceId("bench")
             await reg.create(space_id, DIM, tiers_config=index.Tiers(hot_capacity=rows * 2))
-            await _recall_figures(reg, space_id, matrix, cues, figures, results)
+            await _recall_figures(reg, space_id, matrix, cues, figures, results, faiss_search)
         finally:
             await reg.close()
         seconds = 1.0 if quick else 5.0
@@ -263,8 +290,9 @@ async def _measure(figures: dict[str, float], results: dict[str, object], quick:
             results[f"raw_group_commit_{label}_per_s"] = round(raw)
             results[f"{label}_vs_raw"] = round(rate / raw, 3)
         results["raw_group_commit_per_s"] = results["raw_group_commit_remember_per_s"]
-    faiss_ms = figures["faiss_flat_100k_ms"]
     for tier in ("hot", "warm", "cold", "cold_cached"):
+        # Against the faiss searches taken between its own calls (`_atime_beside`).
+        faiss_ms = figures[f"faiss_beside_{tier}_ms"]
         results[f"recall_{tier}_vs_faiss"] = round(figures[f"recall_{tier}_100k_ms"] / faiss_ms, 3)
 
 
