@@ -141,6 +141,8 @@ class Shards:
         self._set_mounted(number, frozenset(mounted))
         if opened_at is not None:
             self._opened[number] = opened_at
+        else:
+            self._opened.pop(number, None)  # not the time an assignment found it at
         if sealed or opened_at is None:
             self._sealed.add(number)
 
@@ -192,8 +194,20 @@ class Shards:
             self._inactive.discard(space_id)
 
     def record(self, space_id: spaces.SpaceId, shard: int, owner_uid: str) -> None:
-        """A durable assignment found on a PVC."""
-        self._put(space_id, Assignment(ShardNumber(shard), owner_uid))
+        """A durable assignment found on a PVC. Its shard, while no StatefulSet of it was seen,
+        is open from now (see `_open_unmade`)."""
+        number = ShardNumber(shard)
+        self._put(space_id, Assignment(number, owner_uid))
+        self._open_unmade(number, time.time())
+
+    def _open_unmade(self, shard: ShardNumber, now: float) -> None:
+        """A shard with spaces assigned whose StatefulSet was never seen (an operator stopped
+        before it made it): no pod runs, so it is as young as a new shard, open from `now`
+        (its StatefulSet's opening time, once seen, replaces this). Without an opening time it
+        took no new space and the mounter sealed it at its first write, with room left: the
+        next operator of a failover opened a shard more (a fifth for 100 spaces at 25)."""
+        if shard not in self._described and shard not in self._closing:
+            self._opened.setdefault(shard, now)
 
     def keeps(self, space_id: spaces.SpaceId, shard: int) -> bool:
         """Whether the space may stay on `shard` (its PVC's label): the shard mounts it, is
@@ -208,7 +222,7 @@ class Shards:
             # Assigned, but its StatefulSet was never made (an operator stopped in between):
             # no pod runs, so no tenant is bounced; it opens as an intake shard now.
             self._known.add(number)
-            self._opened.setdefault(number, time.time())
+            self._open_unmade(number, time.time())
             return True
         # The space itself counts once: assigned here a moment ago, it filled the shard's last
         # place (without this, every shard's last space moved out and straight back in).
@@ -237,10 +251,7 @@ class Shards:
         number when none takes spaces and fewer than `max_shards` exist."""
         existing = self.shards
         for shard in existing:
-            if shard not in self._described and shard not in self._closing:
-                # Spaces assigned to it, but its StatefulSet was never made (an operator
-                # stopped in between): no pod runs, so it is as young as a new shard.
-                self._opened.setdefault(shard, now)
+            self._open_unmade(shard, now)
             if self.takes_new(shard, now):
                 return shard
         if len(existing) >= self.max_shards:

@@ -129,3 +129,35 @@ def test_the_space_that_fills_the_intake_shard_keeps_its_place() -> None:
     assert not table.takes_new(0, now=now)
     assert table.keeps(sid("s-2"), 0)
     assert table.assign(sid("s-3"), "uid-3", now=now) == 1
+
+
+def test_a_shard_first_made_by_the_next_operator_is_not_sealed_with_room_left() -> None:
+    """An operator was killed after labelling claims for shards 0 (full) and 1 (one place
+    left) and before making either StatefulSet. The next one reads the claims and makes both
+    shards before it reconciles any of shard 1's spaces: shard 1 stays the intake shard (it was
+    sealed at that first write, having no opening time, and a new space opened shard 2)."""
+    table = sharding.Shards(max_spaces_per_shard=3, max_shards=5, intake_window_s=600)
+    now = time.time()  # record() reads the clock
+    for name in ("a-0", "a-1", "a-2"):
+        table.record(sid(name), 0, f"u-{name}")
+    for name in ("b-0", "b-1"):
+        table.record(sid(name), 1, f"u-{name}")
+    for shard in (0, 1):
+        # What the mounter's first write of a shard does: mount what is wanted, then seal the
+        # shard unless it takes a new space after one more batch window.
+        table.set_mounted(shard, table.wanted(shard))
+        if not table.takes_new(shard, now + 0.5):
+            table.seal(shard)
+    assert table.is_sealed(0)
+    assert not table.is_sealed(1)
+    assert table.assign(sid("c-0"), "u-c-0") == 1
+    assert table.assign(sid("c-1"), "u-c-1") == 2
+
+
+def test_a_shard_made_before_intake_shards_stays_sealed_when_its_claims_are_read_first() -> None:
+    table = sharding.Shards(max_spaces_per_shard=10, max_shards=5)
+    table.record(sid("old-1"), 0, "u0")  # the claims are read before the StatefulSets
+    table.describe(0, mounted=[sid("old-1")], opened_at=None, sealed=False)
+    assert table.is_sealed(0)
+    assert table.opened_at(0) is None
+    assert table.assign(sid("new-1"), "n1") == 1

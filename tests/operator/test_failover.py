@@ -364,10 +364,10 @@ def test_the_standby_takes_over_a_killed_leader_and_every_space_converges(
     assert sorted(created_once(credentials)) == sorted(f"{n}-memspace" for n in names)
     created_once(server_secrets)
     shards = created_once(statefulsets)
-    # A single operator fills SPACES // PER_SHARD shards. Across a failover the standby has
-    # now and then (1 run in 3 or so) opened one shard more, with no child made twice and no
-    # space moved: an open defect (its cause is not found yet), allowed here as exactly that.
-    assert SPACES // PER_SHARD <= len(shards) <= SPACES // PER_SHARD + 1
+    # As many shards as a single operator fills: the next operator fills the shards whose
+    # StatefulSets the killed one had not made yet (it sealed them with room left and opened a
+    # fifth, 1 run in 3 on a busy machine, before they got an opening time at start-up).
+    assert len(shards) == SPACES // PER_SHARD
     # Every space once in its shard's index, with its own token's hash, and mounted once.
     shard_of = {n: int(bodies[n]["status"]["shard"]) for n in names}
     assert max(Counter(shard_of.values()).values()) <= PER_SHARD
