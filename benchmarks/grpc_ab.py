@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import functools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -97,6 +98,7 @@ async def compare(variants: list[Variant], kinds: list[str], seconds: float, rou
     finally:
         for process in (echo, *servers.values()):
             process.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 async def measure(
