@@ -119,6 +119,9 @@ def test_an_operator_killed_mid_reconcile_converges_after_a_restart(
                 mounts[claim] += 1
         assert mounts == Counter(f"space-{name}" for name in names)
         assert len(kube.statefulsets(server_ns)) == len(shards)
+        # And no more shards than one operator without a restart fills: a shard the killed
+        # one had begun is filled, never sealed with room left.
+        assert len(shards) == -(-SPACES // PER_SHARD)
 
         # Exactly one credentials Secret per space in the tenant namespace.
         secrets = kube.core.list_namespaced_secret(ns, label_selector=MANAGED).items
