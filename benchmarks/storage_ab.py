@@ -102,7 +102,9 @@ async def measure(part: str, rows: int, seconds: float) -> dict[str, object]:
     return results
 
 
-def run_one(variant: grpc_ab.Variant, part: str, rows: int, seconds: float) -> dict[str, object]:
+def run_one(
+    variant: grpc_ab.Variant, part: str, rows: int, seconds: float, switch_ms: float | None
+) -> dict[str, object]:
     env = dict(os.environ)
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, "1")
@@ -111,6 +113,8 @@ def run_one(variant: grpc_ab.Variant, part: str, rows: int, seconds: float) -> d
         env["PYTHONPATH"] = ":".join(f"{variant.checkout}/{p}" for p in parts)
     command = [sys.executable, "-m", "benchmarks.storage_ab", "--child", part]
     command += ["--rows", str(rows), "--seconds", str(seconds)]
+    if switch_ms:
+        command += ["--switch-ms", str(switch_ms)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{variant.name} {part} failed:\n{done.stderr[-3000:]}")
@@ -119,14 +123,19 @@ def run_one(variant: grpc_ab.Variant, part: str, rows: int, seconds: float) -> d
 
 
 def compare(
-    variants: list[grpc_ab.Variant], parts: list[str], rounds: int, rows: int, seconds: float
+    variants: list[grpc_ab.Variant],
+    parts: list[str],
+    rounds: int,
+    rows: int,
+    seconds: float,
+    switch_ms: float | None = None,
 ) -> None:
     found: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     load_before = os.getloadavg()
     for number in range(rounds):
         for part in parts:
             for variant in variants if number % 2 == 0 else variants[::-1]:
-                results = run_one(variant, part, rows, seconds)
+                results = run_one(variant, part, rows, seconds, switch_ms)
                 for key in KEYS[part]:
                     value = results.get(key)
                     if isinstance(value, int | float):
@@ -164,13 +173,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the recall figures")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one remember run")
     parser.add_argument("--part", choices=PARTS, action="append")
+    parser.add_argument(
+        "--switch-ms", type=float, help="the interpreter's switch interval (a server sets 0.5)"
+    )
     parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.switch_ms:
+            sys.setswitchinterval(args.switch_ms / 1000)
         found = asyncio.run(measure(args.child, args.rows, args.seconds))
         print(json.dumps(found, default=str))
         return
-    compare(args.variants, args.part or list(PARTS), args.rounds, args.rows, args.seconds)
+    parts = args.part or list(PARTS)
+    compare(args.variants, parts, args.rounds, args.rows, args.seconds, args.switch_ms)
 
 
 if __name__ == "__main__":

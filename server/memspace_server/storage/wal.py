@@ -60,6 +60,15 @@ MAX_FRAME = 64 * 1024 * 1024
 WRITER_TURN_S = 0.02
 """How long a space's writer goes on taking its next groups before it lets the other spaces'
 appends waiting for the pool go first."""
+WRITER_GATHER_S = 0.01
+"""The most a writer waits after a sync, when fewer writes are queued than it just made
+durable, for the event loop to run the writers it woke (who often write again at once): their
+writes join the next group instead of making small groups of their own (64 single writers in
+one process made groups of 4 to 23 where they made 64 before the writer was pipelined)."""
+GATHER_RECORDS = 4
+"""A group of writes with at most this many records each on average is one of small writes
+(`WRITER_GATHER_S`); larger writes are not waited for: the loop's work on them is what overlaps
+the sync (batches of 100 lost a fifth of their rate when waited for)."""
 
 T = TypeVar("T")
 
@@ -528,6 +537,8 @@ class Wal(Generic[T]):
         self._loop: asyncio.AbstractEventLoop | None = None
         # Shared with the writer thread, under `_lock`:
         self._lock = threading.Lock()
+        # Set by the event loop once it has run the writers the last sync woke.
+        self._woken_ran = threading.Event()
         self._queue: list[_Entry] = []
         self._writing = False
         self._broken = False
@@ -739,8 +750,10 @@ class Wal(Generic[T]):
 
     def _drain(self) -> None:
         """Blocking, on a writer thread: write and sync what is queued; tell the event loop
-        which LSNs are durable; if more was queued meanwhile, go on at once (no hand-off to
-        another thread), for up to `WRITER_TURN_S`, then behind the other spaces' appends
+        which LSNs are durable; if fewer writes were queued meanwhile than it just made
+        durable, wait (up to `WRITER_GATHER_S`) for the loop to run the writers it woke; if
+        anything is queued then, go on at once (no hand-off to another thread), for up to
+        `WRITER_TURN_S`, then behind the other spaces' appends
         waiting for the pool: a space that never stops writing does not keep a thread from
         them."""
         loop = self._loop
@@ -763,8 +776,17 @@ class Wal(Generic[T]):
                     loop.call_soon_threadsafe(self._failed, err)
                 return
             last = entries[-1].first + entries[-1].lsns - 1
+            self._woken_ran.clear()
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._written, last, size)
+            # Small writes (Remembers): the writers just woken may write again at once, their
+            # next writes cost the loop little: wait for them to group with them. Large ones
+            # (batches) go on at once: the loop's work on them overlaps the next sync.
+            small = sum(entry.lsns for entry in entries) <= GATHER_RECORDS * len(entries)
+            with self._lock:
+                gather = small and len(self._queue) < len(entries) and not self._broken
+            if gather:
+                self._woken_ran.wait(WRITER_GATHER_S)
             with self._lock:
                 if not self._queue or self._broken:
                     self._writing = False
@@ -878,6 +900,9 @@ class Wal(Generic[T]):
             for waiter in done:
                 if not waiter.future.done():
                     waiter.future.set_result(None)
+            # After the steps of the writers woken above (the loop runs callbacks in order):
+            # what they write at once is queued by then (`WRITER_GATHER_S`).
+            asyncio.get_running_loop().call_soon(self._woken_ran.set)
 
     def _failed(self, err: BaseException) -> None:
         if durable.is_disk_full(err):
