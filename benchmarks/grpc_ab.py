@@ -167,6 +167,28 @@ def report(
         )
 
 
+def print_ratios(
+    figures: dict[tuple[str, str], list[float]], keys: list[str], names: list[str], width: int
+) -> None:
+    """A table of each figure's median per variant and its ratio to the first variant's, from
+    `figures[(key, variant name)]` (the values of every round)."""
+    first = names[0]
+    print(f"{'figure':<{width}} {'variant':<10} {'median':>10}  vs {first}  values")
+    for key in keys:
+        base = figures.get((key, first))
+        reference = statistics.median(base) if base else 0.0
+        for name in names:
+            values = figures.get((key, name))
+            if not values:
+                continue
+            median = statistics.median(values)
+            ratio = median / reference if reference else float("nan")
+            print(
+                f"{key:<{width}} {name:<10} {median:10.3f}  {ratio:6.3f}  "
+                f"{[round(v, 3) for v in values]}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="+", type=Variant.parse, metavar="VARIANT")

@@ -120,22 +120,9 @@ async def compare(
                 )
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
-    first = variants[0].name
-    print(f"{'figure':<44} {'variant':<10} {'median':>9}  vs {first}  values")
-    for part in parts:
-        for key in KEYS[part]:
-            base = found.get((part, key, first))
-            for variant in variants:
-                values = found.get((part, key, variant.name))
-                if not values:
-                    continue
-                median = statistics.median(values)
-                reference = statistics.median(base) if base else 0.0
-                ratio = median / reference if reference else float("nan")
-                print(
-                    f"{key:<44} {variant.name:<10} {median:9.2f}  {ratio:6.3f}  "
-                    f"{[round(v, 2) for v in values]}"
-                )
+    by_part = {(f"{part}:{key}", name): values for (part, key, name), values in found.items()}
+    keys = [f"{part}:{key}" for part in parts for key in KEYS[part]]
+    grpc_ab.print_ratios(by_part, keys, [v.name for v in variants], width=52)
 
 
 def main() -> None:

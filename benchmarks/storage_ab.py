@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,22 +147,8 @@ def compare(
                 )
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
-    first = variants[0].name
-    print(f"{'figure':<36} {'variant':<10} {'median':>10}  vs {first}  values")
-    for part in parts:
-        for key in KEYS[part]:
-            base = found.get((key, first))
-            reference = statistics.median(base) if base else 0.0
-            for variant in variants:
-                values = found.get((key, variant.name))
-                if not values:
-                    continue
-                median = statistics.median(values)
-                ratio = median / reference if reference else float("nan")
-                print(
-                    f"{key:<36} {variant.name:<10} {median:10.3f}  {ratio:6.3f}  "
-                    f"{[round(v, 3) for v in values]}"
-                )
+    keys = [key for part in parts for key in KEYS[part]]
+    grpc_ab.print_ratios(found, keys, [v.name for v in variants], width=36)
 
 
 def main() -> None:
