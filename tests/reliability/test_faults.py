@@ -26,6 +26,7 @@ import errno
 import os
 import shutil
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,6 +200,29 @@ def flip(path: Path, offset: int) -> None:
 # -- a full disk ----------------------------------------------------------------------------------
 
 
+async def take_the_rest_of(mount: Path) -> Path:
+    """Fill what is free on `mount` once its free space has not changed for a second."""
+    last, still_since = -1, time.monotonic()
+    deadline = time.monotonic() + 30
+    while time.monotonic() - still_since < 1.0:
+        free = os.statvfs(mount).f_bavail
+        if free != last:
+            last, still_since = free, time.monotonic()
+        assert time.monotonic() < deadline, "the volume's free space never held still"
+        await asyncio.sleep(0.1)
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(fd)
+    assert os.statvfs(mount).f_bavail == 0
+    return filler
+
+
 async def test_a_full_volume_refuses_writes_clearly_and_loses_no_acknowledged_one(
     servers: Servers, tmpfs: Tmpfs
 ) -> None:
@@ -248,12 +272,16 @@ async def test_a_full_volume_refuses_writes_clearly_and_loses_no_acknowledged_on
     assert len(acked) > 100
     # Reads go on; nothing acknowledged is missing while the volume is full.
     assert await missing(stubs, "full", acked) == []
-    # Everything else that needs room says so too, never INTERNAL.
+    # Everything else that needs room says so too, never INTERNAL. The server frees room of its
+    # own after refusals (a failed flush removes its partial generation), so the test takes what
+    # is left once the volume's free space holds still, for as long as the create is tried.
+    filler = await take_the_rest_of(mount)
     create = await error_of(
         stubs.spaces.CreateSpace(
             pb.CreateSpaceRequest(space="another", embedding_dim=dim), timeout=CALL_TIMEOUT_S
         )
     )
+    filler.unlink()
     assert create.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, create
     consolidate = await code_of(
         stubs.memories.Consolidate(
