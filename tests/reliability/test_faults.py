@@ -200,6 +200,14 @@ def flip(path: Path, offset: int) -> None:
 # -- a full disk ----------------------------------------------------------------------------------
 
 
+def write_until_refused(fd: int) -> OSError:
+    while True:
+        try:
+            os.write(fd, b"\0" * 4096)
+        except OSError as err:
+            return err
+
+
 async def take_the_rest_of(mount: Path) -> Path:
     """Fill what is free on `mount` once its free space has not changed for a second."""
     last, still_since = -1, time.monotonic()
@@ -213,12 +221,10 @@ async def take_the_rest_of(mount: Path) -> Path:
     filler = mount / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as err:
-        assert err.errno == errno.ENOSPC, err
+        refusal = write_until_refused(fd)
     finally:
         os.close(fd)
+    assert refusal.errno == errno.ENOSPC, refusal
     assert os.statvfs(mount).f_bavail == 0
     return filler
 
