@@ -18,6 +18,7 @@ from memspace_contract import client, index
 from memspace_contract.client import results, retrying
 from memspace_contract.v1 import memspace_pb2 as pb
 from tests.api.conftest import ADMIN_TOKEN, DIM, Start, failure, memspace_serve
+from tests.conftest import QuotaClock
 
 QUICK = client.RetryPolicy(attempts=400, initial_backoff_s=0.05, max_backoff_s=0.2, total_s=60)
 """Short waits, but long enough in all for a `memspace serve` to start on a busy machine."""
@@ -251,7 +252,9 @@ def test_results_say_unknown_health_figures_as_none() -> None:
     assert retrying.resume_lsn(object()) is None
 
 
-async def test_a_rate_refusal_is_retried_after_the_delay_the_server_gives(start: Start) -> None:
+async def test_a_rate_refusal_is_retried_after_the_delay_the_server_gives(
+    start: Start, quota_clock: QuotaClock
+) -> None:
     running = await start()
     await running.spaces.CreateSpace(
         pb.CreateSpaceRequest(
@@ -269,6 +272,7 @@ async def test_a_rate_refusal_is_retried_after_the_delay_the_server_gives(start:
         assert refusals
         assert {err.code() for err in refusals} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert all(retrying.retry_after(err) is not None for err in refusals)
+    quota_clock.follow()  # the paced writes below wait for the real retry-after
     async with client.AsyncMemspaceClient(credentials, retry=QUICK) as memspace:
         done = [await memspace.remember(f"paced {n}", [0.0, 1.0, 0.0, 0.0]) for n in range(12)]
         hits = await memspace.recall([0.0, 1.0, 0.0, 0.0], k=20)

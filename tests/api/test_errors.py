@@ -12,6 +12,7 @@ import pytest
 
 from memspace_contract.v1 import memspace_pb2 as pb
 from tests.api.conftest import DIM, Running, Start, details, failure, md, memory, status_of, vec
+from tests.conftest import QuotaClock
 
 
 def remember(running: Running, message: pb.Memory, space: str = "") -> Awaitable[Any]:
@@ -112,7 +113,9 @@ async def test_a_full_quota_is_resource_exhausted(standalone: Running) -> None:
     assert "maxMemories is 2" in details(err)
 
 
-async def test_a_write_rate_over_quota_is_resource_exhausted(standalone: Running) -> None:
+async def test_a_write_rate_over_quota_is_resource_exhausted(
+    standalone: Running, quota_clock: QuotaClock
+) -> None:
     await standalone.spaces.CreateSpace(
         pb.CreateSpaceRequest(
             space="slow", embedding_dim=DIM, quota=pb.SpaceQuota(max_writes_per_second=1)

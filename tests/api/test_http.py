@@ -35,6 +35,7 @@ from tests.api.conftest import (
 )
 from tests.api.over_http import Events, headers, http_callers, memory_json, web
 from tests.api.test_tls import make_pki
+from tests.conftest import QuotaClock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -220,7 +221,7 @@ async def test_a_body_over_the_receive_limit_is_refused(start: Start) -> None:
 
 
 async def test_a_rate_limited_call_says_when_to_retry(
-    start: Start, managed_dirs: tuple[Path, Path]
+    start: Start, managed_dirs: tuple[Path, Path], quota_clock: QuotaClock
 ) -> None:
     index_dir, volumes = managed_dirs
     write_entry(

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from memspace_contract import index
-from tests.api.conftest import ADMIN_TOKEN, DIM, Start, vec
+from tests.api.conftest import ADMIN_TOKEN, DIM, Start, subscribed, vec
 from tests.api.over_http import Events, Web, headers, http_callers, memory_json, web
 
 A, B = "space-a", "space-b"
@@ -88,7 +88,7 @@ async def test_subscribe_in_b_sees_no_a_events(two: Web) -> None:
         c.stream("GET", f"/v1/spaces/{B}/events?since_lsn=1") as replay,
         c.stream("GET", f"/v1/spaces/{B}/events") as live,
     ):
-        await asyncio.sleep(0.2)  # both streams are open before the writes below
+        await subscribed(two.running, B, count=2)  # both streams follow B before the writes
         await remember_in_a(c)
         mine = (await c.post(f"/v1/spaces/{B}/memories", json=memory_json("b"))).json()
         for response in (replay, live):

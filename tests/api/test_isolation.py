@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from memspace_contract.v1 import memspace_pb2 as pb
-from tests.api.conftest import DIM, Running, collect, failure, md, memory, vec
+from tests.api.conftest import DIM, Running, collect, failure, md, memory, subscribed, vec
 
 A, B = "space-a", "space-b"
 
@@ -73,7 +73,7 @@ async def test_subscribe_in_b_sees_no_a_events(two: Running) -> None:
     m = two.memories
     replay = m.Subscribe(pb.SubscribeRequest(since_lsn=1), metadata=md(B))
     live = m.Subscribe(pb.SubscribeRequest(), metadata=md(B))
-    await asyncio.sleep(0.2)  # both streams are open before the writes below
+    await subscribed(two, B, count=2)  # both streams are open before the writes below
     await remember_in_a(two)
     mine = await m.Remember(pb.RememberRequest(memory=memory("b")), metadata=md(B))
     for stream in (replay, live):
@@ -141,7 +141,8 @@ async def test_subscribers_of_many_spaces_under_concurrent_writes_see_only_their
     )
     m = standalone.memories
     streams = {n: m.Subscribe(pb.SubscribeRequest(), metadata=md(n)) for n in names}
-    await asyncio.sleep(0.3)  # every subscription is live before the writes
+    for name in names:  # every subscription is live before the writes
+        await subscribed(standalone, name)
 
     async def writer(name: str) -> list[tuple[str, int]]:
         acked = []

@@ -20,6 +20,7 @@ from tests.api.conftest import (
     Running,
     Start,
     details,
+    eventually,
     failure,
     md,
     memory,
@@ -27,6 +28,7 @@ from tests.api.conftest import (
     vec,
     write_entry,
 )
+from tests.conftest import QuotaClock
 
 
 async def _batch(running: Running, count: int, space: str = "", token: str | None = None) -> int:
@@ -43,7 +45,7 @@ async def _batch(running: Running, count: int, space: str = "", token: str | Non
 
 
 async def test_a_batch_larger_than_one_seconds_write_quota_is_admitted_then_paid_for(
-    standalone: Running,
+    standalone: Running, quota_clock: QuotaClock
 ) -> None:
     await standalone.spaces.CreateSpace(
         pb.CreateSpaceRequest(
@@ -66,7 +68,7 @@ async def test_a_batch_larger_than_one_seconds_write_quota_is_admitted_then_paid
 
 
 async def test_recalls_over_the_read_quota_are_resource_exhausted_with_when_to_retry(
-    start: Start, managed_dirs: tuple[Path, Path]
+    start: Start, managed_dirs: tuple[Path, Path], quota_clock: QuotaClock
 ) -> None:
     index_dir, volumes = managed_dirs
     write_entry(
@@ -182,11 +184,11 @@ class _OpenBatch:
 
 async def _admitted(running: Running, calls: int) -> None:
     """Wait until the server has admitted `calls` calls (streams open asynchronously)."""
-    for _ in range(200):
-        if running.server.limits.calls >= calls:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"the server admitted {running.server.limits.calls} calls, not {calls}")
+
+    async def admitted() -> bool:
+        return running.server.limits.calls >= calls
+
+    await eventually(admitted)
 
 
 async def _subscribe(running: Running, meta: tuple[tuple[str, str], ...]) -> Any:
@@ -213,10 +215,11 @@ async def test_calls_over_the_server_wide_cap_are_resource_exhausted(start: Star
     assert "maximum of 2 concurrent calls" in details(err)
     for stream in streams:
         stream.cancel()
-    for _ in range(200):
-        if running.server.limits.calls == 0:
-            break
-        await asyncio.sleep(0.025)
+
+    async def released() -> bool:
+        return running.server.limits.calls == 0
+
+    await eventually(released)  # the cancelled streams end on the server asynchronously
     await running.memories.Recall(pb.RecallRequest(cue=vec(1), k=1))
 
 

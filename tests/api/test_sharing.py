@@ -21,6 +21,7 @@ from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import queueing
 from memspace_server.api import sharing
 from tests.api.conftest import Running, Start, md, write_entry
+from tests.conftest import QuotaClock
 
 
 class Caller:
@@ -329,7 +330,7 @@ async def test_the_server_sets_the_threads_switch_interval(
 
 
 async def test_a_call_refused_for_its_quota_is_answered_at_once_and_keeps_its_turn(
-    start: Start, managed_dirs: tuple[Path, Path]
+    start: Start, managed_dirs: tuple[Path, Path], quota_clock: QuotaClock
 ) -> None:
     """Through a real server: a Remember over the space's write quota is refused at once, its
     turn stays taken while spaces share the loop (the flood's next call waits in its own

@@ -11,7 +11,7 @@ import grpc
 
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
-from tests.api.conftest import Running, Start, collect, details, memory, trailers
+from tests.api.conftest import Running, Start, collect, details, memory, subscribed, trailers
 
 
 async def remember(running: Running, count: int, prefix: str = "m") -> list[pb.RememberResponse]:
@@ -24,7 +24,7 @@ async def remember(running: Running, count: int, prefix: str = "m") -> list[pb.R
 async def ended_with(stream: Any) -> grpc.aio.AioRpcError:
     """Read a stream to its end, which must be an error."""
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             async for _ in stream:
                 pass
     except grpc.aio.AioRpcError as err:
@@ -47,7 +47,7 @@ async def test_replay_from_since_lsn_then_live(standalone: Running) -> None:
 async def test_since_lsn_zero_is_from_now_on(standalone: Running) -> None:
     await remember(standalone, 2)
     stream = standalone.memories.Subscribe(pb.SubscribeRequest())
-    await asyncio.sleep(0.2)
+    await subscribed(standalone)
     (new,) = await remember(standalone, 1, "new")
     (event,) = await collect(stream, 1)
     assert (event.id, event.lsn, event.space) == (new.id, new.lsn, "default")
@@ -81,7 +81,7 @@ async def test_a_slow_subscriber_is_cut_off_with_the_lsn_to_resume_from(start: S
     )
     slow = pb_grpc.MemoryServiceStub(channel)
     stream = slow.Subscribe(pb.SubscribeRequest())
-    await asyncio.sleep(0.2)
+    await subscribed(running)
 
     async def batch() -> AsyncIterator[pb.RememberRequest]:
         for i in range(1000):
@@ -94,7 +94,7 @@ async def test_a_slow_subscriber_is_cut_off_with_the_lsn_to_resume_from(start: S
         done = await running.memories.RememberBatch(batch())
     received = []
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             async for event in stream:
                 received.append(event.lsn)
     except grpc.aio.AioRpcError as err:
@@ -129,7 +129,7 @@ async def test_deleting_a_space_ends_its_subscribers_with_unavailable(
 ) -> None:
     await standalone.spaces.CreateSpace(pb.CreateSpaceRequest(space="doomed", embedding_dim=4))
     stream = standalone.memories.Subscribe(pb.SubscribeRequest(space="doomed"))
-    await asyncio.sleep(0.2)
+    await subscribed(standalone, "doomed")
     await standalone.spaces.DeleteSpace(pb.DeleteSpaceRequest(space="doomed"))
     err = await ended_with(stream)
     assert err.code() is grpc.StatusCode.UNAVAILABLE

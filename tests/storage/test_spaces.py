@@ -14,6 +14,7 @@ import pytest
 from memspace_contract import index, spaces
 from memspace_server import errors
 from memspace_server.storage import memories, registry, settings, tiers
+from tests.conftest import QuotaClock
 
 from .conftest import DIM, draft, make_space, vec
 
@@ -203,7 +204,9 @@ async def test_max_memories_is_enforced_but_upserts_still_work(
         assert space.count() == 3
 
 
-async def test_max_writes_per_second_is_a_token_bucket(spaces_registry: registry.Registry) -> None:
+async def test_max_writes_per_second_is_a_token_bucket(
+    spaces_registry: registry.Registry, quota_clock: QuotaClock
+) -> None:
     rng = np.random.default_rng(6)
     space_id = await make_space(spaces_registry, quota=index.Quota(max_writes_per_second=5))
     async with spaces_registry.lease(space_id) as space:
@@ -211,7 +214,7 @@ async def test_max_writes_per_second_is_a_token_bucket(spaces_registry: registry
             await space.remember(draft(rng))
         with pytest.raises(errors.RateLimitedError, match="5 writes per second"):
             await space.remember(draft(rng))
-        await asyncio.sleep(0.5)
+        quota_clock.advance(0.5)
         await space.remember(draft(rng))
         assert space.count() == 6
 
