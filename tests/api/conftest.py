@@ -358,6 +358,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = EVE
         await asyncio.sleep(0.05)
 
 
+async def until(predicate: Callable[[], bool], within_s: float = EVENTUALLY_S) -> bool:
+    """Wait until `predicate()` is true, at most `within_s`; whether it is (the caller asserts
+    what it waited for, with its own message)."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def subscribed(running: Running, space: str = spaces.DEFAULT_SPACE, count: int = 1) -> None:
     """Wait until `count` Subscribe streams (or HTTP event streams) of `space` follow its feed.
     A stream opens asynchronously: a write made before then is not "from now on" for it, so a

@@ -15,7 +15,7 @@ import grpc
 
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
-from tests.api.conftest import DIM, memory, memspace_serve, status_of
+from tests.api.conftest import DIM, memory, memspace_serve, status_of, until
 
 DRAIN_TIMEOUT = 10.0
 
@@ -58,7 +58,8 @@ async def test_sigterm_drains_and_no_acknowledged_write_is_lost(tmp_path: Path) 
             while not stop.is_set():
                 try:
                     done = await stub.Remember(
-                        pb.RememberRequest(memory=memory(f"w{n}/{i}", 1.0, float(n))), timeout=5
+                        pb.RememberRequest(memory=memory(f"w{n}/{i}", 1.0, float(n))),
+                        timeout=30,
                     )
                 except grpc.aio.AioRpcError as err:
                     refusals.append(err.code())
@@ -75,8 +76,10 @@ async def test_sigterm_drains_and_no_acknowledged_write_is_lost(tmp_path: Path) 
         in_flight = stub.RememberBatch(batch_requests())
         await batch_queue.put(pb.RememberRequest(memory=memory("batch/0")))
         writers = [asyncio.create_task(writer(n)) for n in range(8)]
-        await asyncio.sleep(1.0)
+        # The first write loads the space (and imports its libraries): slow on a busy machine.
+        await until(lambda: len(acked) >= 8)
         assert acked, "no write was acknowledged before SIGTERM"
+        await asyncio.sleep(0.5)  # writes in flight at the SIGTERM
         signalled = time.monotonic()
         process.popen.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
