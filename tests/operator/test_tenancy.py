@@ -128,11 +128,14 @@ def test_the_operator_deletes_only_the_credentials_secret_it_made(
         pvc = kube.pvc(server_ns, "space-swap") or {}
         proof = pvc["metadata"]["annotations"]["memspace.dev/credentials-uid"]
         assert proof == made["metadata"]["uid"]
-        # The tenant puts a Secret of its own in place of the operator's.
-        kube.core.delete_namespaced_secret("swap-memspace", ns)
-        wait_for("the Secret to go", lambda: kube.secret(ns, "swap-memspace") is None)
-        _foreign_secret(deployment, ns, "swap-memspace")
+    # The tenant puts a Secret of its own in place of the operator's, while the operator is
+    # down: a running one puts its own back at its next check (every RESYNC_S), which could
+    # fall between the tenant's delete and create.
+    kube.core.delete_namespaced_secret("swap-memspace", ns)
+    wait_for("the Secret to go", lambda: kube.secret(ns, "swap-memspace") is None)
+    _foreign_secret(deployment, ns, "swap-memspace")
 
+    with deployment.running():
         kube.delete_space(ns, "swap")
         deployment.wait_gone("swap")
         assert (kube.secret(ns, "swap-memspace") or {}) == {"token": "the tenant's own"}
