@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 LIGHT = REPO / "client"
 HEAVY = ("memspace_server", "memspace_operator", "pydantic", "zarr", "kopf", "kubernetes")
 
+# `pip install ./client` into an empty venv (a build, and the index for what pip has not
+# cached) is the first test's setup: minutes on a loaded machine, near the suite's 300 s.
+pytestmark = pytest.mark.timeout(900)
+
 
 def light_project() -> dict[str, object]:
     project: dict[str, object] = tomllib.loads((LIGHT / "pyproject.toml").read_text())["project"]

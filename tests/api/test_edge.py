@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from memspace_server.api import errors_map, handling, routing, servicers
 from memspace_server.storage import backing_up
 from memspace_server.storage import registry as registries
 from memspace_server.storage import spaces as storage_spaces
-from tests.api.conftest import Running, failure, memory, rpc_callers, vec
+from tests.api.conftest import Running, failure, memory, rpc_callers, until, vec
 
 SERVICERS = {"MemoryService": servicers.MemoryServicer, "SpaceService": servicers.SpaceServicer}
 
@@ -77,17 +76,21 @@ async def test_every_rpc_is_served_through_the_edge(standalone: Running, tmp_pat
     await sp.DeleteBackup(
         pb.DeleteBackupRequest(space="default", target=target, backup_id=taken.backup_id)
     )
-    await asyncio.sleep(0.1)  # the cancelled stream finishes on the server
     registry = standalone.server.metrics.registry
-    counted = {
-        str(sample.labels["method"])
-        for family in registry.collect()
-        if family.name == "memspace_requests"
-        for sample in family.samples
-        if sample.name == "memspace_requests_total"
-    }
+
+    def counted() -> set[str]:
+        return {
+            str(sample.labels["method"])
+            for family in registry.collect()
+            if family.name == "memspace_requests"
+            for sample in family.samples
+            if sample.name == "memspace_requests_total"
+        }
+
+    # The cancelled stream is counted when it finishes on the server, a moment later.
+    await until(lambda: "MemoryService/Subscribe" in counted())
     expected = {f"{service.name}/{method.name}" for service, method in all_methods()}
-    assert counted == expected
+    assert counted() == expected
     get = registry.get_sample_value(
         "memspace_requests_total",
         {"space": "default", "method": "MemoryService/Get", "code": "NOT_FOUND"},

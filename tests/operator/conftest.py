@@ -46,6 +46,20 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
+def wait_events(
+    kube: Kube, namespace: str, name: str, *reasons: str, timeout: float = WAIT_S
+) -> list[dict[str, Any]]:
+    """The Events about `name` once their reasons include every one of `reasons`. The operator
+    posts Events through kopf's queue, in the background: one can arrive after the status
+    change it goes with (and a run of the operator that ends drops what it had not posted)."""
+
+    def probe() -> list[dict[str, Any]] | None:
+        found = kube.events(namespace, name)
+        return found if set(reasons) <= {e["reason"] for e in found} else None
+
+    return wait_for(f"Events {', '.join(reasons)} about {name}", probe, timeout)
+
+
 def memory_space(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",

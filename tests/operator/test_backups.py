@@ -24,6 +24,7 @@ from tests.operator.conftest import (
     condition,
     tenant_credentials,
     unique,
+    wait_events,
     wait_for,
 )
 from tests.operator.kubelet import FakeKubelet
@@ -194,8 +195,7 @@ def test_a_backup_completes_to_minio_and_deleting_it_deletes_its_manifest(
         assert first["target"] == target
         assert first["startedAt"] <= first["completedAt"]
         assert targets.manifests(bucket, "kept") == {first["backupId"]}
-        reasons = {e["reason"] for e in deployment.kube.events(ns, "first")}
-        assert {"BackupStarted", "BackupCompleted"} <= reasons
+        wait_events(deployment.kube, ns, "first", "BackupStarted", "BackupCompleted")
 
         # A second backup uploads only what changed.
         asyncio.run(remember(deployment, "kept", 1))
@@ -365,7 +365,7 @@ def test_an_offloaded_space_keeps_no_volume_and_comes_back_with_its_memories_and
         deployment.kube.patch_spec(ns, "idle", {"state": "Active"})
         body = deployment.wait_condition("idle", "Ready", "True")
         assert "offload" not in body["status"]
-        assert "VolumeKept" in {e["reason"] for e in deployment.kube.events(ns, "idle")}
+        wait_events(deployment.kube, ns, "idle", "VolumeKept")
         assert asyncio.run(recall_all(creds)) == before
 
         # Offloaded again, and this time the shard restarts (its pod is deleted): the claim goes.
@@ -427,7 +427,7 @@ def test_a_failed_final_backup_leaves_the_space_serving_on_its_volume_with_the_r
         backup = get_backup(deployment.kube, ns, "stuck-offload-2")
         assert backup is not None
         assert backup["status"]["phase"] == "Failed"
-        assert "OffloadFailed" in {e["reason"] for e in deployment.kube.events(ns, "stuck")}
+        wait_events(deployment.kube, ns, "stuck", "OffloadFailed")
         assert targets.manifests(bucket, "stuck") == set()
         # Reads are served; writes stay refused (the final backup's seal) until Active again.
         assert len(asyncio.run(recall_all(creds))) == 5

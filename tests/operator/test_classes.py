@@ -11,7 +11,16 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from tests.operator.conftest import GROUP, VERSION, Deployment, Kube, condition, unique, wait_for
+from tests.operator.conftest import (
+    GROUP,
+    VERSION,
+    Deployment,
+    Kube,
+    condition,
+    unique,
+    wait_events,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -93,8 +102,7 @@ def test_a_class_sets_the_limits_and_defaults_its_spaces_are_served_with(
         deployment.wait_condition("greedy", "Mounted", "True")
         entry = deployment.index(0)["greedy.json"]
         assert (entry["quota"]["maxWritesPerSecond"], entry["tiers"]["hotCapacity"]) == (10, 1000)
-        reasons = {e["reason"] for e in kube.events(deployment.namespace, "greedy")}
-        assert "ClassLimitExceeded" in reasons
+        wait_events(kube, deployment.namespace, "greedy", "ClassLimitExceeded")
 
         # What cannot be lowered is not served at all; a missing class neither.
         deployment.apply("wide", embeddingDim=128)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.operator.conftest import Deployment, condition, unique, wait_for
+from tests.operator.conftest import Deployment, condition, unique, wait_events, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -39,8 +39,7 @@ def test_a_larger_size_expands_the_claim(deployment: Deployment) -> None:
             )
 
         wait_for("VolumeBound to mention the expansion", expanding)
-    reasons = {e["reason"] for e in kube.events(deployment.namespace, "grows")}
-    assert "VolumeExpanding" in reasons
+        wait_events(kube, deployment.namespace, "grows", "VolumeExpanding")
 
 
 def test_after_expansion_refused_the_documented_fix_grows_the_claim(

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from tests.operator.conftest import Deployment, condition, mounted_claims, wait_for
+from tests.operator.conftest import Deployment, condition, mounted_claims, wait_events, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -81,9 +81,8 @@ def test_an_applied_space_gets_its_volume_credentials_index_entry_and_mount(
         assert all(
             c["observedGeneration"] == body["metadata"]["generation"] for c in status["conditions"]
         )
-
-    reasons = {e["reason"] for e in kube.events(ns, "notes")}
-    assert {"ClaimCreated", "CredentialsCreated", "Mounted"} <= reasons
+        # Posted in the background: waited for while the operator runs to post them.
+        wait_events(kube, ns, "notes", "ClaimCreated", "CredentialsCreated", "Mounted")
 
 
 def test_a_restarted_operator_rotates_nothing_and_follows_spec_changes(

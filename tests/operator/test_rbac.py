@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.operator.conftest import Deployment, unique, wait_for
+from tests.operator.conftest import Deployment, unique, wait_events, wait_for
 from tests.support import cluster as harness
 
 pytestmark = pytest.mark.cluster
@@ -70,6 +70,8 @@ def test_the_operator_works_under_its_least_privilege_rbac(
             assert kube.pvc(server_ns, "space-least") is None or wait_for(
                 "the claim to go", lambda: kube.pvc(server_ns, "space-least") is None
             )
+            # Posted in the background: waited for while the operator runs to post them.
+            wait_events(kube, ns, "least", "ClaimCreated", "CredentialsCreated", "VolumeReleased")
         reasons = {e["reason"] for e in kube.events(ns, "least")}
         assert {"ClaimCreated", "CredentialsCreated", "VolumeReleased"} <= reasons
         assert not any(e["type"] == "Warning" for e in kube.events(ns, "least")), [

@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from tests.operator.conftest import Deployment, condition, mounted_claims, wait_for
+from tests.operator.conftest import Deployment, condition, mounted_claims, wait_events, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -66,8 +66,7 @@ def test_deleting_or_deactivating_a_space_leaves_its_shard_running_until_it_rest
         assert pvc["metadata"]["labels"]["memspace.dev/delete-pending"] == "true"
         mounts = mounted_claims(kube.statefulset(server_ns, "memspace-shard-0"))
         assert set(mounts.values()) == {"space-stays", "space-leaves", "space-sleeps"}
-        reasons = {e["reason"] for e in kube.events(ns, "leaves")}
-        assert "VolumeReleased" in reasons
+        wait_events(kube, ns, "leaves", "VolumeReleased")
 
         # The shard restarts for another reason (its pod is deleted): the template drops both
         # volumes for the new pod, and the waiting claim goes.

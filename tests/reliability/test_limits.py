@@ -62,9 +62,9 @@ def requests_counted(port: int, method: str) -> dict[str, float]:
 
 async def requests_answered(port: int, method: str) -> dict[str, float]:
     """`requests_counted` once it counts any: the server counts a call when its handler is
-    done, which a client that saw the call refused can beat (seen under load); 10 s at most."""
+    done, which a client that saw the call refused can beat (seen under load); 60 s at most."""
     found: dict[str, float] = {}
-    for _ in range(200):
+    for _ in range(1200):
         found = await asyncio.to_thread(requests_counted, port, method)
         if found:
             break

@@ -188,7 +188,11 @@ async def test_two_spaces_never_see_each_others_memories_events_metrics_or_files
         assert (await a.get("id-7")).content == "alpha 7"
         assert b.health().memories == 1
         assert a.health().memories == 30
-        await asyncio.sleep(0.05)
+        for _ in range(3000):  # 30 s at least for beta's event to reach its subscriber
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # and any event of alpha that would follow it
         watcher.cancel()
         assert [e.id for e in seen] == ["id-0"]  # type: ignore[attr-defined]
     alpha_files = {p.name for p in spaces_registry.volume(alpha).rglob("*")}
