@@ -171,12 +171,12 @@ async def test_bytes_that_are_not_the_request_message_are_invalid_for_every_rpc(
     garbage = b"\xff\xff\xff"
     channel = standalone.api.channel
     if method.server_streaming:
-        stream = channel.unary_stream(path, None, None)(garbage, timeout=5)
+        stream = channel.unary_stream(path, None, None)(garbage, timeout=30)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in stream:
                 pass
     else:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await channel.unary_unary(path, None, None)(garbage, timeout=5)
+            await channel.unary_unary(path, None, None)(garbage, timeout=30)
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid" in (raised.value.details() or "")

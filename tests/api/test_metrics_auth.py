@@ -20,7 +20,7 @@ def scrape(port: int, token: str | None) -> tuple[int, str]:
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
+        with urllib.request.urlopen(request, timeout=30) as answer:
             return int(answer.status), answer.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()

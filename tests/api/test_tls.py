@@ -108,7 +108,7 @@ async def test_a_plaintext_client_is_refused_by_a_tls_server(start: Start, pki: 
     running = await serve_tls(start, pki)
     async with grpc.aio.insecure_channel(running.address) as channel:
         refused = await failure(
-            pb_grpc.MemoryServiceStub(channel).Recall(pb.RecallRequest(cue=vec(1), k=1), timeout=5)
+            pb_grpc.MemoryServiceStub(channel).Recall(pb.RecallRequest(cue=vec(1), k=1), timeout=30)
         )
     assert refused.code() is grpc.StatusCode.UNAVAILABLE
 
@@ -205,12 +205,12 @@ async def test_the_health_port_answers_plaintext_probes_beside_a_tls_port(
     assert running.server.health_port
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.health_port}") as channel:
         answer = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=5
+            health_pb2.HealthCheckRequest(), timeout=30
         )
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
         # Only health: the memory API is not on the plaintext port.
         refused = await failure(
-            pb_grpc.MemoryServiceStub(channel).Recall(pb.RecallRequest(cue=vec(1), k=1), timeout=5)
+            pb_grpc.MemoryServiceStub(channel).Recall(pb.RecallRequest(cue=vec(1), k=1), timeout=30)
         )
     assert refused.code() is grpc.StatusCode.UNIMPLEMENTED
 
