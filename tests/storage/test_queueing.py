@@ -92,7 +92,7 @@ async def test_a_space_alone_holds_more_than_its_share_until_another_space_asks(
     assert not third.done()  # shared: a's share is one slot, and it holds one
     await slots.acquire("b")  # b finds a slot at once
     slots.release("a")
-    await asyncio.wait_for(third, 1)
+    await asyncio.wait_for(third, 10)
     assert (slots.running("a"), slots.running("b")) == (1, 1)
 
 

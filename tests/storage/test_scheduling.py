@@ -156,7 +156,7 @@ async def test_the_pacer_lets_a_few_streams_send_at_once() -> None:
     assert not third.done()
     assert pacer.held == 2
     pacer.release(first)
-    token = await asyncio.wait_for(third, 1)
+    token = await asyncio.wait_for(third, 10)
     pacer.release(second)
     pacer.release(token)
     pacer.release(token)  # a second release is a no-op
@@ -178,7 +178,7 @@ async def test_the_pacer_keeps_one_send_in_flight_while_other_spaces_ask_for_wor
     await settle()
     assert not third.done()  # one send is still in flight
     pacer.release(second)
-    token = await asyncio.wait_for(third, 1)
+    token = await asyncio.wait_for(third, 10)
     pacer.release(token)
     assert pacer.held == 0
 

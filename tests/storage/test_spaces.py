@@ -239,12 +239,12 @@ async def test_the_change_feed_is_in_lsn_order_and_resumable(
         await asyncio.sleep(0)
         ids = [(await space.remember(draft(rng)))[0] for _ in range(15)]
         await asyncio.gather(*(space.forget(i) for i in ids[:5]))
-        events = await asyncio.wait_for(reader, 10)
+        events = await asyncio.wait_for(reader, 30)
         assert [e.lsn for e in events] == list(range(1, 21))  # type: ignore[attr-defined]
         assert [e.type.name for e in events[:15]] == ["REMEMBERED"] * 15  # type: ignore[attr-defined]
         assert {e.id for e in events[15:]} == set(ids[:5])  # type: ignore[attr-defined]
         replay = await space.subscribe(12)
-        resumed = await asyncio.wait_for(_collect(replay, 9), 10)
+        resumed = await asyncio.wait_for(_collect(replay, 9), 30)
         assert [e.lsn for e in resumed] == list(range(12, 21))  # type: ignore[attr-defined]
         await space.consolidate()
         with pytest.raises(errors.LsnNotRetainedError, match="resubscribe"):
@@ -299,7 +299,7 @@ async def test_a_batch_larger_than_the_buffer_does_not_cut_off_a_reader_keeping_
             await space.remember_many([draft(rng) for _ in range(50)])
             await asyncio.sleep(0.05)
             await space.remember_many([draft(rng) for _ in range(50)])
-            events = await asyncio.wait_for(reader, 10)
+            events = await asyncio.wait_for(reader, 30)
             assert [e.lsn for e in events] == list(range(1, 101))  # type: ignore[attr-defined]
     finally:
         await reg.close()
