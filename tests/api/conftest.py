@@ -207,9 +207,11 @@ class Process:
 
 @contextlib.contextmanager
 def memspace_serve(
-    args: Sequence[str], log: Path, env: Mapping[str, str] | None = None, timeout: float = 30.0
+    args: Sequence[str], log: Path, env: Mapping[str, str] | None = None, timeout: float = 90.0
 ) -> Iterator[Process]:
-    """Run `memspace serve ARGS` until it logs its address; kill it at the end if still alive."""
+    """Run `memspace serve ARGS` until it logs its address (within `timeout`: a start imports
+    the server and may make its default space, many seconds on a loaded machine); kill it at
+    the end if still alive."""
     command = [sys.executable, "-m", "memspace_cli.main", "serve", *args]
     with log.open("w") as out:
         popen = subprocess.Popen(
