@@ -8,7 +8,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from memspace_contract import spaces
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from memspace_server import errors  # noqa: PLC0415
 
     try:
-        code = asyncio.run(_serve(loaded))
+        code = run_loop(loaded.event_loop, _serve(loaded))
     except (settings.SettingsError, errors.DataRootInUseError) as err:
         logging.getLogger("memspace.serve").error("%s", err)
         return 2
@@ -94,6 +94,15 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` to its end on a new event loop of `kind` ('uvloop' or 'asyncio')."""
+    if kind == "uvloop":
+        import uvloop  # noqa: PLC0415  # only the server needs it
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def _serve(loaded: ServerSettings) -> int:

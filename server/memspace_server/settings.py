@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 LogFormat = Literal["text", "json"]
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -358,6 +359,13 @@ class ServerSettings(Settings):
         help="how long a worker thread that has finished a scan or an fsync waits at most for a "
         "busy event loop's thread to hand over the interpreter (Python's switch interval, 5 by "
         "default: a 5 ms wait per hop for a quiet space's call while another floods the loop)",
+    )
+    event_loop: EventLoop = setting(
+        "uvloop",
+        env="MEMSPACE_EVENT_LOOP",
+        metavar="uvloop|asyncio",
+        help="the event loop the server runs on: 'uvloop' (libuv's; a Recall costs the server "
+        "about an eighth less CPU than on asyncio's own) or 'asyncio' (Python's)",
     )
     max_subscribers_per_space: int = setting(
         1024,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
@@ -44,11 +45,16 @@ async def wait_exit(popen: subprocess.Popen[str], within_s: float) -> int | None
     return None
 
 
-async def test_sigterm_drains_and_no_acknowledged_write_is_lost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_sigterm_drains_and_no_acknowledged_write_is_lost(
+    tmp_path: Path, event_loop: str
+) -> None:
     data = tmp_path / "data"
     acked: list[str] = []
     refusals: list[grpc.StatusCode] = []
-    with memspace_serve(serve_args(data), tmp_path / "first.log") as process:
+    first = [*serve_args(data), "--event-loop", event_loop]
+    with memspace_serve(first, tmp_path / "first.log") as process:
+        assert f"{event_loop} event loop)" in process.output()
         channel = grpc.aio.insecure_channel(process.address)
         stub = pb_grpc.MemoryServiceStub(channel)
         stop = asyncio.Event()

@@ -98,3 +98,11 @@ def test_threads_hand_over_within_half_a_millisecond_by_default(tmp_path: Path) 
     assert parse(["--data-root", str(tmp_path)], environ).thread_switch_ms == 2.0
     with pytest.raises(settings.SettingsError, match="thread"):
         parse(["--data-root", str(tmp_path), "--thread-switch-ms", "0"])
+
+
+def test_the_server_runs_on_uvloop_unless_told_otherwise(tmp_path: Path) -> None:
+    assert parse(["--data-root", str(tmp_path)]).event_loop == "uvloop"
+    environ = {"MEMSPACE_EVENT_LOOP": "asyncio"}
+    assert parse(["--data-root", str(tmp_path)], environ).event_loop == "asyncio"
+    with pytest.raises(settings.SettingsError, match="event-loop"):
+        parse(["--data-root", str(tmp_path), "--event-loop", "trio"])

@@ -242,7 +242,7 @@ class Server:
         self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
         self._warn_if_open()
         log.info(
-            "serving %d spaces on %s (%s mode, %s, tokens %s)%s%s%s",
+            "serving %d spaces on %s (%s mode, %s, tokens %s, %s event loop)%s%s%s",
             len(self.registry.entries()),
             self.address,
             "managed" if s.managed else "standalone",
@@ -250,6 +250,7 @@ class Server:
             if s.tls
             else "plaintext",
             "checked" if self.router.check_tokens else "not checked",
+            loop_kind(),
             f", metrics on :{self.metrics.port}" if self.metrics.port else "",
             f", plaintext health on :{self.health_port}" if self.health_port else "",
             f", HTTP/JSON on :{self.http.port}" if self.http is not None else "",
@@ -549,3 +550,9 @@ async def _serve(
         loop.remove_signal_handler(signum)
     ok = await server.drain()
     return 0 if ok else 1
+
+
+def loop_kind() -> str:
+    """'uvloop' or 'asyncio': the kind of event loop running this server."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.partition(".")[0] == "uvloop" else "asyncio"
