@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HOLD_S = 10.0
 """Longest a Check without a deadline waits for the server to serve."""
-MARGIN_S = 0.05
+MARGIN_S = 0.2
 """A held Check answers this long before its deadline (the caller then gets an answer, not
-DEADLINE_EXCEEDED)."""
+DEADLINE_EXCEEDED, even when a busy loop sends it late: 50 ms was seen missed at load 9)."""
 
 
 class _Starting(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # untyped stubs
