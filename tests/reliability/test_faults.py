@@ -229,6 +229,7 @@ async def take_the_rest_of(mount: Path) -> Path:
     return filler
 
 
+@pytest.mark.timeout(900)  # 85 s quiet, 205 s at load 17: thousands of writes, two restarts
 async def test_a_full_volume_refuses_writes_clearly_and_loses_no_acknowledged_one(
     servers: Servers, tmpfs: Tmpfs
 ) -> None:
