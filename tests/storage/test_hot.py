@@ -107,3 +107,17 @@ def test_the_product_kernel_matches_numpy_for_any_layout() -> None:
         np.testing.assert_allclose(out, rows @ vector, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="output"):
         tiers.products(matrix, cue, np.empty(3, np.float32))
+
+
+def test_stacked_products_match_numpy_over_blocks_of_any_size() -> None:
+    rng = np.random.default_rng(5)
+    matrix = rng.normal(size=(9000, 48)).astype(np.float32)
+    cue = rng.normal(size=48).astype(np.float32)
+    # Blocks the kernel takes and small ones numpy takes; the last is cut to the output.
+    blocks = [matrix[:3000], matrix[3000:3010], matrix[3010:6010], matrix[6010:]]
+    for rows in (9000, 6500, 3005, 0):
+        out = np.empty(rows, np.float32)
+        tiers.stacked_products(blocks, cue, out)
+        np.testing.assert_allclose(out, matrix[:rows] @ cue, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="fewer"):
+        tiers.stacked_products(blocks[:2], cue, np.empty(4000, np.float32))

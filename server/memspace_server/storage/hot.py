@@ -129,11 +129,7 @@ class _Blocks:
         """The first n rows times `cue`: one kernel call per block, each writing its part of
         one output (no copy of the rows, no concatenation)."""
         out = np.empty(n, np.float32)
-        for start, block in zip(self.starts, self.blocks, strict=True):
-            if start >= n:
-                break
-            end = min(n, start + block.shape[0])
-            tiers.products(block[: end - start], cue, out[start:end])
+        tiers.stacked_products(self.blocks, cue, out)
         return out
 
 
