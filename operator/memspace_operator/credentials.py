@@ -13,7 +13,8 @@ which token the Secret holds, and it is written *before* the Secret is created:
 2. Otherwise a new token is made, its hash written to the index, then the Secret is created,
    and the uid the API server gave it is recorded on the space's PVC (`proof`).
 
-A Secret of that name found at 2 is deleted only with the recorded uid as a precondition, so
+A Secret of that name found at 2 (by a dry-run create; for a new space, whose Secret almost
+never exists, by the create itself) is deleted only with the recorded uid as a precondition, so
 the API server deletes exactly the Secret the operator made and nothing else. A Secret it cannot
 prove it made (a tenant's own, or one from a run interrupted between creating it and recording
 its uid) is left alone: the space's index entry is withdrawn and the space waits, with reason
@@ -119,15 +120,19 @@ async def ensure(
     client_pair: Callable[[], Awaitable[certificates.KeyPair | None]] | None = None,
     proof: str | None,
     remember: Callable[[str], Awaitable[None]],
+    new: bool = False,
 ) -> tuple[str, bool]:
     """Make sure the Secret exists with a token whose hash the index holds. `record` writes a
     new hash to the index; `proof` is the uid of the Secret the operator last created and
-    `remember` records a new one. Returns (token SHA-256, whether a new token was made);
+    `remember` records a new one; `new`: the space's claim was just made, so no Secret can be
+    proven its own. Returns (token SHA-256, whether a new token was made);
     errors.SecretNotOwnedError when a Secret of that name is not the operator's."""
     if trusted_sha256 is not None and await exists(client, space):
         return trusted_sha256, False
     url = kube.secrets(space.ref.namespace, naming.credentials_secret(space.ref.name))
-    if await exists(client, space) and not await _delete_own(client, url, proof):
+    # A new space's Secret almost never exists: it is created without asking first (a dry run
+    # each was a request per space), and one found is handled as below, once.
+    if not new and await exists(client, space) and not await _delete_own(client, url, proof):
         raise not_owned(space)
     token = new_token()
     digest = index.token_sha256(token)
@@ -137,6 +142,8 @@ async def ensure(
     try:
         created = await client.create(kube.secrets(space.ref.namespace), body)
     except errors.AlreadyExistsError as err:
+        if new:
+            raise not_owned(space) from err  # a new space proves no Secret its own
         raise errors.TemporaryError(
             f"credentials Secret {url} is still being deleted; retrying", delay=2.0
         ) from err

@@ -1,8 +1,8 @@
 """The spaces index of each shard: Secret `memspace-shard-N-spaces` in the server namespace,
 one key `<spaceId>.json` per space in the format of memspace_contract.index. The shard mounts
 it and reloads it on change, so tier, quota and state changes reach the server without a
-restart. Entries are written with JSON merge patches of one key: concurrent writers of
-different spaces never conflict.
+restart. Entries are written with JSON merge patches of their keys only: concurrent writers of
+different spaces never conflict, and entries written at the same time share one patch.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 from typing import Any
 
 from memspace_contract import index, spaces, wire
@@ -31,12 +32,23 @@ def manifest(settings: Settings, shard: int) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass
+class _Batch:
+    """Entries of one shard's index waiting to be written together (None removes one)."""
+
+    data: dict[str, str | None]
+    written: asyncio.Future[None]
+
+
 class Index:
     def __init__(self, client: kube.Kube, settings: Settings) -> None:
         self._kube = client
         self._settings = settings
         self._present: set[int] = set()
         self._creating: dict[int, asyncio.Lock] = {}
+        self._open: dict[int, _Batch] = {}
+        """Per shard, the entries that the next patch writes."""
+        self._writing: dict[int, asyncio.Lock] = {}
 
     def _url(self, shard: int) -> str:
         return kube.secrets(self._settings.server_namespace, naming.index_secret(shard))
@@ -92,9 +104,8 @@ class Index:
     async def put(self, shard: int, entry: index.IndexEntry) -> None:
         await self.ensure_secret(shard)
         value = base64.b64encode(entry.dumps().encode()).decode()
-        patch = {"data": {index.entry_filename(entry.space_id): value}}
         try:
-            await self._kube.patch(self._url(shard), patch)
+            await self._write(shard, index.entry_filename(entry.space_id), value)
         except errors.NotFoundError:
             self._present.discard(shard)
             raise errors.TemporaryError(
@@ -106,9 +117,34 @@ class Index:
         secret = await self._kube.get_or_none(self._url(shard))
         if secret is None or index.entry_filename(space_id) not in (secret.get("data") or {}):
             return False
-        patch = {"data": {index.entry_filename(space_id): None}}
         try:
-            await self._kube.patch(self._url(shard), patch)
+            await self._write(shard, index.entry_filename(space_id), None)
         except errors.NotFoundError:
             return False
         return True
+
+    async def _write(self, shard: int, key: str, value: str | None) -> None:
+        """Write one key of shard N's index, in one patch with the keys of the other spaces
+        written meanwhile: the intake shard's new spaces come together, and a patch each (all of
+        one object, which the API server applies one after another) was a request per space.
+        Returns once a patch holding the key succeeded; raises what that patch raised."""
+        batch = self._open.get(shard)
+        if batch is None:
+            batch = _Batch({}, asyncio.get_running_loop().create_future())
+            self._open[shard] = batch
+        batch.data[key] = value
+        async with self._writing.setdefault(shard, asyncio.Lock()):
+            if self._open.get(shard) is batch:  # not written yet: this caller writes it
+                del self._open[shard]
+                try:
+                    await self._kube.patch(self._url(shard), {"data": batch.data})
+                except Exception as err:
+                    batch.written.set_exception(err)
+                except BaseException:
+                    batch.written.set_exception(
+                        errors.TemporaryError("the index write was interrupted", delay=0.5)
+                    )
+                    raise
+                else:
+                    batch.written.set_result(None)
+        batch.written.result()

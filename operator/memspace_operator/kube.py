@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 import aiohttp
@@ -149,6 +149,8 @@ class Kube:
         self._session = session
         self._authorization = authorization
         self._slots = asyncio.Semaphore(concurrency)
+        self.waiting = 0
+        """Requests waiting for a slot: the API server is the bottleneck while there are any."""
         self.requests: Counter[str] = Counter()
         """Requests sent, by HTTP method (dry runs counted as DRYRUN)."""
 
@@ -200,7 +202,7 @@ class Kube:
         for pause in (*RETRIES, None):
             try:
                 async with (
-                    self._slots,
+                    self._slot(),
                     self._session.request(
                         method,
                         self.server + url_path,
@@ -224,6 +226,23 @@ class Kube:
             await asyncio.sleep(pause)
         assert failure is not None
         raise failure
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests queue for a slot (the API server answers slower than asked)."""
+        return self.waiting > 0
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def get(self, url_path: str) -> Json:
         answer: Json = await self.request("GET", url_path)

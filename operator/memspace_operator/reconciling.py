@@ -529,6 +529,7 @@ async def _credentials_and_index(
         client_pair=client_pair,
         proof=proof,
         remember=remember,
+        new=fresh,
     )
     secret = naming.credentials_secret(space.ref.name)
     if made:

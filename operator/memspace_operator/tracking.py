@@ -92,6 +92,11 @@ def _restore(space: models.MemorySpace) -> statuses.Observed:
 
 PUBLISH_DELAY_S = 1.0
 """How long changes to one space's status are gathered into one write."""
+BUSY_PUBLISH_DELAY_S = 5.0
+"""The same while the operator's API requests queue for a slot (the API server is the
+bottleneck, as when 1,000 spaces are applied at once): a space's first status, its health,
+and its mount's two steps, which come seconds apart, then make one or two writes rather than
+four, and the API server's time goes to binding claims. A status is never held longer."""
 
 
 class Book:
@@ -145,8 +150,9 @@ class Book:
     def publish_soon(self, tracked: Tracked) -> None:
         """Publish shortly, without waiting: the reconciler and the observers (the claim watch,
         the mounter, the health poller) never wait for status writes, and changes that come
-        close together make one write (a status write failing for a moment is retried by the
-        next change or the next re-check)."""
+        close together (within `PUBLISH_DELAY_S`, or `BUSY_PUBLISH_DELAY_S` while the API
+        server is the bottleneck) make one write (a status write failing for a moment is
+        retried by the next change or the next re-check)."""
         if tracked.flush is not None and not tracked.flush.done():
             return
         task = asyncio.get_running_loop().create_task(self._publish_later(tracked))
@@ -155,7 +161,7 @@ class Book:
         task.add_done_callback(self._flushes.discard)
 
     async def _publish_later(self, tracked: Tracked) -> None:
-        await asyncio.sleep(PUBLISH_DELAY_S)
+        await asyncio.sleep(BUSY_PUBLISH_DELAY_S if self._kube.busy else PUBLISH_DELAY_S)
         tracked.flush = None  # changes from now on schedule another publish
         try:
             await self.publish(tracked)

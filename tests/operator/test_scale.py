@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from memspace_contract import spaces
+from memspace_contract import index, spaces
 from memspace_operator import (
     classes,
+    errors,
     events,
     indexing,
     models,
@@ -132,6 +133,8 @@ class CountingKube:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
+        self.patches: list[dict[str, Any]] = []
+        self.refuse = False
 
     async def list(self, url: str, selector: str | None = None) -> dict[str, Any]:
         self.requests.append(("LIST", url))
@@ -141,6 +144,21 @@ class CountingKube:
     async def create(self, url: str, body: dict[str, Any], **_: Any) -> dict[str, Any]:
         self.requests.append(("POST", url))
         await asyncio.sleep(0.05)
+        return body
+
+    async def get_or_none(self, url: str) -> dict[str, Any] | None:
+        self.requests.append(("GET", url))
+        data: dict[str, Any] = {}
+        for patch in self.patches:
+            data.update(patch["data"])
+        return {"data": {k: v for k, v in data.items() if v is not None}}
+
+    async def patch(self, url: str, body: dict[str, Any], **_: Any) -> dict[str, Any]:
+        self.requests.append(("PATCH", url))
+        self.patches.append(body)
+        await asyncio.sleep(0.05)
+        if self.refuse:
+            raise errors.NotFoundError(404, "NotFound", "gone")
         return body
 
 
@@ -159,3 +177,47 @@ def test_reconciles_that_start_together_read_the_classes_and_make_an_index_secre
     asyncio.run(burst())
     verbs = [verb for verb, _ in client.requests]
     assert verbs == ["LIST", "POST", "POST"]
+
+
+def test_index_entries_written_at_the_same_time_share_one_patch_and_each_lands() -> None:
+    """20 new spaces of the intake shard writing their entries at once made 20 patches of one
+    Secret; now the first writes its own and the 19 that came meanwhile share the next."""
+    client = CountingKube()
+    table = indexing.Index(client, Settings.from_env({}))  # type: ignore[arg-type]
+    entries = [
+        index.IndexEntry(space_id=spaces.parse_space_id(f"space-{i:05d}"), embedding_dim=8)
+        for i in range(20)
+    ]
+
+    async def burst() -> None:
+        await asyncio.gather(*(table.put(0, entry) for entry in entries))
+        await table.remove(0, entries[0].space_id)
+
+    asyncio.run(burst())
+    patches = [url for verb, url in client.requests if verb == "PATCH"]
+    assert len(patches) == 3  # 1 + 19 together, then the removal
+    written: dict[str, Any] = {}
+    for patch in client.patches:
+        written.update(patch["data"])
+    assert {k for k, v in written.items() if v is not None} == {
+        index.entry_filename(e.space_id) for e in entries[1:]
+    }
+
+
+def test_every_writer_sharing_a_refused_index_patch_is_told() -> None:
+    client = CountingKube()
+    client.refuse = True  # the index Secret vanished
+    table = indexing.Index(client, Settings.from_env({}))  # type: ignore[arg-type]
+    entries = [
+        index.IndexEntry(space_id=spaces.parse_space_id(f"space-{i:05d}"), embedding_dim=8)
+        for i in range(5)
+    ]
+
+    async def burst() -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(table.put(0, entry) for entry in entries), return_exceptions=True
+        )
+
+    outcomes = asyncio.run(burst())
+    assert all(isinstance(outcome, errors.TemporaryError) for outcome in outcomes)
+    assert len([verb for verb, _ in client.requests if verb == "PATCH"]) == 2
