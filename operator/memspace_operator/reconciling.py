@@ -714,9 +714,16 @@ async def _quietly(op: Operator, tracked: tracking.Tracked) -> None:
         log.exception("%s: re-check failed", tracked.ref)
 
 
+RESYNC_YIELD_S = 1.0
+"""How often a re-check waiting for the operator's API requests to stop queueing looks again."""
+
+
 async def resync_forever(op: Operator) -> None:
     """Reconcile every tracked space again once per resync interval (drift repair), spread
-    evenly over the interval so that 1,000 spaces make a steady trickle of reads, not a burst."""
+    evenly over the interval so that 1,000 spaces make a steady trickle of reads, not a burst.
+    Re-checks wait while the operator's requests queue for a slot (for at most an interval):
+    while 1,000 new spaces were made, re-checks of the first ones were three requests each a
+    minute (the claim, the index, a dry-run create of the Secret) beside the new spaces' own."""
     while True:
         spaces_now = [t for t in op.book.all() if not t.space.deleting]
         if not spaces_now:
@@ -725,5 +732,9 @@ async def resync_forever(op: Operator) -> None:
         pause = op.settings.resync_interval_s / len(spaces_now)
         for tracked in spaces_now:
             await asyncio.sleep(pause)
+            waited = 0.0
+            while op.kube.busy and waited < op.settings.resync_interval_s:
+                await asyncio.sleep(RESYNC_YIELD_S)
+                waited += RESYNC_YIELD_S
             if op.book.get(tracked.ref.uid) is tracked and not tracked.space.deleting:
                 await _quietly(op, tracked)
