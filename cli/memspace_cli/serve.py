@@ -8,7 +8,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Coroutine, MutableMapping
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from memspace_contract import spaces
@@ -71,7 +71,7 @@ def limit_blas_threads(environ: MutableMapping[str, str] = os.environ) -> None:
 def run(args: argparse.Namespace) -> int:
     limit_blas_threads()
     from memspace_server import settings  # noqa: PLC0415
-    from memspace_server.api import logs  # noqa: PLC0415
+    from memspace_server.api import logs, loops  # noqa: PLC0415
 
     try:
         loaded = settings.load(vars(args), os.environ)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from memspace_server import errors  # noqa: PLC0415
 
     try:
-        code = run_loop(loaded.event_loop, _serve(loaded))
+        code = loops.run(loaded.event_loop, _serve(loaded))
     except (settings.SettingsError, errors.DataRootInUseError) as err:
         logging.getLogger("memspace.serve").error("%s", err)
         return 2
@@ -94,15 +94,6 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
-    """Run `main` to its end on a new event loop of `kind` ('uvloop' or 'asyncio')."""
-    if kind == "uvloop":
-        import uvloop  # noqa: PLC0415  # only the server needs it
-
-        return uvloop.run(main)
-    return asyncio.run(main)
 
 
 async def _serve(loaded: ServerSettings) -> int:

@@ -32,6 +32,7 @@ from memspace_server.api import (
     http_app,
     http_serving,
     limits,
+    loops,
     mcp_deferring,
     metrics,
     openapi,
@@ -250,7 +251,7 @@ class Server:
             if s.tls
             else "plaintext",
             "checked" if self.router.check_tokens else "not checked",
-            loop_kind(),
+            loops.running(),
             f", metrics on :{self.metrics.port}" if self.metrics.port else "",
             f", plaintext health on :{self.health_port}" if self.health_port else "",
             f", HTTP/JSON on :{self.http.port}" if self.http is not None else "",
@@ -550,9 +551,3 @@ async def _serve(
         loop.remove_signal_handler(signum)
     ok = await server.drain()
     return 0 if ok else 1
-
-
-def loop_kind() -> str:
-    """'uvloop' or 'asyncio': the kind of event loop running this server."""
-    module = type(asyncio.get_running_loop()).__module__
-    return "uvloop" if module.partition(".")[0] == "uvloop" else "asyncio"
