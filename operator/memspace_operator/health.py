@@ -33,6 +33,11 @@ from memspace_operator.settings import Settings
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 1.0
+"""A shard that did not answer a round's Health (UNAVAILABLE, DEADLINE_EXCEEDED) is asked once
+more this long after, before its spaces are reported ShardUnreachable: one call lost to a busy
+moment would otherwise turn every space of the shard unhealthy until the next round."""
+RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 APPLY_TIMEOUT_S = 2.0
 """ApplyIndexEntry runs inside a reconcile: a shard that cannot answer soon (its pod is not up)
 gets the change from its index Secret instead, and the reconcile goes on."""
@@ -205,7 +210,6 @@ class Poller:
         return fresh
 
     async def _ask(self, shard: int) -> ShardHealth:
-        asked_at = time.monotonic()
         endpoint = self._settings.endpoint(shard)
         token = self._token.read()
         if token is None:
@@ -214,12 +218,18 @@ class Poller:
         if self._settings.tls_enabled and trust is None:
             return ShardHealth(shard, endpoint, error="no CA to verify the shard with yet")
         shard_client = await self._client(self._credentials(shard, token, trust), shard)
-        try:
-            answer = await shard_client.spaces.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
-        except grpc.aio.AioRpcError as err:
-            # The code alone: details vary from call to call and would rewrite every status.
-            log.debug("shard %d at %s: %s %s", shard, endpoint, err.code().name, err.details())
-            return ShardHealth(shard, endpoint, error=err.code().name)
+        for attempt in (1, 2):
+            asked_at = time.monotonic()
+            try:
+                answer = await shard_client.spaces.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
+                break
+            except grpc.aio.AioRpcError as err:
+                log.debug("shard %d at %s: %s %s", shard, endpoint, err.code().name, err.details())
+                if attempt == 2 or err.code() not in RETRIED:
+                    # The code alone: details vary from call to call and would rewrite every
+                    # status.
+                    return ShardHealth(shard, endpoint, error=err.code().name)
+            await asyncio.sleep(RETRY_AFTER_S)
         return ShardHealth(
             shard,
             endpoint,
