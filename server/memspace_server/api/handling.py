@@ -178,18 +178,17 @@ class Edge:
         `_end`). Unary calls, the many short ones, do the same steps inline (`_unary`): a
         context manager costs each of them two more awaitables."""
         scope = self._begin(method, context, shape)
-        code = "OK"
         try:
             scope.read_metadata(method, context, self._request_id)
             self._enter()
             scope.entered = True
             yield scope
         except BaseException as err:
-            code = _outcome(err, context)
+            # Counted before the refusal is sent: a client that sees it finds it counted.
+            self._end(scope, method, _outcome(err, context))
             await self._settle(err, method, context)
             raise
-        finally:
-            self._end(scope, method, code)
+        self._end(scope, method, "OK")
 
     def _begin(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], shape: limits.Shape
@@ -250,7 +249,6 @@ class Edge:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             # `_scope` inline (see there): the steps of every call, without its two awaitables.
             scope = self._begin(method, context, limits.Shape.UNARY)
-            code = "OK"
             try:
                 scope.read_metadata(method, context, self._request_id)
                 self._enter()
@@ -260,13 +258,14 @@ class Edge:
                 space = call.route.space
                 if turns is not None and space is not None:
                     await scope.take_turn(turns, space)
-                return await behavior(request, call)
+                answer = await behavior(request, call)
             except BaseException as err:
-                code = _outcome(err, context)
+                # Counted before the refusal is sent: a client that sees it finds it counted.
+                self._end(scope, method, _outcome(err, context))
                 await self._settle(err, method, context)
                 raise
-            finally:
-                self._end(scope, method, code)
+            self._end(scope, method, "OK")
+            return answer
 
         return handle
 
