@@ -1,8 +1,9 @@
 """Side-by-side gRPC figures of several `memspace serve` variants (other checkouts, other flags)
 and a bare grpc.aio echo server, in one run with rounds interleaved, as the figures of
 `grpc_bench` are taken: 32 concurrent unary Recalls (1,000 memories of 64 dimensions, k=10) and
-Remembers per variant, calls per second, the server's CPU per call and its context switches per
-call. On a shared machine only such ratios within one run mean anything.
+Remembers per variant, calls per second, the server's CPU per call, its context switches per
+call and the p99 latency (median over the rounds, and against the echo server's). On a shared
+machine only such ratios within one run mean anything.
 
     python -m benchmarks.grpc_ab [--seconds S] [--rounds N] [--only recall|remember] VARIANT...
 
@@ -82,6 +83,7 @@ class Target:
     rates: list[float] = dataclasses.field(default_factory=list)
     cpu_us: list[float] = dataclasses.field(default_factory=list)
     switches: list[float] = dataclasses.field(default_factory=list)
+    p99_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 async def compare(variants: list[Variant], kinds: list[str], seconds: float, rounds: int) -> None:
@@ -139,9 +141,12 @@ async def measure(
             await asyncio.sleep(grpc_bench.ALONE_S)
             pid = target.process.popen.pid
             cpu, switches = target.process.cpu_s(), context_switches(pid)
-            rate, _ = await grpc_bench.closed_loop(target.call, grpc_bench.CONCURRENCY, seconds)
+            rate, latencies = await grpc_bench.closed_loop(
+                target.call, grpc_bench.CONCURRENCY, seconds
+            )
             calls = rate * seconds
             target.rates.append(rate)
+            target.p99_ms.append(grpc_bench.p99_ms(latencies))
             target.cpu_us.append((target.process.cpu_s() - cpu) / calls * 1e6)
             target.switches.append((context_switches(pid) - switches) / calls)
     load_after = os.getloadavg()
@@ -155,15 +160,19 @@ def report(
     load_before: tuple[float, float, float],
     load_after: tuple[float, float, float],
 ) -> None:
-    echo_best = max(targets[("echo", "echo")].rates)
+    echo = targets[("echo", "echo")]
+    echo_best, echo_p99 = max(echo.rates), statistics.median(echo.p99_ms)
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
-    print("variant      call      best/s  vs echo  CPU us/call median (min)  switches/call")
+    print(
+        "variant      call      best/s  vs echo  CPU us/call median (min)  switches/call"
+        "  p99 ms median  vs echo"
+    )
     for (name, kind), target in targets.items():
-        best = max(target.rates)
+        best, p99 = max(target.rates), statistics.median(target.p99_ms)
         print(
             f"{name:<12} {kind:<9} {best:7.0f}  {best / echo_best:7.3f}  "
             f"{statistics.median(target.cpu_us):8.1f} ({min(target.cpu_us):6.1f})"
-            f"  {statistics.median(target.switches):13.1f}"
+            f"  {statistics.median(target.switches):13.1f}  {p99:13.2f}  {p99 / echo_p99:7.2f}"
         )
 
 

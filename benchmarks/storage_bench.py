@@ -3,12 +3,14 @@ recall from hot, warm and cold (first with the chunk cache empty, then repeated 
 faiss IndexFlatIP over the same matrix, each recall alternating with a faiss search (and numpy
 alone); remember throughput with group commit vs a
 raw append+fdatasync loop on the same disk; WAL replay rate, and vs a bare read + CRC32C of the
-same segment files."""
+same segment files; the pause of a full collection of Python's cyclic collector with 100k
+memories in the hot tier, and before any space was opened."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import os
 import statistics
@@ -128,6 +130,9 @@ async def _recall_figures(
         results["wal_replay_per_s"] = round(matrix.shape[0] / elapsed)
         results["wal_read_crc_per_s"] = round(matrix.shape[0] / read_s)
         results["wal_replay_vs_read"] = round(read_s / elapsed, 3)
+        # The pause of a full collection with 100k memories in the hot tier, against one before
+        # any space was opened (the server freezes what its start made, as `_measure` does).
+        results["gc_full_collection_100k_ms"] = round(_full_collection_ms(), 2)
         space.reconfigure(dataclasses.replace(entry, tiers=index.Tiers(hot_capacity=1)))
         await space.consolidate()
         queries = itertools.cycle(cues)
@@ -151,6 +156,17 @@ async def _recall_figures(
         results["recall_cold_cache_hit_share"] = round((cache.hits - hits) / max(1, looked), 3)
         results["cold_cache_bytes"] = cache.capacity_bytes
         results["tier_placement_cold_run"] = space.health().tier_memories
+
+
+def _full_collection_ms() -> float:
+    """Milliseconds of a full collection of Python's cyclic collector, every thread stopped
+    meanwhile (the best of five)."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        gc.collect()
+        best = min(best, time.perf_counter() - start)
+    return best * 1000.0
 
 
 def _read_and_crc(directory: Path) -> float:
@@ -257,6 +273,9 @@ async def _measure(figures: dict[str, float], results: dict[str, object], quick:
     matrix = rng.normal(size=(rows, DIM)).astype(np.float32)
     cues = rng.normal(size=(10, DIM)).astype(np.float32)
     results["recall_rows"] = rows
+    gc.collect()
+    gc.freeze()  # what the server does once it has started (`importing.warm_up`)
+    results["gc_full_collection_empty_ms"] = round(_full_collection_ms(), 2)
     faiss_search = _baselines(matrix, cues, figures)
     with tempfile.TemporaryDirectory(
         prefix="memspace-bench-", dir=os.environ.get("MEMSPACE_BENCH_DIR")

@@ -121,3 +121,28 @@ def test_stacked_products_match_numpy_over_blocks_of_any_size() -> None:
         np.testing.assert_allclose(out, matrix[:rows] @ cue, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="fewer"):
         tiers.stacked_products(blocks[:2], cue, np.empty(4000, np.float32))
+
+
+def test_an_object_column_keeps_its_values_like_a_list() -> None:
+    column = tiers.ObjectColumn(["a", "b"])
+    mirror: list[object] = ["a", "b"]
+    for step in range(100):  # past its first capacity, growing
+        column.append(f"v{step}")
+        mirror.append(f"v{step}")
+    column.extend([{"tag": "x"}, {}, "last"])
+    mirror.extend([{"tag": "x"}, {}, "last"])
+    column[3] = "changed"
+    mirror[3] = "changed"
+    assert column.pop() == mirror.pop() == "last"
+    assert len(column) == len(mirror) == 104
+    assert column.tolist() == list(column) == mirror
+    assert column.take(np.array([102, 0, 3])) == [{"tag": "x"}, "a", "changed"]
+    assert column.take([]) == []
+    for row in (104, -1):
+        with pytest.raises(IndexError):
+            column[row]
+        with pytest.raises(IndexError):
+            column.take([0, row])
+    empty = tiers.ObjectColumn()
+    with pytest.raises(IndexError):
+        empty.pop()

@@ -3,6 +3,7 @@ Zarr, each codec) answer the same operations with the same results."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,3 +182,19 @@ def test_a_zarr_tier_reopens_with_its_rows_and_state(tmp_path: Path, compression
     assert m4.recall_count == 1
     assert m4.embedding.tobytes() == batch.embeddings[4].tobytes()
     assert isinstance(again.get("m40"), memories.Memory)
+
+
+def test_a_tier_keeps_its_memories_out_of_the_cyclic_collectors_walk(make_tier: Factory) -> None:
+    """A full collection of Python's cyclic collector stops every thread while it walks every
+    slot of every list, set and dict it tracks: a cache miss per memory held in one. A tier's
+    ids and texts live in numpy columns (`tiers.ObjectColumn`), which it does not walk, so the
+    pause does not grow with the memories a server holds."""
+    tier = make_tier()
+    batch = _batch(np.random.default_rng(4), 300)
+    tier.add(batch)
+    held = {id(value) for value in (*batch.ids, *batch.contents)}
+    del batch
+    gc.collect()  # a collection lets go of dicts that hold only plain values
+    walked = {id(ref) for tracked in gc.get_objects() for ref in gc.get_referents(tracked)}
+    assert not held & walked
+    assert len(tier) == 300

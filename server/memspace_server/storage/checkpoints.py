@@ -206,7 +206,8 @@ class Checkpointer:
         )
         durable.atomic_write(self.directory / MANIFEST, json.dumps(manifest.to_json(), indent=1))
         self.manifest = manifest
-        hot.unsaved.difference_update(fresh)
+        for memory_id in fresh:
+            hot.unsaved.pop(memory_id, None)
         self._sweep()
         return manifest
 

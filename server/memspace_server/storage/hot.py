@@ -145,12 +145,14 @@ class HotTier:
         self._created = np.zeros(0, np.float64)
         self._recalled = np.zeros(0, np.float64)
         self._count = np.zeros(0, np.uint64)
-        self._ids: list[str] = []
-        self._contents: list[str] = []
-        self._tags: list[dict[str, str]] = []
+        # Objects per row in numpy columns, out of the cyclic collector's walk (`ObjectColumn`).
+        self._ids = tiers.ObjectColumn()
+        self._contents = tiers.ObjectColumn()
+        self._tags = tiers.ObjectColumn()
         self._row: dict[str, int] = {}
         self._tag_index = tiers.TagIndex()
-        self.unsaved: set[str] = set()
+        # A dict of plain keys is left out of the cyclic collector's walk (a set never is).
+        self.unsaved: dict[str, None] = {}
 
     def __len__(self) -> int:
         return self._n
@@ -164,11 +166,13 @@ class HotTier:
         return self._row.keys() & ids
 
     def ids(self) -> Iterable[str]:
-        return list(self._ids)
+        return self._ids.tolist()
 
     def texts(self) -> Iterable[tuple[str, str, dict[str, str]]]:
         """(ID, content, tags) of every memory (for the keyword index)."""
-        return list(zip(self._ids[: self._n], self._contents, self._tags, strict=False))
+        return list(
+            zip(self._ids.tolist(), self._contents.tolist(), self._tags.tolist(), strict=True)
+        )
 
     def nbytes(self) -> int:
         return int(self._emb.nbytes + self._norms.nbytes + 32 * self._norms.shape[0])
@@ -223,7 +227,7 @@ class HotTier:
                 if tags:
                     self._tag_index.add(row, tags)
         self._n = end
-        self.unsaved.update(batch.ids)
+        self.unsaved.update(dict.fromkeys(batch.ids))
 
     def add_memories(self, items: Sequence[memories.Memory]) -> None:
         """`add` for memories not yet in columns: copied once, straight into the tier."""
@@ -252,7 +256,7 @@ class HotTier:
             if tags:
                 self._tag_index.add(row, tags)
         self._n = end
-        self.unsaved.update(m.id for m in items)
+        self.unsaved.update(dict.fromkeys(m.id for m in items))
 
     def add_one(self, memory: memories.Memory) -> None:
         """`add` for a single memory, without building a batch (the common Remember)."""
@@ -274,7 +278,7 @@ class HotTier:
         if tags:
             self._tag_index.add(row, tags)
         self._n = row + 1
-        self.unsaved.add(memory.id)
+        self.unsaved[memory.id] = None
 
     def remove(self, memory_id: str) -> bool:
         row = self._row.pop(memory_id, None)
@@ -303,7 +307,7 @@ class HotTier:
         self._contents.pop()
         self._tags.pop()
         self._n = last
-        self.unsaved.discard(memory_id)
+        self.unsaved.pop(memory_id, None)
         return True
 
     def get(self, memory_id: str, with_embedding: bool = True) -> memories.Memory | None:
@@ -377,11 +381,11 @@ class HotTier:
 
     def rows(self, rows: npt.NDArray[np.int64]) -> tiers.Columns:
         return tiers.Columns(
-            ids=[self._ids[r] for r in rows],
-            contents=[self._contents[r] for r in rows],
+            ids=self._ids.take(rows),
+            contents=self._contents.take(rows),
             embeddings=self._emb.gather(rows),
             confidence=self._confidence[rows].copy(),
-            tags=[dict(self._tags[r]) for r in rows],
+            tags=[dict(t) for t in self._tags.take(rows)],
             created_at=self._created[rows].copy(),
             last_recalled_at=self._recalled[rows].copy(),
             recall_count=self._count[rows].copy(),

@@ -108,7 +108,7 @@ class ZarrTier:
         if rows:
             self._open_arrays(rows)
         self._n = rows
-        self._ids: list[str] = []
+        self._ids = tiers.ObjectColumn()  # out of the cyclic collector's walk
         self._row: dict[str, int] = {}
         self._norms = np.zeros(0, np.float32)
         self._confidence = np.zeros(0, np.float32)
@@ -180,7 +180,7 @@ class ZarrTier:
 
     def _load(self, rows: int, state: Mapping[str, npt.NDArray[Any]] | None) -> None:
         group = self._arrays
-        self._ids = [str(i) for i in group["ids"][:rows]]
+        self._ids = tiers.ObjectColumn(str(i) for i in group["ids"][:rows])
         self._norms = np.asarray(group["norms"][:rows], np.float32)
         self._confidence = np.asarray(group["confidence"][:rows], np.float32)
         self._created = np.asarray(group["created_at"][:rows], np.float64)
@@ -450,7 +450,7 @@ class ZarrTier:
         else:
             embeddings = np.zeros((rows.shape[0], 0), np.float32)
         return tiers.Columns(
-            ids=[self._ids[r] for r in rows],
+            ids=self._ids.take(rows),
             contents=[str(c) for c in found["contents"]],
             embeddings=embeddings.astype(np.float32, copy=True),
             confidence=self._confidence[rows].copy(),
@@ -499,7 +499,7 @@ class ZarrTier:
     # -- what the search index (`ann`) reads -------------------------------------------------
 
     def id_at(self, row: int) -> str:
-        return self._ids[row]
+        return str(self._ids[row])
 
     def deleted(self) -> npt.NDArray[np.bool_]:
         """Per committed row, whether it is a tombstone (a view: do not change it)."""
