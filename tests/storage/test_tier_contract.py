@@ -145,6 +145,47 @@ def test_touch_counts_recalls_and_least_recent_leave_first(make_tier: Factory) -
         assert taken.embeddings[row].tobytes() == kept[memory_id].tobytes()
 
 
+def test_hits_are_read_and_counted_as_single_gets_and_touches_would(make_tier: Factory) -> None:
+    tier = make_tier()
+    batch = _batch(np.random.default_rng(6), 20)
+    tier.add(batch)
+    tier.touch("m3", 4000.0)
+    wanted = ["m3", "m7", "missing", "m12"]
+    for with_embedding in (True, False):
+        read = tier.get_many(wanted, with_embedding)
+        assert sorted(read) == ["m12", "m3", "m7"]
+        for memory_id, memory in read.items():
+            single = tier.get(memory_id, with_embedding)
+            assert single is not None
+            assert memory.content == single.content
+            assert dict(memory.tags) == dict(single.tags)
+            assert memory.confidence == single.confidence
+            assert memory.recall_count == single.recall_count
+            assert np.array_equal(memory.embedding, single.embedding)
+    # As a recall at 5000 returns them: counted once more, recalled then; stored unchanged
+    # until the caller touches them.
+    hits = tier.get_many(wanted, False, hit_at=5000.0)
+    assert {i: (m.recall_count, m.last_recalled_at) for i, m in hits.items()} == {
+        "m3": (2, 5000.0),
+        "m7": (1, 5000.0),
+        "m12": (1, 5000.0),
+    }
+    stored = tier.get("m7")
+    assert stored is not None
+    assert (stored.recall_count, stored.last_recalled_at) == (0, 0.0)
+    tier.touch_many(["m3", "m7", "missing", "m12"], 5000.0)
+    for memory_id, memory in hits.items():
+        now = tier.get(memory_id, False)
+        assert now is not None
+        assert (now.recall_count, now.last_recalled_at) == (
+            memory.recall_count,
+            memory.last_recalled_at,
+        )
+    untouched = tier.get("m4")
+    assert untouched is not None
+    assert untouched.recall_count == 0
+
+
 def test_a_memory_cannot_be_added_twice(make_tier: Factory) -> None:
     tier = make_tier()
     batch = _batch(np.random.default_rng(6), 3)

@@ -316,24 +316,50 @@ class HotTier:
             return None
         return self._memory(row, with_embedding)
 
-    def hit(self, memory_id: str, with_embedding: bool, at: float) -> memories.Memory | None:
-        """The memory as a recall at `at` returns it: its recall counted (the caller then
-        `touch`es it; the memory is built once, with the counts it will have)."""
-        row = self._row.get(memory_id)
-        if row is None:
-            return None
-        return self._memory(row, with_embedding, at)
+    def get_many(
+        self, memory_ids: Iterable[str], with_embedding: bool, hit_at: float = 0.0
+    ) -> dict[str, memories.Memory]:
+        """The memories by id (those the tier holds); with `hit_at`, as a recall at that time
+        returns them: their recall counted (the caller then `touch_many`s them; each memory is
+        built once, with the counts it will have). The numeric columns are read for all of
+        them at once."""
+        found = [(i, row) for i in memory_ids if (row := self._row.get(i)) is not None]
+        if not found:
+            return {}
+        rows = np.fromiter((row for _, row in found), np.int64, len(found))
+        confidence = self._confidence[rows].tolist()
+        created = self._created[rows].tolist()
+        counts = self._count[rows]
+        if hit_at:
+            recalled = [hit_at] * len(found)
+            counts = counts + np.uint64(1)
+        else:
+            recalled = self._recalled[rows].tolist()
+        embeddings = self._emb.gather(rows) if with_embedding else None
+        out = {}
+        for k, ((memory_id, row), count) in enumerate(zip(found, counts.tolist(), strict=True)):
+            out[memory_id] = memories.Memory(
+                id=memories.MemoryId(memory_id),
+                content=self._contents[row],
+                embedding=embeddings[k] if embeddings is not None else memories.NO_EMBEDDING,
+                confidence=confidence[k],
+                tags=dict(self._tags[row]),
+                created_at=created[k],
+                last_recalled_at=recalled[k],
+                recall_count=count,
+            )
+        return out
 
-    def _memory(self, row: int, with_embedding: bool, hit_at: float = 0.0) -> memories.Memory:
+    def _memory(self, row: int, with_embedding: bool) -> memories.Memory:
         return memories.Memory(
             id=memories.MemoryId(self._ids[row]),
             content=self._contents[row],
-            embedding=self._emb.row(row).copy() if with_embedding else np.zeros(0, np.float32),
+            embedding=self._emb.row(row).copy() if with_embedding else memories.NO_EMBEDDING,
             confidence=float(self._confidence[row]),
             tags=dict(self._tags[row]),
             created_at=float(self._created[row]),
-            last_recalled_at=hit_at or float(self._recalled[row]),
-            recall_count=int(self._count[row]) + (1 if hit_at else 0),
+            last_recalled_at=float(self._recalled[row]),
+            recall_count=int(self._count[row]),
         )
 
     def touch(self, memory_id: str, at: float) -> None:
@@ -341,6 +367,14 @@ class HotTier:
         if row is not None:
             self._recalled[row] = at
             self._count[row] += 1
+
+    def touch_many(self, memory_ids: Iterable[str], at: float) -> None:
+        """`touch` for several memories, each at most once (those the tier holds)."""
+        rows = [row for i in memory_ids if (row := self._row.get(i)) is not None]
+        if rows:
+            picked = np.array(rows, np.int64)
+            self._recalled[picked] = at
+            self._count[picked] += np.uint64(1)
 
     def top_k(
         self,

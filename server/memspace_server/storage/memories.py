@@ -34,6 +34,11 @@ MODES = (VECTOR, KEYWORD, HYBRID)
 """How a recall ranks: by cosine of the cue, by BM25 of the query, or both fused (RRF)."""
 
 
+NO_EMBEDDING: Vector = np.zeros(0, np.float32)
+"""The embedding of a memory read without it (read-only, shared)."""
+NO_EMBEDDING.flags.writeable = False
+
+
 @dataclasses.dataclass(frozen=True)
 class Memory:
     id: MemoryId

@@ -481,18 +481,14 @@ class Space:
         at `now`; `recall` then touches them on the event loop). `parent`: the recall's trace
         context, for the span of each tier's search (a worker thread does not inherit it)."""
         top = self._ranked(query, parent)
-        found: dict[str, memories.Memory] = {}
-        for tier in (self.warm, self.cold):
+        found: dict[str, dict[str, memories.Memory]] = {}
+        for tier in (self.hot, self.warm, self.cold):
             wanted = [memory_id for _, name, memory_id in top if name == tier.name]
             if wanted:
-                found.update(tier.get_many(wanted, query.include_embeddings, now))
+                found[tier.name] = tier.get_many(wanted, query.include_embeddings, now)
         hits = []
         for score, name, memory_id in top:
-            memory = (
-                self.hot.hit(memory_id, query.include_embeddings, now)
-                if name == tiers.HOT
-                else found.get(memory_id)
-            )
+            memory = found[name].get(memory_id)
             if memory is not None:
                 hits.append(memories.Hit(memory=memory, score=score, tier=name))
         return hits
@@ -584,10 +580,11 @@ class Space:
                 hits = await self._pools.scans.run(
                     self.id, self._search, query, now, spans.current()
                 )
-            by_name = self._tiers_by_name()
-            for hit in hits:
-                # Still under the read lock: no consolidation has moved the hit since.
-                by_name[hit.tier].touch(hit.memory.id, now)
+            # Still under the read lock: no consolidation has moved the hits since.
+            for tier in (self.hot, self.warm, self.cold):
+                touched = [hit.memory.id for hit in hits if hit.tier == tier.name]
+                if touched:
+                    tier.touch_many(touched, now)
         if approximate:
             self._maybe_sample_recall(query, [hit.memory.id for hit in hits])
         return hits
@@ -678,9 +675,6 @@ class Space:
             await asyncio.shield(self._index_task)
             self._maintain_index()
         return self.ann.status(self.warm, self.cold)
-
-    def _tiers_by_name(self) -> dict[str, tiers.TierStore]:
-        return {tiers.HOT: self.hot, tiers.WARM: self.warm, tiers.COLD: self.cold}
 
     async def subscribe(self, since_lsn: int = 0) -> AsyncGenerator[feeds.Event, None]:
         """Events in LSN order: from `since_lsn` (inclusive) if the WAL still holds it, then
