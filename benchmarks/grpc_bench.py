@@ -1,7 +1,8 @@
 """gRPC server benchmarks, each figure beside its baseline in the same run:
 
 - unary Recall and Remember throughput of a real `memspace serve` vs a bare grpc.aio echo
-  server (same client, same concurrency, rounds interleaved);
+  server and vs the floor server (`grpc_floor`: the same two calls with only the steps no
+  implementation can skip), same client, same concurrency, rounds interleaved;
 - Recall latency through gRPC vs in-process, over the same space;
 - Recall and Remember latency with 1,000 spaces loaded vs one (two servers, rounds interleaved);
 - RSS and open files per idle space (10,000 spaces on disk vs one);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -239,10 +241,15 @@ async def throughput(results: dict[str, object], work: Path, quick: bool) -> Non
     big = 2_000 if quick else 10_000
     data = work / "main"
     echo = Process([sys.executable, "-m", "benchmarks.grpc_bench", "echo"], work / "echo.log")
+    (work / "floor").mkdir()
+    floor = Process(
+        [sys.executable, "-m", "benchmarks.grpc_floor", str(work / "floor")], work / "floor.log"
+    )
     server = memspace_serve(data, work / "server.log")
-    with running(echo), running(server):
+    with running(echo), running(floor), running(server):
         async with (
             grpc.aio.insecure_channel(echo.address) as echo_channel,
+            grpc.aio.insecure_channel(floor.address) as floor_channel,
             grpc.aio.insecure_channel(server.address) as channel,
         ):
             memories = pb_grpc.MemoryServiceStub(channel)
@@ -263,7 +270,11 @@ async def throughput(results: dict[str, object], work: Path, quick: bool) -> Non
             )
             held = registry.standalone(work / "local")
             try:
-                await qps(results, echo, echo_channel, server, memories, rounds, seconds)
+                servers = Servers(echo, floor, server)
+                channels = Channels(
+                    echo_channel, pb_grpc.MemoryServiceStub(floor_channel), memories
+                )
+                await qps(results, servers, channels, rounds, seconds)
                 await p99(results, memories, held, seconds * 1.5, echo_channel)
             finally:
                 await held.close()
@@ -357,33 +368,49 @@ def compare_main(address: str, echo_address: str, root: str, cue_hex: str, count
     print(json.dumps(asyncio.run(measure())))
 
 
+@dataclasses.dataclass(frozen=True)
+class Servers:
+    echo: Process
+    floor: Process
+    memspace: Process
+
+
+@dataclasses.dataclass(frozen=True)
+class Channels:
+    echo: grpc.aio.Channel
+    floor: pb_grpc.MemoryServiceAsyncStub
+    memspace: pb_grpc.MemoryServiceAsyncStub
+
+
 async def qps(
     results: dict[str, object],
-    echo: Process,
-    echo_channel: grpc.aio.Channel,
-    server: Process,
-    memories: pb_grpc.MemoryServiceAsyncStub,
+    servers: Servers,
+    channels: Channels,
     rounds: int,
     seconds: float,
 ) -> None:
+    """Calls per second of 32 callers, rounds interleaved: the echo server, memspace's Recall
+    and Remember, and the same two calls on the floor server (`grpc_floor`: only the steps no
+    implementation of them can skip), with each server's CPU per call."""
     recall = pb.RecallRequest(space="recall", cue=vectors(1, 64)[0].tolist(), k=10)
     remember = pb.RememberRequest(
         space="writes", memory=pb.Memory(content="x" * 100, embedding=[0.5] * 64)
     )
-    echo_call = echo_channel.unary_unary(
+    echo_call = channels.echo.unary_unary(
         ECHO_METHOD, request_serializer=None, response_deserializer=None
     )
     payload = recall.SerializeToString()
-    calls: dict[str, Callable[[], Awaitable[object]]] = {
-        "echo": lambda: echo_call(payload),
-        "recall": lambda: memories.Recall(recall),
-        "remember": lambda: memories.Remember(remember),
+    calls: dict[str, tuple[Process, Callable[[], Awaitable[object]]]] = {
+        "echo": (servers.echo, lambda: echo_call(payload)),
+        "recall": (servers.memspace, lambda: channels.memspace.Recall(recall)),
+        "remember": (servers.memspace, lambda: channels.memspace.Remember(remember)),
+        "floor_recall": (servers.floor, lambda: channels.floor.Recall(recall)),
+        "floor_remember": (servers.floor, lambda: channels.floor.Remember(remember)),
     }
     rates: dict[str, list[float]] = {name: [] for name in calls}
     cpu: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, call in calls.items():
-            process = echo if name == "echo" else server
+        for name, (process, call) in calls.items():
             await asyncio.sleep(ALONE_S)
             before = process.cpu_s()
             rate, _ = await closed_loop(call, CONCURRENCY, seconds)
@@ -394,6 +421,11 @@ async def qps(
     results["grpc_recall_qps"] = round(best["recall"])
     results["grpc_remember_qps"] = round(best["remember"])
     results["grpc_vs_echo"] = round(min(best["recall"], best["remember"]) / best["echo"], 3)
+    results["grpc_floor_recall_qps"] = round(best["floor_recall"])
+    results["grpc_floor_remember_qps"] = round(best["floor_remember"])
+    floor = min(best["floor_recall"], best["floor_remember"])
+    results["grpc_floor_vs_echo"] = round(floor / best["echo"], 3)
+    results["grpc_vs_floor"] = round(min(best["recall"], best["remember"]) / floor, 3)
     for name in calls:
         results[f"server_cpu_us_per_call_{name}"] = round(statistics.median(cpu[name]), 1)
 

@@ -2,7 +2,8 @@
 recall from hot, warm and cold (first with the chunk cache empty, then repeated with it warm) vs
 faiss IndexFlatIP over the same matrix, each recall alternating with a faiss search (and numpy
 alone); remember throughput with group commit vs a
-raw append+fdatasync loop on the same disk; WAL replay rate, and vs a bare read + CRC32C of the
+raw append+fdatasync loop on the same disk and vs the write floor (`write_floor`: only the steps
+no store of memories can skip); WAL replay rate, and vs a bare read + CRC32C of the
 same segment files; the pause of a full collection of Python's cyclic collector with 100k
 memories in the hot tier, and before any space was opened."""
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from benchmarks import write_floor
 from memspace_contract import index, spaces
 from memspace_server.storage import frames, memories, registry, settings, wal
 
@@ -192,22 +194,15 @@ _PREPARED_CALLS = 16
 """Calls prepared per caller of the remember benchmark (cycled through)."""
 
 
-async def _remember_rate(
-    reg: registry.Registry,
-    space_id: spaces.SpaceId,
-    writers: int,
-    per_call: int,
-    seconds: float,
-) -> tuple[float, int]:
-    """Memories per second from `writers` concurrent callers, each remembering `per_call`
-    memories a call (1: Remember; more: RememberBatch), and the records per fsync achieved."""
+def _prepared_calls(writers: int, per_call: int) -> list[list[list[memories.Draft]]]:
+    """Each caller's calls of the remember benchmark, made before the clock starts, as the raw
+    baseline's bytes are: every side times the path from input in hand to durable on disk, not
+    the making of the input (a client's work, or the gRPC edge's, measured by the gRPC
+    benchmarks). A caller cycles through its calls; a draft has no ID, so every call stores
+    new memories."""
     rng = np.random.default_rng(1)
     pool = rng.normal(size=(256, DIM)).astype(np.float32)
-    # Each caller's drafts are made before the clock starts, as the raw baseline's bytes are:
-    # both sides time the path from input in hand to durable on disk, not the making of the
-    # input (a client's work, or the gRPC edge's, measured by the gRPC benchmarks). A caller
-    # cycles through its calls; a draft has no ID, so every call stores new memories.
-    calls = [
+    return [
         [
             [
                 memories.Draft(content=f"w{w} {i + j}", embedding=pool[(w * 7 + i + j) % 256])
@@ -217,6 +212,44 @@ async def _remember_rate(
         ]
         for w in range(writers)
     ]
+
+
+async def _floor_rate(
+    directory: Path, writers: int, per_call: int, seconds: float
+) -> tuple[float, int]:
+    """`_remember_rate` of the write floor (`write_floor`): memories per second and records per
+    fsync."""
+    calls = _prepared_calls(writers, per_call)
+    floor = write_floor.WriteFloor(directory / "floor.bin", DIM)
+    done = 0
+    try:
+        deadline = time.perf_counter() + seconds
+
+        async def writer(w: int) -> None:
+            nonlocal done
+            mine = itertools.cycle(calls[w])
+            while time.perf_counter() < deadline:
+                await floor.remember_many(next(mine))
+                done += per_call
+
+        start = time.perf_counter()
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+        elapsed = time.perf_counter() - start
+    finally:
+        floor.close()
+    return done / elapsed, round(done / max(1, floor.syncs))
+
+
+async def _remember_rate(
+    reg: registry.Registry,
+    space_id: spaces.SpaceId,
+    writers: int,
+    per_call: int,
+    seconds: float,
+) -> tuple[float, int]:
+    """Memories per second from `writers` concurrent callers, each remembering `per_call`
+    memories a call (1: Remember; more: RememberBatch), and the records per fsync achieved."""
+    calls = _prepared_calls(writers, per_call)
     done = 0
     async with reg.lease(space_id) as space:
         deadline = time.perf_counter() + seconds
@@ -304,10 +337,15 @@ async def _measure(figures: dict[str, float], results: dict[str, object], quick:
             # largest group these callers can form, whatever group size the engine reached
             # (a smaller group would make the baseline slower and flatter the ratio).
             raw = _raw_group_commit_rate(root, writers * per_call, seconds)
+            floor, floor_batch = await _floor_rate(root, writers, per_call, seconds)
             results[f"{label}_per_s"] = round(rate)
             results[f"{label}_records_per_fsync"] = batch
             results[f"raw_group_commit_{label}_per_s"] = round(raw)
             results[f"{label}_vs_raw"] = round(rate / raw, 3)
+            results[f"{label}_floor_per_s"] = round(floor)
+            results[f"{label}_floor_records_per_fsync"] = floor_batch
+            results[f"{label}_floor_vs_raw"] = round(floor / raw, 3)
+            results[f"{label}_vs_floor"] = round(rate / floor, 3)
         results["raw_group_commit_per_s"] = results["raw_group_commit_remember_per_s"]
     for tier in ("hot", "warm", "cold", "cold_cached"):
         # Against the faiss searches taken between its own calls (`_atime_beside`).

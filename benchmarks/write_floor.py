@@ -1,0 +1,126 @@
+"""The floor of a durable RememberBatch in Python + numpy: only the steps no store of memories
+can skip, in their cheapest form, measured beside the engine and the raw append
+(`storage_bench`: `remember_floor_vs_raw`, `remember_vs_floor`).
+
+Per call, on the event loop: the drafts' embeddings into one float32 matrix, checked (shape,
+finite, not zero, as columns), confidences checked, texts checked (ASCII and short, or
+measured), 128 random bits an id, the matrix kept as it is as the stored rows (no copy) and
+each id mapped to its row; the batch is framed (fixed-width columns, the text blobs and the
+embedding rows as one frame, CRC32C) and queued. A writer thread appends what is queued with one
+writev and one fdatasync per group, then resolves the callers' futures: group commit, as the
+engine's WAL does.
+
+Not in the floor: tags, an id given twice, the hot tier's own copy of the rows (the engine's
+rows move as memories are forgotten; these never do), the keyword index, the events for
+Subscribe, quotas, the space's lock, WAL segments and checkpoints, recovery. What the engine
+costs beyond the floor is those; what the floor costs beyond the raw append is Python's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from memspace_server.storage import memories, tiers
+
+_HEAD = struct.Struct("<IIdQ")
+"""crc32c of the rest, its length, the time, the count."""
+_CONFIDENCE = operator.attrgetter("confidence")
+_CONTENT = operator.attrgetter("content")
+
+
+class WriteFloor:
+    """One space's memories, written as in the module's description. Call on one event loop;
+    `close` when done."""
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.dim = dim
+        self.blocks: list[np.ndarray] = []
+        self.rows: dict[str, int] = {}
+        self.count = 0
+        self.syncs = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._lock = threading.Lock()
+        self._queue: list[tuple[list[bytes | memoryview], asyncio.Future[None]]] = []
+        self._wake = threading.Event()
+        self._stop = False
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._write, name="write-floor", daemon=True)
+        self._thread.start()
+
+    async def remember_many(self, drafts: Sequence[memories.Draft]) -> list[str]:
+        count = len(drafts)
+        matrix = np.array([d.embedding for d in drafts], np.float32)
+        if matrix.shape != (count, self.dim):
+            raise ValueError(f"embeddings of {self.dim} values")
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = tiers.squared_norms(matrix)
+        if not (np.isfinite(squares).all() and squares.all()):
+            raise ValueError("embeddings finite and not zero")
+        confidence = np.fromiter(map(_CONFIDENCE, drafts), np.float32, count)
+        if not ((confidence >= 0).all() and (confidence <= 1).all()):
+            raise ValueError("confidence 0..1")
+        contents = list(map(_CONTENT, drafts))
+        text = "".join(contents)
+        if not text.isascii() or max(map(len, contents)) > memories.MAX_CONTENT_BYTES:
+            raise ValueError("only short ASCII texts in the floor")
+        random = os.urandom(16 * count).hex()
+        ids = [random[i : i + 32] for i in range(0, 32 * count, 32)]
+        self.rows.update(zip(ids, range(self.count, self.count + count), strict=True))
+        self.blocks.append(matrix)
+        self.count += count
+        ends = np.cumsum(np.fromiter(map(len, contents), np.uint32, count), dtype=np.uint32)
+        body: list[bytes | memoryview] = [
+            random.encode(),
+            ends.tobytes(),
+            confidence.tobytes(),
+            text.encode(),
+            matrix.data.cast("B"),
+        ]
+        crc = 0
+        for part in body:
+            crc = crc32c.crc32c(part, crc)
+        length = sum(len(part) for part in body)
+        framed: list[bytes | memoryview] = [_HEAD.pack(crc, length, 0.0, count), *body]
+        future = self._loop.create_future()
+        with self._lock:
+            self._queue.append((framed, future))
+        self._wake.set()
+        await future
+        return ids
+
+    def _write(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                group, self._queue = self._queue, []
+                self._wake.clear()
+                if self._stop and not group:
+                    return
+            if not group:
+                continue
+            os.writev(self._fd, [part for framed, _ in group for part in framed])
+            os.fdatasync(self._fd)
+            self.syncs += 1
+            self._loop.call_soon_threadsafe(_resolve, [future for _, future in group])
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+        self._wake.set()
+        self._thread.join()
+        os.close(self._fd)
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
