@@ -2,18 +2,21 @@
 can skip, in their cheapest form, measured beside the engine and the raw append
 (`storage_bench`: `remember_floor_vs_raw`, `remember_vs_floor`).
 
-Per call, on the event loop: the drafts' embeddings into one float32 matrix, checked (shape,
-finite, not zero, as columns), confidences checked, texts checked (ASCII and short, or
-measured), 128 random bits an id, the matrix kept as it is as the stored rows (no copy) and
-each id mapped to its row; the batch is framed (fixed-width columns, the text blobs and the
-embedding rows as one frame, CRC32C) and queued. A writer thread appends what is queued with one
-writev and one fdatasync per group, then resolves the callers' futures: group commit, as the
-engine's WAL does.
+Per call, on the event loop: the drafts' embeddings stacked straight into the rows that store
+them (one copy: the hot tier's own block store, which grows without copying and has its pages
+faulted in ahead by a background thread, as never-touched memory costs about as much to write
+as the rest of the call on the machines measured), checked there (shape, finite, not zero, as
+columns); confidences checked; texts checked (short ASCII only: the floor takes no other);
+128 random bits an id, and each id mapped to its row. The batch is framed (fixed-width columns,
+the text blobs and a view of its stored rows, CRC32C) and queued. A writer thread appends what
+is queued with one writev and one fdatasync per group, then resolves the callers' futures:
+group commit, as the engine's WAL does.
 
-Not in the floor: tags, an id given twice, the hot tier's own copy of the rows (the engine's
-rows move as memories are forgotten; these never do), the keyword index, the events for
-Subscribe, quotas, the space's lock, WAL segments and checkpoints, recovery. What the engine
-costs beyond the floor is those; what the floor costs beyond the raw append is Python's.
+Not in the floor: tags, an id given twice, the hot tier's other columns and its norms, rows
+that move (the engine fills a forgotten memory's row with its last one, so its log cannot refer
+to stored rows and copies each batch twice), the keyword index, the events for Subscribe,
+quotas, the space's lock, WAL segments and checkpoints, recovery. What the engine costs beyond
+the floor is those; what the floor costs beyond the raw append is Python's.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from memspace_server.storage import memories, tiers
+from memspace_server.storage import hot, memories, tiers
 
-_HEAD = struct.Struct("<IIdQ")
+HEAD = struct.Struct("<IIdQ")
 """crc32c of the rest, its length, the time, the count."""
 _CONFIDENCE = operator.attrgetter("confidence")
 _CONTENT = operator.attrgetter("content")
@@ -43,7 +46,7 @@ class WriteFloor:
 
     def __init__(self, path: Path, dim: int) -> None:
         self.dim = dim
-        self.blocks: list[np.ndarray] = []
+        self.blocks = hot.Blocks(dim)
         self.rows: dict[str, int] = {}
         self.count = 0
         self.syncs = 0
@@ -58,7 +61,15 @@ class WriteFloor:
 
     async def remember_many(self, drafts: Sequence[memories.Draft]) -> list[str]:
         count = len(drafts)
-        matrix = np.array([d.embedding for d in drafts], np.float32)
+        self.blocks.reserve(self.count + count)
+        # Straight into the rows they are stored in (past the stored ones: a refused batch
+        # leaves nothing counted), where one block holds them all.
+        span = self.blocks.span(self.count, count)
+        embeddings = [d.embedding for d in drafts]
+        if span is None:
+            matrix = np.array(embeddings, np.float32)
+        else:
+            matrix = np.stack(embeddings, out=span)
         if matrix.shape != (count, self.dim):
             raise ValueError(f"embeddings of {self.dim} values")
         with np.errstate(over="ignore", invalid="ignore"):
@@ -75,7 +86,10 @@ class WriteFloor:
         random = os.urandom(16 * count).hex()
         ids = [random[i : i + 32] for i in range(0, 32 * count, 32)]
         self.rows.update(zip(ids, range(self.count, self.count + count), strict=True))
-        self.blocks.append(matrix)
+        if span is None:
+            self.blocks.write(self.count, matrix)
+        else:
+            self.blocks.wrote(self.count + count)
         self.count += count
         ends = np.cumsum(np.fromiter(map(len, contents), np.uint32, count), dtype=np.uint32)
         body: list[bytes | memoryview] = [
@@ -89,7 +103,7 @@ class WriteFloor:
         for part in body:
             crc = crc32c.crc32c(part, crc)
         length = sum(len(part) for part in body)
-        framed: list[bytes | memoryview] = [_HEAD.pack(crc, length, 0.0, count), *body]
+        framed: list[bytes | memoryview] = [HEAD.pack(crc, length, 0.0, count), *body]
         future = self._loop.create_future()
         with self._lock:
             self._queue.append((framed, future))

@@ -27,7 +27,7 @@ STEP_BYTES = 4 * 1024 * 1024
 """The least the background thread is asked to fault in at once."""
 
 
-class _Blocks:
+class Blocks:
     """The embedding matrix of the hot tier as a list of blocks: block k holds the rows from
     `starts[k]` on. Growing adds a block and never copies a row: a new block is as large as
     all before it together (at least 64 rows, at most `block_rows`), so a small tier stays
@@ -65,6 +65,19 @@ class _Blocks:
         """(block, offset in it) of a row."""
         block = bisect.bisect_right(self.starts, row) - 1
         return block, row - self.starts[block]
+
+    def span(self, start: int, count: int) -> npt.NDArray[np.float32] | None:
+        """A writable view of rows start..start+count-1 where one block holds them all (the
+        caller reserved them, and calls `wrote` once it has written them), else None."""
+        block, offset = self._locate(start)
+        target = self.blocks[block]
+        if offset + count > target.shape[0]:
+            return None
+        return target[offset : offset + count]
+
+    def wrote(self, end: int) -> None:
+        """Rows up to `end` were written through a `span`."""
+        self._fault_ahead(end)
 
     def write(self, start: int, rows: npt.NDArray[np.float32]) -> None:
         """Rows start, start + 1, ... from `rows`."""
@@ -139,7 +152,7 @@ class HotTier:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._n = 0
-        self._emb = _Blocks(dim)
+        self._emb = Blocks(dim)
         self._norms = np.zeros(0, np.float32)
         self._confidence = np.zeros(0, np.float32)
         self._created = np.zeros(0, np.float64)
