@@ -30,7 +30,10 @@ DEFERRED: Final = ("faiss", "zarr", "zarr.codecs", "zarr.core.sync", "tantivy")
 
 
 class Lazy:
-    """A module imported on the first read of one of its attributes."""
+    """A module imported on the first read of one of its attributes. Each attribute read is
+    kept on the proxy, so later reads are plain attribute reads (a miss that falls through to
+    `__getattr__` cost about a microsecond each, several per small write): only for modules
+    whose attributes are not rebound after their import, as with compiled libraries."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -40,7 +43,9 @@ class Lazy:
         module = self._module
         if module is None:
             module = self._module = importlib.import_module(self._name)
-        return getattr(module, attribute)
+        value = getattr(module, attribute)
+        setattr(self, attribute, value)
+        return value
 
     def __repr__(self) -> str:
         state = "imported" if self._module is not None else "not imported yet"
