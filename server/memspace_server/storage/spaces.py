@@ -311,9 +311,16 @@ class Space:
             self._bucket.take(count)
         async with self._lock.write():
             self._check_writable()
-            last = dict(zip(batch.ids, range(count), strict=True))
-            stored = self._stored(last.keys())
-            new = len(last) - sum(len(held) for _tier, held in stored)
+            last: dict[str, int] | None = None
+            stored: list[tuple[HotTier | zarr_tiers.ZarrTier, set[str]]] = []
+            new = count
+            if any(draft.id for draft in drafts):
+                last = dict(zip(batch.ids, range(count), strict=True))
+                stored = self._stored(last.keys())
+                new = len(last) - sum(len(held) for _tier, held in stored)
+            # Otherwise every ID is one the server just drew (128 random bits, `validating`):
+            # none is stored already or given twice, so none is looked up in the tiers (a
+            # lookup of a new key in a large tier's index is a cache miss a memory).
             limit = self.entry.quota.max_memories
             if limit is not None and self.count() + new > limit:
                 raise errors.QuotaExceededError(
@@ -329,7 +336,7 @@ class Space:
             self._replace(stored, new)
             self.keywords.add(batch.ids, batch.contents, batch.tags, lsn)
             # `_replace` removed every stored version of these memories.
-            if len(last) == count:
+            if last is None or len(last) == count:
                 self.hot.add(batch, checked=True)
             else:  # an id given twice: its last draft counts
                 rows = np.sort(np.fromiter(last.values(), np.int64, len(last)))
