@@ -58,9 +58,9 @@ def lazy(name: str) -> Any:
     return Lazy(name)
 
 
-def warm_up(names: tuple[str, ...] = DEFERRED, freeze: bool = True) -> threading.Thread:
+def warm_up(names: tuple[str, ...] = DEFERRED) -> threading.Thread:
     """Import `names` in a daemon thread (started here); a call that needs one meanwhile waits
-    only for what is left of its import. Then (`freeze`) every object made so far leaves the
+    only for what is left of its import. Then every object made so far leaves the
     cyclic collector's view for good (`gc.freeze`): the modules, classes and functions of the
     imports are most of what a full collection walks (about 60,000 objects, 40 ms with every
     thread stopped, at each full collection), and they live as long as the process."""
@@ -72,8 +72,7 @@ def warm_up(names: tuple[str, ...] = DEFERRED, freeze: bool = True) -> threading
                 importlib.import_module(name)
             except Exception:  # the call that needs it reports the error where it is handled
                 log.warning("importing %s in the background failed", name, exc_info=True)
-        if freeze:
-            gc.freeze()
+        gc.freeze()
         log.debug(
             "deferred imports done in %.2f s; %d objects frozen",
             time.monotonic() - started,

@@ -165,7 +165,7 @@ class ObjectColumn:
         self._items[row] = value
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._items[: self._n].tolist())
+        return iter(self.tolist())
 
     def _missing(self, row: int) -> Any:
         raise IndexError(f"row {row} of a column of {self._n}")
@@ -206,7 +206,8 @@ class ObjectColumn:
         return list(self._items[picked].tolist())
 
     def tolist(self) -> list[Any]:
-        return list(self._items[: self._n].tolist())
+        values: list[Any] = self._items[: self._n].tolist()
+        return values
 
 
 class TagIndex:
