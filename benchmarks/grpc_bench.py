@@ -6,7 +6,8 @@
 - Recall latency through gRPC vs in-process, over the same space;
 - Recall and Remember latency with 1,000 spaces loaded vs one (two servers, rounds interleaved);
 - RSS and open files per idle space (10,000 spaces on disk vs one);
-- p99 Remember latency at 32 concurrent writers, and the echo server's p99 at 32 callers;
+- p99 Remember latency at 32 concurrent writers, and the echo server's and the floor server's
+  p99 at 32 callers;
 - fan-out: space B's Remember p99 while space A has 1,000 subscribers and takes batches, vs
   alone (`subscribe_fanout_remember_p99_ratio`; the subscribers run in another process);
 - time from start to serving with 10,000 spaces on disk (vs one space);
@@ -275,7 +276,7 @@ async def throughput(results: dict[str, object], work: Path, quick: bool) -> Non
                     echo_channel, pb_grpc.MemoryServiceStub(floor_channel), memories
                 )
                 await qps(results, servers, channels, rounds, seconds)
-                await p99(results, memories, held, seconds * 1.5, echo_channel)
+                await p99(results, channels, held, seconds * 1.5)
             finally:
                 await held.close()
 
@@ -430,30 +431,31 @@ async def qps(
         results[f"server_cpu_us_per_call_{name}"] = round(statistics.median(cpu[name]), 1)
 
 
-async def p99(
-    results: dict[str, object],
-    memories: pb_grpc.MemoryServiceAsyncStub,
-    held: Any,
-    seconds: float,
-    echo_channel: grpc.aio.Channel,
-) -> None:
+async def p99(results: dict[str, object], channels: Channels, held: Any, seconds: float) -> None:
+    """p99 of Remember at 32 concurrent writers: memspace's, the echo server's (the same bytes)
+    and the floor server's (the same request, durable too), one after the other; then the
+    engine's own in process."""
     from memspace_server.api import converters  # noqa: PLC0415
 
     writer = pb.RememberRequest(
         space="p99", memory=pb.Memory(content="y" * 200, embedding=vectors(1, 384)[0].tolist())
     )
     await asyncio.sleep(ALONE_S)
-    rate, latencies = await closed_loop(lambda: memories.Remember(writer), 32, seconds)
+    rate, latencies = await closed_loop(lambda: channels.memspace.Remember(writer), 32, seconds)
     results["remember_p99_ms_32_writers"] = round(p99_ms(latencies), 2)
     results["remember_p50_ms_32_writers"] = round(median_ms(latencies), 2)
     results["remember_qps_32_writers"] = round(rate)
-    echo_call = echo_channel.unary_unary(
+    echo_call = channels.echo.unary_unary(
         ECHO_METHOD, request_serializer=None, response_deserializer=None
     )
     payload = writer.SerializeToString()
     _, echoed = await closed_loop(lambda: echo_call(payload), 32, seconds)
     results["echo_p99_ms_32"] = round(p99_ms(echoed), 2)
     results["remember_p99_vs_echo_p99_32"] = round(p99_ms(latencies) / p99_ms(echoed), 2)
+    _, floored = await closed_loop(lambda: channels.floor.Remember(writer), 32, seconds)
+    results["floor_remember_p99_ms_32"] = round(p99_ms(floored), 2)
+    results["floor_remember_p99_vs_echo_p99_32"] = round(p99_ms(floored) / p99_ms(echoed), 2)
+    results["remember_p99_vs_floor_p99_32"] = round(p99_ms(latencies) / p99_ms(floored), 2)
     await held.create(spaces.SpaceId("p99"), 384)
     async with held.lease(spaces.SpaceId("p99")) as space:
         draft = converters.draft(writer)

@@ -80,11 +80,11 @@ def _resolve(futures: list[asyncio.Future[None]]) -> None:
             future.set_result(None)
 
 
-def _vector(values: object) -> np.ndarray:
+def _vector(values: object, dim: int) -> np.ndarray:
     vector = np.array(values, np.float32)
-    square = float(vector @ vector) if vector.shape == (DIM,) else 0.0
+    square = float(vector @ vector) if vector.shape == (dim,) else 0.0
     if square == 0.0 or not math.isfinite(square):
-        raise ValueError("an embedding of 64 finite values, not all zero")
+        raise ValueError(f"an embedding of {dim} finite values, not all zero")
     return vector
 
 
@@ -99,12 +99,13 @@ class Floor:
         self.directory = directory
         self.log: _GroupCommit | None = None
         self.lsn = 0
+        self.write_dims: dict[str, int] = {}
 
     async def recall(
         self, request: pb.RecallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RecallResponse:
         try:
-            cue = _vector(request.cue)
+            cue = _vector(request.cue, DIM)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         k = min(request.k or 10, ROWS)
@@ -129,7 +130,10 @@ class Floor:
         if self.log is None:
             self.log = _GroupCommit(self.directory / "floor.log")
         try:
-            embedding = _vector(request.memory.embedding)
+            # The space written to takes the size of its first embedding (memspace's
+            # benchmark writes 64 and 384 values to different spaces; the floor has one).
+            dim = self.write_dims.setdefault(request.space, len(request.memory.embedding))
+            embedding = _vector(request.memory.embedding, dim)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         memory_id = os.urandom(16).hex().encode()
