@@ -23,7 +23,6 @@ import math
 import os
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import crc32c
 import grpc
 import numpy as np
 
+from benchmarks import write_floor
 from memspace_contract.v1 import memspace_pb2 as pb
 
 SERVICE = "memspace.v1.MemoryService"
@@ -39,45 +39,6 @@ ROWS = 1_000
 DIM = 64
 RECORD = struct.Struct("<IIHI")
 """crc32c, length, id length, content length; then the id, the content and the embedding."""
-
-
-class _GroupCommit:
-    """Records appended by one writer thread, one write and one fdatasync per group of records
-    queued while the previous group was written; each caller's future resolves once its
-    record is durable."""
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._lock = threading.Lock()
-        self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._wake = threading.Event()
-        self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._run, name="floor-wal", daemon=True).start()
-
-    def append(self, record: bytes) -> asyncio.Future[None]:
-        future = self._loop.create_future()
-        with self._lock:
-            self._queue.append((record, future))
-        self._wake.set()
-        return future
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            with self._lock:
-                group, self._queue = self._queue, []
-                self._wake.clear()
-            if not group:
-                continue
-            os.write(self._fd, b"".join(record for record, _ in group))
-            os.fdatasync(self._fd)
-            self._loop.call_soon_threadsafe(_resolve, [future for _, future in group])
-
-
-def _resolve(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(None)
 
 
 def _vector(values: object, dim: int) -> np.ndarray:
@@ -97,7 +58,7 @@ class Floor:
         self.contents = [f"memory {row}" for row in range(ROWS)]
         self.created = time.time()
         self.directory = directory
-        self.log: _GroupCommit | None = None
+        self.log: write_floor.GroupCommit | None = None
         self.lsn = 0
         self.write_dims: dict[str, int] = {}
 
@@ -128,7 +89,7 @@ class Floor:
         self, request: pb.RememberRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RememberResponse:
         if self.log is None:
-            self.log = _GroupCommit(self.directory / "floor.log")
+            self.log = write_floor.GroupCommit(self.directory / "floor.log")
         try:
             # The space written to takes the size of its first embedding (memspace's
             # benchmark writes 64 and 384 values to different spaces; the floor has one).
@@ -142,7 +103,7 @@ class Floor:
         head = RECORD.pack(crc32c.crc32c(body), len(body), len(memory_id), len(content))
         self.lsn += 1
         lsn = self.lsn
-        await self.log.append(head + body)
+        await self.log.append([head, body])
         return pb.RememberResponse(id=memory_id.decode(), lsn=lsn)
 
 

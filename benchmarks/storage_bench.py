@@ -215,30 +215,41 @@ def _prepared_calls(writers: int, per_call: int) -> list[list[list[memories.Draf
     ]
 
 
+async def _drive(
+    remember_many: Callable[[list[memories.Draft]], Awaitable[object]],
+    writers: int,
+    per_call: int,
+    seconds: float,
+) -> float:
+    """Memories per second from `writers` concurrent callers of `remember_many`, each cycling
+    through its prepared calls of `per_call` drafts (`_prepared_calls`) for `seconds`."""
+    calls = _prepared_calls(writers, per_call)
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def writer(w: int) -> None:
+        nonlocal done
+        mine = itertools.cycle(calls[w])
+        while time.perf_counter() < deadline:
+            await remember_many(next(mine))
+            done += per_call
+
+    start = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return done / (time.perf_counter() - start)
+
+
 async def _floor_rate(
     directory: Path, writers: int, per_call: int, seconds: float
 ) -> tuple[float, int]:
     """`_remember_rate` of the write floor (`write_floor`): memories per second and records per
     fsync."""
-    calls = _prepared_calls(writers, per_call)
     floor = write_floor.WriteFloor(directory / "floor.bin", DIM)
-    done = 0
     try:
-        deadline = time.perf_counter() + seconds
-
-        async def writer(w: int) -> None:
-            nonlocal done
-            mine = itertools.cycle(calls[w])
-            while time.perf_counter() < deadline:
-                await floor.remember_many(next(mine))
-                done += per_call
-
-        start = time.perf_counter()
-        await asyncio.gather(*(writer(w) for w in range(writers)))
-        elapsed = time.perf_counter() - start
+        rate = await _drive(floor.remember_many, writers, per_call, seconds)
     finally:
         floor.close()
-    return done / elapsed, round(done / max(1, floor.syncs))
+    return rate, round(floor.count / max(1, floor.log.syncs))
 
 
 WRITE_SIDES = ("engine", "raw", "floor")
@@ -314,24 +325,12 @@ async def _remember_rate(
 ) -> tuple[float, int]:
     """Memories per second from `writers` concurrent callers, each remembering `per_call`
     memories a call (1: Remember; more: RememberBatch), and the records per fsync achieved."""
-    calls = _prepared_calls(writers, per_call)
-    done = 0
     async with reg.lease(space_id) as space:
-        deadline = time.perf_counter() + seconds
-        syncs_before = space._wal.syncs
-
-        async def writer(w: int) -> None:
-            nonlocal done
-            mine = itertools.cycle(calls[w])
-            while time.perf_counter() < deadline:
-                await space.remember_many(next(mine))
-                done += per_call
-
-        start = time.perf_counter()
-        await asyncio.gather(*(writer(w) for w in range(writers)))
-        elapsed = time.perf_counter() - start
-        batch = round(done / max(1, space._wal.syncs - syncs_before))
-    return done / elapsed, batch
+        syncs_before, stored_before = space._wal.syncs, space.count()
+        rate = await _drive(space.remember_many, writers, per_call, seconds)
+        syncs = space._wal.syncs - syncs_before
+        batch = round((space.count() - stored_before) / max(1, syncs))
+    return rate, batch
 
 
 def _raw_group_commit_rate(directory: Path, batch: int, seconds: float) -> float:

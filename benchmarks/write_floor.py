@@ -49,15 +49,7 @@ class WriteFloor:
         self.blocks = hot.Blocks(dim)
         self.rows: dict[str, int] = {}
         self.count = 0
-        self.syncs = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._lock = threading.Lock()
-        self._queue: list[tuple[list[bytes | memoryview], asyncio.Future[None]]] = []
-        self._wake = threading.Event()
-        self._stop = False
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._write, name="write-floor", daemon=True)
-        self._thread.start()
+        self.log = GroupCommit(path)
 
     async def remember_many(self, drafts: Sequence[memories.Draft]) -> list[str]:
         count = len(drafts)
@@ -103,13 +95,36 @@ class WriteFloor:
         for part in body:
             crc = crc32c.crc32c(part, crc)
         length = sum(len(part) for part in body)
-        framed: list[bytes | memoryview] = [HEAD.pack(crc, length, 0.0, count), *body]
+        await self.log.append([HEAD.pack(crc, length, 0.0, count), *body])
+        return ids
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class GroupCommit:
+    """Appends to one file by a writer thread: each group of records queued while the previous
+    one was written goes in one writev and one fdatasync; each caller's future resolves once
+    its record is durable. Make it on the event loop its callers run on; `close` when done."""
+
+    def __init__(self, path: Path) -> None:
+        self.syncs = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._lock = threading.Lock()
+        self._queue: list[tuple[list[bytes | memoryview], asyncio.Future[None]]] = []
+        self._wake = threading.Event()
+        self._stop = False
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._write, name="group-commit", daemon=True)
+        self._thread.start()
+
+    def append(self, parts: list[bytes | memoryview]) -> asyncio.Future[None]:
+        """Queue one record (its parts, kept unchanged until the future resolves)."""
         future = self._loop.create_future()
         with self._lock:
-            self._queue.append((framed, future))
+            self._queue.append((parts, future))
         self._wake.set()
-        await future
-        return ids
+        return future
 
     def _write(self) -> None:
         while True:
@@ -121,7 +136,7 @@ class WriteFloor:
                     return
             if not group:
                 continue
-            os.writev(self._fd, [part for framed, _ in group for part in framed])
+            os.writev(self._fd, [part for parts, _ in group for part in parts])
             os.fdatasync(self._fd)
             self.syncs += 1
             self._loop.call_soon_threadsafe(_resolve, [future for _, future in group])

@@ -383,11 +383,7 @@ class HotTier:
 
     def touch_many(self, memory_ids: Iterable[str], at: float) -> None:
         """`touch` for several memories, each at most once (those the tier holds)."""
-        rows = [row for i in memory_ids if (row := self._row.get(i)) is not None]
-        if rows:
-            picked = np.array(rows, np.int64)
-            self._recalled[picked] = at
-            self._count[picked] += np.uint64(1)
+        tiers.count_recalls(self._row, self._recalled, self._count, memory_ids, at)
 
     def top_k(
         self,

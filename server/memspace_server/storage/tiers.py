@@ -236,6 +236,22 @@ class TagIndex:
         return np.fromiter(found, dtype=np.int64, count=len(found))
 
 
+def count_recalls(
+    row_of: Mapping[str, int],
+    recalled: npt.NDArray[np.float64],
+    counts: npt.NDArray[np.uint64],
+    memory_ids: Iterable[str],
+    at: float,
+) -> None:
+    """A recall at `at` of each of `memory_ids` (each at most once) that `row_of` maps to a row
+    of the columns `recalled` (when last recalled) and `counts` (recalls so far)."""
+    rows = [row for i in memory_ids if (row := row_of.get(i)) is not None]
+    if rows:
+        picked = np.array(rows, np.int64)
+        recalled[picked] = at
+        counts[picked] += np.uint64(1)
+
+
 def squared_norms(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Each row's sum of squares in float32: faiss's kernel for a contiguous float32 matrix
     (5x quicker than einsum for 100 x 768 here), einsum for anything else."""
