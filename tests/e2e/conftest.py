@@ -219,13 +219,27 @@ class Journey:
         return self.get("memoryspace", name, namespace)
 
     def wait_condition(
-        self, namespace: str, name: str, kind: str, status: str, timeout: float = WAIT_S
+        self,
+        namespace: str,
+        name: str,
+        kind: str,
+        status: str,
+        timeout: float = WAIT_S,
+        reason: str | None = None,
     ) -> Manifest:
+        """The space once its condition `kind` has `status` (and `reason`, when given: a
+        status can be reached through passing reasons, as Ready=False is through Deactivating
+        on its way to Inactive)."""
+
         def probe() -> Manifest | None:
             body = self.space(namespace, name)
-            return body if condition(body, kind).get("status") == status else None
+            found = condition(body, kind)
+            if found.get("status") != status:
+                return None
+            return body if reason is None or found.get("reason") == reason else None
 
-        return wait_for(f"{namespace}/{name}: {kind}={status}", probe, timeout)
+        wanted = f"{kind}={status}" + (f" ({reason})" if reason else "")
+        return wait_for(f"{namespace}/{name}: {wanted}", probe, timeout)
 
     # -- pods ------------------------------------------------------------------------------------
 

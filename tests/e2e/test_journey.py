@@ -426,8 +426,8 @@ def an_inactive_space_is_refused_and_comes_back_without_a_shard_restart(
         "-p",
         '{"spec":{"state":"Inactive"}}',
     )
-    body = journey.wait_condition("team-b", "notes", "Ready", "False")
-    assert condition(body, "Ready")["reason"] == "Inactive"
+    # Deactivating until the shard confirms the index entry, then Inactive (statuses.py).
+    journey.wait_condition("team-b", "notes", "Ready", "False", reason="Inactive")
     wait_for(
         "team-b's space to be refused", lambda: probe(journey, "team-b") == "FAILED_PRECONDITION"
     )
