@@ -25,10 +25,16 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.create("configmaps", labels={"memspace.dev/test": "kopf"}, registry=registry)
 def record_who_saw_it(patch: kopf.Patch, **_: Any) -> None:
     # kopf's login loaded the kubeconfig into the client's default configuration: ask who we are.
-    with kubernetes.client.ApiClient() as api:
+    api = kubernetes.client.ApiClient()
+    try:
         review = kubernetes.client.AuthenticationV1Api(api).create_self_subject_review(
             kubernetes.client.V1SelfSubjectReview()
         )
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+        # close() keeps the pooled TLS connection: left to the collector, it was finalized in a
+        # later test's teardown, which then failed on its ResourceWarning (filterwarnings).
+        api.rest_client.pool_manager.clear()
     assert review.status is not None
     assert review.status.user_info is not None
     username = review.status.user_info.username
