@@ -9,7 +9,10 @@
 - p99 Remember latency at 32 concurrent writers, and the echo server's and the floor server's
   p99 at 32 callers;
 - fan-out: space B's Remember p99 while space A has 1,000 subscribers and takes batches, vs
-  alone (`subscribe_fanout_remember_p99_ratio`; the subscribers run in another process);
+  alone (`subscribe_fanout_remember_p99_ratio`; the subscribers run in another process), and
+  its floor: the same while A is on a second server process on the same machine
+  (`subscribe_fanout_apart_p99_ratio`; `subscribe_fanout_vs_apart`: what sharing one server
+  adds);
 - time from start to serving with 10,000 spaces on disk (vs one space);
 - TLS: unary Recall throughput and the time to a first answer on a new connection, a TLS server
   vs a plaintext one over the same space (rounds interleaved).
@@ -728,23 +731,33 @@ async def paced_p99(call: Callable[[], Awaitable[object]], samples: int, pace_s:
 
 
 async def fanout(results: dict[str, object], work: Path, quick: bool) -> None:
-    """Space B's Remember p99 (paced, one at a time) alone and while space A has 1,000
-    subscribers and takes a batch every 0.2 s, in alternating rounds."""
+    """Space B's Remember p99 (paced, one at a time) alone, while space A has 1,000 subscribers
+    and takes a batch every 0.2 s on the same server, and while A does so on a second server
+    process (the machine's floor), in alternating rounds."""
     subscribers = 200 if quick else 1000
     samples = 200 if quick else 500
     rounds = 1 if quick else 2
     pace = 0.005
     seconds = samples * (pace + 0.004) + 2.0
-    server = memspace_serve(work / "fanout", work / "fanout.log")
     alone: list[float] = []
-    beside: list[float] = []
-    fans: list[dict[str, int]] = []
-    with running(server):
-        async with grpc.aio.insecure_channel(server.address) as channel:
+    beside: dict[str, list[float]] = {"same": [], "apart": []}
+    fans: dict[str, list[dict[str, int]]] = {"same": [], "apart": []}
+    with (
+        running(memspace_serve(work / "fanout", work / "fanout.log")) as server,
+        running(memspace_serve(work / "fanout-apart", work / "fanout-apart.log")) as apart,
+    ):
+        async with (
+            grpc.aio.insecure_channel(server.address) as channel,
+            grpc.aio.insecure_channel(apart.address) as apart_channel,
+        ):
             memories = pb_grpc.MemoryServiceStub(channel)
-            admin = pb_grpc.SpaceServiceStub(channel)
             for name in ("busy", "quiet"):
-                await admin.CreateSpace(pb.CreateSpaceRequest(space=name, embedding_dim=64))
+                await pb_grpc.SpaceServiceStub(channel).CreateSpace(
+                    pb.CreateSpaceRequest(space=name, embedding_dim=64)
+                )
+            await pb_grpc.SpaceServiceStub(apart_channel).CreateSpace(
+                pb.CreateSpaceRequest(space="busy", embedding_dim=64)
+            )
             request = pb.RememberRequest(
                 space="quiet", memory=pb.Memory(content="q", embedding=[0.25] * 64)
             )
@@ -753,41 +766,72 @@ async def fanout(results: dict[str, object], work: Path, quick: bool) -> None:
                 return await paced_p99(lambda: memories.Remember(request), samples, pace)
 
             for n in range(rounds):
-                alone.append(await measure())
-                log = work / f"fanout-{n}.out"
-                fan = Process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.grpc_bench",
-                        "subscribers",
-                        server.address,
-                        str(subscribers),
-                        str(seconds),
-                        "100",
-                    ],
-                    log,
-                )
-                try:
-                    deadline = time.monotonic() + 60
-                    while "subscribed" not in log.read_text():
-                        if fan.popen.poll() is not None or time.monotonic() > deadline:
-                            raise RuntimeError(f"the subscribers did not start:\n{log.read_text()}")
-                        await asyncio.sleep(0.1)
-                    beside.append(await measure())
-                    while fan.popen.poll() is None:  # noqa: ASYNC110  # another process
-                        await asyncio.sleep(0.1)
-                finally:
-                    fan.stop()
-                lines = log.read_text().strip().splitlines()
-                fans.append(json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {})
+                for where, target in (("same", server), ("apart", apart)):
+                    alone.append(await measure())
+                    figure, counts = await beside_subscribers(
+                        work,
+                        f"fanout-{where}-{n}.out",
+                        target.address,
+                        subscribers,
+                        seconds,
+                        measure,
+                    )
+                    beside[where].append(figure)
+                    fans[where].append(counts)
     baseline = statistics.median(alone)
-    print(f"   fan-out: B's Remember p99 alone {alone} ms, beside {beside} ms ({fans})", flush=True)
+    same, other = statistics.median(beside["same"]), statistics.median(beside["apart"])
+    print(
+        f"   fan-out: B's Remember p99 alone {alone} ms, beside A's subscribers on the same "
+        f"server {beside['same']} ms ({fans['same']}), on another server {beside['apart']} ms "
+        f"({fans['apart']})",
+        flush=True,
+    )
     results["subscribe_fanout_subscribers"] = subscribers
     results["subscribe_fanout_remember_p99_alone_ms"] = round(baseline, 2)
-    results["subscribe_fanout_remember_p99_ms"] = round(statistics.median(beside), 2)
-    results["subscribe_fanout_remember_p99_ratio"] = round(statistics.median(beside) / baseline, 2)
-    results["subscribe_fanout_events_delivered"] = sum(f.get("events", 0) for f in fans)
+    results["subscribe_fanout_remember_p99_ms"] = round(same, 2)
+    results["subscribe_fanout_remember_p99_ratio"] = round(same / baseline, 2)
+    results["subscribe_fanout_apart_p99_ratio"] = round(other / baseline, 2)
+    results["subscribe_fanout_vs_apart"] = round(same / other, 2)
+    results["subscribe_fanout_events_delivered"] = sum(f.get("events", 0) for f in fans["same"])
+
+
+async def beside_subscribers(
+    work: Path,
+    name: str,
+    address: str,
+    subscribers: int,
+    seconds: float,
+    measure: Callable[[], Any],
+) -> tuple[float, dict[str, int]]:
+    """`measure()` while the subscribers' process (`fanout_main`, its output in `work / name`)
+    reads space "busy" on the server at `address`; its figure and the process's counts."""
+    log = work / name
+    fan = Process(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.grpc_bench",
+            "subscribers",
+            address,
+            str(subscribers),
+            str(seconds),
+            "100",
+        ],
+        log,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "subscribed" not in log.read_text():
+            if fan.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the subscribers did not start:\n{log.read_text()}")
+            await asyncio.sleep(0.1)
+        figure = await measure()
+        while fan.popen.poll() is None:  # noqa: ASYNC110  # another process
+            await asyncio.sleep(0.1)
+    finally:
+        fan.stop()
+    lines = log.read_text().strip().splitlines()
+    return figure, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
 
 
 # -- entry point ---------------------------------------------------------------------------

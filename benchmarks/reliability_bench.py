@@ -9,7 +9,10 @@
 - noisy neighbour: the p99 Recall latency of a quiet space alone (the baseline), then while
   another space floods writes and recalls at full speed from another process, with and
   without a write quota on the noisy space: `noisy_neighbour_p99_ratio` (quota on),
-  `noisy_neighbour_p99_ratio_no_quota`, and the flood's refused writes.
+  `noisy_neighbour_p99_ratio_no_quota`, and the flood's refused writes. Its own floor is the
+  same flood sent to a second server process on the same machine instead (as if the noisy
+  space were on another shard): `noisy_neighbour_apart_p99_ratio` is what the machine's
+  shared cores cost the quiet space, `noisy_neighbour_vs_apart` what sharing one server adds.
 
 The load generator (`run_load`) is also what `tests/reliability/test_load.py` checks for
 correctness; timing figures live only here. `python -m benchmarks.reliability_bench flood ...`
@@ -662,8 +665,9 @@ async def set_quota(
 
 async def noisy_figures(results: dict[str, object], work: Path, quick: bool) -> None:
     """The quiet space's p99 Recall alone and beside a flood from the noisy space, without and
-    with a write quota on it (set through the index, as the operator would), in alternating
-    rounds; each ratio is the median flood p99 over the median p99 alone."""
+    with a write quota on it (set through the index, as the operator would), and beside the
+    same flood sent to another server process (the machine's floor), in alternating rounds;
+    each ratio is the median flood p99 over the median p99 alone."""
     samples = 300 if quick else 600
     rounds = 2 if quick else 3
     pace = 0.005
@@ -673,29 +677,46 @@ async def noisy_figures(results: dict[str, object], work: Path, quick: bool) -> 
     free = Tenant("noisy", secrets.token_urlsafe(16))
     capped = dataclasses.replace(free, quota=rate)
     alone: list[float] = []
-    loud: dict[str, list[float]] = {"none": [], "quota": [], "writes": [], "writes-quota": []}
+    loud: dict[str, list[float]] = {
+        "none": [],
+        "quota": [],
+        "apart": [],
+        "writes": [],
+        "writes-quota": [],
+    }
     flood: dict[str, dict[str, int]] = {}
-    with managed_server(work, "noisy") as (process, index_dir):
+    with (
+        managed_server(work, "noisy") as (process, index_dir),
+        managed_server(work, "apart") as (apart, apart_index),
+    ):
         volumes = work / "noisy-volumes"
         for tenant in (quiet, free):
             put_entry(index_dir, volumes, tenant, 64)
-        async with grpc.aio.insecure_channel(process.address) as channel:
+        put_entry(apart_index, work / "apart-volumes", free, 64)
+        async with (
+            grpc.aio.insecure_channel(process.address) as channel,
+            grpc.aio.insecure_channel(apart.address) as apart_channel,
+        ):
             memories = pb_grpc.MemoryServiceStub(channel)
             for tenant in (quiet, free):
                 await until_served(memories, tenant)
                 await seed(memories, tenant, 5000 if tenant is quiet else 20000, 64)
+            await until_served(pb_grpc.MemoryServiceStub(apart_channel), free)
+            await seed(pb_grpc.MemoryServiceStub(apart_channel), free, 20000, 64)
 
             async def measure() -> float:
                 return await quiet_p99(memories, quiet, samples, pace)
 
-            plan = [(c, "both") for _ in range(rounds) for c in ("none", "quota")]
+            plan = [(c, "both") for _ in range(rounds) for c in ("none", "quota", "apart")]
             plan += [("writes", "remember"), ("writes-quota", "remember")]
             for config, mix in plan:
                 noisy = capped if config.endswith("quota") else free
-                await set_quota(memories, index_dir, volumes, noisy)
+                if config != "apart":
+                    await set_quota(memories, index_dir, volumes, noisy)
                 alone.append(await measure())
+                target = apart.address if config == "apart" else process.address
                 figure, flood[config] = await with_flood(
-                    work, process.address, noisy, measuring_s, measure, mix
+                    work, target, noisy, measuring_s, measure, mix
                 )
                 loud[config].append(figure)
     baseline = statistics.median(alone)
@@ -703,9 +724,14 @@ async def noisy_figures(results: dict[str, object], work: Path, quick: bool) -> 
     print(
         f"   noisy neighbour: quiet p99 alone {[round(a, 2) for a in alone]} ms; beside a "
         f"flood of writes and recalls {loud['none']} ms ({flood['none']}), with a write "
-        f"quota of {rate:g}/s {loud['quota']} ms ({flood['quota']}); beside a flood of "
-        f"writes {loud['writes']} ms, with the quota {loud['writes-quota']} ms",
+        f"quota of {rate:g}/s {loud['quota']} ms ({flood['quota']}), sent to another server "
+        f"{loud['apart']} ms ({flood['apart']}); beside a flood of writes {loud['writes']} ms, "
+        f"with the quota {loud['writes-quota']} ms",
         flush=True,
+    )
+    results["noisy_neighbour_apart_p99_ratio"] = round(ratios["apart"], 2)
+    results["noisy_neighbour_vs_apart"] = round(
+        statistics.median(loud["none"]) / statistics.median(loud["apart"]), 2
     )
     results["noisy_neighbour_quiet_p99_ms"] = round(baseline, 2)
     results["noisy_neighbour_p99_ratio"] = round(ratios["quota"], 2)
