@@ -324,10 +324,7 @@ class HotTier:
         return True
 
     def get(self, memory_id: str, with_embedding: bool = True) -> memories.Memory | None:
-        row = self._row.get(memory_id)
-        if row is None:
-            return None
-        return self._memory(row, with_embedding)
+        return self.get_many((memory_id,), with_embedding).get(memory_id)
 
     def get_many(
         self, memory_ids: Iterable[str], with_embedding: bool, hit_at: float = 0.0
@@ -362,18 +359,6 @@ class HotTier:
                 recall_count=count,
             )
         return out
-
-    def _memory(self, row: int, with_embedding: bool) -> memories.Memory:
-        return memories.Memory(
-            id=memories.MemoryId(self._ids[row]),
-            content=self._contents[row],
-            embedding=self._emb.row(row).copy() if with_embedding else memories.NO_EMBEDDING,
-            confidence=float(self._confidence[row]),
-            tags=dict(self._tags[row]),
-            created_at=float(self._created[row]),
-            last_recalled_at=float(self._recalled[row]),
-            recall_count=int(self._count[row]),
-        )
 
     def touch(self, memory_id: str, at: float) -> None:
         row = self._row.get(memory_id)
