@@ -19,6 +19,9 @@ RESULTS = Path(__file__).with_name("results.json")
 BUSY_LOAD = 1.5
 """A suite that starts with the 1-minute load average above this is marked busy: its figures
 are not the machine's (ratios flatter or worse)."""
+BUSY_STEAL = 5.0
+"""A suite during which the host took more than this share (%) of the virtual machine's CPU time
+(steal) is marked `host_busy`: the load average does not show it, and the machine ran slower."""
 SUITES = (
     "benchmarks.storage_bench",
     "benchmarks.ann_bench",
@@ -33,6 +36,28 @@ SUITES = (
     "benchmarks.shard_churn_bench",
     "benchmarks.embedding_bench",
 )
+
+
+def cpu_ticks(stat: str | None = None) -> tuple[int, int]:
+    """(every tick, stolen ticks) of all CPUs so far, from /proc/stat (or its text `stat`);
+    (0, 0) where there is none."""
+    if stat is None:
+        try:
+            stat = Path("/proc/stat").read_text()
+        except OSError:
+            return 0, 0
+    fields = stat.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu":
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    ticks = [int(f) for f in fields[1:9]]
+    return sum(ticks), ticks[7] if len(ticks) > 7 else 0
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share (%) of CPU time the host took between two `cpu_ticks`."""
+    total = after[0] - before[0]
+    return 100.0 * (after[1] - before[1]) / total if total > 0 else 0.0
 
 
 def main() -> int:
@@ -57,15 +82,21 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         busy = load_before > BUSY_LOAD
         print(f"== {name} (load {load_before:.2f}{', BUSY' if busy else ''})", flush=True)
+        ticks_before = cpu_ticks()
         module.run(results, quick=args.quick)
         load_after = os.getloadavg()[0]
+        stolen = steal_pct(ticks_before, cpu_ticks())
         results[f"load_{name}"] = {
             "before": round(load_before, 2),
             "after": round(load_after, 2),
             "busy": busy,
+            "steal_pct": round(stolen, 1),
+            "host_busy": stolen > BUSY_STEAL,
         }
+        host = f"the host took {stolen:.1f}% of the CPU time"
         print(
-            f"   {name} took {time.perf_counter() - start:.0f} s (load {load_after:.2f} after)",
+            f"   {name} took {time.perf_counter() - start:.0f} s (load {load_after:.2f} after; "
+            f"{host}{', HOST BUSY' if stolen > BUSY_STEAL else ''})",
             flush=True,
         )
     results["quick"] = args.quick
