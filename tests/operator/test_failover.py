@@ -202,7 +202,9 @@ def operator_process(
                 sys.executable, "-m", "memspace_cli.main", "operator",
                 "--namespace", deployment.namespace, f"--liveness={liveness}",
             ],
-            env={**os.environ, **env},
+            # TMPDIR: the kubernetes client writes the kubeconfig's certificates to temporary
+            # files it removes at exit, which a SIGKILL skips: they stay in the test's directory.
+            env={**os.environ, **env, "TMPDIR": str(deployment.tmp_path)},
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -42,6 +42,9 @@ def test_an_operator_killed_mid_reconcile_converges_after_a_restart(
         **deployment.env,
         "KUBECONFIG": str(deployment.cluster.kubeconfig),
         "MEMSPACE_MAX_SPACES_PER_SHARD": str(PER_SHARD),
+        # The kubernetes client writes the kubeconfig's certificates to temporary files it
+        # removes at exit, which the SIGKILL skips: they stay in the test's directory.
+        "TMPDIR": str(deployment.tmp_path),
     }
     names = [f"crash-{i:02d}" for i in range(SPACES)]
     log = (deployment.tmp_path / "operator.log").open("wb")
