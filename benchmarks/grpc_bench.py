@@ -801,36 +801,43 @@ async def beside_subscribers(
     address: str,
     subscribers: int,
     seconds: float,
-    measure: Callable[[], Any],
+    measure: Callable[[], Awaitable[float]],
 ) -> tuple[float, dict[str, int]]:
     """`measure()` while the subscribers' process (`fanout_main`, its output in `work / name`)
     reads space "busy" on the server at `address`; its figure and the process's counts."""
-    log = work / name
-    fan = Process(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.grpc_bench",
-            "subscribers",
-            address,
-            str(subscribers),
-            str(seconds),
-            "100",
-        ],
-        log,
+    command = ["subscribers", address, str(subscribers), str(seconds), "100"]
+    return await beside_process(
+        [sys.executable, "-m", "benchmarks.grpc_bench", *command],
+        work / name,
+        measure,
+        "subscribed",
     )
+
+
+async def beside_process(
+    command: list[str],
+    log: Path,
+    measure: Callable[[], Awaitable[float]],
+    ready: str | None = None,
+) -> tuple[float, dict[str, int]]:
+    """`measure()` while `command` runs (its output in `log`): from once it prints `ready` (or a
+    second after its start, without), until it ends by itself; the figure and the JSON of its
+    last line (empty if it printed none)."""
+    other = Process(command, log)
     try:
         deadline = time.monotonic() + 60
-        while "subscribed" not in log.read_text():
-            if fan.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the subscribers did not start:\n{log.read_text()}")
+        while ready is not None and ready not in other.log.read_text():
+            if other.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command[2]} did not start:\n{other.log.read_text()}")
             await asyncio.sleep(0.1)
+        if ready is None:
+            await asyncio.sleep(1.0)  # at full speed
         figure = await measure()
-        while fan.popen.poll() is None:  # noqa: ASYNC110  # another process
+        while other.popen.poll() is None:  # noqa: ASYNC110  # another process
             await asyncio.sleep(0.1)
     finally:
-        fan.stop()
-    lines = log.read_text().strip().splitlines()
+        other.stop()
+    lines = other.log.read_text().strip().splitlines()
     return figure, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
 
 

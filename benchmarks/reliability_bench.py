@@ -33,14 +33,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
 import numpy as np
 
-from benchmarks.grpc_bench import Process, memspace_serve, p99_ms
+from benchmarks.grpc_bench import Process, beside_process, memspace_serve, p99_ms
 from memspace_contract import index, spaces
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
@@ -557,34 +557,17 @@ async def with_flood(
     address: str,
     noisy: Tenant,
     seconds: float,
-    measure: Callable[[], Any],
+    measure: Callable[[], Awaitable[float]],
     mix: str = "both",
 ) -> tuple[float, dict[str, int]]:
-    log = work / f"flood-{noisy.space}.out"
-    flood = Process(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.reliability_bench",
-            "flood",
-            address,
-            noisy.space,
-            noisy.token,
-            str(seconds),
-            "16",
-            mix,
-        ],
-        log,
+    """`measure()` while the noisy neighbour's process (`flood_main`) floods `address`; its
+    figure and what the flood did."""
+    command = ["flood", address, noisy.space, noisy.token, str(seconds), "16", mix]
+    return await beside_process(
+        [sys.executable, "-m", "benchmarks.reliability_bench", *command],
+        work / f"flood-{noisy.space}.out",
+        measure,
     )
-    try:
-        await asyncio.sleep(1.0)  # the flood reaches full speed
-        figure = await measure()
-        while flood.popen.poll() is None:  # noqa: ASYNC110  # waits for another process
-            await asyncio.sleep(0.1)
-    finally:
-        flood.stop()
-    lines = log.read_text().strip().splitlines()
-    return figure, json.loads(lines[-1]) if lines else {}
 
 
 @contextlib.contextmanager
@@ -701,8 +684,9 @@ async def noisy_figures(results: dict[str, object], work: Path, quick: bool) -> 
             for tenant in (quiet, free):
                 await until_served(memories, tenant)
                 await seed(memories, tenant, 5000 if tenant is quiet else 20000, 64)
-            await until_served(pb_grpc.MemoryServiceStub(apart_channel), free)
-            await seed(pb_grpc.MemoryServiceStub(apart_channel), free, 20000, 64)
+            elsewhere = pb_grpc.MemoryServiceStub(apart_channel)
+            await until_served(elsewhere, free)
+            await seed(elsewhere, free, 20000, 64)
 
             async def measure() -> float:
                 return await quiet_p99(memories, quiet, samples, pace)
