@@ -31,10 +31,7 @@ def record_who_saw_it(patch: kopf.Patch, **_: Any) -> None:
             kubernetes.client.V1SelfSubjectReview()
         )
     finally:
-        api.close()  # type: ignore[no-untyped-call]
-        # close() keeps the pooled TLS connection: left to the collector, it was finalized in a
-        # later test's teardown, which then failed on its ResourceWarning (filterwarnings).
-        api.rest_client.pool_manager.clear()
+        harness.close_client(api)
     assert review.status is not None
     assert review.status.user_info is not None
     username = review.status.user_info.username

@@ -51,6 +51,7 @@ from tests.support.controlplane import (
     ControlPlaneError,
     KubectlError,
     ToolsMissingError,
+    close_client,
 )
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "ControlPlaneError",
     "KubectlError",
     "ToolsMissingError",
+    "close_client",
     "cluster",
     "crds",
     "import_image",
