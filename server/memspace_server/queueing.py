@@ -162,6 +162,7 @@ class FairQueue:
             space not in self._waiting
             and self.working < self.total
             and self._running[space] < self.limit()
+            and self._ready(space)
         ):
             self._take(space)
             return
@@ -193,15 +194,19 @@ class FairQueue:
         self.working += 1
         self._running[space] += 1
 
+    def _ready(self, space: str) -> bool:
+        """Whether `space` may start work now, below its cap (a subclass may hold it longer)."""
+        return True
+
     def _admit(self) -> None:
         """Give free slots to waiting spaces, one per space per turn."""
         while self.working < self.total and self._waiting:
             cap = self.limit()
             for space in self._waiting:
-                if self._running[space] < cap:
+                if self._running[space] < cap and self._ready(space):
                     break
             else:
-                return  # every waiting space is at its cap
+                return  # every waiting space is at its cap (or its share of time)
             queue = self._waiting.pop(space)
             future = queue.popleft()
             if queue:

@@ -323,6 +323,17 @@ class ServerSettings(Settings):
         "the loop does not grow with how hard it pushes (a space alone is not held back; 0: "
         "off)",
     )
+    working_time_share: float = setting(
+        0.5,
+        env="MEMSPACE_WORKING_TIME_SHARE",
+        metavar="FRACTION",
+        gt=0.0,
+        le=1.0,
+        help="part of the time a space's unary calls may be at work while other spaces call too, "
+        "once its clients send more calls than its working calls: its further calls wait until "
+        "its share has room, so the event loop is free when a quiet tenant's call arrives (a "
+        "client calling one at a time and a space alone are never held; 1: off)",
+    )
     embedding_models: str = setting(
         ",".join(models.MODELS),
         env="MEMSPACE_EMBEDDING_MODELS",

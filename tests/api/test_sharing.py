@@ -1,7 +1,8 @@
 """Turns of unary calls on the event loop while spaces share it: a flooding space's calls beyond
 its share wait in their own queue, a quiet space's call starts at once, and a space alone is not
-held back. The last
-test runs a real server whose flooding space sends far more calls than the edge works on."""
+held back. The tests of turns alone turn the share of time off (`share=1`); those of the share
+move its clock by hand. The last tests run a real server whose flooding space sends far more
+calls than the edge works on."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ for longer than the server's own window (half a second) between two of its steps
 
 
 async def test_a_floods_calls_beyond_its_share_wait_but_a_quiet_space_starts_at_once() -> None:
-    turns = sharing.Turns(per_space=2, window_s=SHARED_S)
+    turns = sharing.Turns(per_space=2, window_s=SHARED_S, share=1)
     started: list[str] = []
     noisy = Caller(turns, "noisy", started)
     quiet = Caller(turns, "quiet", started)
@@ -101,7 +102,7 @@ async def test_a_floods_calls_beyond_its_share_wait_but_a_quiet_space_starts_at_
 
 
 async def test_each_space_waits_only_for_its_own_calls() -> None:
-    turns = sharing.Turns(per_space=1, window_s=SHARED_S)
+    turns = sharing.Turns(per_space=1, window_s=SHARED_S, share=1)
     started: list[str] = []
     a, b = Caller(turns, "a", started), Caller(turns, "b", started)
     await called(turns, "b")
@@ -122,7 +123,7 @@ async def test_each_space_waits_only_for_its_own_calls() -> None:
 
 
 async def test_a_cancelled_waiting_call_leaves_its_queue_and_takes_no_slot() -> None:
-    turns = sharing.Turns(per_space=1, window_s=SHARED_S)
+    turns = sharing.Turns(per_space=1, window_s=SHARED_S, share=1)
     started: list[str] = []
     a = Caller(turns, "a", started)
     await called(turns, "b")
@@ -148,7 +149,7 @@ async def test_a_cancelled_waiting_call_leaves_its_queue_and_takes_no_slot() -> 
 
 async def test_a_space_alone_on_the_loop_is_not_held_back() -> None:
     # The window outlasts a stall of the test between b's call and the checks below.
-    turns = sharing.Turns(per_space=1, window_s=1.0)
+    turns = sharing.Turns(per_space=1, window_s=1.0, share=1)
     started: list[str] = []
     a = Caller(turns, "a", started)
     alone = [a.call() for _ in range(3)]
@@ -175,7 +176,7 @@ async def test_a_space_alone_on_the_loop_is_not_held_back() -> None:
 async def test_a_call_refused_for_its_rate_keeps_its_turn_while_spaces_share_the_loop() -> None:
     """A client that ignores RESOURCE_EXHAUSTED and calls again at once waits in its own
     space's queue for the retry-after (at least REFUSED_HOLD_S); alone, its turn goes at once."""
-    turns = sharing.Turns(per_space=1, window_s=SHARED_S)
+    turns = sharing.Turns(per_space=1, window_s=SHARED_S, share=1)
     await called(turns, "b")
 
     async def refused_call(space: str) -> None:
@@ -211,6 +212,114 @@ async def test_a_space_alone_is_not_held_back_after_a_refusal() -> None:
 def test_turns_need_a_call_at_work_per_space() -> None:
     with pytest.raises(ValueError, match="at least one call at work"):
         sharing.Turns(0)
+    with pytest.raises(ValueError, match="share of time"):
+        sharing.Turns(1, share=0)
+    with pytest.raises(ValueError, match="share of time"):
+        sharing.Turns(1, share=1.5)
+
+
+async def test_a_space_with_calls_waiting_is_held_to_its_share_of_the_time() -> None:
+    """Half the time by default: a call of a flooding space that worked 0.2 s beside another
+    space spent its burst and 0.05 s more (0.05 + 0.2 * (0.5 - 1)), so its next call waits
+    until the credit is back to zero (0.1 s more at 0.5 s a second), however many it sends;
+    the quiet space's calls start at once all along."""
+    clock = QuotaClock()
+    turns = sharing.Turns(per_space=1, window_s=SHARED_S, clock=clock)
+    started: list[str] = []
+    noisy, quiet = Caller(turns, "noisy", started), Caller(turns, "quiet", started)
+    await called(turns, "quiet")
+    flood = [noisy.call() for _ in range(3)]
+    await settle()
+    assert started == ["noisy-0"]
+    clock.advance(0.2)
+    noisy.end(0)
+    await settle()
+    assert started == ["noisy-0"]
+    assert turns.waiting("noisy") == 2
+    assert turns.credit("noisy") == pytest.approx(-0.05)
+    clock.advance(0.09)
+    calm = quiet.call()
+    await settle()
+    assert started[-1] == "quiet-0"  # not held: its calls do not wait for a turn
+    quiet.end(0)
+    await calm
+    await settle()
+    assert started == ["noisy-0", "quiet-0"]  # still 0.005 s short
+    clock.advance(0.011)
+    calm = quiet.call()
+    quiet.end(1)
+    await calm
+    await settle()
+    assert started == ["noisy-0", "quiet-0", "quiet-1", "noisy-1"]
+    noisy.end(1)
+    await settle()
+    assert started[-1] == "noisy-2"  # it took no time: the credit is still there
+    noisy.end(2)
+    await asyncio.gather(*flood)
+    assert turns.working == 0
+
+
+async def test_a_client_calling_one_at_a_time_is_not_held_by_the_share() -> None:
+    """A space whose calls never wait for a turn starts each at once, however long its calls
+    keep it at work beside another space."""
+    clock = QuotaClock()
+    turns = sharing.Turns(per_space=1, window_s=SHARED_S, clock=clock)
+    started: list[str] = []
+    steady = Caller(turns, "steady", started)
+    await called(turns, "quiet")
+    for n in range(3):
+        call = steady.call()
+        await settle()
+        assert started[-1] == f"steady-{n}"
+        clock.advance(1.0)
+        steady.end(n)
+        await call
+    assert turns.credit("steady") < 0
+    assert turns.working == 0
+
+
+async def test_a_space_owes_nothing_for_its_time_alone() -> None:
+    clock = QuotaClock()
+    turns = sharing.Turns(per_space=1, window_s=0.2, clock=clock)
+    started: list[str] = []
+    a = Caller(turns, "a", started)
+    alone = a.call()
+    await settle()
+    clock.advance(5.0)
+    a.end(0)
+    await alone
+    await called(turns, "b")
+    assert turns.credit("a") == turns.burst_s
+    calls = [a.call() for _ in range(2)]
+    await settle()
+    a.end(1)
+    await settle()
+    assert started == ["a-0", "a-1", "a-2"]
+    a.end(2)
+    await asyncio.gather(*calls)
+
+
+async def test_a_held_space_starts_its_next_call_once_its_share_has_room() -> None:
+    """With no call of its own at work (none whose end would admit the next), a held space's
+    next call is started by a timer once its credit is back above zero."""
+    turns = sharing.Turns(per_space=1, window_s=SHARED_S, burst_s=0.0)
+    started: list[str] = []
+    noisy = Caller(turns, "noisy", started)
+    await called(turns, "quiet")
+    flood = [noisy.call() for _ in range(2)]
+    await settle()
+    worked = time.monotonic()
+    await asyncio.sleep(0.03)
+    noisy.end(0)
+    ended = time.monotonic()
+    await settle()
+    assert started == ["noisy-0"]
+    owed = (ended - worked) * (1 - turns.share)
+    await until(lambda: len(started) == 2)
+    assert time.monotonic() - ended >= owed / turns.share * 0.9
+    noisy.end(1)
+    await asyncio.gather(*flood)
+    assert turns.working == 0
 
 
 REMEMBER = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
@@ -359,3 +468,13 @@ async def test_a_call_refused_for_its_quota_is_answered_at_once_and_keeps_its_tu
     await asyncio.wait_for(running.memories.Remember(REMEMBER, metadata=md("quiet", "tq")), 30)
     await until(lambda: turns.working == 0)
     assert turns.working == 0  # given back after the retry-after
+
+
+async def test_the_server_holds_spaces_to_the_configured_share_of_time(
+    start: Start, managed_dirs: tuple[Path, Path]
+) -> None:
+    index_dir, volumes = managed_dirs
+    running = await start(data_root=volumes, index_dir=index_dir, working_time_share=0.25)
+    turns = running.server.edge.turns
+    assert turns is not None
+    assert turns.share == 0.25

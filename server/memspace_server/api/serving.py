@@ -91,7 +91,11 @@ class Server:
         )
         per_space = settings.working_calls_per_space
         activity = self.registry.pools.activity
-        turns = sharing.Turns(per_space, activity=activity) if per_space else None
+        turns = (
+            sharing.Turns(per_space, activity=activity, share=settings.working_time_share)
+            if per_space
+            else None
+        )
         self.edge = handling.Edge(self.router, self.metrics, self.limits, turns)
         offered = settings.offered_models
         self.embedder = (

@@ -17,6 +17,17 @@ at once, but while spaces share the loop its turn stays taken until the retry-af
 space's queue, and its refusals cannot become a flood of cheap calls that another space waits
 behind. A client that backs off as told never notices.
 
+A space that keeps more calls coming than its turns (calls wait in its queue) is also held to a
+share of the time while spaces share the loop: its calls may be at work at most `share` of the
+time (a credit of work time that fills at `share` seconds a second, up to `burst_s`, and drains
+while any of its calls is at work); once it is spent, the space's next call waits until the
+credit has room again. Turns bound how many of a flood's calls the loop works on at once, but a
+flood with its turns always taken still keeps the loop busy all the time, and a quiet space's
+call, arriving at any moment, waits behind whatever step of the flood the loop is on: a loop
+free part of the time is what lets it start at once. A client that calls one at a time (or
+within its turns) never waits in the queue and is never held, however long its calls take; a
+space alone is never held.
+
 Streams (RememberBatch, Subscribe) do not take turns: they hold their call for long waits on
 their client, and their own caps bound them (`limits`); Subscribe fan-out is paced by the
 storage engine (`feeds.Pacer`).
@@ -26,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Callable
 
 from memspace_server import queueing
 
@@ -39,6 +52,20 @@ second worked on (a retry-after is usually shorter: 10 ms at 100 writes per seco
 REFUSED_HOLD_MAX_S = 2.0
 """The most: a long retry-after (a large batch's debt) does not hold a space's turns for long."""
 
+SHARE = 0.5
+"""The part of the time a space with calls waiting may have calls at work while spaces share."""
+
+BURST_S = 0.05
+"""Work time a space may take at once before its share holds it (a space that has not called
+for a while starts with this much)."""
+
+PRUNE_EVERY = 1024
+"""Calls started or ended between two sweeps of the credits of spaces that stopped calling."""
+
+MAX_DEBT_S = 1.0
+"""The most work time a space can owe: a very long call (a cold scan) holds its space's next
+calls for at most `MAX_DEBT_S / share` after it."""
+
 
 class Turns(queueing.FairQueue):
     """Unary calls at work per space, with the ones beyond `per_space` queued while spaces share
@@ -49,11 +76,26 @@ class Turns(queueing.FairQueue):
         per_space: int,
         window_s: float = WINDOW_S,
         activity: queueing.Activity | None = None,
+        *,
+        share: float = SHARE,
+        burst_s: float = BURST_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if per_space < 1:
             raise ValueError("turns need at least one call at work per space")
+        if not 0 < share <= 1 or burst_s < 0:
+            raise ValueError("a share of time is above 0 and at most 1, its burst at least 0")
         self._activity = activity or queueing.Activity(window_s)
         super().__init__(per_space, alone=math.inf, activity=self._activity)
+        self.share = share
+        self.burst_s = burst_s
+        self._clock = clock
+        # Work-time credit of the spaces counted lately, as (seconds, when counted); a space
+        # not here has a full burst.
+        self._credit: dict[str, tuple[float, float]] = {}
+        self._counted = 0
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at = math.inf
 
     @property
     def window_s(self) -> float:
@@ -78,3 +120,78 @@ class Turns(queueing.FairQueue):
             asyncio.get_running_loop().call_later(hold_s, self.release, space)
             return
         self.release(space)
+
+    def credit(self, space: str) -> float:
+        """Seconds of work `space` may still take before its share holds its waiting calls."""
+        return self._reckon(space, self._clock())
+
+    def _reckon(self, space: str, now: float) -> float:
+        """The space's credit at `now`: its calls at work since it was last counted drained
+        it; none at work, it filled."""
+        found = self._credit.get(space)
+        if found is None:
+            return self.burst_s
+        credit, since = found
+        credit += (now - since) * (self.share - (self._running.get(space, 0) > 0))
+        return min(max(credit, -MAX_DEBT_S), self.burst_s)
+
+    def _count(self, space: str) -> None:
+        """Note the space's credit as a call of it starts or ends: the time since is charged at
+        whether it had calls at work. A space alone owes nothing for its time alone."""
+        if self.share >= 1:
+            return
+        if not self.shared():
+            self._credit.pop(space, None)
+            return
+        now = self._clock()
+        self._credit[space] = (self._reckon(space, now), now)
+        self._counted += 1
+        if self._counted % PRUNE_EVERY == 0:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Forget the spaces whose credit is full again with no call at work (the rest of the
+        server's spaces, never counted, have a full one too)."""
+        full = [
+            space
+            for space in self._credit
+            if not self._running.get(space) and self._reckon(space, now) >= self.burst_s
+        ]
+        for space in full:
+            del self._credit[space]
+
+    def _take(self, space: str) -> None:
+        self._count(space)
+        super()._take(space)
+
+    def release(self, space: str) -> None:
+        self._count(space)
+        super().release(space)
+
+    def _ready(self, space: str) -> bool:
+        """A space with calls waiting starts the next one only with credit left, while spaces
+        share the loop; without credit and with no call at work (none whose end would admit
+        the next), a timer admits it once the credit is back to zero."""
+        if self.share >= 1 or space not in self._waiting or not self.shared():
+            return True
+        now = self._clock()
+        credit = self._reckon(space, now)
+        if credit >= 0:
+            return True
+        if not self._running.get(space):
+            self._wake_up_in(1e-4 - credit / self.share, now)
+        return False
+
+    def _wake_up_in(self, delay_s: float, now: float) -> None:
+        at = now + delay_s
+        if at >= self._wake_at:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = at
+        self._wake = asyncio.get_running_loop().call_later(delay_s, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._wake_at = math.inf
+        self._admit()
