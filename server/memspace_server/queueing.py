@@ -153,7 +153,8 @@ class FairQueue:
             return self.per_space
         return self.alone
 
-    async def acquire(self, space: str) -> None:
+    async def acquire(self, space: str) -> bool:
+        """Whether the space's work had to wait for its slot (False: it started at once)."""
         if self.activity is not None:
             self.activity.note(space)
         # A free slot with spaces waiting means each of them is at its cap (a release admits
@@ -165,7 +166,7 @@ class FairQueue:
             and self._ready(space)
         ):
             self._take(space)
-            return
+            return False
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(space, collections.deque()).append(future)
         try:
@@ -180,6 +181,7 @@ class FairQueue:
                     if not queue:
                         del self._waiting[space]
             raise
+        return True
 
     def release(self, space: str) -> None:
         self.working -= 1

@@ -20,7 +20,7 @@ from memspace_contract import index
 from memspace_contract import spaces as spaces_ids
 from memspace_contract.v1 import memspace_pb2 as pb
 from memspace_server import queueing
-from memspace_server.api import sharing
+from memspace_server.api import metrics, sharing
 from tests.api.conftest import Running, Start, md, until, write_entry
 from tests.conftest import QuotaClock
 
@@ -387,6 +387,11 @@ async def test_a_quiet_spaces_call_starts_while_a_floods_calls_wait_their_turn(
     answers = await asyncio.gather(*flood)
     assert all(len(answer.hits) == 1 for answer in answers)
     assert turns.working == 0
+    # The flood's waits are counted under its space; the quiet space never waited.
+    registry = running.server.metrics.registry
+    waits = "memspace_turn_wait_seconds_total"
+    assert (registry.get_sample_value(waits, {"space": "noisy"}) or 0) > 0
+    assert registry.get_sample_value(waits, {"space": "quiet"}) is None
 
 
 async def test_a_remember_hands_its_turn_on_before_its_fsync(
@@ -478,3 +483,13 @@ async def test_the_server_holds_spaces_to_the_configured_share_of_time(
     turns = running.server.edge.turns
     assert turns is not None
     assert turns.share == 0.25
+
+
+def test_the_wait_series_of_a_space_that_left_the_index_is_dropped() -> None:
+    found = metrics.Metrics()
+    found.waited("gone", 0.5)
+    found.waited("kept", 0.25)
+    found.forget_spaces_except({"kept"})
+    waits = "memspace_turn_wait_seconds_total"
+    assert found.registry.get_sample_value(waits, {"space": "gone"}) is None
+    assert found.registry.get_sample_value(waits, {"space": "kept"}) == 0.25

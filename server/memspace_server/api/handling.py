@@ -217,6 +217,8 @@ class Edge:
         elapsed = time.perf_counter() - scope.started if timed else None
         label = scope.label()
         self.metrics.observe(label, method, code, elapsed)
+        if scope.waited:
+            self.metrics.waited(label, scope.waited)
         if scope.traced is not None:
             scope.traced.end(label, code)
 
@@ -321,6 +323,7 @@ class _Scope:
         "shape",
         "started",
         "traced",
+        "waited",
     )
 
     def __init__(self, router: routing.Router, caps: limits.Limits, shape: limits.Shape) -> None:
@@ -337,6 +340,8 @@ class _Scope:
         self._ticket: limits.Ticket | None = None
         self._turns: sharing.Turns | None = None
         self._refused_space: str | None = None
+        self.waited = 0.0
+        """Seconds the call waited for its turn (0: it started at once)."""
 
     def read_metadata(
         self,
@@ -374,7 +379,9 @@ class _Scope:
     async def take_turn(self, turns: sharing.Turns, space: str) -> None:
         """Wait for the call's turn among the unary calls at work (`sharing`). The storage
         engine hands the turn on before it waits for an fsync (`queueing.give_back`)."""
-        await turns.enter(space)
+        begun = time.perf_counter()
+        if await turns.enter(space):
+            self.waited = time.perf_counter() - begun
         self._turns = turns
         queueing.hold(self._leave_turn)
 

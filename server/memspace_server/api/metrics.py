@@ -133,9 +133,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.turn_waits = prometheus_client.Counter(
+            f"{NAMESPACE}_turn_wait_seconds",
+            "Seconds unary calls waited for their space's turn or share of time while spaces "
+            "shared the server, by space (a space whose clients send more calls than its share)",
+            ["space"],
+            registry=self.registry,
+        )
         self.snapshot = Snapshot()
         self.registry.register(_SpaceCollector(self))
         self._counters: dict[tuple[str, str, str], Any] = {}
+        self._waits: dict[str, Any] = {}
         self._histograms: dict[str, Any] = {}
         self._http: Any = None
         self._thread: threading.Thread | None = None
@@ -153,11 +161,21 @@ class Metrics:
                 histogram = self._histograms[method] = self.latency.labels(method)
             histogram.observe(seconds)
 
+    def waited(self, space: str, seconds: float) -> None:
+        """A call of `space` waited `seconds` for its turn (`sharing.Turns`)."""
+        counter = self._waits.get(space)
+        if counter is None:
+            counter = self._waits[space] = self.turn_waits.labels(space)
+        counter.inc(seconds)
+
     def forget_spaces_except(self, known: set[str]) -> None:
-        """Drop the request series of spaces that left the index (deleted)."""
+        """Drop the request and wait series of spaces that left the index (deleted)."""
         for key in [k for k in self._counters if k[0] and k[0] not in known]:
             del self._counters[key]
             self.requests.remove(*key)
+        for space in [s for s in self._waits if s and s not in known]:
+            del self._waits[space]
+            self.turn_waits.remove(space)
 
     def start(self, host: str, port: int, token: tokens.TokenFile | None = None) -> int:
         """Serve `/metrics` on HOST:PORT in a thread. With `token`, a scrape without

@@ -108,9 +108,10 @@ class Turns(queueing.FairQueue):
     def working_on(self, space: str) -> int:
         return self.running(space)
 
-    async def enter(self, space: str) -> None:
-        """Return once the call may start; `leave(space)` exactly once after that."""
-        await self.acquire(space)
+    async def enter(self, space: str) -> bool:
+        """Return once the call may start (whether it waited for a turn or for its space's
+        share of time); `leave(space)` exactly once after that."""
+        return await self.acquire(space)
 
     def leave(self, space: str) -> None:
         """The call has ended (in its own task's context: a rate refusal it met is seen here)."""
