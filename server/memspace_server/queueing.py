@@ -149,9 +149,10 @@ class FairQueue:
 
     def limit(self) -> float:
         """Slots one space may hold now."""
-        if self.alone == self.per_space or self.shared():
-            return self.per_space
-        return self.alone
+        return self._limit(self.alone != self.per_space and self.shared())
+
+    def _limit(self, shared: bool) -> float:
+        return self.per_space if shared else self.alone
 
     async def acquire(self, space: str) -> bool:
         """Whether the space's work had to wait for its slot (False: it started at once)."""
@@ -159,16 +160,18 @@ class FairQueue:
             self.activity.note(space)
         # A free slot with spaces waiting means each of them is at its cap (a release admits
         # them otherwise): a space that is not waiting already may take it.
-        if (
-            space not in self._waiting
-            and self.working < self.total
-            and self._running[space] < self.limit()
-            and self._ready(space)
-        ):
-            self._take(space)
-            return False
+        held = False
+        if space not in self._waiting and self.working < self.total:
+            shared = self.shared()
+            if self._running[space] < self._limit(shared):
+                if self._ready(space, shared):
+                    self._take(space, shared)
+                    return False
+                held = True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(space, collections.deque()).append(future)
+        if held:
+            self._held()
         try:
             await future
         except asyncio.CancelledError:
@@ -192,27 +195,37 @@ class FairQueue:
             del self._running[space]
         self._admit()
 
-    def _take(self, space: str) -> None:
+    def _take(self, space: str, shared: bool) -> None:
+        """`space` starts one more piece of work (`shared`: as `shared()` found it just now)."""
         self.working += 1
         self._running[space] += 1
 
-    def _ready(self, space: str) -> bool:
-        """Whether `space` may start work now, below its cap (a subclass may hold it longer)."""
+    def _ready(self, space: str, shared: bool) -> bool:
+        """Whether `space` may start work now, below its cap (a subclass may hold it longer;
+        `shared` as `shared()` found it just now). Decides only: see `_held`."""
         return True
+
+    def _held(self) -> None:
+        """Spaces wait, each at its cap or not `_ready`: a subclass that holds spaces below
+        their cap arranges here for `_admit` to run again once one may start (a held space
+        may have no work of its own whose `release` would)."""
 
     def _admit(self) -> None:
         """Give free slots to waiting spaces, one per space per turn."""
         while self.working < self.total and self._waiting:
-            cap = self.limit()
+            shared = self.shared()
+            cap = self._limit(shared)
             for space in self._waiting:
-                if self._running[space] < cap and self._ready(space):
+                if self._running[space] < cap and self._ready(space, shared):
                     break
             else:
-                return  # every waiting space is at its cap (or its share of time)
+                # Every waiting space is at its cap (a release admits it) or held.
+                self._held()
+                return
             queue = self._waiting.pop(space)
             future = queue.popleft()
             if queue:
                 self._waiting[space] = queue  # to the back of the turn order
             if not future.done():  # a caller cancelled but not yet told
-                self._take(space)
+                self._take(space, shared)
                 future.set_result(None)

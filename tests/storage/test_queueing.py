@@ -96,6 +96,45 @@ async def test_a_space_alone_holds_more_than_its_share_until_another_space_asks(
     assert (slots.running("a"), slots.running("b")) == (1, 1)
 
 
+class Gated(queueing.FairQueue):
+    """A queue that holds every space until the test opens its gate, and counts how often it
+    was told that a space below its cap could not start."""
+
+    def __init__(self) -> None:
+        super().__init__(per_space=2)
+        self.open = False
+        self.held = 0
+
+    def _ready(self, space: str, shared: bool) -> bool:
+        return self.open
+
+    def _held(self) -> None:
+        self.held += 1
+
+
+async def test_a_space_held_below_its_cap_waits_and_the_queue_hears_of_it() -> None:
+    """A subclass that holds spaces (the edge's share of time) is told each time a space
+    below its cap cannot start, on arrival and on another's release: none of the held space's
+    own calls is at work, so only the subclass can see to it that `_admit` runs again."""
+    slots = Gated()
+    waiting = asyncio.ensure_future(slots.acquire("a"))
+    await settle()
+    assert not waiting.done()
+    assert (slots.waiting("a"), slots.held) == (1, 1)  # on its arrival
+    slots.open = True
+    assert await slots.acquire("b") is False  # starts at once, and admits nobody else
+    assert not waiting.done()
+    slots.open = False
+    slots.release("b")
+    assert (slots.waiting("a"), slots.held) == (1, 2)  # on another's release
+    slots.open = True
+    await slots.acquire("b")
+    slots.release("b")  # a release lets the queue look again
+    assert await asyncio.wait_for(waiting, 10) is True  # it waited
+    assert (slots.running("a"), slots.held) == (1, 2)
+    assert await slots.acquire("a") is False
+
+
 async def test_activity_forgets_a_space_after_its_window() -> None:
     # A window longer than a stall of the test between the notes and the check.
     activity = queueing.Activity(window_s=1.0)

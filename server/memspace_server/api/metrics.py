@@ -117,6 +117,26 @@ class _SpaceCollector:
         yield indexed
 
 
+class _BySpace:
+    """The series of a metric labelled by space first, kept at hand (`labels` costs more than
+    a call's path should pay) and dropped with their space."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._series: dict[tuple[str, ...], Any] = {}
+
+    def series(self, *labels: str) -> Any:
+        found = self._series.get(labels)
+        if found is None:
+            found = self._series[labels] = self.metric.labels(*labels)
+        return found
+
+    def forget_spaces_except(self, known: set[str]) -> None:
+        for labels in [k for k in self._series if k[0] and k[0] not in known]:
+            del self._series[labels]
+            self.metric.remove(*labels)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = prometheus_client.CollectorRegistry()
@@ -142,19 +162,15 @@ class Metrics:
         )
         self.snapshot = Snapshot()
         self.registry.register(_SpaceCollector(self))
-        self._counters: dict[tuple[str, str, str], Any] = {}
-        self._waits: dict[str, Any] = {}
+        self._requests = _BySpace(self.requests)
+        self._waits = _BySpace(self.turn_waits)
         self._histograms: dict[str, Any] = {}
         self._http: Any = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
     def observe(self, space: str, method: str, code: str, seconds: float | None) -> None:
-        key = (space, method, code)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.requests.labels(space, method, code)
-        counter.inc()
+        self._requests.series(space, method, code).inc()
         if seconds is not None:
             histogram = self._histograms.get(method)
             if histogram is None:
@@ -163,19 +179,12 @@ class Metrics:
 
     def waited(self, space: str, seconds: float) -> None:
         """A call of `space` waited `seconds` for its turn (`sharing.Turns`)."""
-        counter = self._waits.get(space)
-        if counter is None:
-            counter = self._waits[space] = self.turn_waits.labels(space)
-        counter.inc(seconds)
+        self._waits.series(space).inc(seconds)
 
     def forget_spaces_except(self, known: set[str]) -> None:
         """Drop the request and wait series of spaces that left the index (deleted)."""
-        for key in [k for k in self._counters if k[0] and k[0] not in known]:
-            del self._counters[key]
-            self.requests.remove(*key)
-        for space in [s for s in self._waits if s and s not in known]:
-            del self._waits[space]
-            self.turn_waits.remove(space)
+        self._requests.forget_spaces_except(known)
+        self._waits.forget_spaces_except(known)
 
     def start(self, host: str, port: int, token: tokens.TokenFile | None = None) -> int:
         """Serve `/metrics` on HOST:PORT in a thread. With `token`, a scrape without

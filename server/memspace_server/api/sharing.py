@@ -136,12 +136,12 @@ class Turns(queueing.FairQueue):
         credit += (now - since) * (self.share - (self._running.get(space, 0) > 0))
         return min(max(credit, -MAX_DEBT_S), self.burst_s)
 
-    def _count(self, space: str) -> None:
+    def _count(self, space: str, shared: bool) -> None:
         """Note the space's credit as a call of it starts or ends: the time since is charged at
         whether it had calls at work. A space alone owes nothing for its time alone."""
         if self.share >= 1:
             return
-        if not self.shared():
+        if not shared:
             self._credit.pop(space, None)
             return
         now = self._clock()
@@ -161,27 +161,32 @@ class Turns(queueing.FairQueue):
         for space in full:
             del self._credit[space]
 
-    def _take(self, space: str) -> None:
-        self._count(space)
-        super()._take(space)
+    def _take(self, space: str, shared: bool) -> None:
+        self._count(space, shared)
+        super()._take(space, shared)
 
     def release(self, space: str) -> None:
-        self._count(space)
+        self._count(space, self.shared())
         super().release(space)
 
-    def _ready(self, space: str) -> bool:
+    def _ready(self, space: str, shared: bool) -> bool:
         """A space with calls waiting starts the next one only with credit left, while spaces
-        share the loop; without credit and with no call at work (none whose end would admit
-        the next), a timer admits it once the credit is back to zero."""
-        if self.share >= 1 or space not in self._waiting or not self.shared():
+        share the loop."""
+        if self.share >= 1 or not shared or space not in self._waiting:
             return True
+        return self._reckon(space, self._clock()) >= 0
+
+    def _held(self) -> None:
+        """A held space with no call at work has no call's end to admit its next one: a timer
+        does, once the first of them has its credit back to zero."""
+        if self.share >= 1:
+            return
         now = self._clock()
-        credit = self._reckon(space, now)
-        if credit >= 0:
-            return True
-        if not self._running.get(space):
-            self._wake_up_in(1e-4 - credit / self.share, now)
-        return False
+        for space in self._waiting:
+            if not self._running.get(space):
+                credit = self._reckon(space, now)
+                if credit < 0:
+                    self._wake_up_in(1e-4 - credit / self.share, now)
 
     def _wake_up_in(self, delay_s: float, now: float) -> None:
         at = now + delay_s
