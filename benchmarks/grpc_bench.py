@@ -31,6 +31,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -828,7 +829,9 @@ async def beside_process(
         deadline = time.monotonic() + 60
         while ready is not None and ready not in other.log.read_text():
             if other.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command[2]} did not start:\n{other.log.read_text()}")
+                raise RuntimeError(
+                    f"{shlex.join(command[1:])} did not start:\n{other.log.read_text()}"
+                )
             await asyncio.sleep(0.1)
         if ready is None:
             await asyncio.sleep(1.0)  # at full speed

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # As `memspace serve` does: one BLAS/OpenMP thread per scan (concurrent requests use the cores),
@@ -19,6 +20,12 @@ RESULTS = Path(__file__).with_name("results.json")
 BUSY_LOAD = 1.5
 """A suite that starts with the 1-minute load average above this is marked busy: its figures
 are not the machine's (ratios flatter or worse)."""
+SETTLE_S = 180.0
+"""The longest a suite waits for the load average to fall to BUSY_LOAD before it starts: the
+suite before it leaves the 1-minute average high for a while after it ends (from 2.5 it takes
+about half a minute to reach 1.5), and a suite started at once would be marked busy for its
+neighbour's load, not the machine's."""
+SETTLE_POLL_S = 2.0
 BUSY_STEAL = 5.0
 """A suite during which the host took more than this share (%) of the virtual machine's CPU time
 (steal) is marked `host_busy`: the load average does not show it, and the machine ran slower."""
@@ -60,6 +67,22 @@ def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100.0 * (after[1] - before[1]) / total if total > 0 else 0.0
 
 
+def settle(
+    limit_s: float = SETTLE_S,
+    load: Callable[[], float] = lambda: os.getloadavg()[0],
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Wait until the 1-minute load average is at most BUSY_LOAD, or for `limit_s`; return
+    the load found last."""
+    deadline = clock() + limit_s
+    found = load()
+    while found > BUSY_LOAD and clock() < deadline:
+        sleep(SETTLE_POLL_S)
+        found = load()
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -78,10 +101,13 @@ def main() -> int:
         except ModuleNotFoundError as err:
             print(f"skipping {name}: {err}", file=sys.stderr)
             continue
+        waited = time.perf_counter()
+        load_before = settle(0.0 if args.quick else SETTLE_S)
+        waited = time.perf_counter() - waited
         start = time.perf_counter()
-        load_before = os.getloadavg()[0]
         busy = load_before > BUSY_LOAD
-        print(f"== {name} (load {load_before:.2f}{', BUSY' if busy else ''})", flush=True)
+        settled = f", after {waited:.0f} s for it to settle" if waited >= 1 else ""
+        print(f"== {name} (load {load_before:.2f}{settled}{', BUSY' if busy else ''})", flush=True)
         ticks_before = cpu_ticks()
         module.run(results, quick=args.quick)
         load_after = os.getloadavg()[0]
@@ -92,6 +118,7 @@ def main() -> int:
             "busy": busy,
             "steal_pct": round(stolen, 1),
             "host_busy": stolen > BUSY_STEAL,
+            "settled_s": round(waited),
         }
         host = f"the host took {stolen:.1f}% of the CPU time"
         print(
