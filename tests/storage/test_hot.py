@@ -146,3 +146,22 @@ def test_an_object_column_keeps_its_values_like_a_list() -> None:
     empty = tiers.ObjectColumn()
     with pytest.raises(IndexError):
         empty.pop()
+
+
+def test_a_memory_stays_unsaved_until_a_checkpoint_holds_it_wherever_its_row_moves() -> None:
+    tier = hot.HotTier(DIM)
+    rng = np.random.default_rng(7)
+    tier.add(_batch(["m0", "m1", "m2"], rng.normal(size=(3, DIM)).astype(np.float32)))
+    assert tier.unsaved_ids() == ["m0", "m1", "m2"]
+    tier.mark_saved()
+    assert tier.unsaved_ids() == []
+    tier.add(_batch(["m3", "m4"], rng.normal(size=(2, DIM)).astype(np.float32)))
+    tier.remove("m0")  # the last row (m4) moves into m0's: its flag goes with it
+    assert tier.unsaved_ids() == ["m4", "m3"]
+    tier.remove("m3")  # forgotten before any checkpoint: nothing left to save of it
+    assert tier.unsaved_ids() == ["m4"]
+    tier.add(_batch(["m5"], rng.normal(size=(1, DIM)).astype(np.float32)))
+    tier.mark_saved(["m4", "gone"])  # a memory removed meanwhile is passed over
+    assert tier.unsaved_ids() == ["m5"]
+    tier.remove("m1")  # m5 moves into the saved row of m1: still unsaved
+    assert tier.unsaved_ids() == ["m5"]

@@ -155,7 +155,7 @@ class Checkpointer:
                 f"the hot checkpoint in {self.directory} is damaged ({err}); the WAL it replaced "
                 "is gone, so the space is refused rather than served with memories missing"
             ) from err
-        hot.unsaved.clear()
+        hot.mark_saved()
         return hot
 
     def write(
@@ -168,7 +168,7 @@ class Checkpointer:
         """Write a checkpoint of the current state as of `lsn` and make it the current one."""
         seq = self.manifest.seq + 1
         live = list(hot.ids())
-        fresh = [i for i in live if i in hot.unsaved]
+        fresh = hot.unsaved_ids()
         runs_total = sum(self._run_rows.get(r, 0) for r in set(self._run_of.values()))
         if runs_total + len(fresh) > 2 * len(live) + 4096:
             fresh = live
@@ -206,8 +206,7 @@ class Checkpointer:
         )
         durable.atomic_write(self.directory / MANIFEST, json.dumps(manifest.to_json(), indent=1))
         self.manifest = manifest
-        for memory_id in fresh:
-            hot.unsaved.pop(memory_id, None)
+        hot.mark_saved(None if fresh is live else fresh)
         self._sweep()
         return manifest
 

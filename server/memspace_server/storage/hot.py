@@ -4,8 +4,8 @@ block of embeddings.
 Rows stay dense: a removal moves the last row into the hole. The embeddings are kept in blocks,
 so the tier grows by adding a block and never copies the rows it holds; the small per-row
 columns double. The tier remembers
-which memories arrived since the last checkpoint (`unsaved`), so a checkpoint writes only
-those."""
+which memories arrived since the last checkpoint (a flag per row, moved with its row), so a
+checkpoint writes only those."""
 
 from __future__ import annotations
 
@@ -158,14 +158,15 @@ class HotTier:
         self._created = np.zeros(0, np.float64)
         self._recalled = np.zeros(0, np.float64)
         self._count = np.zeros(0, np.uint64)
+        # Rows that arrived since the last checkpoint (`unsaved_ids`): a flag per row, where a
+        # set of ids cost a hash insert a memory on every write (as much as copying its row).
+        self._unsaved = np.zeros(0, np.bool_)
         # Objects per row in numpy columns, out of the cyclic collector's walk (`ObjectColumn`).
         self._ids = tiers.ObjectColumn()
         self._contents = tiers.ObjectColumn()
         self._tags = tiers.ObjectColumn()
         self._row: dict[str, int] = {}
         self._tag_index = tiers.TagIndex()
-        # A dict of plain keys is left out of the cyclic collector's walk (a set never is).
-        self.unsaved: dict[str, None] = {}
 
     def __len__(self) -> int:
         return self._n
@@ -196,7 +197,7 @@ class HotTier:
         if need <= capacity:
             return
         size = need if exact else max(need, capacity * 2, 64)
-        for name in ("_norms", "_confidence", "_created", "_recalled", "_count"):
+        for name in ("_norms", "_confidence", "_created", "_recalled", "_count", "_unsaved"):
             old: npt.NDArray[np.generic] = getattr(self, name)
             new = np.zeros(size, old.dtype)
             new[: self._n] = old[: self._n]
@@ -240,7 +241,7 @@ class HotTier:
                 if tags:
                     self._tag_index.add(row, tags)
         self._n = end
-        self.unsaved.update(dict.fromkeys(batch.ids))
+        self._unsaved[start:end] = True
 
     def add_memories(self, items: Sequence[memories.Memory]) -> None:
         """`add` for memories not yet in columns: copied once, straight into the tier."""
@@ -269,7 +270,7 @@ class HotTier:
             if tags:
                 self._tag_index.add(row, tags)
         self._n = end
-        self.unsaved.update(dict.fromkeys(m.id for m in items))
+        self._unsaved[start:end] = True
 
     def add_one(self, memory: memories.Memory) -> None:
         """`add` for a single memory, without building a batch (the common Remember)."""
@@ -291,7 +292,7 @@ class HotTier:
         if tags:
             self._tag_index.add(row, tags)
         self._n = row + 1
-        self.unsaved[memory.id] = None
+        self._unsaved[row] = True
 
     def remove(self, memory_id: str) -> bool:
         row = self._row.pop(memory_id, None)
@@ -309,6 +310,7 @@ class HotTier:
                 self._created,
                 self._recalled,
                 self._count,
+                self._unsaved,
             ):
                 column[row] = column[last]
             self._ids[row] = moved
@@ -320,8 +322,20 @@ class HotTier:
         self._contents.pop()
         self._tags.pop()
         self._n = last
-        self.unsaved.pop(memory_id, None)
         return True
+
+    def unsaved_ids(self) -> list[str]:
+        """The memories that arrived since the last checkpoint (`mark_saved`), in row order."""
+        return self._ids.take(np.flatnonzero(self._unsaved[: self._n]))
+
+    def mark_saved(self, memory_ids: Iterable[str] | None = None) -> None:
+        """The given memories (all, without) are in a checkpoint now."""
+        if memory_ids is None:
+            self._unsaved[: self._n] = False
+            return
+        row = self._row
+        rows = np.fromiter((row[i] for i in memory_ids if i in row), np.int64)
+        self._unsaved[rows] = False
 
     def get(self, memory_id: str, with_embedding: bool = True) -> memories.Memory | None:
         return self.get_many((memory_id,), with_embedding).get(memory_id)
