@@ -322,6 +322,43 @@ async def test_a_held_space_starts_its_next_call_once_its_share_has_room() -> No
     assert turns.working == 0
 
 
+class TickingClock:
+    """A clock that moves on by `step` seconds each time it is read (set `step` once the test
+    wants time to pass between two reads in one step of the queue)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.step = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def test_a_held_space_whose_credit_came_back_while_the_queue_looked_is_still_started() -> (
+    None
+):
+    """Time passes between the queue finding a held space short of credit and its arranging
+    the wake-up (a busy loop, a slow machine): the space has its credit back by then, with no
+    call at work whose end would start its next; it is started all the same."""
+    clock = TickingClock()
+    turns = sharing.Turns(per_space=1, window_s=SHARED_S, burst_s=0.0, clock=clock)
+    started: list[str] = []
+    noisy = Caller(turns, "noisy", started)
+    await called(turns, "quiet")
+    flood = [noisy.call() for _ in range(2)]
+    await settle()
+    assert started == ["noisy-0"]
+    clock.now += 0.1  # noisy-0 works 0.1 s: it owes 0.05 s of credit when it ends
+    clock.step = 0.12  # then every read of the clock is 0.06 s of credit back
+    noisy.end(0)
+    await asyncio.wait_for(until(lambda: len(started) == 2), 10)
+    clock.step = 0.0
+    noisy.end(1)
+    await asyncio.gather(*flood)
+    assert turns.working == 0
+
+
 REMEMBER = pb.RememberRequest(memory=pb.Memory(content="m", embedding=[1.0, 0.0, 0.0, 0.0]))
 
 

@@ -178,15 +178,15 @@ class Turns(queueing.FairQueue):
 
     def _held(self) -> None:
         """A held space with no call at work has no call's end to admit its next one: a timer
-        does, once the first of them has its credit back to zero."""
+        does, once the first of them has its credit back to zero (at once if it is by now: the
+        clock moved on since `_ready` found it short, and nothing else would look again)."""
         if self.share >= 1:
             return
         now = self._clock()
         for space in self._waiting:
             if not self._running.get(space):
-                credit = self._reckon(space, now)
-                if credit < 0:
-                    self._wake_up_in(1e-4 - credit / self.share, now)
+                owed = max(0.0, -self._reckon(space, now))
+                self._wake_up_in(1e-4 + owed / self.share, now)
 
     def _wake_up_in(self, delay_s: float, now: float) -> None:
         at = now + delay_s
