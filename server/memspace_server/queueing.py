@@ -147,11 +147,8 @@ class FairQueue:
             return True
         return self.activity is not None and self.activity.shared()
 
-    def limit(self) -> float:
-        """Slots one space may hold now."""
-        return self._limit(self.alone != self.per_space and self.shared())
-
     def _limit(self, shared: bool) -> float:
+        """Slots one space may hold (`shared`: as `shared()` found it just now)."""
         return self.per_space if shared else self.alone
 
     async def acquire(self, space: str) -> bool:
@@ -206,21 +203,25 @@ class FairQueue:
         return True
 
     def _held(self) -> None:
-        """Spaces wait, each at its cap or not `_ready`: a subclass that holds spaces below
-        their cap arranges here for `_admit` to run again once one may start (a held space
-        may have no work of its own whose `release` would)."""
+        """A waiting space below its cap was not `_ready`: a subclass that holds spaces
+        arranges here for `_admit` to run again once one may start (a held space may have no
+        work of its own whose `release` would)."""
 
     def _admit(self) -> None:
         """Give free slots to waiting spaces, one per space per turn."""
         while self.working < self.total and self._waiting:
             shared = self.shared()
             cap = self._limit(shared)
+            held = False
             for space in self._waiting:
-                if self._running[space] < cap and self._ready(space, shared):
-                    break
+                if self._running[space] < cap:
+                    if self._ready(space, shared):
+                        break
+                    held = True
             else:
                 # Every waiting space is at its cap (a release admits it) or held.
-                self._held()
+                if held:
+                    self._held()
                 return
             queue = self._waiting.pop(space)
             future = queue.popleft()

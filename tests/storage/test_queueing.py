@@ -133,6 +133,15 @@ async def test_a_space_held_below_its_cap_waits_and_the_queue_hears_of_it() -> N
     assert await asyncio.wait_for(waiting, 10) is True  # it waited
     assert (slots.running("a"), slots.held) == (1, 2)
     assert await slots.acquire("a") is False
+    await slots.acquire("b")
+    third = asyncio.ensure_future(slots.acquire("a"))  # a holds two: at its cap
+    await settle()
+    slots.open = False
+    slots.release("b")  # the one waiting space is at its cap, not held: nothing to hear of
+    assert (slots.waiting("a"), slots.held) == (1, 2)
+    slots.open = True
+    slots.release("a")
+    assert await asyncio.wait_for(third, 10) is True
 
 
 async def test_activity_forgets_a_space_after_its_window() -> None:
