@@ -215,8 +215,13 @@ def _prepared_calls(writers: int, per_call: int) -> list[list[list[memories.Draf
     ]
 
 
+RememberMany = Callable[[list[memories.Draft]], Awaitable[object]]
+Drive = Callable[[RememberMany, int, int, float], Awaitable[float]]
+"""`_drive`, or a caller that wraps it (`write_profile` times each thread around it)."""
+
+
 async def _drive(
-    remember_many: Callable[[list[memories.Draft]], Awaitable[object]],
+    remember_many: RememberMany,
     writers: int,
     per_call: int,
     seconds: float,
@@ -240,13 +245,13 @@ async def _drive(
 
 
 async def _floor_rate(
-    directory: Path, writers: int, per_call: int, seconds: float
+    directory: Path, writers: int, per_call: int, seconds: float, drive: Drive = _drive
 ) -> tuple[float, int]:
     """`_remember_rate` of the write floor (`write_floor`): memories per second and records per
     fsync."""
     floor = write_floor.WriteFloor(directory / "floor.bin", DIM)
     try:
-        rate = await _drive(floor.remember_many, writers, per_call, seconds)
+        rate = await drive(floor.remember_many, writers, per_call, seconds)
     finally:
         floor.close()
     return rate, round(floor.count / max(1, floor.log.syncs))
@@ -306,12 +311,13 @@ async def _engine_rate(
     writers: int,
     per_call: int,
     seconds: float,
+    drive: Drive = _drive,
 ) -> tuple[float, int]:
     reg = registry.standalone(directory, engine_settings)
     try:
         space_id = spaces.SpaceId(label.replace("_", "-"))
         await reg.create(space_id, DIM, tiers_config=index.Tiers(hot_capacity=10**7))
-        return await _remember_rate(reg, space_id, writers, per_call, seconds)
+        return await _remember_rate(reg, space_id, writers, per_call, seconds, drive)
     finally:
         await reg.close()
 
@@ -322,12 +328,13 @@ async def _remember_rate(
     writers: int,
     per_call: int,
     seconds: float,
+    drive: Drive = _drive,
 ) -> tuple[float, int]:
     """Memories per second from `writers` concurrent callers, each remembering `per_call`
     memories a call (1: Remember; more: RememberBatch), and the records per fsync achieved."""
     async with reg.lease(space_id) as space:
         syncs_before, stored_before = space._wal.syncs, space.count()
-        rate = await _drive(space.remember_many, writers, per_call, seconds)
+        rate = await drive(space.remember_many, writers, per_call, seconds)
         syncs = space._wal.syncs - syncs_before
         batch = round((space.count() - stored_before) / max(1, syncs))
     return rate, batch
