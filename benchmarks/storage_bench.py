@@ -5,7 +5,9 @@ alone); remember throughput with group commit vs a
 raw append+fdatasync loop on the same disk and vs the write floor (`write_floor`: only the steps
 no store of memories can skip); WAL replay rate, and vs a bare read + CRC32C of the
 same segment files; the pause of a full collection of Python's cyclic collector with 100k
-memories in the hot tier, and before any space was opened."""
+memories in the hot tier, and before any space was opened; the pause a write to a space sees
+while the space consolidates 80,000 new memories, vs a bare write + fsync of the bytes its
+checkpoint wrote."""
 
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import crc32c
 import numpy as np
+import numpy.typing as npt
 
 from benchmarks import write_floor
-from memspace_contract import index, spaces
+from memspace_contract import durable, index, spaces
 from memspace_server.storage import frames, memories, registry, settings, wal
 
 DIM = 768
@@ -365,6 +368,57 @@ def _raw_group_commit_rate(directory: Path, batch: int, seconds: float) -> float
         os.close(fd)
 
 
+CONSOLIDATED = 80_000
+"""Memories of 768 floats a consolidation writes in the pause figure: about the 256 MiB of WAL
+that starts one by default (`consolidate_wal_bytes`)."""
+
+
+async def _consolidation_pause(
+    root: Path, matrix: npt.NDArray[np.float32], results: dict[str, object], quick: bool
+) -> None:
+    """How long a write to a space waits while the space consolidates its hot tier's new
+    memories (a checkpoint holds the space's write lock), beside the bare write + fsync of as
+    many bytes as the checkpoint's run file took."""
+    count = 4_000 if quick else CONSOLIDATED
+    reg = registry.standalone(
+        root / "consolidate", settings.EngineSettings(consolidate_wal_bytes=1 << 40)
+    )
+    try:
+        space_id = spaces.SpaceId("pause")
+        await reg.create(space_id, DIM, tiers_config=index.Tiers(hot_capacity=10**7))
+        async with reg.lease(space_id) as space:
+            for first in range(0, count, 1000):
+                rows = matrix[np.arange(first, first + 1000) % matrix.shape[0]]
+                await space.remember_many(
+                    [
+                        memories.Draft(content=f"c{first + i}", embedding=row)
+                        for i, row in enumerate(rows)
+                    ]
+                )
+            os.sync()
+            consolidating = asyncio.create_task(space.consolidate())
+            await asyncio.sleep(0)  # it holds the lock now
+            probe = [memories.Draft(content="probe", embedding=matrix[i]) for i in range(2)]
+            start = time.perf_counter()
+            await space.remember_many(probe)
+            paused = time.perf_counter() - start
+            await consolidating
+        run_bytes = sum(path.stat().st_size for path in (root / "consolidate").rglob("run-*.npz"))
+    finally:
+        await reg.close()
+    data = np.zeros(run_bytes, np.uint8)
+    data[::4096] = 1  # its pages touched, as the checkpoint's are
+    os.sync()
+    start = time.perf_counter()
+    durable.write_file(root / "bare.bin", data.data)
+    bare = time.perf_counter() - start
+    (root / "bare.bin").unlink()
+    results["consolidation_memories"] = count
+    results["consolidation_pause_s"] = round(paused, 3)
+    results["consolidation_bare_write_s"] = round(bare, 3)
+    results["consolidation_pause_vs_write"] = round(paused / bare, 2)
+
+
 async def _run(results: dict[str, object], quick: bool) -> None:
     figures: dict[str, float] = {}
     await _measure(figures, results, quick)
@@ -410,6 +464,8 @@ async def _measure(figures: dict[str, float], results: dict[str, object], quick:
             results[f"{label}_floor_vs_raw"] = round(floor / raw, 3)
             results[f"{label}_vs_floor"] = round(rate / floor, 3)
         results["raw_group_commit_per_s"] = results["raw_group_commit_remember_per_s"]
+        os.sync()
+        await _consolidation_pause(root, matrix, results, quick)
     for tier in ("hot", "warm", "cold", "cold_cached"):
         # Against the faiss searches taken between its own calls (`_atime_beside`).
         faiss_ms = figures[f"faiss_beside_{tier}_ms"]

@@ -409,3 +409,38 @@ async def test_a_recall_counts_each_hit_once_in_every_tier(
                 assert stored.last_recalled_at == hit.memory.last_recalled_at
             by_tier.add(hit.tier)
         assert by_tier == set(tiers.NAMES)
+
+
+async def test_a_checkpoint_keeps_each_hot_memory_with_its_own_recall_counts(
+    spaces_registry: registry.Registry,
+) -> None:
+    """The checkpoint saves the hot tier's recall statistics in the order of its rows, which
+    forgets reorder (the last row fills the hole); after a reload from the checkpoint alone
+    (the WAL it covers dropped) each memory still has its own."""
+    rng = np.random.default_rng(12)
+    space_id = await make_space(spaces_registry)
+    async with spaces_registry.lease(space_id) as space:
+        _count, _lsn, ids = await space.remember_many([draft(rng, f"m{i}") for i in range(40)])
+        for times, memory_id in enumerate(ids[:10], start=1):
+            for _ in range(times):
+                await space.recall(memories.Query(cue=(await space.get(memory_id)).embedding, k=1))
+        for memory_id in (ids[0], ids[5], ids[20]):
+            assert (await space.forget(memory_id))[0]
+        await space.consolidate()
+        _count, _lsn, more = await space.remember_many([draft(rng, f"n{i}") for i in range(5)])
+        await space.recall(memories.Query(cue=(await space.get(more[2])).embedding, k=1))
+        await space.forget(ids[1])
+        await space.consolidate()
+        before = {i: await space.get(i) for i in [*ids, *more] if space._locate(i) is not None}
+        assert space._wal.first_retained_lsn() > space.durable_lsn  # the WAL holds nothing
+    await spaces_registry.unload(space_id)
+    async with spaces_registry.lease(space_id) as space:
+        assert space.count() == len(before) == 41
+        for memory_id, memory in before.items():
+            again = await space.get(memory_id)
+            assert again.content == memory.content
+            assert again.recall_count == memory.recall_count, memory.content
+            assert again.last_recalled_at == memory.last_recalled_at
+            assert again.embedding.tobytes() == memory.embedding.tobytes()
+        recalled = {m.content: m.recall_count for m in before.values() if m.recall_count}
+        assert recalled == {**{f"m{i}": i + 1 for i in (2, 3, 4, 6, 7, 8, 9)}, "n2": 1}

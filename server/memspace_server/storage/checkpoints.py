@@ -11,8 +11,8 @@ into one when most of their rows are dead. Files the manifest no longer names ar
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,12 @@ class Manifest:
 
 
 def _save(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **arrays)
-    durable.write_file(path, buffer.getbuffer())
+    """`arrays` into a new file at `path`, flushed; written as numpy makes it (a buffer of the
+    whole first would copy a run of hundreds of megabytes into fresh memory once more)."""
+    with path.open("wb") as file:
+        np.savez(file, allow_pickle=False, **arrays)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _load(path: Path) -> dict[str, npt.NDArray[Any]]:
@@ -180,14 +183,14 @@ class Checkpointer:
                 self._run_of[memory_id] = run
         self._run_of = {i: self._run_of[i] for i in live}
         index = f"hot-index-{seq:08d}.npz"
-        batch = hot.columns_for(live)
+        recalled, count = hot.recall_stats()  # in the order of `ids()`
         _save(
             self.directory / index,
             {
                 "ids": _json_array(live),
                 "runs": _json_array([self._run_of[i] for i in live]),
-                "recalled": batch.last_recalled_at,
-                "count": batch.recall_count,
+                "recalled": recalled,
+                "count": count,
             },
         )
         refs = {}

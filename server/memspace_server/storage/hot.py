@@ -406,6 +406,11 @@ class HotTier:
             found = tiers.best(scores, None, k, min_score)
         return [(score, self._ids[row]) for score, row in found]
 
+    def recall_stats(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.uint64]]:
+        """When each memory was last recalled and how often, in the order of `ids()` (copies:
+        what a checkpoint saves, without gathering the rows)."""
+        return self._recalled[: self._n].copy(), self._count[: self._n].copy()
+
     def recency(self) -> npt.NDArray[np.float64]:
         """When each row was last used: its last recall, else its creation."""
         return np.maximum(self._recalled[: self._n], self._created[: self._n])
