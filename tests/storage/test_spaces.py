@@ -13,7 +13,7 @@ import pytest
 
 from memspace_contract import index, spaces
 from memspace_server import errors
-from memspace_server.storage import memories, registry, settings, tiers
+from memspace_server.storage import checkpoints, memories, registry, settings, tiers
 from tests.conftest import QuotaClock
 
 from .conftest import DIM, draft, make_space, vec
@@ -412,11 +412,13 @@ async def test_a_recall_counts_each_hit_once_in_every_tier(
 
 
 async def test_a_checkpoint_keeps_each_hot_memory_with_its_own_recall_counts(
-    spaces_registry: registry.Registry,
+    spaces_registry: registry.Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checkpoint saves the hot tier's recall statistics in the order of its rows, which
-    forgets reorder (the last row fills the hole); after a reload from the checkpoint alone
-    (the WAL it covers dropped) each memory still has its own."""
+    forgets reorder (the last row fills the hole), and writes its runs a chunk of rows at a
+    time (7 here); after a reload from the checkpoint alone (the WAL it covers dropped) each
+    memory still has its own embedding, text and counts."""
+    monkeypatch.setattr(checkpoints, "RUN_CHUNK_ROWS", 7)
     rng = np.random.default_rng(12)
     space_id = await make_space(spaces_registry)
     async with spaces_registry.lease(space_id) as space:
