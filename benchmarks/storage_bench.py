@@ -376,9 +376,9 @@ that starts one by default (`consolidate_wal_bytes`)."""
 async def _consolidation_pause(
     root: Path, matrix: npt.NDArray[np.float32], results: dict[str, object], quick: bool
 ) -> None:
-    """How long a write to a space waits while the space consolidates its hot tier's new
-    memories (a checkpoint holds the space's write lock), beside the bare write + fsync of as
-    many bytes as the checkpoint's run file took."""
+    """The longest a write to a space waits while the space consolidates its hot tier's new
+    memories (the checkpoint holds the space's write lock), one write after another, beside
+    the bare write + fsync of as many bytes as the checkpoint's run files took."""
     count = 4_000 if quick else CONSOLIDATED
     reg = registry.standalone(
         root / "consolidate", settings.EngineSettings(consolidate_wal_bytes=1 << 40)
@@ -397,11 +397,12 @@ async def _consolidation_pause(
                 )
             os.sync()
             consolidating = asyncio.create_task(space.consolidate())
-            await asyncio.sleep(0)  # it holds the lock now
             probe = [memories.Draft(content="probe", embedding=matrix[i]) for i in range(2)]
-            start = time.perf_counter()
-            await space.remember_many(probe)
-            paused = time.perf_counter() - start
+            paused = 0.0
+            while not consolidating.done():  # a writer's longest wait while it runs
+                start = time.perf_counter()
+                await space.remember_many(probe)
+                paused = max(paused, time.perf_counter() - start)
             await consolidating
         run_bytes = sum(path.stat().st_size for path in (root / "consolidate").rglob("run-*.npz"))
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -446,3 +447,62 @@ async def test_a_checkpoint_keeps_each_hot_memory_with_its_own_recall_counts(
             assert again.embedding.tobytes() == memory.embedding.tobytes()
         recalled = {m.content: m.recall_count for m in before.values() if m.recall_count}
         assert recalled == {**{f"m{i}": i + 1 for i in (2, 3, 4, 6, 7, 8, 9)}, "n2": 1}
+
+
+async def test_a_consolidation_writes_the_new_memories_run_while_the_space_serves(
+    spaces_registry: registry.Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run of the hot tier's new memories is written before the checkpoint takes the
+    space's write lock: writes of new memories and recalls go on meanwhile; a forget, and a
+    write replacing a memory, wait until the run is written (they move rows it reads); the
+    checkpoint leaves those two out of the run. A reload from it has every memory as last
+    written."""
+    monkeypatch.setattr(checkpoints, "AHEAD_MIN_ROWS", 8)
+    entered, gate = threading.Event(), threading.Event()
+    write_run_ahead = checkpoints.Checkpointer.write_run_ahead
+
+    def held(self: checkpoints.Checkpointer, *args: Any) -> checkpoints.Ahead:
+        entered.set()
+        assert gate.wait(10)
+        return write_run_ahead(self, *args)
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "write_run_ahead", held)
+    rng = np.random.default_rng(13)
+    space_id = await make_space(spaces_registry)
+    async with spaces_registry.lease(space_id) as space:
+        given = [draft(rng, f"given {i}", id=f"given-{i}") for i in range(20)]
+        await space.remember_many(given)
+        consolidating = asyncio.create_task(space.consolidate())
+        assert await asyncio.to_thread(entered.wait, 10)
+        _count, _lsn, meanwhile = await space.remember_many(
+            [draft(rng, f"new {i}") for i in range(3)]
+        )
+        hits = await space.recall(memories.Query(cue=given[19].embedding, k=1))
+        assert [h.memory.id for h in hits] == ["given-19"]
+        forgetting = asyncio.create_task(space.forget("given-0"))
+        replacing = asyncio.create_task(
+            space.remember(
+                memories.Draft(content="given 5, again", embedding=vec(rng), id="given-5")
+            )
+        )
+        await asyncio.sleep(0.1)
+        assert not forgetting.done()
+        assert not replacing.done()
+        assert not consolidating.done()
+        gate.set()
+        assert await forgetting == (True, 22 + 2)
+        await replacing
+        await consolidating
+        run = space._checkpointer.manifest.runs
+        assert any(name.endswith("-ahead.npz") for name in run)
+        expected = {i: await space.get(i) for i in [f"given-{n}" for n in range(1, 20)] + meanwhile}
+    await spaces_registry.unload(space_id)
+    async with spaces_registry.lease(space_id) as space:
+        assert space.count() == 22
+        with pytest.raises(errors.MemoryNotFoundError):
+            await space.get("given-0")
+        for memory_id, memory in expected.items():
+            again = await space.get(memory_id)
+            assert again.content == memory.content
+            assert again.embedding.tobytes() == memory.embedding.tobytes(), memory.content
+        assert (await space.get("given-5")).content == "given 5, again"

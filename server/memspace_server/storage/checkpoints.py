@@ -27,6 +27,9 @@ from memspace_server.storage import hot as hot_tier
 from memspace_server.storage import tiers, zarr_tiers
 
 MANIFEST = "checkpoint.json"
+AHEAD_MIN_ROWS = 4096
+"""New memories in the hot tier from which a consolidation writes their run before it takes the
+space's write lock (`Space.consolidate`); fewer are written under it, with the checkpoint."""
 RUN_CHUNK_ROWS = 4096
 """Rows of embeddings a run's writer gathers at a time (12 MiB of 768 floats)."""
 FORMAT = 1
@@ -37,6 +40,14 @@ class TierRef:
     generation: int = 1
     rows: int = 0
     state: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Ahead:
+    """A run written before the checkpoint that names it, and the memories it holds."""
+
+    run: str
+    memory_ids: list[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,23 +180,52 @@ class Checkpointer:
         hot.mark_saved()
         return hot
 
+    def ahead_of_checkpoint(self, hot: hot_tier.HotTier) -> list[str] | None:
+        """The new memories of the hot tier a checkpoint now would write as a run of its own,
+        if there are enough to be worth writing before it (`write_run_ahead`), else None."""
+        fresh = hot.unsaved_ids()
+        runs_total = sum(self._run_rows.get(r, 0) for r in set(self._run_of.values()))
+        rewrite = runs_total + len(fresh) > 2 * len(hot) + 4096  # `write` rewrites them all
+        return fresh if len(fresh) >= AHEAD_MIN_ROWS and not rewrite else None
+
+    def write_run_ahead(
+        self, hot: hot_tier.HotTier, memory_ids: list[str], rows: npt.NDArray[np.int64]
+    ) -> Ahead:
+        """Blocking: write the run of the given hot memories (at `rows`, which must not move
+        meanwhile) for the next checkpoint to name (`write(ahead=...)`), while the space goes
+        on serving. Until a checkpoint names it, the file is a leftover it sweeps."""
+        name = f"run-{self.manifest.seq + 1:08d}-ahead.npz"
+        self._write_run(name, hot, memory_ids, rows)
+        return Ahead(name, memory_ids)
+
     def write(
         self,
         lsn: int,
         hot: hot_tier.HotTier,
         warm: zarr_tiers.ZarrTier,
         cold: zarr_tiers.ZarrTier,
+        ahead: Ahead | None = None,
     ) -> Manifest:
-        """Write a checkpoint of the current state as of `lsn` and make it the current one."""
+        """Write a checkpoint of the current state as of `lsn` and make it the current one.
+        `ahead`: a run written before (`write_run_ahead`) of memories still in the hot tier as
+        they were written there (none removed since, not even to be written again)."""
         seq = self.manifest.seq + 1
         live = list(hot.ids())
         fresh = hot.unsaved_ids()
+        saved: list[str] = []
+        if ahead is not None:
+            self._run_rows[ahead.run] = len(ahead.memory_ids)
+            for memory_id in ahead.memory_ids:
+                self._run_of[memory_id] = ahead.run
+            written = set(ahead.memory_ids)
+            saved = ahead.memory_ids
+            fresh = [memory_id for memory_id in fresh if memory_id not in written]
         runs_total = sum(self._run_rows.get(r, 0) for r in set(self._run_of.values()))
         if runs_total + len(fresh) > 2 * len(live) + 4096:
             fresh = live
         if fresh:
             run = f"run-{seq:08d}.npz"
-            self._write_run(run, hot, fresh)
+            self._write_run(run, hot, fresh, hot.rows_of(fresh))
             self._run_rows[run] = len(fresh)
             for memory_id in fresh:
                 self._run_of[memory_id] = run
@@ -217,11 +257,17 @@ class Checkpointer:
         )
         durable.atomic_write(self.directory / MANIFEST, json.dumps(manifest.to_json(), indent=1))
         self.manifest = manifest
-        hot.mark_saved(None if fresh is live else fresh)
+        hot.mark_saved(None if fresh is live else [*saved, *fresh])
         self._sweep()
         return manifest
 
-    def _write_run(self, name: str, hot: hot_tier.HotTier, memory_ids: list[str]) -> None:
+    def _write_run(
+        self,
+        name: str,
+        hot: hot_tier.HotTier,
+        memory_ids: list[str],
+        rows: npt.NDArray[np.int64],
+    ) -> None:
         """A run of the given hot memories, an npz file like `_save`'s. Its embeddings go
         into the file RUN_CHUNK_ROWS rows at a time: gathered whole, a run of 80,000 memories
         of 768 floats took 250 MB of fresh memory, the costliest step of a consolidation (which
@@ -240,7 +286,7 @@ class Checkpointer:
                 with archive.open("embeddings.npy", "w", force_zip64=True) as entry:
                     npy.write_array_header_2_0(entry, header)
                     for start in range(0, len(memory_ids), RUN_CHUNK_ROWS):
-                        part = hot.columns_for(memory_ids[start : start + RUN_CHUNK_ROWS])
+                        part = hot.rows(rows[start : start + RUN_CHUNK_ROWS])
                         entry.write(np.ascontiguousarray(part.embeddings, "<f4").data)
                         confidence.append(part.confidence)
                         created.append(part.created_at)

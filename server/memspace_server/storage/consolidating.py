@@ -55,16 +55,18 @@ def write(
     caps: index.Tiers,
     settings: EngineSettings,
     lsn: int,
+    ahead: checkpoints.Ahead | None = None,
 ) -> tuple[zarr_tiers.ZarrTier, zarr_tiers.ZarrTier]:
-    """The blocking half of a consolidation, through the checkpoint at `lsn`. Returns the warm
-    and cold tiers to use from now on (new generations where a tier was compacted)."""
+    """The blocking half of a consolidation, through the checkpoint at `lsn` (naming the run
+    written `ahead` of it, if any). Returns the warm and cold tiers to use from now on (new
+    generations where a tier was compacted)."""
     warm.add(demoted)
     moving = overflow(len(warm), caps.warm_capacity, settings.demote_slack)
     if moving:
         cold.add(warm.take_least_recent(moving))
     warm = _compacted_if_sparse(warm, "none", settings)
     cold = _compacted_if_sparse(cold, caps.cold_compression, settings)
-    checkpointer.write(lsn, hot, warm, cold)
+    checkpointer.write(lsn, hot, warm, cold, ahead)
     log.drop_through(lsn)
     warm.sweep_generations()
     cold.sweep_generations()

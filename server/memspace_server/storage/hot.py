@@ -167,6 +167,8 @@ class HotTier:
         self._tags = tiers.ObjectColumn()
         self._row: dict[str, int] = {}
         self._tag_index = tiers.TagIndex()
+        self._removed: set[str] | None = None
+        """Memories removed since `watch_removals` (None: not watched)."""
 
     def __len__(self) -> int:
         return self._n
@@ -294,10 +296,25 @@ class HotTier:
         self._n = row + 1
         self._unsaved[row] = True
 
+    def watch_removals(self) -> None:
+        """Note from now on which memories are removed (`removed_since`)."""
+        self._removed = set()
+
+    def removed_since(self) -> set[str]:
+        """The memories removed since `watch_removals`; stops noting them."""
+        removed, self._removed = self._removed or set(), None
+        return removed
+
+    def rows_of(self, memory_ids: Sequence[str]) -> npt.NDArray[np.int64]:
+        """The rows of the given memories (each must be in the tier)."""
+        return np.fromiter((self._row[i] for i in memory_ids), np.int64, len(memory_ids))
+
     def remove(self, memory_id: str) -> bool:
         row = self._row.pop(memory_id, None)
         if row is None:
             return False
+        if self._removed is not None:
+            self._removed.add(memory_id)
         last = self._n - 1
         self._tag_index.discard(row, self._tags[row])
         if row != last:

@@ -27,6 +27,7 @@ from memspace_server import errors, queueing, spans
 from memspace_server.storage import (
     ann,
     batches,
+    checkpoints,
     consolidating,
     feeds,
     frames,
@@ -110,6 +111,8 @@ class Space:
         self._failure: errors.MemspaceError | None = None
         self._batch_from: int | None = None
         """The marker LSN of a batch being committed, whose records are not visible yet."""
+        self._rows_pinned: asyncio.Event | None = None
+        """Set once the hot tier's rows may move again (`_write_run_ahead`)."""
         self._closed = False
         self._closing = False
         self._disk_bytes: tuple[float, int] | None = None
@@ -275,6 +278,7 @@ class Space:
     ) -> None:
         """Remove the stored versions of memories about to be written again; count the new."""
         for tier, held in stored:
+            assert tier is not self.hot or self._rows_pinned is None  # `_rows_settled` first
             for memory_id in held:
                 tier.remove(memory_id)
         self._count += new
@@ -318,6 +322,9 @@ class Space:
                 last = dict(zip(batch.ids, range(count), strict=True))
                 stored = self._stored(last.keys())
                 new = len(last) - sum(len(held) for _tier, held in stored)
+                if any(tier is self.hot for tier, _held in stored):
+                    await self._rows_settled()
+                    self._check_writable()
             # Otherwise every ID is one the server just drew (128 random bits, `validating`):
             # none is stored already or given twice, so none is looked up in the tiers (a
             # lookup of a new key in a large tier's index is a cache miss a memory).
@@ -432,6 +439,8 @@ class Space:
             self._executor, batches.latest_columns, chunk
         )
         stored = self._stored(columns.ids)
+        if any(tier is self.hot for tier, _held in stored):
+            await self._rows_settled()
         self._replace(stored, len(columns) - sum(len(held) for _tier, held in stored))
         self.hot.add(columns, checked=True)
         self.keywords.add(columns.ids, columns.contents, columns.tags, self._wal.next_lsn - 1)
@@ -447,6 +456,9 @@ class Space:
             tier = self._locate(memory_id)
             if tier is None:
                 return False, Lsn(0)
+            if tier is self.hot:
+                await self._rows_settled()
+                self._check_writable()
             forgotten: list[feeds.Published] = [
                 feeds.Event(feeds.EventType.FORGOTTEN, memory_id, self._wal.next_lsn, now)
             ]
@@ -735,9 +747,65 @@ class Space:
                 span.set_attribute("memspace.consolidated", count)
             return count
 
+    async def _write_run_ahead(self) -> checkpoints.Ahead | None:
+        """Write the run of the hot tier's new memories before the checkpoint that will name
+        it, with the space serving meanwhile: the write lock is held only to pick them; their
+        rows stay put until the run is written (removals wait, `_rows_settled`), while writes
+        of new memories and recalls go on. Those removed after it (forgotten, or written
+        again) are left out of it by the checkpoint. None if there are few to write, or the
+        run could not be written (the checkpoint then writes them under the lock, as ever)."""
+        await self._rows_settled()  # a cancelled consolidation's run may still be written
+        async with self._lock.write():
+            self._check_usable()
+            fresh = self._checkpointer.ahead_of_checkpoint(self.hot)
+            if fresh is None:
+                return None
+            rows = self.hot.rows_of(fresh)
+            self.hot.watch_removals()
+            pinned = self._rows_pinned = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            if self._rows_pinned is pinned:
+                self._rows_pinned = None
+            pinned.set()
+
+        writing = self._executor.submit(self._checkpointer.write_run_ahead, self.hot, fresh, rows)
+        try:
+            return await asyncio.wrap_future(writing)
+        except Exception:
+            log.exception("space %s: the run ahead of a checkpoint was not written", self.id)
+            return None
+        finally:
+            # Cancelled, the thread may still be reading the rows: they stay put until it ends.
+            if writing.done():
+                release()
+            else:
+                writing.add_done_callback(lambda _done: loop.call_soon_threadsafe(release))
+
+    async def _rows_settled(self) -> None:
+        """Before removing from the hot tier (which moves its last row into the hole): wait
+        while a run is written from its rows (`_write_run_ahead`)."""
+        pinned = self._rows_pinned
+        if pinned is not None:
+            await pinned.wait()
+
     async def _consolidate(self) -> int:
         self._check_usable()
-        async with self._consolidation_lock, self._lock.write():
+        async with self._consolidation_lock:
+            ahead = await self._write_run_ahead()
+            try:
+                return await self._consolidate_locked(ahead)
+            finally:
+                self.hot.removed_since()  # stops noting removals, whatever happened
+
+    async def _consolidate_locked(self, ahead: checkpoints.Ahead | None) -> int:
+        async with self._lock.write():
+            removed = self.hot.removed_since()
+            if ahead is not None:
+                ahead = checkpoints.Ahead(
+                    ahead.run, [i for i in ahead.memory_ids if i not in removed]
+                )
             self._check_usable()
             try:
                 await self._wal.roll()
@@ -760,6 +828,7 @@ class Space:
                 caps=caps,
                 settings=self.settings,
                 lsn=lsn,
+                ahead=ahead,
             )
             try:
                 self.warm, self.cold = await asyncio.get_running_loop().run_in_executor(
