@@ -184,9 +184,15 @@ class Checkpointer:
         """The new memories of the hot tier a checkpoint now would write as a run of its own,
         if there are enough to be worth writing before it (`write_run_ahead`), else None."""
         fresh = hot.unsaved_ids()
+        if len(fresh) < AHEAD_MIN_ROWS or self._rewrites_runs(len(fresh), len(hot)):
+            return None
+        return fresh
+
+    def _rewrites_runs(self, fresh: int, live: int) -> bool:
+        """Whether a checkpoint of `fresh` new memories, `live` in all, writes every live one
+        into one new run instead (most rows of the present runs dead), not only the new."""
         runs_total = sum(self._run_rows.get(r, 0) for r in set(self._run_of.values()))
-        rewrite = runs_total + len(fresh) > 2 * len(hot) + 4096  # `write` rewrites them all
-        return fresh if len(fresh) >= AHEAD_MIN_ROWS and not rewrite else None
+        return runs_total + fresh > 2 * live + 4096
 
     def write_run_ahead(
         self, hot: hot_tier.HotTier, memory_ids: list[str], rows: npt.NDArray[np.int64]
@@ -220,8 +226,7 @@ class Checkpointer:
             written = set(ahead.memory_ids)
             saved = ahead.memory_ids
             fresh = [memory_id for memory_id in fresh if memory_id not in written]
-        runs_total = sum(self._run_rows.get(r, 0) for r in set(self._run_of.values()))
-        if runs_total + len(fresh) > 2 * len(live) + 4096:
+        if self._rewrites_runs(len(fresh), len(live)):
             fresh = live
         if fresh:
             run = f"run-{seq:08d}.npz"

@@ -459,4 +459,4 @@ class HotTier:
         return self.rows(np.arange(self._n, dtype=np.int64))
 
     def columns_for(self, memory_ids: list[str]) -> tiers.Columns:
-        return self.rows(np.array([self._row[i] for i in memory_ids], dtype=np.int64))
+        return self.rows(self.rows_of(memory_ids))
