@@ -1,0 +1,291 @@
+"""Where a unary call's time goes in `memspace serve`, beside the floor server (`grpc_floor`:
+the same calls with only the steps no implementation can skip), under the load `grpc_bench`
+measures them with: 32 callers calling back to back, Recall (k=10 over 1,000 memories of 64
+dimensions) and Remember (64 dimensions, durable). py-spy samples each server while it is
+called; rounds alternate between the two servers.
+
+For each server and call it prints, per call:
+- the server's CPU time (all threads, from /proc) and its event loop thread's;
+- the loop thread's sampled busy time, split into the call's own code (any stack through the
+  server's own modules: memspace_server, or the floor's handler) and gRPC with the event loop
+  (stacks only in grpc.aio's compiled core, the loop and asyncio: the same code for both);
+- each other thread's sampled busy time (a thread waiting on the disk in fdatasync counts as
+  busy: py-spy sees it running);
+- memspace's own functions by their inclusive time (line numbers merged).
+
+Sampling slows a server a little, so its calls per second here are below `grpc_bench`'s; the
+split is what to read. Needs py-spy (the `bench` extra) and the right to trace a process
+(root, or CAP_SYS_PTRACE).
+
+    python -m benchmarks.grpc_profile [--call recall|remember] [--rounds N] [--seconds S]
+                                      [--top N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from benchmarks import grpc_bench
+from memspace_cli.serve import limit_blas_threads
+from memspace_contract.v1 import memspace_pb2 as pb
+from memspace_contract.v1 import memspace_pb2_grpc as pb_grpc
+
+SAMPLES_PER_S = 200
+CALLS = ("recall", "remember")
+OWN_CODE = {"memspace": "memspace_server/", "floor": "benchmarks/grpc_floor.py"}
+"""A stack through a file whose path holds this is the server's own code."""
+LOOP = "gRPC and the event loop"
+OWN = "the call's own code"
+_LINE = re.compile(r":\d+\)$")
+_THREAD = re.compile(r"^thread \(\d+\): (.*)$")
+_DISPATCH = ("Runner.run (asyncio/runners.py", "Handle._run (asyncio/events.py")
+"""Frames from which the event loop runs a callback: uvloop's loop (compiled) runs them from
+the `asyncio.Runner`'s frame, asyncio's own from `Handle._run`."""
+
+
+def py_spy() -> str:
+    """The py-spy executable beside this Python, else on PATH."""
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if found is None:
+        raise RuntimeError("py-spy is not installed: `make venv` installs the bench extra")
+    return found
+
+
+def thread_group(name: str) -> str:
+    """A thread's name without its number in a pool: memspace-wal_1 -> memspace-wal."""
+    if "_poll_wrapper" in name:
+        return "grpc-poller"
+    return re.sub(r"_\d+$", "", name)
+
+
+@dataclasses.dataclass
+class Samples:
+    """py-spy's raw samples of one server: the loop thread's by kind and own function, the
+    other threads' by group."""
+
+    own_code: str
+    loop: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    functions: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    threads: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, raw: str) -> None:
+        """Count the lines of py-spy's raw output (`thread (TID): NAME;frame;... COUNT`)."""
+        for line in raw.splitlines():
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            head, *frames = stack.split(";")
+            named = _THREAD.match(head)
+            thread = named.group(1) if named else head
+            if thread != "MainThread":
+                self.threads[thread_group(thread)] += int(count)
+                continue
+            # Only what the loop runs counts: the frames above its dispatch (the server's
+            # entry point is below it in every stack).
+            cut = max((i for i, f in enumerate(frames) if f.startswith(_DISPATCH)), default=-1)
+            own = [_LINE.sub(")", f) for f in frames[cut + 1 :] if self.own_code in f]
+            self.loop[OWN if own else LOOP] += int(count)
+            for function in set(own):
+                self.functions[function] += int(count)
+
+
+@dataclasses.dataclass
+class Round:
+    calls: int
+    seconds: float
+    cpu_s: float
+    main_cpu_s: float
+
+
+def _thread_cpu_s(pid: int, tid: int) -> float:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def profiled(
+    process: grpc_bench.Process,
+    call: Callable[[], Awaitable[object]],
+    seconds: float,
+    samples: Samples,
+) -> Round:
+    """32 callers calling `call` back to back while py-spy samples `process` for `seconds`:
+    the calls, CPU and time of the sampled window."""
+    done = 0
+    stop = False
+
+    async def caller() -> None:
+        nonlocal done
+        while not stop:
+            await call()
+            done += 1
+
+    callers = [asyncio.ensure_future(caller()) for _ in range(grpc_bench.CONCURRENCY)]
+    try:
+        await asyncio.sleep(0.5)  # at full speed
+        pid = process.popen.pid
+        with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+            before = (done, time.perf_counter(), process.cpu_s(), _thread_cpu_s(pid, pid))
+            spy = await asyncio.create_subprocess_exec(
+                py_spy(),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(max(1, round(seconds))),
+                "--rate",
+                str(SAMPLES_PER_S),
+                "--format",
+                "raw",
+                "--threads",
+                "--nonblocking",
+                "--output",
+                out.name,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, errors = await spy.communicate()
+            after = (done, time.perf_counter(), process.cpu_s(), _thread_cpu_s(pid, pid))
+            if spy.returncode != 0:
+                raise RuntimeError(f"py-spy failed: {errors.decode(errors='replace').strip()}")
+            samples.add(await asyncio.to_thread(Path(out.name).read_text))
+    finally:
+        stop = True
+        await asyncio.gather(*callers, return_exceptions=True)
+    return Round(
+        after[0] - before[0], after[1] - before[1], after[2] - before[2], after[3] - before[3]
+    )
+
+
+def summary(rounds: list[Round], samples: Samples, top: int) -> dict[str, object]:
+    """Per call, in µs: the medians of the rounds' CPU, and the samples over all rounds."""
+    calls = sum(r.calls for r in rounds)
+
+    def us(count: int) -> float:
+        return round(count / SAMPLES_PER_S / calls * 1e6, 1)
+
+    return {
+        "calls_per_s": round(statistics.median(r.calls / r.seconds for r in rounds)),
+        "cpu_us_per_call": round(statistics.median(r.cpu_s / r.calls * 1e6 for r in rounds), 1),
+        "loop_thread_cpu_us_per_call": round(
+            statistics.median(r.main_cpu_s / r.calls * 1e6 for r in rounds), 1
+        ),
+        "loop_thread_busy_us_per_call": us(sum(samples.loop.values())),
+        "loop_thread": {kind: us(samples.loop[kind]) for kind in (LOOP, OWN)},
+        "other_threads_busy_us_per_call": {
+            name: us(count) for name, count in samples.threads.most_common()
+        },
+        "own_functions_us_per_call": {
+            name: us(count) for name, count in samples.functions.most_common(top)
+        },
+    }
+
+
+async def profile(
+    calls: tuple[str, ...], rounds: int, seconds: float, root: Path, top: int = 15
+) -> dict[str, dict[str, object]]:
+    """{"recall memspace": summary, "recall floor": ..., ...} for each of `calls`."""
+    (root / "floor").mkdir()
+    floor = grpc_bench.Process(
+        [sys.executable, "-m", "benchmarks.grpc_floor", str(root / "floor")], root / "floor.log"
+    )
+    server = grpc_bench.memspace_serve(root / "memspace", root / "memspace.log")
+    found: dict[str, dict[str, object]] = {}
+    with grpc_bench.running(floor), grpc_bench.running(server):
+        async with (
+            grpc.aio.insecure_channel(server.address) as channel,
+            grpc.aio.insecure_channel(floor.address) as floor_channel,
+        ):
+            stubs: dict[str, pb_grpc.MemoryServiceAsyncStub] = {
+                "memspace": pb_grpc.MemoryServiceStub(channel),
+                "floor": pb_grpc.MemoryServiceStub(floor_channel),
+            }
+            admin = pb_grpc.SpaceServiceStub(channel)
+            for name in ("recall", "writes"):
+                await admin.CreateSpace(pb.CreateSpaceRequest(space=name, embedding_dim=64))
+            await grpc_bench.fill(stubs["memspace"], "recall", 1_000, 64)
+            recall = pb.RecallRequest(
+                space="recall", cue=grpc_bench.vectors(1, 64)[0].tolist(), k=10
+            )
+            remember = pb.RememberRequest(
+                space="writes", memory=pb.Memory(content="x" * 100, embedding=[0.5] * 64)
+            )
+            processes = {"memspace": server, "floor": floor}
+            requests: dict[str, Callable[[pb_grpc.MemoryServiceAsyncStub], Awaitable[object]]] = {
+                "recall": lambda stub: stub.Recall(recall),
+                "remember": lambda stub: stub.Remember(remember),
+            }
+            for kind in calls:
+                taken: dict[str, list[Round]] = {side: [] for side in processes}
+                sampled = {side: Samples(OWN_CODE[side]) for side in processes}
+                for _ in range(rounds):
+                    for side, process in processes.items():
+                        call = functools.partial(requests[kind], stubs[side])
+                        await asyncio.sleep(grpc_bench.ALONE_S)
+                        taken[side].append(await profiled(process, call, seconds, sampled[side]))
+                for side in processes:
+                    found[f"{kind} {side}"] = summary(taken[side], sampled[side], top)
+    return found
+
+
+def table(found: dict[str, dict[str, object]]) -> str:
+    lines = []
+    for name, side in found.items():
+        lines.append(
+            f"{name}: {side['calls_per_s']} calls/s sampled; per call: CPU "
+            f"{side['cpu_us_per_call']} µs (loop thread {side['loop_thread_cpu_us_per_call']})"
+        )
+        split = side["loop_thread"]
+        assert isinstance(split, dict)
+        lines.append(
+            f"  loop thread busy {side['loop_thread_busy_us_per_call']} µs: "
+            + ", ".join(f"{kind} {value}" for kind, value in split.items())
+        )
+        others = side["other_threads_busy_us_per_call"]
+        assert isinstance(others, dict)
+        lines.append("  other threads busy: " + ", ".join(f"{n} {v}" for n, v in others.items()))
+        functions = side["own_functions_us_per_call"]
+        assert isinstance(functions, dict)
+        for function, value in functions.items():
+            lines.append(f"    {value:7.1f}  {function}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--call", choices=CALLS, action="append")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    limit_blas_threads()
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="memspace-grpc-profile-") as tmp:
+        found = asyncio.run(
+            profile(tuple(args.call or CALLS), args.rounds, args.seconds, Path(tmp), args.top)
+        )
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return
+    print(f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(table(found))
+
+
+if __name__ == "__main__":
+    main()
