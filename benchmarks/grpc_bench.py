@@ -4,7 +4,8 @@
   server and vs the floor server (`grpc_floor`: the same two calls with only the steps no
   implementation can skip), same client, same concurrency, rounds interleaved;
 - Recall latency through gRPC vs in-process, over the same space;
-- Recall and Remember latency with 1,000 spaces loaded vs one (two servers, rounds interleaved);
+- Recall and Remember latency with 1,000 spaces loaded vs one (two servers on one CPU, the
+  client on the other, calls alternating);
 - RSS and open files per idle space (10,000 spaces on disk vs one);
 - p99 Remember latency at 32 concurrent writers, and the echo server's and the floor server's
   p99 at 32 callers (rounds interleaved, the median of each one's p99s);
@@ -66,12 +67,28 @@ previous loop's space no longer shares the event loop) and measures it without t
 # -- servers in subprocesses ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """This thread on `cpus` only (if given), then where it was."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 class Process:
     """A server subprocess with its address, RSS and open files."""
 
-    def __init__(self, command: list[str], log: Path) -> None:
+    def __init__(self, command: list[str], log: Path, cpus: set[int] | None = None) -> None:
+        """`cpus`: the only CPUs the process (and every thread it starts) may run on."""
         self.log = log
-        with log.open("w") as out:
+        # A child inherits the CPUs of the thread that starts it.
+        with log.open("w") as out, pinned(cpus):
             self.popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         self.started = time.perf_counter()
         self.address = ""
@@ -107,8 +124,9 @@ class Process:
         self.popen.wait()
 
 
-def memspace_serve(data: Path, log: Path, *extra: str) -> Process:
-    """`memspace serve` on a free port (it limits its own BLAS threads)."""
+def memspace_serve(data: Path, log: Path, *extra: str, cpus: set[int] | None = None) -> Process:
+    """`memspace serve` on a free port (it limits its own BLAS threads); on `cpus` only, if
+    given."""
     return Process(
         [
             sys.executable,
@@ -124,6 +142,7 @@ def memspace_serve(data: Path, log: Path, *extra: str) -> Process:
             *extra,
         ],
         log,
+        cpus,
     )
 
 
@@ -609,9 +628,14 @@ async def many_spaces(results: dict[str, object], work: Path, quick: bool) -> No
     names = [f"s{i:04d}" for i in range(loaded)]
     clone_spaces(template, work / "one", names[:1], dim)
     clone_spaces(template, work / "many", names, dim)
-    one = memspace_serve(work / "one", work / "one.log")
-    many = memspace_serve(work / "many", work / "many.log")
-    with running(one), running(many):
+    # Both servers on one CPU, this client on the others: where the scheduler put each process
+    # (beside the client or not) moved one server's latency against the other's by up to 16%
+    # between runs of the same code. They are called one at a time, so they never compete.
+    cpus = sorted(os.sched_getaffinity(0))
+    servers, client = ({cpus[-1]}, set(cpus[:-1])) if len(cpus) > 1 else (None, None)
+    one = memspace_serve(work / "one", work / "one.log", cpus=servers)
+    many = memspace_serve(work / "many", work / "many.log", cpus=servers)
+    with running(one), running(many), pinned(client):
         async with (
             grpc.aio.insecure_channel(one.address) as one_channel,
             grpc.aio.insecure_channel(many.address) as many_channel,
