@@ -3,6 +3,7 @@ three tiers, persisted with the LSN it reflects and rebuilt only when that is no
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,44 @@ async def test_a_reload_keeps_the_index_without_rebuilding_it(
         assert ids[0] not in {hit.memory.id for hit in found}
         assert len(await space.recall(keyword("latecomer"))) == 1
     assert keywords.KeywordIndex.rebuilds == before
+
+
+async def test_writes_waiting_for_the_index_are_nothing_the_garbage_collector_visits(
+    spaces_registry: registry.Registry,
+) -> None:
+    """A full collection of the cyclic garbage collector stops the whole server for as long as
+    it takes to visit every tracked object. The writes kept for a keyword index nobody opened
+    (up to MAX_PENDING of them) must not add to those: single writes with tags and without,
+    batches and forgets alike. They still reach the index as written."""
+    rng = np.random.default_rng(10)
+    space_id = await make_space(spaces_registry)
+
+    def tracked() -> int:
+        for _ in range(4):  # a tuple is untracked once what it holds is: a level each pass
+            gc.collect()
+        return len(gc.get_objects())
+
+    async with spaces_registry.lease(space_id) as space:
+        # Whatever the first write, batch and forget load or cache, before counting.
+        first, _ = await space.remember(draft(rng, "first", tags={"a": "b"}))
+        await space.remember_many([draft(rng, "first batch") for _ in range(3)])
+        await space.forget(first)
+        before = tracked()
+        ids = []
+        for i in range(1000):
+            tags = {"kind": "note", "from": "test"} if i % 2 else {}
+            ids.append((await space.remember(draft(rng, f"pending {i}", tags=tags)))[0])
+        await space.remember_many([draft(rng, "batch", tags={"b": "1"}) for _ in range(100)])
+        for memory_id in ids[:50]:
+            await space.forget(memory_id)
+        grown = tracked() - before
+        assert not space.keywords.is_open
+        assert grown < 100, f"{grown} more tracked objects after 1,150 writes"
+        found = await space.recall(keyword("pending", k=1000))
+        assert {hit.memory.id for hit in found} == set(ids[50:])
+        notes = await space.recall(keyword("pending", k=1000, kind="note"))
+        assert {hit.memory.id for hit in notes} == {ids[n] for n in range(51, 1000, 2)}
+        assert len(await space.recall(keyword("batch", k=200, b="1"))) == 100
 
 
 async def test_a_space_closed_after_a_failure_or_too_many_pending_writes_rebuilds_its_index(
