@@ -114,8 +114,11 @@ class Process:
     def open_files(self) -> int:
         return len(os.listdir(f"/proc/{self.popen.pid}/fd"))
 
-    def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def cpu_s(self, thread: int | None = None) -> float:
+        """CPU time of the process so far, or of one of its threads (by its native id)."""
+        pid = self.popen.pid
+        stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+        fields = stat.read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:

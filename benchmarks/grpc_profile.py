@@ -113,11 +113,6 @@ class Round:
     main_cpu_s: float
 
 
-def _thread_cpu_s(pid: int, tid: int) -> float:
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def profiled(
     process: grpc_bench.Process,
     call: Callable[[], Awaitable[object]],
@@ -140,7 +135,7 @@ async def profiled(
         await asyncio.sleep(0.5)  # at full speed
         pid = process.popen.pid
         with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-            before = (done, time.perf_counter(), process.cpu_s(), _thread_cpu_s(pid, pid))
+            before = (done, time.perf_counter(), process.cpu_s(), process.cpu_s(pid))
             spy = await asyncio.create_subprocess_exec(
                 py_spy(),
                 "record",
@@ -160,7 +155,7 @@ async def profiled(
                 stderr=asyncio.subprocess.PIPE,
             )
             _, errors = await spy.communicate()
-            after = (done, time.perf_counter(), process.cpu_s(), _thread_cpu_s(pid, pid))
+            after = (done, time.perf_counter(), process.cpu_s(), process.cpu_s(pid))
             if spy.returncode != 0:
                 raise RuntimeError(f"py-spy failed: {errors.decode(errors='replace').strip()}")
             samples.add(await asyncio.to_thread(Path(out.name).read_text))

@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,8 +322,7 @@ class Space:
                 last = dict(zip(batch.ids, range(count), strict=True))
                 stored = self._stored(last.keys())
                 new = len(last) - sum(len(held) for _tier, held in stored)
-                if any(tier is self.hot for tier, _held in stored):
-                    await self._rows_settled()
+                if await self._rows_settled(tier for tier, _held in stored):
                     self._check_writable()
             # Otherwise every ID is one the server just drew (128 random bits, `validating`):
             # none is stored already or given twice, so none is looked up in the tiers (a
@@ -439,8 +438,7 @@ class Space:
             self._executor, batches.latest_columns, chunk
         )
         stored = self._stored(columns.ids)
-        if any(tier is self.hot for tier, _held in stored):
-            await self._rows_settled()
+        await self._rows_settled(tier for tier, _held in stored)
         self._replace(stored, len(columns) - sum(len(held) for _tier, held in stored))
         self.hot.add(columns, checked=True)
         self.keywords.add(columns.ids, columns.contents, columns.tags, self._wal.next_lsn - 1)
@@ -456,8 +454,7 @@ class Space:
             tier = self._locate(memory_id)
             if tier is None:
                 return False, Lsn(0)
-            if tier is self.hot:
-                await self._rows_settled()
+            if await self._rows_settled((tier,)):
                 self._check_writable()
             forgotten: list[feeds.Published] = [
                 feeds.Event(feeds.EventType.FORGOTTEN, memory_id, self._wal.next_lsn, now)
@@ -754,7 +751,7 @@ class Space:
         of new memories and recalls go on. Those removed after it (forgotten, or written
         again) are left out of it by the checkpoint. None if there are few to write, or the
         run could not be written (the checkpoint then writes them under the lock, as ever)."""
-        await self._rows_settled()  # a cancelled consolidation's run may still be written
+        await self._rows_settled((self.hot,))  # a cancelled consolidation's run may be written
         async with self._lock.write():
             self._check_usable()
             fresh = self._checkpointer.ahead_of_checkpoint(self.hot)
@@ -783,12 +780,15 @@ class Space:
             else:
                 writing.add_done_callback(lambda _done: loop.call_soon_threadsafe(release))
 
-    async def _rows_settled(self) -> None:
-        """Before removing from the hot tier (which moves its last row into the hole): wait
-        while a run is written from its rows (`_write_run_ahead`)."""
+    async def _rows_settled(self, touched: Iterable[object]) -> bool:
+        """Before removing memories from the `touched` tiers: if the hot tier is one of them
+        (a removal moves its last row into the hole), wait while a run is written from its
+        rows (`_write_run_ahead`). True if it waited (the space may have changed meanwhile)."""
         pinned = self._rows_pinned
-        if pinned is not None:
-            await pinned.wait()
+        if pinned is None or not any(tier is self.hot for tier in touched):
+            return False
+        await pinned.wait()
+        return True
 
     async def _consolidate(self) -> int:
         self._check_usable()
