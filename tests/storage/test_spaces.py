@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -165,6 +166,54 @@ async def test_recall_matches_brute_force_over_all_three_tiers(
             assert [h.memory.id for h in above] == [ids[j] for j in order[:6]]
         tiers_seen = {h.tier for h in await space.recall(memories.Query(cue=vec(rng), k=200))}
         assert tiers_seen == set(tiers.NAMES)
+
+
+async def test_a_tag_with_a_value_per_memory_adds_nothing_the_garbage_collector_visits(
+    spaces_registry: registry.Registry,
+) -> None:
+    """A full collection of the cyclic garbage collector stops the whole server, every tenant
+    of it, for as long as it takes to visit every tracked object. A tag whose value differs per
+    memory (an ID from elsewhere) must not add an object a memory to that walk in any tier,
+    and filters on it still find exactly the memories that carry it, alone and with another."""
+    rng = np.random.default_rng(11)
+    space_id = await make_space(spaces_registry, hot=200, warm=400)
+
+    def tracked() -> int:
+        for _ in range(4):  # a tuple is untracked once what it holds is: a level each pass
+            gc.collect()
+        return len(gc.get_objects())
+
+    async with spaces_registry.lease(space_id) as space:
+
+        async def write(first: int, count: int) -> list[str]:
+            ids = []
+            for i in range(first, first + count):
+                tags = {"src": f"s{i}", "kind": "even" if i % 2 == 0 else "odd"}
+                ids.append((await space.remember(draft(rng, tags=tags)))[0])
+                if i % 250 == 249:
+                    await space.consolidate()
+            await space.forget(ids[0])
+            await space.recall(memories.Query(cue=vec(rng), k=3, tags={"src": f"s{first + 1}"}))
+            return ids
+
+        # The first thousand load and cache whatever a tier's first use does (libraries, a
+        # tier's mapped chunk files); the second must not add an object a memory.
+        ids = await write(0, 1000)
+        before = tracked()
+        ids += await write(1000, 1000)
+        grown = tracked() - before
+        placement = space.health().tier_memories
+        assert all(placement[name] > 0 for name in tiers.NAMES), placement
+        assert grown < 100, f"{grown} more tracked objects after 1,000 memories tagged apart"
+        gone = {0, 1000}
+        for i in (0, 1, 2, 499, 1000, 1001, 1998, 1999):
+            hits = await space.recall(memories.Query(cue=vec(rng), k=5, tags={"src": f"s{i}"}))
+            assert [h.memory.id for h in hits] == ([] if i in gone else [ids[i]])
+            both = {"src": f"s{i}", "kind": "odd"}
+            hits = await space.recall(memories.Query(cue=vec(rng), k=5, tags=both))
+            assert [h.memory.id for h in hits] == ([ids[i]] if i not in gone and i % 2 else [])
+        evens = await space.recall(memories.Query(cue=vec(rng), k=1000, tags={"kind": "even"}))
+        assert {h.memory.id for h in evens} == set(ids[2::2]) - {ids[1000]}
 
 
 async def test_include_embeddings_returns_exact_vectors_from_every_tier(

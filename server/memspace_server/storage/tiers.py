@@ -4,7 +4,7 @@ columnar batches of memories, the tag index and the exact top-k cosine scan."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
@@ -211,29 +211,49 @@ class ObjectColumn:
 
 
 class TagIndex:
-    """(key, value) -> rows holding that tag; answers 'rows matching every filter'."""
+    """(key, value) -> rows holding that tag; answers 'rows matching every filter'.
+
+    A tag's rows are the keys of a dict of ints, not a set: a set is always tracked by the
+    cyclic garbage collector, a dict of ints never is. A tag with a value per memory (an ID
+    from elsewhere, say) made a set per memory, and every full collection (which stops the
+    whole server, every tenant of it) visited them all: 18 ms at 20,000 memories, growing with
+    the space."""
 
     def __init__(self) -> None:
-        self._rows: dict[tuple[str, str], set[int]] = {}
+        self._rows: dict[tuple[str, str], dict[int, None]] = {}
 
     def add(self, row: int, tags: Mapping[str, str]) -> None:
         for pair in tags.items():
-            self._rows.setdefault(pair, set()).add(row)
+            rows = self._rows.get(pair)
+            if rows is None:
+                self._rows[pair] = {row: None}
+            else:
+                rows[row] = None
 
     def discard(self, row: int, tags: Mapping[str, str]) -> None:
         for pair in tags.items():
             rows = self._rows.get(pair)
             if rows is not None:
-                rows.discard(row)
+                rows.pop(row, None)
                 if not rows:
                     del self._rows[pair]
 
     def matching(self, filters: Mapping[str, str]) -> Rows:
         """Rows that carry every (key, value) of `filters` (which must not be empty)."""
-        sets = [self._rows.get(pair, set()) for pair in filters.items()]
-        sets.sort(key=len)
-        found = set(sets[0]).intersection(*sets[1:]) if sets else set()
-        return np.fromiter(found, dtype=np.int64, count=len(found))
+        postings: list[dict[int, None]] = []
+        for pair in filters.items():
+            rows = self._rows.get(pair)
+            if rows is None:
+                return np.zeros(0, np.int64)
+            postings.append(rows)
+        if not postings:
+            return np.zeros(0, np.int64)
+        postings.sort(key=len)
+        fewest, *rest = postings
+        found: Collection[int] = fewest.keys()
+        for rows in rest:  # in C, walking the smaller side
+            found = found & rows.keys()
+        return np.fromiter(found, np.int64, len(found))
 
 
 def count_recalls(
