@@ -13,12 +13,16 @@ For each server and call it prints, per call:
   busy: py-spy sees it running);
 - memspace's own functions by their inclusive time (line numbers merged).
 
+`--call fanout` profiles the gRPC suite's fan-out instead (`fanout`): 1,000 Subscribe streams
+on one space taking a batch every 0.2 s while another space takes a Remember every 5 ms, with
+the server's and the subscribers' shares of a core and where the loop thread's time goes.
+
 Sampling slows a server a little, so its calls per second here are below `grpc_bench`'s; the
 split is what to read. Needs py-spy (the `bench` extra) and the right to trace a process
 (root, or CAP_SYS_PTRACE).
 
-    python -m benchmarks.grpc_profile [--call recall|remember] [--rounds N] [--seconds S]
-                                      [--top N] [--json]
+    python -m benchmarks.grpc_profile [--call recall|remember|fanout] [--rounds N]
+                                      [--seconds S] [--subscribers N] [--top N] [--json]
 """
 
 from __future__ import annotations
@@ -134,37 +138,42 @@ async def profiled(
     try:
         await asyncio.sleep(0.5)  # at full speed
         pid = process.popen.pid
-        with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-            before = (done, time.perf_counter(), process.cpu_s(), process.cpu_s(pid))
-            spy = await asyncio.create_subprocess_exec(
-                py_spy(),
-                "record",
-                "--pid",
-                str(pid),
-                "--duration",
-                str(max(1, round(seconds))),
-                "--rate",
-                str(SAMPLES_PER_S),
-                "--format",
-                "raw",
-                "--threads",
-                "--nonblocking",
-                "--output",
-                out.name,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            _, errors = await spy.communicate()
-            after = (done, time.perf_counter(), process.cpu_s(), process.cpu_s(pid))
-            if spy.returncode != 0:
-                raise RuntimeError(f"py-spy failed: {errors.decode(errors='replace').strip()}")
-            samples.add(await asyncio.to_thread(Path(out.name).read_text))
+        before = (done, time.perf_counter(), process.cpu_s(), process.cpu_s(pid))
+        await record(pid, seconds, samples)
+        after = (done, time.perf_counter(), process.cpu_s(), process.cpu_s(pid))
     finally:
         stop = True
         await asyncio.gather(*callers, return_exceptions=True)
     return Round(
         after[0] - before[0], after[1] - before[1], after[2] - before[2], after[3] - before[3]
     )
+
+
+async def record(pid: int, seconds: float, samples: Samples) -> None:
+    """py-spy's samples of process `pid` for `seconds`, added to `samples`."""
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        spy = await asyncio.create_subprocess_exec(
+            py_spy(),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, round(seconds))),
+            "--rate",
+            str(SAMPLES_PER_S),
+            "--format",
+            "raw",
+            "--threads",
+            "--nonblocking",
+            "--output",
+            out.name,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, errors = await spy.communicate()
+        if spy.returncode != 0:
+            raise RuntimeError(f"py-spy failed: {errors.decode(errors='replace').strip()}")
+        samples.add(await asyncio.to_thread(Path(out.name).read_text))
 
 
 def summary(rounds: list[Round], samples: Samples, top: int) -> dict[str, object]:
@@ -238,6 +247,105 @@ async def profile(
     return found
 
 
+FANOUT_BATCH = 100
+QUIET_PACE_S = 0.005
+
+
+async def fanout(
+    seconds: float, root: Path, subscribers: int = 1000, top: int = 15
+) -> dict[str, object]:
+    """The gRPC suite's fan-out on one `memspace serve`: `subscribers` Subscribe streams on
+    space "busy" in another process (`grpc_bench.fanout_main`, which writes a batch of 100 to
+    that space every 0.2 s) and a Remember to space "quiet" every 5 ms, while py-spy samples
+    the server for `seconds`. Shares of a core: the server's and its loop thread's CPU (from
+    /proc), the loop thread's sampled busy time split as for a call, the other threads', the
+    subscribers' process's CPU; the events a second the subscribers took over their run."""
+    server = grpc_bench.memspace_serve(root / "fanout", root / "fanout.log")
+    with grpc_bench.running(server):
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            admin = pb_grpc.SpaceServiceStub(channel)
+            for name in ("busy", "quiet"):
+                await admin.CreateSpace(pb.CreateSpaceRequest(space=name, embedding_dim=64))
+            stub = pb_grpc.MemoryServiceStub(channel)
+            quiet = pb.RememberRequest(
+                space="quiet", memory=pb.Memory(content="q", embedding=[0.25] * 64)
+            )
+            run_s = seconds + 2.0
+            command = ["subscribers", server.address, str(subscribers), str(run_s)]
+            fans = grpc_bench.Process(
+                [sys.executable, "-m", "benchmarks.grpc_bench", *command, str(FANOUT_BATCH)],
+                root / "subscribers.out",
+            )
+            stop = False
+
+            async def calling() -> None:
+                while not stop:
+                    await stub.Remember(quiet)
+                    await asyncio.sleep(QUIET_PACE_S)
+
+            samples = Samples(OWN_CODE["memspace"])
+            try:
+                deadline = time.monotonic() + 60
+                while "subscribed" not in fans.log.read_text():
+                    if fans.popen.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"the subscribers did not start:\n{fans.log.read_text()}"
+                        )
+                    await asyncio.sleep(0.1)
+                caller = asyncio.ensure_future(calling())
+                await asyncio.sleep(0.5)  # the batches under way
+                pid = server.popen.pid
+                before = (time.perf_counter(), server.cpu_s(), server.cpu_s(pid), fans.cpu_s())
+                await record(pid, seconds, samples)
+                after = (time.perf_counter(), server.cpu_s(), server.cpu_s(pid), fans.cpu_s())
+                stop = True
+                await caller
+                while fans.popen.poll() is None:  # noqa: ASYNC110  # another process
+                    await asyncio.sleep(0.1)
+            finally:
+                stop = True
+                fans.stop()
+    lines = fans.log.read_text().strip().splitlines()
+    counts = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    wall = after[0] - before[0]
+    taken = SAMPLES_PER_S * wall
+
+    def share(count: int) -> float:
+        return round(count / taken, 3)
+
+    return {
+        "subscribers": subscribers,
+        "events_per_s": round(counts.get("events", 0) / run_s),
+        "batches": counts.get("batches", 0),
+        "server_cores": round((after[1] - before[1]) / wall, 3),
+        "loop_thread_cores": round((after[2] - before[2]) / wall, 3),
+        "subscribers_cores": round((after[3] - before[3]) / wall, 3),
+        "loop_thread_busy": {kind: share(samples.loop[kind]) for kind in (LOOP, OWN)},
+        "other_threads_busy": {name: share(n) for name, n in samples.threads.most_common()},
+        "own_functions": {name: share(n) for name, n in samples.functions.most_common(top)},
+    }
+
+
+def fanout_table(found: dict[str, object]) -> str:
+    """`fanout`'s figures, shares of a core."""
+    lines = [
+        f"fan-out to {found['subscribers']} subscribers: {found['events_per_s']} events/s "
+        f"({found['batches']} batches); cores: server {found['server_cores']} (loop thread "
+        f"{found['loop_thread_cores']}), subscribers' process {found['subscribers_cores']}"
+    ]
+    for label, key in (
+        ("loop thread busy", "loop_thread_busy"),
+        ("other threads", "other_threads_busy"),
+    ):
+        parts = found[key]
+        assert isinstance(parts, dict)
+        lines.append(f"  {label}: " + ", ".join(f"{n} {v}" for n, v in parts.items()))
+    functions = found["own_functions"]
+    assert isinstance(functions, dict)
+    lines.extend(f"    {value:7.3f}  {name}" for name, value in functions.items())
+    return "\n".join(lines)
+
+
 def table(found: dict[str, dict[str, object]]) -> str:
     lines = []
     for name, side in found.items():
@@ -263,7 +371,8 @@ def table(found: dict[str, dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--call", choices=CALLS, action="append")
+    parser.add_argument("--call", choices=(*CALLS, "fanout"), action="append")
+    parser.add_argument("--subscribers", type=int, default=1000, help="for --call fanout")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=15)
@@ -271,15 +380,23 @@ def main() -> None:
     args = parser.parse_args()
     limit_blas_threads()
     load = os.getloadavg()[0]
+    calls = tuple(c for c in args.call or CALLS if c != "fanout")
+    found: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="memspace-grpc-profile-") as tmp:
-        found = asyncio.run(
-            profile(tuple(args.call or CALLS), args.rounds, args.seconds, Path(tmp), args.top)
-        )
+        if calls:
+            found = asyncio.run(profile(calls, args.rounds, args.seconds, Path(tmp), args.top))
+    fanned: dict[str, object] | None = None
+    if "fanout" in (args.call or ()):
+        with tempfile.TemporaryDirectory(prefix="memspace-grpc-profile-") as tmp:
+            fanned = asyncio.run(fanout(args.seconds, Path(tmp), args.subscribers, args.top))
     if args.json:
-        print(json.dumps(found, indent=2))
+        print(json.dumps({**found, **({"fanout": fanned} if fanned else {})}, indent=2))
         return
     print(f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(table(found))
+    if found:
+        print(table(found))
+    if fanned:
+        print(fanout_table(fanned))
 
 
 if __name__ == "__main__":

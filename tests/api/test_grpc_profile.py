@@ -63,3 +63,27 @@ async def test_the_profile_splits_each_servers_loop_time(tmp_path: Path) -> None
     assert "Floor.recall (benchmarks/grpc_floor.py)" in floor_functions
     assert all("memspace_server" not in name for name in floor_functions)
     assert "recall memspace" in grpc_profile.table(found)
+
+
+async def test_the_fanout_profile_shares_a_core_between_the_server_and_its_subscribers(
+    tmp_path: Path,
+) -> None:
+    found = await grpc_profile.fanout(seconds=1.0, root=tmp_path, subscribers=50, top=50)
+    assert found["subscribers"] == 50
+    for key in ("events_per_s", "batches", "server_cores", "loop_thread_cores"):
+        value = found[key]
+        assert isinstance(value, int | float)
+        assert value > 0, key
+    subscribers = found["subscribers_cores"]
+    assert isinstance(subscribers, float)
+    assert subscribers > 0
+    split = found["loop_thread_busy"]
+    assert isinstance(split, dict)
+    assert split[grpc_profile.LOOP] > 0
+    assert split[grpc_profile.OWN] > 0
+    assert sum(split.values()) <= 1.05  # shares of the sampled time of one thread
+    functions = found["own_functions"]
+    assert isinstance(functions, dict)
+    # The streams' own code is sampled as such (the subscribers took events meanwhile).
+    assert "MemoryServicer.subscribe (memspace_server/api/servicers.py)" in functions
+    assert "fan-out to 50 subscribers" in grpc_profile.fanout_table(found)
