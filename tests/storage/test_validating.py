@@ -61,6 +61,15 @@ def test_a_single_draft_comes_back_as_the_batch_path_makes_it() -> None:
     assert len(fresh) == 32
 
 
+@pytest.mark.parametrize("count", [2, 15, 16, 100])
+def test_fresh_ids_are_distinct_strings_of_128_random_bits_at_any_batch_size(count: int) -> None:
+    drafts = [good(content=f"m{i}") for i in range(count)]
+    ids = validating.validate(drafts, DIM, 100.0).ids
+    assert len(set(ids)) == count
+    assert all(type(i) is str and len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(memories.check_id(i) == i for i in ids)
+
+
 def test_a_batch_comes_back_as_columns_with_fresh_ids_where_none_was_given() -> None:
     drafts = [
         good(content=f"m{i}", embedding=np.full(DIM, i + 1, np.float32), tags={"i": str(i)})
