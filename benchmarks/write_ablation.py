@@ -73,7 +73,7 @@ def _floor_checks(drafts: Sequence[memories.Draft], dim: int, now: float) -> tie
         raise ValueError("only short ASCII texts here")
     times = np.full(count, now)
     return tiers.Columns(
-        ids=validating._fresh_ids(count),
+        ids=validating.fresh_ids(count),
         contents=contents,
         embeddings=matrix,
         confidence=confidence,

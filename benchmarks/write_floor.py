@@ -32,7 +32,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from memspace_server.storage import hot, memories, tiers
+from memspace_server.storage import hot, memories, tiers, validating
 
 HEAD = struct.Struct("<IIdQ")
 """crc32c of the rest, its length, the time, the count."""
@@ -75,8 +75,7 @@ class WriteFloor:
         text = "".join(contents)
         if not text.isascii() or max(map(len, contents)) > memories.MAX_CONTENT_BYTES:
             raise ValueError("only short ASCII texts in the floor")
-        random = os.urandom(16 * count).hex()
-        ids = [random[i : i + 32] for i in range(0, 32 * count, 32)]
+        ids = validating.fresh_ids(count)
         self.rows.update(zip(ids, range(self.count, self.count + count), strict=True))
         if span is None:
             self.blocks.write(self.count, matrix)
@@ -85,7 +84,7 @@ class WriteFloor:
         self.count += count
         ends = np.cumsum(np.fromiter(map(len, contents), np.uint32, count), dtype=np.uint32)
         body: list[bytes | memoryview] = [
-            random.encode(),
+            "".join(ids).encode(),
             ends.tobytes(),
             confidence.tobytes(),
             text.encode(),

@@ -56,7 +56,7 @@ def _check_content(content: str) -> None:
             raise errors.InvalidMemoryError("content must be valid UTF-8 text") from err
 
 
-def _fresh_ids(count: int) -> list[str]:
+def fresh_ids(count: int) -> list[str]:
     """`count` new IDs of 128 random bits, from one call for randomness, cut into IDs by numpy
     from 16 on (3 µs for 32 against 5 for a slice each; below, the slices are quicker)."""
     random = os.urandom(16 * count).hex()
@@ -77,7 +77,7 @@ def _one(draft: memories.Draft, dim: int, now: float) -> tiers.Columns:
     _check_content(draft.content)
     embedding = memories.check_vector(draft.embedding, dim, "embedding")
     return tiers.Columns(
-        ids=[memories.check_id(draft.id) if draft.id else _fresh_ids(1)[0]],
+        ids=[memories.check_id(draft.id) if draft.id else fresh_ids(1)[0]],
         contents=[draft.content],
         embeddings=embedding[None, :],
         confidence=np.array([confidence], np.float32),
@@ -115,9 +115,9 @@ def validate(drafts: Sequence[memories.Draft], dim: int, now: float) -> tiers.Co
     missing = given.count("")
     ids: list[str]
     if missing == count:
-        ids = _fresh_ids(count)
+        ids = fresh_ids(count)
     else:
-        fresh = iter(_fresh_ids(missing))
+        fresh = iter(fresh_ids(missing))
         ids = [memories.check_id(i) if i else next(fresh) for i in given]
     given_tags = list(map(_TAGS, drafts))
     if any(given_tags):
