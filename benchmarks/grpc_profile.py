@@ -271,12 +271,11 @@ async def fanout(
                 space="quiet", memory=pb.Memory(content="q", embedding=[0.25] * 64)
             )
             run_s = seconds + 2.0
-            command = ["subscribers", server.address, str(subscribers), str(run_s)]
-            fans = grpc_bench.Process(
-                [sys.executable, "-m", "benchmarks.grpc_bench", *command, str(FANOUT_BATCH)],
-                root / "subscribers.out",
-            )
+            command = [sys.executable, "-m", "benchmarks.grpc_bench", "subscribers"]
+            command += [server.address, str(subscribers), str(run_s), str(FANOUT_BATCH)]
+            fans = grpc_bench.Process(command, root / "subscribers.out")
             stop = False
+            caller: asyncio.Future[None] | None = None
 
             async def calling() -> None:
                 while not stop:
@@ -304,6 +303,8 @@ async def fanout(
                     await asyncio.sleep(0.1)
             finally:
                 stop = True
+                if caller is not None:
+                    await asyncio.gather(caller, return_exceptions=True)
                 fans.stop()
     lines = fans.log.read_text().strip().splitlines()
     counts = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
@@ -382,12 +383,11 @@ def main() -> None:
     load = os.getloadavg()[0]
     calls = tuple(c for c in args.call or CALLS if c != "fanout")
     found: dict[str, dict[str, object]] = {}
+    fanned: dict[str, object] | None = None
     with tempfile.TemporaryDirectory(prefix="memspace-grpc-profile-") as tmp:
         if calls:
             found = asyncio.run(profile(calls, args.rounds, args.seconds, Path(tmp), args.top))
-    fanned: dict[str, object] | None = None
-    if "fanout" in (args.call or ()):
-        with tempfile.TemporaryDirectory(prefix="memspace-grpc-profile-") as tmp:
+        if "fanout" in (args.call or ()):
             fanned = asyncio.run(fanout(args.seconds, Path(tmp), args.subscribers, args.top))
     if args.json:
         print(json.dumps({**found, **({"fanout": fanned} if fanned else {})}, indent=2))
