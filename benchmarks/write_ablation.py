@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import storage_bench
+from benchmarks import storage_bench, write_floor
 from memspace_server.storage import hot, keywords, memories, settings, tiers, validating
 
 WRITERS = 8
@@ -56,30 +56,18 @@ def _rows_and_ids(tier: hot.HotTier, batch: tiers.Columns, checked: bool = False
 
 
 def _floor_checks(drafts: Sequence[memories.Draft], dim: int, now: float) -> tiers.Columns:
-    """`validating.validate` with only the floor's checks (and its refusals)."""
+    """`validating.validate` with only the floor's checks (`write_floor.checked`)."""
     count = len(drafts)
     matrix = np.array([d.embedding for d in drafts], np.float32)
-    if matrix.shape != (count, dim):
-        raise ValueError(f"embeddings of {dim} values")
-    with np.errstate(over="ignore", invalid="ignore"):
-        squares = tiers.squared_norms(matrix)
-    if not (np.isfinite(squares).all() and squares.all()):
-        raise ValueError("embeddings finite and not zero")
-    confidence = np.fromiter((d.confidence for d in drafts), np.float32, count)
-    if not ((confidence >= 0).all() and (confidence <= 1).all()):
-        raise ValueError("confidence 0..1")
-    contents = [d.content for d in drafts]
-    if not "".join(contents).isascii() or max(map(len, contents)) > memories.MAX_CONTENT_BYTES:
-        raise ValueError("only short ASCII texts here")
-    times = np.full(count, now)
+    confidence, contents, _text = write_floor.checked(drafts, matrix, dim)
     return tiers.Columns(
         ids=validating.fresh_ids(count),
         contents=contents,
         embeddings=matrix,
         confidence=confidence,
         tags=[{}] * count,
-        created_at=times,
-        last_recalled_at=times,
+        created_at=np.full(count, now),
+        last_recalled_at=np.zeros(count, np.float64),
         recall_count=np.zeros(count, np.uint64),
     )
 

@@ -62,19 +62,7 @@ class WriteFloor:
             matrix = np.array(embeddings, np.float32)
         else:
             matrix = np.stack(embeddings, out=span)
-        if matrix.shape != (count, self.dim):
-            raise ValueError(f"embeddings of {self.dim} values")
-        with np.errstate(over="ignore", invalid="ignore"):
-            squares = tiers.squared_norms(matrix)
-        if not (np.isfinite(squares).all() and squares.all()):
-            raise ValueError("embeddings finite and not zero")
-        confidence = np.fromiter(map(_CONFIDENCE, drafts), np.float32, count)
-        if not ((confidence >= 0).all() and (confidence <= 1).all()):
-            raise ValueError("confidence 0..1")
-        contents = list(map(_CONTENT, drafts))
-        text = "".join(contents)
-        if not text.isascii() or max(map(len, contents)) > memories.MAX_CONTENT_BYTES:
-            raise ValueError("only short ASCII texts in the floor")
+        confidence, contents, text = checked(drafts, matrix, self.dim)
         ids = validating.fresh_ids(count)
         self.rows.update(zip(ids, range(self.count, self.count + count), strict=True))
         if span is None:
@@ -99,6 +87,29 @@ class WriteFloor:
 
     def close(self) -> None:
         self.log.close()
+
+
+def checked(
+    drafts: Sequence[memories.Draft], matrix: np.ndarray, dim: int
+) -> tuple[np.ndarray, list[str], str]:
+    """The floor's checks of a batch whose embeddings are `matrix`, as columns: the shape, the
+    embeddings finite and not zero, confidences in 0..1, short ASCII texts (the floor takes no
+    other). Returns the confidences, the texts and the texts joined."""
+    count = len(drafts)
+    if matrix.shape != (count, dim):
+        raise ValueError(f"embeddings of {dim} values")
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = tiers.squared_norms(matrix)
+    if not (np.isfinite(squares).all() and squares.all()):
+        raise ValueError("embeddings finite and not zero")
+    confidence = np.fromiter(map(_CONFIDENCE, drafts), np.float32, count)
+    if not ((confidence >= 0).all() and (confidence <= 1).all()):
+        raise ValueError("confidence 0..1")
+    contents = list(map(_CONTENT, drafts))
+    text = "".join(contents)
+    if not text.isascii() or max(map(len, contents)) > memories.MAX_CONTENT_BYTES:
+        raise ValueError("only short ASCII texts in the floor")
+    return confidence, contents, text
 
 
 class GroupCommit:
