@@ -86,6 +86,7 @@ class Process:
 
     def __init__(self, command: list[str], log: Path, cpus: set[int] | None = None) -> None:
         """`cpus`: the only CPUs the process (and every thread it starts) may run on."""
+        self.command = command
         self.log = log
         # A child inherits the CPUs of the thread that starts it.
         with log.open("w") as out, pinned(cpus):
@@ -871,22 +872,33 @@ async def beside_process(
     last line (empty if it printed none)."""
     other = Process(command, log)
     try:
-        deadline = time.monotonic() + 60
-        while ready is not None and ready not in other.log.read_text():
-            if other.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{shlex.join(command[1:])} did not start:\n{other.log.read_text()}"
-                )
-            await asyncio.sleep(0.1)
         if ready is None:
             await asyncio.sleep(1.0)  # at full speed
+        else:
+            await printed(other, ready)
         figure = await measure()
         while other.popen.poll() is None:  # noqa: ASYNC110  # another process
             await asyncio.sleep(0.1)
     finally:
         other.stop()
-    lines = other.log.read_text().strip().splitlines()
-    return figure, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    return figure, last_json(other)
+
+
+async def printed(process: Process, ready: str, limit_s: float = 60.0) -> None:
+    """Wait until `process` has printed `ready` (its start done); fail if it ends first."""
+    deadline = time.monotonic() + limit_s
+    while ready not in process.log.read_text():
+        if process.popen.poll() is not None or time.monotonic() > deadline:
+            command = shlex.join(process.command[1:])
+            raise RuntimeError(f"{command} did not start:\n{process.log.read_text()}")
+        await asyncio.sleep(0.1)
+
+
+def last_json(process: Process) -> dict[str, int]:
+    """The JSON object of the last line `process` printed (empty if it printed none)."""
+    lines = process.log.read_text().strip().splitlines()
+    found: dict[str, int] = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    return found
 
 
 # -- entry point ---------------------------------------------------------------------------

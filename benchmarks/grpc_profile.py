@@ -284,13 +284,7 @@ async def fanout(
 
             samples = Samples(OWN_CODE["memspace"])
             try:
-                deadline = time.monotonic() + 60
-                while "subscribed" not in fans.log.read_text():
-                    if fans.popen.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"the subscribers did not start:\n{fans.log.read_text()}"
-                        )
-                    await asyncio.sleep(0.1)
+                await grpc_bench.printed(fans, "subscribed")
                 caller = asyncio.ensure_future(calling())
                 await asyncio.sleep(0.5)  # the batches under way
                 pid = server.popen.pid
@@ -306,8 +300,7 @@ async def fanout(
                 if caller is not None:
                     await asyncio.gather(caller, return_exceptions=True)
                 fans.stop()
-    lines = fans.log.read_text().strip().splitlines()
-    counts = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    counts = grpc_bench.last_json(fans)
     wall = after[0] - before[0]
     taken = SAMPLES_PER_S * wall
 
