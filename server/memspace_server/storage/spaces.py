@@ -780,7 +780,7 @@ class Space:
             else:
                 writing.add_done_callback(lambda _done: loop.call_soon_threadsafe(release))
 
-    async def _rows_settled(self, touched: Iterable[object]) -> bool:
+    async def _rows_settled(self, touched: Iterable[tiers.TierStore]) -> bool:
         """Before removing memories from the `touched` tiers: if the hot tier is one of them
         (a removal moves its last row into the hole), wait while a run is written from its
         rows (`_write_run_ahead`). True if it waited (the space may have changed meanwhile)."""
